@@ -1,0 +1,34 @@
+//! Tensors and devices: the seam between the model (which knows shapes and names) and the
+//! kernels (which know device layouts).
+//!
+//! A [`Tensor`] is an f32 array in row-major (contiguous) order on one [`Device`]. Every op
+//! in [`ops`] dispatches on the storage: `cpu/` is the reference implementation of every
+//! op; `cuda/` holds the GPU launchers (a dummy that returns "built without CUDA kernels"
+//! errors when the crate was built without nvcc). Adding a backend is a new storage
+//! variant plus a file, not a rewrite of the models.
+
+pub mod cpu;
+pub mod cuda;
+pub mod ops;
+mod tensor;
+
+pub use tensor::{Storage, Tensor};
+
+/// Where a tensor lives and where its ops run.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(cuda::CudaDevice),
+}
+
+impl Device {
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".to_string(),
+            Device::Cuda(d) => d.name(),
+        }
+    }
+}

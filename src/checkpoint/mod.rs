@@ -1,0 +1,88 @@
+//! Reading checkpoints: diffusers folders, safetensors by memory map, and tensor-name
+//! normalisation so that the names users' (older) checkpoints use are accepted.
+//!
+//! [`VarBuilder`] is how models get their weights, candle-style: `vb.pp("down_blocks.0")`
+//! narrows the name prefix, `vb.get("weight", &[..])` returns an f32 [`Tensor`] checked
+//! against the expected shape, `vb.get_weight(..)` returns a Linear [`Weight`] (dense or
+//! compressed, as stored).
+
+mod store;
+
+pub use store::{ComponentStore, RawTensor};
+
+use crate::backend::Tensor;
+use crate::error::{Error, Result};
+use crate::format::Weight;
+use std::sync::Arc;
+
+/// Prefixed access to one component's tensors.
+#[derive(Clone)]
+pub struct VarBuilder {
+    store: Arc<ComponentStore>,
+    prefix: String,
+}
+
+impl VarBuilder {
+    pub fn new(store: Arc<ComponentStore>) -> Self {
+        VarBuilder { store, prefix: String::new() }
+    }
+
+    /// Opens a component folder (e.g. `model/unet`).
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
+        Ok(Self::new(Arc::new(ComponentStore::open(dir)?)))
+    }
+
+    /// Pushes a name prefix: `vb.pp("down_blocks").pp(0)` reads `down_blocks.0.*`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> VarBuilder {
+        let prefix =
+            if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        VarBuilder { store: self.store.clone(), prefix }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.path(name))
+    }
+
+    pub fn store(&self) -> &Arc<ComponentStore> {
+        &self.store
+    }
+
+    /// An f32 tensor of exactly `shape` (errors name the tensor and both shapes).
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.path(name);
+        let t = self.store.tensor_f32(&full)?;
+        if t.shape() != shape {
+            return Err(Error::Shape(format!(
+                "{}: tensor {full} has shape {:?}, the model expects {:?}",
+                self.store.describe(),
+                t.shape(),
+                shape
+            )));
+        }
+        Ok(t)
+    }
+
+    /// A Linear weight `[out, in]`: dense, or compressed as stored in a sparse checkpoint.
+    pub fn get_weight(&self, name: &str, out_features: usize, in_features: usize) -> Result<Weight> {
+        let full = self.path(name);
+        let w = self.store.weight(&full)?;
+        let dims = w.dims2()?;
+        if dims != (out_features, in_features) {
+            return Err(Error::Shape(format!(
+                "{}: weight {full} has shape {:?}, the model expects {:?}",
+                self.store.describe(),
+                dims,
+                (out_features, in_features)
+            )));
+        }
+        Ok(w)
+    }
+}

@@ -1,0 +1,238 @@
+//! One component's safetensors files (single, sharded via `*.safetensors.index.json`, or a
+//! `*.fp16.safetensors` variant), memory-mapped, with legacy-name aliases.
+
+use crate::backend::Tensor;
+use crate::error::{Error, Result};
+use crate::format::{DType, HostData, Weight};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata, TensorInfo};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One memory-mapped safetensors file with its parsed, validated header.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    pub metadata: Metadata,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only; we never write through the map. A file
+        // truncated by another process while mapped is outside what we can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            Error::Checkpoint(format!("{}: not a valid safetensors file ({e})", path.display()))
+        })?;
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + n, metadata })
+    }
+
+    /// The raw little-endian bytes of a tensor (offsets validated at open).
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        let (a, b) = info.data_offsets;
+        &self.mmap[self.data_start + a..self.data_start + b]
+    }
+}
+
+/// A tensor as stored: dtype, shape and bytes borrowed from the map.
+pub struct RawTensor<'a> {
+    pub name: &'a str,
+    pub dtype: StDtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl RawTensor<'_> {
+    /// The values as a [`HostData`] in their stored float dtype.
+    pub fn host_data(&self) -> Result<HostData> {
+        let b = self.bytes;
+        Ok(match self.dtype {
+            StDtype::F32 => HostData::F32(
+                b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            ),
+            StDtype::F16 => {
+                HostData::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
+            }
+            StDtype::BF16 => {
+                HostData::BF16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect())
+            }
+            d => {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {} has dtype {d:?}; only f32, f16 and bf16 weights are supported",
+                    self.name
+                )))
+            }
+        })
+    }
+
+    pub fn float_dtype(&self) -> Option<DType> {
+        match self.dtype {
+            StDtype::F32 => Some(DType::F32),
+            StDtype::F16 => Some(DType::F16),
+            StDtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// All tensors of one component folder.
+pub struct ComponentStore {
+    pub dir: PathBuf,
+    pub files: Vec<SafetensorsFile>,
+    /// stored name → file index
+    index: HashMap<String, usize>,
+    /// In-memory tensors (tests, synthesised models, dry runs over a manifest).
+    memory: HashMap<String, Tensor>,
+}
+
+/// Legacy spellings of the same tensor; the model asks for the current (transformers 5 /
+/// diffusers 0.42) name and the store also tries these.
+fn aliases(name: &str) -> Vec<String> {
+    let mut out = vec![format!("text_model.{name}")];
+    for (new, old) in
+        [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")]
+    {
+        if name.contains(new) {
+            out.push(name.replace(new, old));
+        }
+    }
+    out
+}
+
+impl ComponentStore {
+    /// Opens the weights of a component folder. Prefers `*.safetensors.index.json` shards,
+    /// then a single non-variant `*.safetensors`, then an `*.fp16.safetensors` variant.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint(format!("{}: component folder not found", dir.display())));
+        }
+        let paths = find_weight_files(dir)?;
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for p in paths {
+            let f = SafetensorsFile::open(&p)?;
+            let fi = files.len();
+            for name in f.metadata.tensors().keys() {
+                index.insert(name.clone(), fi);
+            }
+            files.push(f);
+        }
+        Ok(ComponentStore { dir: dir.to_path_buf(), files, index, memory: HashMap::new() })
+    }
+
+    /// A store over in-memory f32 tensors; `label` names it in errors.
+    pub fn from_tensors(label: &str, tensors: HashMap<String, Tensor>) -> Self {
+        ComponentStore {
+            dir: PathBuf::from(label),
+            files: Vec::new(),
+            index: HashMap::new(),
+            memory: tensors,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// The stored name for a requested name (itself or a legacy alias).
+    pub fn resolve(&self, name: &str) -> Option<String> {
+        let has = |n: &str| self.index.contains_key(n) || self.memory.contains_key(n);
+        if has(name) {
+            return Some(name.to_string());
+        }
+        aliases(name).into_iter().find(|a| has(a))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Every stored tensor name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.index.keys().chain(self.memory.keys()).cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The stored tensor under exactly this name (no aliasing).
+    pub fn raw(&self, stored_name: &str) -> Result<RawTensor<'_>> {
+        let (key, fi) = self.index.get_key_value(stored_name).ok_or_else(|| {
+            Error::Checkpoint(format!("{}: tensor {stored_name} not found", self.describe()))
+        })?;
+        let f = &self.files[*fi];
+        let info = f.metadata.info(stored_name).ok_or_else(|| {
+            Error::Checkpoint(format!("{}: tensor {stored_name} not found", self.describe()))
+        })?;
+        Ok(RawTensor { name: key.as_str(), dtype: info.dtype, shape: &info.shape, bytes: f.bytes(info) })
+    }
+
+    /// A tensor (by requested name, aliases tried) widened to f32.
+    pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        let stored = self.resolve(name).ok_or_else(|| {
+            Error::Checkpoint(format!("{}: tensor {name} not found in the checkpoint", self.describe()))
+        })?;
+        if let Some(t) = self.memory.get(&stored) {
+            return Ok(t.clone());
+        }
+        let raw = self.raw(&stored)?;
+        Tensor::from_vec(raw.host_data()?.to_f32(), raw.shape)
+    }
+
+    /// A Linear weight as stored: dense, or compressed in a sparse checkpoint.
+    pub fn weight(&self, name: &str) -> Result<Weight> {
+        if self.contains(name) {
+            return Ok(Weight::Dense(self.tensor_f32(name)?));
+        }
+        crate::format::codec::load_compressed(self, name)
+    }
+}
+
+/// The weight files of a component folder, in load order.
+fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    let name = |p: &PathBuf| p.file_name().and_then(|s| s.to_str()).unwrap_or("").to_string();
+    // Sharded: the index names the files.
+    if let Some(idx) =
+        entries.iter().find(|p| name(p).ends_with(".safetensors.index.json") && !name(p).contains(".fp16."))
+    {
+        return shards_from_index(dir, idx);
+    }
+    let plain: Vec<PathBuf> = entries
+        .iter()
+        .filter(|p| name(p).ends_with(".safetensors") && !name(p).contains(".fp16."))
+        .cloned()
+        .collect();
+    if !plain.is_empty() {
+        return Ok(plain);
+    }
+    if let Some(idx) = entries.iter().find(|p| name(p).ends_with(".safetensors.index.json")) {
+        return shards_from_index(dir, idx);
+    }
+    let variants: Vec<PathBuf> =
+        entries.iter().filter(|p| name(p).ends_with(".safetensors")).cloned().collect();
+    if variants.is_empty() {
+        return Err(Error::Checkpoint(format!("{}: no *.safetensors weights found", dir.display())));
+    }
+    Ok(variants)
+}
+
+fn shards_from_index(dir: &Path, idx: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(idx).map_err(|e| Error::io(idx, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: invalid JSON ({e})", idx.display())))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Checkpoint(format!("{}: no weight_map", idx.display())))?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}

@@ -1,0 +1,19 @@
+//! sdsparse: pruned Stable Diffusion 2 made real.
+//!
+//! Data flows one way: checkpoint → prune → sparse format → device weights → model →
+//! pipeline → image. Each module below owns one step of that flow; see
+//! `docs/ARCHITECTURE.md` for who may touch what.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod error;
+pub mod format;
+pub mod model;
+pub mod pipeline;
+pub mod prune;
+pub mod scheduler;
+pub mod synth;
+
+pub use backend::{Device, Tensor};
+pub use error::{Error, Result};
+pub use format::{BitmapWeight, DType, HostData, Sparse24Weight, Weight};

@@ -1,0 +1,1 @@
+//! The CLIP BPE tokenizer as SD2 uses it (transformers' CLIPTokenizer behaviour).

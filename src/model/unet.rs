@@ -1,0 +1,1 @@
+//! UNet2DConditionModel, SD2 family.

@@ -1,0 +1,1 @@
+//! The text-to-image pipeline: prompt → embeddings → denoising loop with CFG → VAE → image.
