@@ -382,3 +382,18 @@ impl ClipTextModel {
         Ok((batch.len(), s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_gelu_is_x_sigmoid_1702x() {
+        let xs: Vec<f32> = (0..41).map(|i| (i as f32 - 20.0) * 0.37).collect();
+        let got = Activation::QuickGelu.forward(&Tensor::from_vec(xs.clone(), &[41]).unwrap()).unwrap();
+        for (&x, &y) in xs.iter().zip(got.as_slice().unwrap()) {
+            let want = x / (1.0 + (-1.702 * x).exp());
+            assert!((y - want).abs() <= 1e-6 * (1.0 + want.abs()), "quick_gelu({x}) = {y}, want {want}");
+        }
+    }
+}

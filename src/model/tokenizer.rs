@@ -34,6 +34,7 @@ const END_OF_WORD: &str = "</w>";
 const DEFAULT_BOS: &str = "<|startoftext|>";
 const DEFAULT_EOS: &str = "<|endoftext|>";
 const DEFAULT_MAX_LENGTH: usize = 77;
+const CACHE_CAPACITY: usize = 10_000;
 
 /// Token ids of one prompt as the text encoder receives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,6 +375,10 @@ impl ClipTokenizer {
         }
         let word_ids = self.bpe(word);
         ids.extend_from_slice(&word_ids);
+        // Bounded, so a long-running process fed arbitrary text does not grow without limit.
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
+        }
         cache.insert(word.to_string(), word_ids);
     }
 
