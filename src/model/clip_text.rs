@@ -320,6 +320,14 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Every Linear weight, dense or compressed as loaded (for memory reports).
+    pub fn linear_weights(&self) -> impl Iterator<Item = &Weight> + '_ {
+        self.layers.iter().flat_map(|l| {
+            let a = &l.self_attn;
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2].map(|lin| &lin.weight)
+        })
+    }
+
     /// Logical parameters (a pruned weight counts its full `out × in`).
     pub fn parameter_count(&self) -> usize {
         let linear = |l: &Linear| l.weight.dims2().map(|(o, i)| o * i).unwrap_or(0) + l.bias.numel();
