@@ -141,7 +141,7 @@ impl ClipTextConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Checkpoint(format!("text_encoder config: {name} must be positive")));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::Checkpoint(format!(
                 "text_encoder config: hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
