@@ -90,8 +90,9 @@ fn check_structure(config: &UNetConfig) {
     let tensors: HashMap<String, Tensor> =
         manifest.iter().map(|(name, shape)| (name.clone(), Tensor::zeros(shape))).collect();
     let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("sd2.1 unet manifest", tensors.clone())));
-    let model = UNet2DConditionModel::load(&vb, config)
+    let mut model = UNet2DConditionModel::load(&vb, config)
         .unwrap_or_else(|e| panic!("the model does not fit the manifest: {e}"));
+    assert_eq!(model.linears_mut().len(), 216, "SD2.1 has 216 Linear layers (manifest `linear.count`)");
     let unused: Vec<&String> = manifest.iter().map(|(n, _)| n).filter(|n| owners(&tensors[*n]) < 3).collect();
     assert!(unused.is_empty(), "{} manifest tensors the model does not use: {unused:?}", unused.len());
     drop((model, vb));

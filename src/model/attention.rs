@@ -37,6 +37,17 @@ impl Linear {
         &self.weight
     }
 
+    /// Replaces the weight (e.g. by a pruned, compressed form of itself); the shape must
+    /// stay `[out, in]`.
+    pub fn set_weight(&mut self, weight: Weight) -> Result<()> {
+        let (old, new) = (self.weight.dims2()?, weight.dims2()?);
+        if old != new {
+            return Err(Error::Shape(format!("linear weight {old:?} cannot be replaced by {new:?}")));
+        }
+        self.weight = weight;
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
     }
@@ -96,6 +107,10 @@ impl Attention {
         })
     }
 
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out]
+    }
+
     /// `[B, S, C]` → `[B, heads, S, head_dim]`.
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -131,6 +146,10 @@ impl FeedForward {
             proj_in: Linear::load(&vb.pp("net").pp(0).pp("proj"), dim, 2 * inner, true)?,
             proj_out: Linear::load(&vb.pp("net").pp(2), inner, dim, true)?,
         })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.proj_in, &mut self.proj_out]
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -171,6 +190,13 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::load(&vb.pp("norm3"), dim, eps)?,
             ff: FeedForward::load(&vb.pp("ff"), dim)?,
         })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = self.attn1.linears_mut();
+        v.extend(self.attn2.linears_mut());
+        v.extend(self.ff.linears_mut());
+        v
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -248,6 +274,16 @@ impl Transformer2DModel {
             blocks,
             proj_out,
         })
+    }
+
+    /// Every Linear layer, in weight-name order (projections stored as 1x1 convs included).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![&mut self.proj_in];
+        for block in &mut self.blocks {
+            v.extend(block.linears_mut());
+        }
+        v.push(&mut self.proj_out);
+        v
     }
 
     /// `x[B, C, H, W]`, `context[B, S, cross_attention_dim]` → `[B, C, H, W]`.

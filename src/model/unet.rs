@@ -138,6 +138,20 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// Every Linear layer of the model (216 in SD2.1), e.g. to swap dense weights for
+    /// pruned, compressed ones in memory (benchmarks, experiments).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![&mut self.time_linear_1, &mut self.time_linear_2];
+        for b in &mut self.down_blocks {
+            v.extend(b.linears_mut());
+        }
+        v.extend(self.mid_block.linears_mut());
+        for b in &mut self.up_blocks {
+            v.extend(b.linears_mut());
+        }
+        v
+    }
+
     /// One denoiser call with the same timestep for the whole batch.
     pub fn forward(&self, latents: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
         let batch = latents.shape().first().copied().unwrap_or(0);

@@ -112,6 +112,10 @@ impl ResnetBlock2D {
         })
     }
 
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.time_emb_proj]
+    }
+
     /// `temb_act` is `silu(time embedding)`, `[B, temb_channels]` (every resnet applies SiLU
     /// to the same embedding, so the UNet computes it once).
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
@@ -163,6 +167,20 @@ fn transformer_spec(channels: usize, level: &LevelSpec, s: &BlockSettings) -> Tr
     }
 }
 
+fn linears_of<'a>(
+    resnets: &'a mut [ResnetBlock2D],
+    attentions: &'a mut [Transformer2DModel],
+) -> Vec<&'a mut Linear> {
+    let mut v = Vec::new();
+    for r in resnets {
+        v.extend(r.linears_mut());
+    }
+    for a in attentions {
+        v.extend(a.linears_mut());
+    }
+    v
+}
+
 impl DownBlock {
     pub fn load(
         vb: &VarBuilder,
@@ -188,6 +206,10 @@ impl DownBlock {
             None
         };
         Ok(DownBlock { resnets, attentions, downsampler })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        linears_of(&mut self.resnets, &mut self.attentions)
     }
 
     /// Runs the block and pushes every output the up path will consume as a skip
@@ -230,6 +252,15 @@ impl MidBlock {
             Transformer2DModel::load(&vb.pp("attentions").pp(0), transformer_spec(channels, level, s))?;
         let resnet = ResnetBlock2D::load(&vb.pp("resnets").pp(1), channels, channels, s)?;
         Ok(MidBlock { first, pairs: vec![(attn, resnet)] })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = self.first.linears_mut();
+        for (attn, resnet) in &mut self.pairs {
+            v.extend(attn.linears_mut());
+            v.extend(resnet.linears_mut());
+        }
+        v
     }
 
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -283,8 +314,8 @@ impl UpBlock {
         Ok(UpBlock { resnets, attentions, upsampler })
     }
 
-    pub fn num_skips(&self) -> usize {
-        self.resnets.len()
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        linears_of(&mut self.resnets, &mut self.attentions)
     }
 
     /// Consumes skip connections from the end of `skips` (the most recent first).
