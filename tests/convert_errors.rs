@@ -80,7 +80,11 @@ fn wrong_shape() {
     edit_unet(&model, |t| {
         t.get_mut("time_embedding.linear_1.weight").unwrap().shape = vec![32, 128];
     });
-    expect_failure(&convert_args(&model, &out, &[]), Path::new(&out), "time_embedding.linear_1.weight has shape [32, 128]");
+    expect_failure(
+        &convert_args(&model, &out, &[]),
+        Path::new(&out),
+        "time_embedding.linear_1.weight has shape [32, 128]",
+    );
 }
 
 #[test]
@@ -139,7 +143,9 @@ fn sparsity_outside_unit_interval() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let (m, o) = (fixture().display().to_string(), out.display().to_string());
-    for bad in ["--unet-sparsity=1", "--unet-sparsity=1.5", "--text-encoder-sparsity=-0.1", "--unet-sparsity=NaN"] {
+    for bad in
+        ["--unet-sparsity=1", "--unet-sparsity=1.5", "--text-encoder-sparsity=-0.1", "--unet-sparsity=NaN"]
+    {
         expect_failure(&convert_args(&m, &o, &[bad]), &out, "outside [0, 1)");
     }
 }
@@ -180,7 +186,11 @@ fn output_exists_unless_force() {
 fn output_inside_input_is_refused() {
     let (_t, model, _) = broken_copy();
     let inside = Path::new(&model).join("sparse");
-    expect_failure(&convert_args(&model, &inside.display().to_string(), &[]), &inside, "must not be the input");
+    expect_failure(
+        &convert_args(&model, &inside.display().to_string(), &[]),
+        &inside,
+        "must not be the input",
+    );
 }
 
 #[test]
@@ -221,7 +231,11 @@ fn corrupt_sparse_checkpoint_fails_its_checksum() {
     expect_failure(&["export", "--model", &s, "--out", &o, "-q"], &out, "checksum mismatch");
     // A dense folder is not a sparse one.
     let out2 = tmp.path().join("again");
-    expect_failure(&convert_args(&s, &out2.display().to_string(), &[]), &out2, "already an sdsparse checkpoint");
+    expect_failure(
+        &convert_args(&s, &out2.display().to_string(), &[]),
+        &out2,
+        "already an sdsparse checkpoint",
+    );
 }
 
 #[test]
