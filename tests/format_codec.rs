@@ -149,15 +149,15 @@ fn cuts_prune_exactly_k_with_index_tie_break() {
     let a = vec![5u32, 1, 5];
     let b = vec![5u32, 0, 9];
     let cuts = prune::find_cuts(2, 3, |f| {
-        f(0, &a);
-        f(1, &b);
+        f(0, prune::Keys::Slice(&a));
+        f(1, prune::Keys::Slice(&b));
         Ok(())
     })
     .unwrap();
     assert_eq!(cuts[0].1 + cuts[1].1, 3);
     assert_eq!(cuts[0].1, 2); // 1 and the first 5
     assert_eq!(cuts[1].1, 1); // 0
-    assert!(prune::layer_cut(&[1, 2], 3).is_err());
+    assert!(prune::layer_cut(&[1u32, 2][..], 3).is_err());
 }
 
 #[test]
