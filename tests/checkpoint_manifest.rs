@@ -163,6 +163,13 @@ fn legacy_copy(root: &Path) -> std::path::PathBuf {
             )
         })
         .collect();
+    // transformers 4.x also saved the int64 position_ids buffer.
+    let mut t16 = t16;
+    let ids: Vec<u8> = (0..77i64).flat_map(|i| i.to_le_bytes()).collect();
+    t16.insert(
+        "text_model.embeddings.position_ids".into(),
+        Raw { dtype: safetensors::Dtype::I64, shape: vec![1, 77], bytes: ids },
+    );
     std::fs::remove_file(&te).unwrap();
     write_file(&model.join("text_encoder/model.fp16.safetensors"), &t16, meta);
     // VAE: deprecated attention names, bf16.
@@ -237,7 +244,8 @@ fn legacy_names_shards_fp16_variants_and_bf16_convert_and_keep_their_names() {
     let (orig, _) = read_file(&model.join("text_encoder/model.fp16.safetensors"));
     let (exp, _) = read_file(&weight_file(&dense, "text_encoder"));
     assert_eq!(orig.keys().collect::<Vec<_>>(), exp.keys().collect::<Vec<_>>());
-    for (n, o) in &orig {
+    assert_eq!(exp["text_model.embeddings.position_ids"], orig["text_model.embeddings.position_ids"]);
+    for (n, o) in orig.iter().filter(|(n, _)| !n.ends_with("position_ids")) {
         assert_eq!(exp[n].dtype, safetensors::Dtype::F16);
         let (a, b) = (f16s_as_f32(&o.bytes), f16s_as_f32(&exp[n].bytes));
         let stripped = n.trim_start_matches("text_model.");
