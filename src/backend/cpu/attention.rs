@@ -4,7 +4,6 @@
 //! with a second GEMM straight into the output. Only one `[block, Sk]` score block per thread
 //! exists at a time (for SD2's 4096-token self-attention: 4 MB, not a 64 MB `[4096, 4096]`).
 
-use super::elementwise::exp_fast;
 use super::gemm::{sgemm, Dst, View};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -17,25 +16,7 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Softmax of one row in place.
-#[inline]
-pub fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        // Fully masked (or empty) row: define it as all zeros rather than NaN.
-        row.fill(0.0);
-        return;
-    }
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = exp_fast(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
+pub use super::simd::softmax_row;
 
 /// Softmax over rows of length `dim`.
 pub fn softmax_last(x: &[f32], dim: usize) -> Vec<f32> {
