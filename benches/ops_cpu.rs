@@ -80,6 +80,10 @@ fn attentions(c: &mut Criterion) {
     g.bench_function("self [2,5,4096,64]", |bench| {
         bench.iter(|| black_box(ops::attention(&q, &k, &v, 0.125, false).expect("attention")))
     });
+    let (qi, ki, vi) = (tensor(&[2, 4096, 320], 1), tensor(&[2, 4096, 320], 2), tensor(&[2, 4096, 320], 3));
+    g.bench_function("self heads-interleaved [2,4096,5x64]", |bench| {
+        bench.iter(|| black_box(ops::attention_heads(&qi, &ki, &vi, 5, 0.125, false).expect("attention")))
+    });
     let kc = tensor(&[2, 5, 77, 64], 4);
     let vc = tensor(&[2, 5, 77, 64], 5);
     g.bench_function("cross [2,5,4096,64]x77", |bench| {

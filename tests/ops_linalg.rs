@@ -353,3 +353,44 @@ fn attention_matches_naive() {
         ops::attention(&q, &Tensor::zeros(&[1, 2, 5, 8]), &Tensor::zeros(&[1, 2, 6, 8]), 1.0, false).is_err()
     );
 }
+
+#[test]
+fn interleaved_head_attention_equals_split_heads() {
+    let mut rng = Rng::new(7);
+    // (b, heads, sq, sk, d, causal)
+    for &(b, h, sq, sk, d, causal) in &[
+        (2usize, 5usize, 300usize, 77usize, 16usize, false),
+        (2, 4, 77, 77, 8, true),
+        (1, 1, 5, 9, 4, false),
+    ] {
+        let q = rng.tensor(&[b, sq, h * d], 1.0);
+        let k = rng.tensor(&[b, sk, h * d], 1.0);
+        let v = rng.tensor(&[b, sk, h * d], 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let y = ops::attention_heads(&q, &k, &v, h, scale, causal).unwrap();
+        assert_eq!(y.shape(), q.shape());
+        let split =
+            |t: &Tensor, s: usize| ops::permute(&t.reshape(&[b, s, h, d]).unwrap(), &[0, 2, 1, 3]).unwrap();
+        let (qs, ks, vs) = (split(&q, sq), split(&k, sk), split(&v, sk));
+        let want = naive_attention(
+            qs.as_slice().unwrap(),
+            ks.as_slice().unwrap(),
+            vs.as_slice().unwrap(),
+            (b * h, sq, sk, d),
+            scale as f64,
+            causal,
+        );
+        let want = Tensor::from_vec(want.iter().map(|&x| x as f32).collect(), &[b, h, sq, d]).unwrap();
+        let merged = ops::permute(&want, &[0, 2, 1, 3]).unwrap();
+        assert_close(
+            &format!("attention_heads {:?}", (b, h, sq, sk, d, causal)),
+            &y,
+            &f64s(&merged),
+            F32_TOL,
+        );
+    }
+    let q = Tensor::zeros(&[1, 4, 8]);
+    assert!(ops::attention_heads(&q, &q, &q, 3, 1.0, false).is_err());
+    assert!(ops::attention_heads(&q, &Tensor::zeros(&[1, 4, 6]), &Tensor::zeros(&[1, 4, 6]), 2, 1.0, false)
+        .is_err());
+}
