@@ -406,3 +406,33 @@ fn gelu_and_silu_are_accurate_pointwise() {
         }
     }
 }
+
+#[test]
+fn permute_with_merged_and_unit_axes() {
+    // [B, C, H, W] ↔ [B, H, W, C] (the transformer's token layout) and unit axes anywhere.
+    let mut rng = Rng::new(20);
+    for (shape, perm) in [
+        (vec![2usize, 40, 6, 7], vec![0usize, 2, 3, 1]),
+        (vec![2, 6, 7, 40], vec![0, 3, 1, 2]),
+        (vec![1, 3, 1, 5, 2], vec![4, 2, 0, 3, 1]),
+        (vec![3, 1, 4], vec![1, 2, 0]),
+        (vec![1, 1], vec![1, 0]),
+    ] {
+        let x = rng.tensor(&shape, 1.0);
+        let y = ops::permute(&x, &perm).unwrap();
+        let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        assert_eq!(y.shape(), &out_shape[..]);
+        let (xv, yv) = (x.as_slice().unwrap(), y.as_slice().unwrap());
+        let rank = shape.len();
+        for (i, &v) in yv.iter().enumerate() {
+            let mut rem = i;
+            let mut src = vec![0usize; rank];
+            for d in (0..rank).rev() {
+                src[perm[d]] = rem % out_shape[d];
+                rem /= out_shape[d];
+            }
+            let off = src.iter().zip(&shape).fold(0, |acc, (&ix, &n)| acc * n + ix);
+            assert_eq!(v, xv[off], "permute {shape:?} by {perm:?} at {i}");
+        }
+    }
+}

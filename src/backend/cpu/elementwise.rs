@@ -83,6 +83,22 @@ pub fn broadcast_binary<F: Fn(f32, f32) -> f32 + Sync>(
     if a.is_empty() {
         return out;
     }
+    if a.len() == b.len() {
+        // Same shape (residual connections): one flat parallel loop.
+        let run = |(o, (xs, ys)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((y, &av), &bv) in o.iter_mut().zip(xs).zip(ys) {
+                *y = f(av, bv);
+            }
+        };
+        if a.len() >= PAR_MIN_ELEMS {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
+                .for_each(run);
+        } else {
+            run((&mut out, (a, b)));
+        }
+        return out;
+    }
     let rank = a_shape.len();
     // Row-major strides of b, zeroed on broadcast dims.
     let mut b_strides = vec![0usize; rank];
