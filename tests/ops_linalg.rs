@@ -394,3 +394,29 @@ fn interleaved_head_attention_equals_split_heads() {
     assert!(ops::attention_heads(&q, &Tensor::zeros(&[1, 4, 6]), &Tensor::zeros(&[1, 4, 6]), 2, 1.0, false)
         .is_err());
 }
+
+#[test]
+fn degenerate_sizes_do_not_panic() {
+    let mut rng = Rng::new(8);
+    // No input features: the product is empty, the bias remains.
+    let bias = rng.tensor(&[3], 1.0);
+    let y =
+        ops::linear(&Tensor::zeros(&[2, 0]), &Weight::Dense(Tensor::zeros(&[3, 0])), Some(&bias)).unwrap();
+    assert_eq!(y.shape(), &[2, 3]);
+    assert_eq!(&y.as_slice().unwrap()[3..], bias.as_slice().unwrap());
+    let y = ops::linear(&rng.tensor(&[2, 4], 1.0), &Weight::Dense(Tensor::zeros(&[0, 4])), None).unwrap();
+    assert_eq!(y.shape(), &[2, 0]);
+    let y = ops::linear(&Tensor::zeros(&[0, 4]), &Weight::Dense(rng.tensor(&[3, 4], 1.0)), None).unwrap();
+    assert_eq!(y.shape(), &[0, 3]);
+    let y = ops::matmul(&Tensor::zeros(&[2, 3, 0]), &Tensor::zeros(&[2, 0, 5])).unwrap();
+    assert_eq!(y.as_slice().unwrap(), &[0.0; 30][..]);
+    let q = Tensor::zeros(&[1, 2, 3, 4]);
+    let empty = Tensor::zeros(&[1, 2, 0, 4]);
+    assert_eq!(ops::attention(&q, &empty, &empty, 1.0, false).unwrap().as_slice().unwrap(), &[0.0; 24][..]);
+    assert_eq!(
+        ops::conv2d(&Tensor::zeros(&[0, 2, 4, 4]), &Tensor::zeros(&[3, 2, 3, 3]), None, 1, 1)
+            .unwrap()
+            .shape(),
+        &[0, 3, 4, 4]
+    );
+}

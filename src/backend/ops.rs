@@ -66,7 +66,7 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
                 _ => None,
             };
             let bias = bias.map(|b| b.as_slice()).transpose()?;
-            let m = x.numel() / k.max(1);
+            let m: usize = x_shape[..x_shape.len() - 1].iter().product();
             let y = cpu::gemm::linear(x.as_slice()?, m, k, w, dense, bias)?;
             cpu_tensor(y, &out_shape)
         }
