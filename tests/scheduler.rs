@@ -22,7 +22,8 @@ fn load_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .into_iter()
         .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
         .map(|(k, v)| {
-            let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data =
+                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             (k, (v.shape().to_vec(), data))
         })
         .collect()
@@ -161,7 +162,8 @@ fn pndm_steps_match_diffusers() {
         let mut config = tiny_config();
         config.skip_prk_steps = Some(r["skip_prk_steps"].as_bool().unwrap());
         let s = scheduler::PndmScheduler::new(&config, steps).unwrap();
-        let want: Vec<f32> = r["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> =
+            r["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(s.timesteps(), want.as_slice(), "{run} timesteps");
         // replay() builds from the fixture config; PNDM needs skip_prk_steps set per run.
         let e = replay_pndm(&config, run, steps, &path);
@@ -233,7 +235,8 @@ fn v_prediction_is_consistent_across_schedulers() {
     let out = ddim
         .step(&Tensor::from_vec(v, &[1, 4]).unwrap(), 0, &Tensor::from_vec(xt, &[1, 4]).unwrap())
         .unwrap();
-    let want: Vec<f32> = x0.iter().zip(&eps).map(|(&x, &e)| a_prev.sqrt() * x + (1.0 - a_prev).sqrt() * e).collect();
+    let want: Vec<f32> =
+        x0.iter().zip(&eps).map(|(&x, &e)| a_prev.sqrt() * x + (1.0 - a_prev).sqrt() * e).collect();
     assert!(rel_err(out.as_slice().unwrap(), &want) < 1e-5);
 }
 

@@ -19,7 +19,8 @@ fn load_f32(path: &Path) -> HashMap<String, Tensor> {
         .into_iter()
         .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
         .map(|(k, v)| {
-            let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data =
+                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             (k, Tensor::from_vec(data, v.shape()).unwrap())
         })
         .collect()

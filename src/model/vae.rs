@@ -102,7 +102,10 @@ impl VaeConfig {
                 return Err(Error::Checkpoint(format!("VAE config: act_fn {a:?} is not supported")));
             }
         }
-        if let Some(&c) = self.block_out_channels.iter().find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0)
+        if let Some(&c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0)
         {
             return Err(Error::Checkpoint(format!(
                 "VAE config: {c} channels do not split into {} groups",
@@ -172,7 +175,11 @@ impl ResnetBlock {
             conv1: Conv2d::new(&vb.pp("conv1"), cin, cout, 3)?,
             norm2: GroupNorm::new(&vb.pp("norm2"), cout, groups)?,
             conv2: Conv2d::new(&vb.pp("conv2"), cout, cout, 3)?,
-            shortcut: if cin != cout { Some(Conv2d::new(&vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
+            shortcut: if cin != cout {
+                Some(Conv2d::new(&vb.pp("conv_shortcut"), cin, cout, 1)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -211,7 +218,10 @@ impl AttnLinear {
                 w.shape()
             )));
         }
-        Ok(AttnLinear { weight: Weight::Dense(w.reshape(&[channels, channels])?), bias: vb.get("bias", &[channels])? })
+        Ok(AttnLinear {
+            weight: Weight::Dense(w.reshape(&[channels, channels])?),
+            bias: vb.get("bias", &[channels])?,
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, Some(&self.bias))
@@ -322,7 +332,9 @@ impl VaeDecoder {
         for (i, &cout) in channels.iter().rev().enumerate() {
             let ub = dec.pp("up_blocks").pp(i);
             let resnets = (0..config.layers_per_block + 1)
-                .map(|j| ResnetBlock::new(&ub.pp("resnets").pp(j), if j == 0 { cin } else { cout }, cout, groups))
+                .map(|j| {
+                    ResnetBlock::new(&ub.pp("resnets").pp(j), if j == 0 { cin } else { cout }, cout, groups)
+                })
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < levels {
                 Some(Conv2d::new(&ub.pp("upsamplers").pp(0).pp("conv"), cout, cout, 3)?)
@@ -406,7 +418,8 @@ impl VaeDecoder {
             .up_blocks
             .iter()
             .map(|b| {
-                b.resnets.iter().map(|r| r.params()).sum::<usize>() + b.upsample.as_ref().map_or(0, |c| c.params())
+                b.resnets.iter().map(|r| r.params()).sum::<usize>()
+                    + b.upsample.as_ref().map_or(0, |c| c.params())
             })
             .sum();
         convs + mid + up

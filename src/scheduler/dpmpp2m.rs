@@ -55,7 +55,9 @@ impl DpmSolverMultistepScheduler {
         let solver_type = match config.solver_type.as_deref().unwrap_or("midpoint") {
             "midpoint" => SolverType::Midpoint,
             "heun" => SolverType::Heun,
-            other => return Err(Error::Invalid(format!("DPM-Solver: solver_type {other:?} is not supported"))),
+            other => {
+                return Err(Error::Invalid(format!("DPM-Solver: solver_type {other:?} is not supported")))
+            }
         };
         let num_train = config.num_train();
         check_steps(steps, num_train)?;
@@ -80,7 +82,8 @@ impl DpmSolverMultistepScheduler {
         };
         let train = training_sigmas(&config.alphas_cumprod()?);
         let train_f64: Vec<f64> = train.iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp_grid(t as f64, &train_f64) as f32).collect();
+        let mut sigmas: Vec<f32> =
+            timesteps.iter().map(|&t| interp_grid(t as f64, &train_f64) as f32).collect();
         let final_sigma_is_zero = config.final_sigmas_type.as_deref().unwrap_or("zero") == "zero";
         sigmas.push(final_sigma(config, &train)?);
         Ok(DpmSolverMultistepScheduler {
@@ -129,13 +132,17 @@ impl Scheduler for DpmSolverMultistepScheduler {
         // The model output as a data (x0) prediction.
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[index]);
         let x0: Vec<f32> = match self.prediction {
-            PredictionType::Epsilon => m.iter().zip(&x).map(|(&m, &x)| (x - sigma_s0 * m) / alpha_s0).collect(),
-            PredictionType::VPrediction => m.iter().zip(&x).map(|(&m, &x)| alpha_s0 * x - sigma_s0 * m).collect(),
+            PredictionType::Epsilon => {
+                m.iter().zip(&x).map(|(&m, &x)| (x - sigma_s0 * m) / alpha_s0).collect()
+            }
+            PredictionType::VPrediction => {
+                m.iter().zip(&x).map(|(&m, &x)| alpha_s0 * x - sigma_s0 * m).collect()
+            }
         };
 
         let last_step = index == n - 1;
-        let first_order_final =
-            last_step && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_is_zero);
+        let first_order_final = last_step
+            && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_is_zero);
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[index + 1]);
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);

@@ -58,7 +58,8 @@ impl EulerDiscreteScheduler {
         };
         let train = training_sigmas(&config.alphas_cumprod()?);
         let train_f64: Vec<f64> = train.iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp_grid(t as f64, &train_f64) as f32).collect();
+        let mut sigmas: Vec<f32> =
+            timesteps.iter().map(|&t| interp_grid(t as f64, &train_f64) as f32).collect();
         sigmas.push(final_sigma(config, &train)?);
         let max_sigma = sigmas.iter().cloned().fold(0.0f32, f32::max);
         let init_noise_sigma = match spacing {

@@ -219,7 +219,9 @@ impl SchedulerConfig {
         ];
         for (name, value) in flags {
             if value == Some(true) {
-                return Err(Error::Invalid(format!("{scheduler}: scheduler option {name}=true is not supported")));
+                return Err(Error::Invalid(format!(
+                    "{scheduler}: scheduler option {name}=true is not supported"
+                )));
             }
         }
         if let Some(t) = self.timestep_type.as_deref() {
@@ -395,7 +397,10 @@ pub(crate) fn integer_timesteps(
         }
         TimestepSpacing::Trailing => {
             let ratio = num_train as f64 / steps as f64;
-            arange_down(num_train as f64, 0.0, ratio).into_iter().map(|x| round_half_even(x) as i64 - 1).collect()
+            arange_down(num_train as f64, 0.0, ratio)
+                .into_iter()
+                .map(|x| round_half_even(x) as i64 - 1)
+                .collect()
         }
     }
 }
