@@ -102,7 +102,7 @@ fn euler_timesteps_sigmas_and_steps_match_diffusers() {
     let s = scheduler::EulerDiscreteScheduler::new(&config, 6).unwrap();
     assert_eq!(s.timesteps(), &[831.0, 665.0, 499.0, 333.0, 167.0, 1.0]);
     let want_sigmas = [
-        5.906451225280762f32,
+        5.906451225280762f64,
         2.907122850418091,
         1.6128870248794556,
         0.9323583841323853,
@@ -111,9 +111,9 @@ fn euler_timesteps_sigmas_and_steps_match_diffusers() {
         0.0,
     ];
     for (a, b) in s.sigmas().iter().zip(want_sigmas) {
-        assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-6), "sigma {a} vs {b}");
+        assert!((*a as f64 - b).abs() <= 1e-6 * b.abs().max(1e-6), "sigma {a} vs {b}");
     }
-    assert!((s.init_noise_sigma() - 5.990506172180176).abs() < 1e-5, "{}", s.init_noise_sigma());
+    assert!((s.init_noise_sigma() as f64 - 5.990506172180176).abs() < 1e-5, "{}", s.init_noise_sigma());
     let e = replay(SchedulerKind::Euler, "euler", 6, "init_latents", &reference_path());
     assert!(e < 1e-5, "Euler rel err {e}");
 }
@@ -123,7 +123,7 @@ fn euler_scales_model_input_by_sigma() {
     let s = scheduler::build(SchedulerKind::Euler, &tiny_config(), 6).unwrap();
     let x = Tensor::from_vec(vec![2.0; 4], &[1, 4]).unwrap();
     let y = s.scale_model_input(&x, 0).unwrap();
-    let sigma = 5.906451225280762f32;
+    let sigma = 5.906_451_f32;
     let want = 2.0 / (sigma * sigma + 1.0).sqrt();
     assert!((y.as_slice().unwrap()[0] - want).abs() < 1e-6);
 }
@@ -134,7 +134,7 @@ fn dpmpp2m_timesteps_sigmas_and_steps_match_diffusers() {
     let s = scheduler::DpmSolverMultistepScheduler::new(&config, 6).unwrap();
     assert_eq!(s.timesteps(), &[853.0, 711.0, 569.0, 427.0, 285.0, 143.0]);
     let want_sigmas = [
-        6.570651531219482f32,
+        6.570651531219482f64,
         3.4854564666748047,
         2.0473127365112305,
         1.2720634937286377,
@@ -143,7 +143,7 @@ fn dpmpp2m_timesteps_sigmas_and_steps_match_diffusers() {
         0.0,
     ];
     for (a, b) in s.sigmas().iter().zip(want_sigmas) {
-        assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-6), "sigma {a} vs {b}");
+        assert!((*a as f64 - b).abs() <= 1e-6 * b.abs().max(1e-6), "sigma {a} vs {b}");
     }
     let e = replay(SchedulerKind::DpmPp2m, "dpmpp2m", 6, "init_latents", &reference_path());
     assert!(e < 1e-5, "DPM++2M rel err {e}");
