@@ -233,7 +233,7 @@ fn prune_cache(cache_dir: &Path) {
         .filter(|p| p.extension().is_some_and(|e| e == "fatbin"))
         .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
-    fatbins.sort_by(|a, b| b.0.cmp(&a.0));
+    fatbins.sort_by_key(|f| std::cmp::Reverse(f.0));
     for (_, old) in fatbins.into_iter().skip(CACHE_KEEP) {
         let _ = fs::remove_file(old.with_extension("seconds"));
         let _ = fs::remove_file(old);
