@@ -7,7 +7,9 @@
 //! `SDSPARSE_CUDA_DEVICE` picks the ordinal (default 0).
 
 use crate::backend::cuda::CudaDevice;
-use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight};
+use crate::format::{
+    bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight,
+};
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
@@ -132,7 +134,7 @@ pub fn host_data(values: &[f32], dtype: DType) -> HostData {
 /// A random 2:4 weight in the canonical layout (every group keeps 2 random positions of 4,
 /// values non-zero). `cols` must be a multiple of 4.
 pub fn random_sparse24(rng: &mut TestRng, rows: usize, cols: usize, dtype: DType) -> Sparse24Weight {
-    assert!(cols % 4 == 0, "2:4 needs cols % 4 == 0");
+    assert!(cols.is_multiple_of(4), "2:4 needs cols % 4 == 0");
     const PAIRS: [(u8, u8); 6] = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)];
     let meta_row = sparse24_meta_row_bytes(cols);
     let mut meta = vec![0u8; rows * meta_row];
@@ -150,7 +152,13 @@ pub fn random_sparse24(rng: &mut TestRng, rows: usize, cols: usize, dtype: DType
 
 /// A random unstructured weight in the canonical layout, each element kept with probability
 /// `density` (kept values non-zero).
-pub fn random_bitmap(rng: &mut TestRng, rows: usize, cols: usize, density: f32, dtype: DType) -> BitmapWeight {
+pub fn random_bitmap(
+    rng: &mut TestRng,
+    rows: usize,
+    cols: usize,
+    density: f32,
+    dtype: DType,
+) -> BitmapWeight {
     let row_bytes = bitmap_row_bytes(cols);
     let mut bitmap = vec![0u8; rows * row_bytes];
     let mut row_offsets = Vec::with_capacity(rows + 1);

@@ -7,10 +7,12 @@
 
 use super::device::CudaDevice;
 use super::params::DecompressParams;
-use super::CudaStorage;
+use super::{to_cuda, CudaStorage};
 use crate::backend::{Device, Storage, Tensor};
 use crate::error::{Error, Result};
-use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight, Weight};
+use crate::format::{
+    bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight, Weight,
+};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
 
@@ -104,7 +106,7 @@ fn check_dims(what: &str, rows: usize, cols: usize) -> Result<(u32, u32)> {
 /// Checks a canonical 2:4 weight's sizes (module docs: the kernels trust them).
 pub fn validate_sparse24(w: &Sparse24Weight) -> Result<()> {
     check_dims("2:4 weight", w.rows, w.cols)?;
-    if w.cols % 4 != 0 {
+    if !w.cols.is_multiple_of(4) {
         return Err(Error::Format(format!("2:4 weight with {} columns (not a multiple of 4)", w.cols)));
     }
     if w.values.len() != w.rows * w.cols / 2 {
@@ -206,7 +208,7 @@ pub fn bitmap_to_dense_ref(w: &BitmapWeight) -> Result<Vec<f32>> {
     for r in 0..w.rows {
         let mut next = w.row_offsets[r] as usize;
         for c in 0..w.cols {
-            if w.bitmap[r * row_bytes + c / 8] >> (c % 8) & 1 == 1 {
+            if (w.bitmap[r * row_bytes + c / 8] >> (c % 8)) & 1 == 1 {
                 dense[r * w.cols + c] = values[next];
                 next += 1;
             }
@@ -338,22 +340,12 @@ pub fn weight_to_dense(w: &Weight, device: &Device) -> Result<Tensor> {
                 Weight::Bitmap(b) => DeviceBitmap::upload(dev, b)?.to_dense(dev, DType::F32)?,
             };
             match dense {
-                DeviceValues::F32(slice) => {
-                    Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_slice(dev, slice)), &[rows, cols]))
-                }
+                DeviceValues::F32(slice) => Ok(Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::from_slice(dev, slice)),
+                    &[rows, cols],
+                )),
                 _ => Err(Error::Cuda("decompression returned the wrong dtype".into())),
             }
-        }
-    }
-}
-
-/// A tensor copied to (or shared on) the GPU.
-pub fn to_cuda(t: &Tensor, device: &CudaDevice) -> Result<Tensor> {
-    match t.storage() {
-        Storage::Cuda(s) if s.device() == *device => Ok(t.clone()),
-        _ => {
-            let host = t.to_vec()?;
-            Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_host(device, &host)?), t.shape()))
         }
     }
 }
@@ -366,7 +358,8 @@ mod tests {
 
     /// Shapes that hit every path: one row, odd row counts, one group, rows shorter and longer than
     /// a warp's 256-column chunk, and (bitmap only) columns not a multiple of 8 or 4.
-    const SPARSE24_SHAPES: &[(usize, usize)] = &[(1, 4), (3, 8), (5, 12), (77, 64), (64, 320), (33, 1028), (7, 2304)];
+    const SPARSE24_SHAPES: &[(usize, usize)] =
+        &[(1, 4), (3, 8), (5, 12), (77, 64), (64, 320), (33, 1028), (7, 2304)];
     const BITMAP_SHAPES: &[(usize, usize)] =
         &[(1, 1), (1, 7), (3, 9), (77, 77), (64, 320), (33, 1030), (7, 2304), (300, 24)];
     const DTYPES: [DType; 3] = [DType::F16, DType::BF16, DType::F32];
@@ -396,7 +389,7 @@ mod tests {
         assert_eq!(kept, w.values.to_f32());
         for r in 0..6 {
             for c in 0..21 {
-                let bit = w.bitmap[r * 3 + c / 8] >> (c % 8) & 1 == 1;
+                let bit = (w.bitmap[r * 3 + c / 8] >> (c % 8)) & 1 == 1;
                 assert_eq!(bit, dense[r * 21 + c] != 0.0, "({r}, {c})");
             }
         }
