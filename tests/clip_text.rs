@@ -206,3 +206,36 @@ fn batched_and_prefixed_forward_match() {
     let err = relative_error(&prefixed.to_vec().expect("host copy"), &want);
     assert!(err < 1e-5, "text_model. names: relative error {err:.3e}");
 }
+
+/// A text encoder converted by `sdsparse convert` (unstructured and 2:4) runs from its
+/// compressed weights and gives the same embeddings as its `sdsparse export` dense copy.
+#[test]
+fn sparse_checkpoint_matches_its_dense_export() {
+    use sdsparse::convert::{convert, export, ConvertOptions};
+    use sdsparse::prune::Pattern;
+
+    let ids = [reference_ids("negative_input_ids"), reference_ids("prompt_input_ids")];
+    for pattern in [Pattern::Unstructured, Pattern::Sparse24] {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (sparse, dense) = (tmp.path().join("sparse"), tmp.path().join("dense"));
+        let opts = ConvertOptions { pattern, ..ConvertOptions::default() };
+        convert(&tiny_dir(), &sparse, &opts, &mut |_| {}).expect("convert");
+        export(&sparse, &dense, false, &mut |_| {}).expect("export");
+
+        let sparse_model = ClipTextModel::from_dir(&sparse.join("text_encoder")).expect("load sparse");
+        let mut formats: Vec<&str> = sparse_model.linear_weights().map(|w| w.format_name()).collect();
+        formats.dedup();
+        let want_format = if pattern == Pattern::Sparse24 { "2:4" } else { "unstructured" };
+        assert!(formats.contains(&want_format), "{pattern:?}: weights loaded as {formats:?}");
+        let dense_model = ClipTextModel::from_dir(&dense.join("text_encoder")).expect("load dense export");
+        assert!(dense_model.linear_weights().all(|w| w.format_name() == "dense"));
+
+        let got = sparse_model.forward(&ids).expect("sparse forward").to_vec().expect("host");
+        let want = dense_model.forward(&ids).expect("dense forward").to_vec().expect("host");
+        let err = relative_error(&got, &want);
+        assert!(err < 1e-6, "{pattern:?}: relative error {err:.3e} vs the dense export");
+        // Pruning really changed the model.
+        let (_, original) = reference_tensor("uncond_embeds");
+        assert!(relative_error(&got[..original.len()], &original) > 1e-4, "{pattern:?}: nothing was pruned?");
+    }
+}

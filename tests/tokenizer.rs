@@ -146,3 +146,49 @@ fn matches_transformers_on_edge_cases() {
         failures.join("\n")
     );
 }
+
+fn vocab_and_merges() -> (Value, String) {
+    let dir = fixtures().join("sd2-tokenizer");
+    let merges = std::fs::read_to_string(dir.join("merges.txt")).expect("merges");
+    (read_json(&dir.join("vocab.json")), merges)
+}
+
+/// The original SD2 files disagree on the pad token; transformers lets
+/// special_tokens_map.json win (sd2.1-configs/NOTES.md, point 9).
+#[test]
+fn special_tokens_map_overrides_tokenizer_config() {
+    let (vocab, merges) = vocab_and_merges();
+    let map = serde_json::json!({"pad_token": "!"});
+    let config = serde_json::json!({"pad_token": "<|endoftext|>", "model_max_length": 77});
+    let tok = ClipTokenizer::from_parts(&vocab, &merges, Some(&map), Some(&config)).expect("build");
+    assert_eq!(tok.pad_id(), 0);
+    assert_eq!(tok.tokenize("wow!"), vec![2781, 0]);
+
+    // Without the map, tokenizer_config.json's pad token applies and "!" is ordinary text.
+    let tok = ClipTokenizer::from_parts(&vocab, &merges, None, Some(&config)).expect("build");
+    assert_eq!(tok.pad_id(), 49407);
+    assert_eq!(tok.encode("a")[..4], [49406, 320, 49407, 49407]);
+    assert_eq!(tok.tokenize("wow!").len(), 2);
+    assert_ne!(tok.tokenize("wow!")[1], 0);
+
+    // Neither file: CLIP's defaults (SD1-style padding with <|endoftext|>, length 77).
+    let tok = ClipTokenizer::from_parts(&vocab, &merges, None, None).expect("build");
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()), (49406, 49407, 49407, 77));
+}
+
+#[test]
+fn malformed_files_are_clear_errors() {
+    let (vocab, merges) = vocab_and_merges();
+    let bad_pad = serde_json::json!({"pad_token": "<|nope|>"});
+    let err = ClipTokenizer::from_parts(&vocab, &merges, Some(&bad_pad), None).err().expect("must fail");
+    assert!(err.to_string().contains("pad_token \"<|nope|>\" is not in vocab.json"), "{err}");
+    let err =
+        ClipTokenizer::from_parts(&vocab, "#version: 0.2\na b c\n", None, None).err().expect("must fail");
+    assert!(err.to_string().contains("malformed line"), "{err}");
+    let err =
+        ClipTokenizer::from_parts(&vocab, "#version: 0.2\nzzzq qqqz\n", None, None).err().expect("must fail");
+    assert!(err.to_string().contains("not in vocab.json"), "{err}");
+    let err =
+        ClipTokenizer::from_parts(&serde_json::json!([1, 2]), &merges, None, None).err().expect("must fail");
+    assert!(err.to_string().contains("not a JSON object"), "{err}");
+}

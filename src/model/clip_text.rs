@@ -141,7 +141,7 @@ impl ClipTextConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Checkpoint(format!("text_encoder config: {name} must be positive")));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::Checkpoint(format!(
                 "text_encoder config: hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -318,6 +318,14 @@ impl ClipTextModel {
 
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
+    }
+
+    /// Every Linear weight, dense or compressed as loaded (for memory reports).
+    pub fn linear_weights(&self) -> impl Iterator<Item = &Weight> + '_ {
+        self.layers.iter().flat_map(|l| {
+            let a = &l.self_attn;
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2].map(|lin| &lin.weight)
+        })
     }
 
     /// Logical parameters (a pruned weight counts its full `out × in`).
