@@ -3,7 +3,7 @@
 //! [2, 77, 1024], seeded random weights built in memory (no checkpoint needed).
 //!
 //! Variants: `dense`; `unstructured35` (every Linear weight pruned to 35% sparsity by
-//! magnitude, top-k per row, run from the bitmap form); `sparse24` (every Linear weight
+//! magnitude, layer-wise, run from the bitmap form); `sparse24` (every Linear weight
 //! pruned 2:4, run from the 2:4 form). Convolutions stay dense in all three, as in the
 //! study's checkpoints. Compare with `tools/bench_unet_torch.py` (same step in PyTorch).
 //!
@@ -12,9 +12,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use sdsparse::checkpoint::{ComponentStore, VarBuilder};
-use sdsparse::format::{bitmap_row_bytes, sparse24_meta_row_bytes};
 use sdsparse::model::config::UNetConfig;
 use sdsparse::model::unet::UNet2DConditionModel;
+use sdsparse::prune::{layer_cut, magnitude_keys, prune_count, sparse24_mask, unstructured_mask};
 use sdsparse::synth::{tensor_specs, tensor_values, SynthPreset};
 use sdsparse::{BitmapWeight, HostData, Sparse24Weight, Tensor, Weight};
 use std::collections::HashMap;
@@ -35,55 +35,23 @@ fn dense_unet() -> UNet2DConditionModel {
     UNet2DConditionModel::load(&vb, &UNetConfig::v2_1_base()).expect("unet builds")
 }
 
-/// Keeps the `(1 - sparsity) * cols` largest-magnitude values of each row, as a bitmap weight.
+/// Magnitude pruning of one layer to `sparsity` (the `convert` code path: layer-wise cut
+/// of the smallest |w|), compressed to the bitmap form.
 fn prune_unstructured(w: &Tensor, sparsity: f64) -> Weight {
     let (rows, cols) = w.dims2().unwrap();
-    let data = w.as_slice().unwrap();
-    let keep = cols - (sparsity * cols as f64).round() as usize;
-    let row_bytes = bitmap_row_bytes(cols);
-    let mut bitmap = vec![0u8; rows * row_bytes];
-    let mut values = Vec::with_capacity(rows * keep);
-    let mut row_offsets = vec![0u32];
-    let mut order: Vec<usize> = Vec::with_capacity(cols);
-    for r in 0..rows {
-        let row = &data[r * cols..(r + 1) * cols];
-        order.clear();
-        order.extend(0..cols);
-        if keep < cols {
-            order.select_nth_unstable_by(keep, |&a, &b| row[b].abs().total_cmp(&row[a].abs()));
-        }
-        let mut kept = order[..keep].to_vec();
-        kept.sort_unstable();
-        for &c in &kept {
-            bitmap[r * row_bytes + c / 8] |= 1 << (c % 8);
-            values.push(row[c]);
-        }
-        row_offsets.push(values.len() as u32);
-    }
-    Weight::Bitmap(BitmapWeight { rows, cols, bitmap, row_offsets, values: HostData::F32(values) })
+    let dense = HostData::F32(w.to_vec().unwrap());
+    let keys = magnitude_keys(&dense);
+    let cut = layer_cut(&keys, prune_count(sparsity, rows * cols)).unwrap();
+    let (keep, _) = unstructured_mask(&keys, rows, cols, cut);
+    Weight::Bitmap(BitmapWeight::from_dense(&dense, rows, cols, &keep).unwrap())
 }
 
-/// Keeps the two largest-magnitude values of every group of 4 along each row, as 2:4.
+/// 2:4 magnitude pruning (the two largest |w| of every group of 4 along a row).
 fn prune_24(w: &Tensor) -> Weight {
     let (rows, cols) = w.dims2().unwrap();
-    assert!(cols % 4 == 0, "2:4 needs in_features % 4 == 0");
-    let data = w.as_slice().unwrap();
-    let meta_row = sparse24_meta_row_bytes(cols);
-    let mut values = Vec::with_capacity(rows * cols / 2);
-    let mut meta = vec![0u8; rows * meta_row];
-    for r in 0..rows {
-        for g in 0..cols / 4 {
-            let group = &data[r * cols + 4 * g..r * cols + 4 * g + 4];
-            let mut idx = [0usize, 1, 2, 3];
-            idx.sort_by(|&a, &b| group[b].abs().total_cmp(&group[a].abs()));
-            let (i0, i1) = (idx[0].min(idx[1]), idx[0].max(idx[1]));
-            values.push(group[i0]);
-            values.push(group[i1]);
-            let nibble = (i0 | (i1 << 2)) as u8;
-            meta[r * meta_row + g / 2] |= if g % 2 == 0 { nibble } else { nibble << 4 };
-        }
-    }
-    Weight::Sparse24(Sparse24Weight { rows, cols, values: HostData::F32(values), meta })
+    let dense = HostData::F32(w.to_vec().unwrap());
+    let keep = sparse24_mask(&magnitude_keys(&dense), rows, cols);
+    Weight::Sparse24(Sparse24Weight::from_dense(&dense, rows, cols, &keep).unwrap())
 }
 
 /// A copy of `dense` whose Linear weights are replaced by `prune(weight)` (convolutions,
