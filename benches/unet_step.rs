@@ -20,7 +20,7 @@ use sdsparse::{BitmapWeight, HostData, Sparse24Weight, Tensor, Weight};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const SEED: u64 = 0x5D2_1BA5E;
 const UNSTRUCTURED_SPARSITY: f64 = 0.35;
@@ -79,10 +79,40 @@ fn inputs() -> (Tensor, Tensor) {
     )
 }
 
+/// `UNET_STEP_ITERS=N`: instead of criterion's 10 samples per variant, one untimed step
+/// then `N` timed steps per variant, printed like `tools/bench_unet_torch.py` prints them
+/// (for a side-by-side run on a busy machine, where 10 samples of each take too long).
+fn quick_mode(iters: usize, variants: &[(&str, &UNet2DConditionModel)], latents: &Tensor, context: &Tensor) {
+    for (name, model) in variants {
+        let mut times = Vec::new();
+        for i in 0..=iters {
+            let t0 = Instant::now();
+            black_box(model.forward(latents, 500.0, context).unwrap());
+            let dt = t0.elapsed().as_secs_f64();
+            println!("{name} {}: {dt:.3} s", if i == 0 { "warmup" } else { "step" });
+            if i > 0 {
+                times.push(dt);
+            }
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!("{name}: mean {mean:.3} s over {} steps (min {min:.3} s)", times.len());
+    }
+}
+
 fn unet_step(c: &mut Criterion) {
     let dense = dense_unet();
     let (latents, context) = inputs();
     let timestep = 500.0;
+    println!("rayon threads: {}", rayon::current_num_threads());
+
+    if let Some(iters) = std::env::var("UNET_STEP_ITERS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        let unstructured = pruned_copy(&dense, |w| prune_unstructured(w, UNSTRUCTURED_SPARSITY));
+        let sparse24 = pruned_copy(&dense, prune_24);
+        let variants = [("dense", &dense), ("unstructured35", &unstructured), ("sparse24", &sparse24)];
+        quick_mode(iters.max(1), &variants, &latents, &context);
+        return;
+    }
 
     let mut group = c.benchmark_group("unet_step_sd21_base_2x4x64x64");
     group.sample_size(10).sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_millis(1));
