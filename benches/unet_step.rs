@@ -79,6 +79,17 @@ fn inputs() -> (Tensor, Tensor) {
     )
 }
 
+/// User + system CPU time of this process (all threads), from `/proc/self/stat` (Linux;
+/// NaN elsewhere). Clock ticks are 100 per second on Linux.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return f64::NAN };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// `UNET_STEP_ITERS=N`: instead of criterion's 10 samples per variant, one untimed step
 /// then `N` timed steps per variant, printed like `tools/bench_unet_torch.py` prints them
 /// (for a side-by-side run on a busy machine, where 10 samples of each take too long).
@@ -86,10 +97,12 @@ fn quick_mode(iters: usize, variants: &[(&str, &UNet2DConditionModel)], latents:
     for (name, model) in variants {
         let mut times = Vec::new();
         for i in 0..=iters {
-            let t0 = Instant::now();
+            let (t0, c0) = (Instant::now(), process_cpu_seconds());
             black_box(model.forward(latents, 500.0, context).unwrap());
             let dt = t0.elapsed().as_secs_f64();
-            println!("{name} {}: {dt:.3} s", if i == 0 { "warmup" } else { "step" });
+            let cpu = process_cpu_seconds() - c0;
+            // CPU time (all threads) is the fairer figure on a shared, overloaded machine.
+            println!("{name} {}: {dt:.3} s wall, {cpu:.3} s cpu", if i == 0 { "warmup" } else { "step" });
             if i > 0 {
                 times.push(dt);
             }
@@ -106,10 +119,21 @@ fn unet_step(c: &mut Criterion) {
     let timestep = 500.0;
     println!("rayon threads: {}", rayon::current_num_threads());
 
+    let wanted = |name: &str| {
+        let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+        filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
+    };
+
     if let Some(iters) = std::env::var("UNET_STEP_ITERS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        let unstructured = pruned_copy(&dense, |w| prune_unstructured(w, UNSTRUCTURED_SPARSITY));
-        let sparse24 = pruned_copy(&dense, prune_24);
-        let variants = [("dense", &dense), ("unstructured35", &unstructured), ("sparse24", &sparse24)];
+        let unstructured = wanted("unstructured35")
+            .then(|| pruned_copy(&dense, |w| prune_unstructured(w, UNSTRUCTURED_SPARSITY)));
+        let sparse24 = wanted("sparse24").then(|| pruned_copy(&dense, prune_24));
+        let mut variants = Vec::new();
+        if wanted("dense") {
+            variants.push(("dense", &dense));
+        }
+        variants.extend(unstructured.as_ref().map(|m| ("unstructured35", m)));
+        variants.extend(sparse24.as_ref().map(|m| ("sparse24", m)));
         quick_mode(iters.max(1), &variants, &latents, &context);
         return;
     }
@@ -117,11 +141,6 @@ fn unet_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("unet_step_sd21_base_2x4x64x64");
     group.sample_size(10).sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_millis(1));
     group.measurement_time(Duration::from_secs(10));
-
-    let wanted = |name: &str| {
-        let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-        filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
-    };
 
     if wanted("dense") {
         group.bench_function("dense", |b| {
