@@ -12,9 +12,7 @@ use crate::format::codec::{
     crc32_hex, dtype_from_name, matrix_dims, LayerRecord, PatternName, SparseHeader, FORMAT_VERSION,
 };
 use crate::format::writer::{Entry, StreamWriter};
-use crate::format::{
-    bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight, Weight,
-};
+use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, DType, HostData, Weight};
 use crate::prune::{self, ComponentKind, Cut, Method, Pattern, Scope, Selection};
 use rayon::prelude::*;
 use safetensors::Dtype as StDtype;
@@ -478,41 +476,51 @@ fn run_job<'a>(
             Ok((vec![(job.name.clone(), bytes)], 0))
         }
         Action::Prune { pattern, k, cut } => {
-            let values = load_values(&raw, job.out_dtype)?;
-            let keys = prune::keys(method, seed, &job.name, &values);
+            // Work on the mapped bytes directly unless a dtype cast is asked for.
+            let in_dtype = raw
+                .float_dtype()
+                .ok_or_else(|| Error::Format(format!("{}: not a float tensor", job.name)))?;
+            let out_dtype = job.out_dtype.unwrap_or(in_dtype);
+            let cast;
+            let bytes: &[u8] = if out_dtype == in_dtype {
+                raw.bytes
+            } else {
+                cast = load_values(&raw, Some(out_dtype))?;
+                cast.as_bytes()
+            };
+            let es = out_dtype.size_in_bytes();
+            let keys = prune::Keys::new(method, seed, &job.name, out_dtype, bytes);
             let entries = job.entries();
             match pattern {
                 Pattern::Sparse24 => {
-                    let mask = prune::sparse24_mask(&keys, rows, cols);
-                    drop(keys);
-                    let w = Sparse24Weight::from_dense(&values, rows, cols, &mask)?;
-                    let pruned = rows * cols / 2;
+                    let mask = prune::sparse24_mask(keys, rows, cols);
+                    let (values, meta) =
+                        crate::format::codec::encode_sparse24_bytes(bytes, es, rows, cols, &mask)?;
                     Ok((
                         vec![
-                            (entries[0].name.clone(), Cow::Owned(host_bytes(w.values))),
-                            (entries[1].name.clone(), Cow::Owned(w.meta)),
+                            (entries[0].name.clone(), Cow::Owned(values)),
+                            (entries[1].name.clone(), Cow::Owned(meta)),
                         ],
-                        pruned,
+                        rows * cols / 2,
                     ))
                 }
                 Pattern::Unstructured => {
                     let cut = match cut {
                         Some(c) => *c,
-                        None => prune::layer_cut(&keys, *k)?,
+                        None => prune::layer_cut(keys, *k)?,
                     };
-                    let (mask, pruned) = prune::unstructured_mask(&keys, rows, cols, cut);
-                    drop(keys);
+                    let (mask, pruned) = prune::unstructured_mask(keys, rows, cols, cut);
                     if pruned != *k {
                         return Err(Error::Format(format!(
                             "{}: pruned {pruned} elements, planned {k}",
                             job.name
                         )));
                     }
-                    let w = BitmapWeight::from_dense(&values, rows, cols, &mask)?;
+                    let values = crate::format::codec::gather_kept_bytes(bytes, es, rows, cols, &mask);
                     Ok((
                         vec![
-                            (entries[0].name.clone(), Cow::Owned(w.bitmap)),
-                            (entries[1].name.clone(), Cow::Owned(host_bytes(w.values))),
+                            (entries[0].name.clone(), Cow::Owned(mask)),
+                            (entries[1].name.clone(), Cow::Owned(values)),
                         ],
                         pruned,
                     ))
@@ -621,7 +629,16 @@ fn convert_component(
                 for (n, &i) in idx.iter().enumerate() {
                     let raw = store.raw(&jobs[i].name)?;
                     let values = load_values(&raw, jobs[i].out_dtype)?;
-                    f(n, &prune::keys(opts.method, opts.seed, &jobs[i].name, &values));
+                    f(
+                        n,
+                        prune::Keys::new(
+                            opts.method,
+                            opts.seed,
+                            &jobs[i].name,
+                            values.dtype(),
+                            values.as_bytes(),
+                        ),
+                    );
                 }
                 Ok(())
             })?;

@@ -353,3 +353,70 @@ fn attention_matches_naive() {
         ops::attention(&q, &Tensor::zeros(&[1, 2, 5, 8]), &Tensor::zeros(&[1, 2, 6, 8]), 1.0, false).is_err()
     );
 }
+
+#[test]
+fn interleaved_head_attention_equals_split_heads() {
+    let mut rng = Rng::new(7);
+    // (b, heads, sq, sk, d, causal)
+    for &(b, h, sq, sk, d, causal) in &[
+        (2usize, 5usize, 300usize, 77usize, 16usize, false),
+        (2, 4, 77, 77, 8, true),
+        (1, 1, 5, 9, 4, false),
+    ] {
+        let q = rng.tensor(&[b, sq, h * d], 1.0);
+        let k = rng.tensor(&[b, sk, h * d], 1.0);
+        let v = rng.tensor(&[b, sk, h * d], 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let y = ops::attention_heads(&q, &k, &v, h, scale, causal).unwrap();
+        assert_eq!(y.shape(), q.shape());
+        let split =
+            |t: &Tensor, s: usize| ops::permute(&t.reshape(&[b, s, h, d]).unwrap(), &[0, 2, 1, 3]).unwrap();
+        let (qs, ks, vs) = (split(&q, sq), split(&k, sk), split(&v, sk));
+        let want = naive_attention(
+            qs.as_slice().unwrap(),
+            ks.as_slice().unwrap(),
+            vs.as_slice().unwrap(),
+            (b * h, sq, sk, d),
+            scale as f64,
+            causal,
+        );
+        let want = Tensor::from_vec(want.iter().map(|&x| x as f32).collect(), &[b, h, sq, d]).unwrap();
+        let merged = ops::permute(&want, &[0, 2, 1, 3]).unwrap();
+        assert_close(
+            &format!("attention_heads {:?}", (b, h, sq, sk, d, causal)),
+            &y,
+            &f64s(&merged),
+            F32_TOL,
+        );
+    }
+    let q = Tensor::zeros(&[1, 4, 8]);
+    assert!(ops::attention_heads(&q, &q, &q, 3, 1.0, false).is_err());
+    assert!(ops::attention_heads(&q, &Tensor::zeros(&[1, 4, 6]), &Tensor::zeros(&[1, 4, 6]), 2, 1.0, false)
+        .is_err());
+}
+
+#[test]
+fn degenerate_sizes_do_not_panic() {
+    let mut rng = Rng::new(8);
+    // No input features: the product is empty, the bias remains.
+    let bias = rng.tensor(&[3], 1.0);
+    let y =
+        ops::linear(&Tensor::zeros(&[2, 0]), &Weight::Dense(Tensor::zeros(&[3, 0])), Some(&bias)).unwrap();
+    assert_eq!(y.shape(), &[2, 3]);
+    assert_eq!(&y.as_slice().unwrap()[3..], bias.as_slice().unwrap());
+    let y = ops::linear(&rng.tensor(&[2, 4], 1.0), &Weight::Dense(Tensor::zeros(&[0, 4])), None).unwrap();
+    assert_eq!(y.shape(), &[2, 0]);
+    let y = ops::linear(&Tensor::zeros(&[0, 4]), &Weight::Dense(rng.tensor(&[3, 4], 1.0)), None).unwrap();
+    assert_eq!(y.shape(), &[0, 3]);
+    let y = ops::matmul(&Tensor::zeros(&[2, 3, 0]), &Tensor::zeros(&[2, 0, 5])).unwrap();
+    assert_eq!(y.as_slice().unwrap(), &[0.0; 30][..]);
+    let q = Tensor::zeros(&[1, 2, 3, 4]);
+    let empty = Tensor::zeros(&[1, 2, 0, 4]);
+    assert_eq!(ops::attention(&q, &empty, &empty, 1.0, false).unwrap().as_slice().unwrap(), &[0.0; 24][..]);
+    assert_eq!(
+        ops::conv2d(&Tensor::zeros(&[0, 2, 4, 4]), &Tensor::zeros(&[3, 2, 3, 3]), None, 1, 1)
+            .unwrap()
+            .shape(),
+        &[0, 3, 4, 4]
+    );
+}

@@ -127,8 +127,9 @@ fn fast_exp_is_accurate() {
     assert!(exp_fast(-1000.0) < 1e-37);
 }
 
-fn erf64(x: f64) -> f64 {
-    libm::erf(x)
+/// Exact GELU in f64, with `1 + erf(z)` as `erfc(−z)` so that the left tail does not cancel.
+fn gelu64(x: f64) -> f64 {
+    0.5 * x * libm::erfc(-x / 2f64.sqrt())
 }
 
 #[test]
@@ -136,7 +137,7 @@ fn activations_match_naive() {
     let mut rng = Rng::new(14);
     let x = rng.tensor(&[3, 50, 40], 6.0);
     let xv: Vec<f64> = f64s(&x);
-    let gelu: Vec<f64> = xv.iter().map(|&v| 0.5 * v * (1.0 + erf64(v / 2f64.sqrt()))).collect();
+    let gelu: Vec<f64> = xv.iter().map(|&v| gelu64(v)).collect();
     assert_close("gelu", &ops::gelu(&x).unwrap(), &gelu, F32_TOL);
     let silu: Vec<f64> = xv.iter().map(|&v| v / (1.0 + (-v).exp())).collect();
     assert_close("silu", &ops::silu(&x).unwrap(), &silu, F32_TOL);
@@ -149,8 +150,7 @@ fn activations_match_naive() {
     let mut want = Vec::new();
     for row in xv.chunks(40) {
         for i in 0..20 {
-            let g = row[20 + i];
-            want.push(row[i] * 0.5 * g * (1.0 + erf64(g / 2f64.sqrt())));
+            want.push(row[i] * gelu64(row[20 + i]));
         }
     }
     assert_close("geglu", &y, &want, F32_TOL);
@@ -372,4 +372,67 @@ fn to_device_cpu_is_identity() {
     let x = Rng::new(19).tensor(&[3, 4], 1.0);
     let y = ops::to_device(&x, &sdsparse::backend::Device::Cpu).unwrap();
     assert_eq!(x.as_slice().unwrap(), y.as_slice().unwrap());
+}
+
+#[test]
+fn gelu_and_silu_are_accurate_pointwise() {
+    // Per-element relative error over [-12, 12] (both tails included), for the op (AVX2
+    // path on machines that have it, remainder lanes scalar) and the scalar kernels. The
+    // left tail of GELU is ill-conditioned in f32: gelu(x) ~ e^(−x²/2) turns the rounding of
+    // x/√2 and of its square (~2^-24 relative) into ~x²·2^-24 relative error, so the bound
+    // grows with x² (1.5e-5 at x = −12, where gelu ≈ 1e-32).
+    let xs: Vec<f32> = (0..24_001).map(|i| -12.0 + i as f32 * 1e-3).collect();
+    let x = Tensor::from_vec(xs.clone(), &[xs.len()]).unwrap();
+    let gelu_op = ops::gelu(&x).unwrap().to_vec().unwrap();
+    let silu_op = ops::silu(&x).unwrap().to_vec().unwrap();
+    for (i, &v) in xs.iter().enumerate() {
+        let g = gelu64(v as f64);
+        let s = v as f64 / (1.0 + (-v as f64).exp());
+        let rel = |got: f32, want: f64| {
+            if want == 0.0 {
+                got.abs() as f64
+            } else {
+                ((got as f64 - want) / want).abs()
+            }
+        };
+        let tol = 1e-6 + 2e-7 * (v as f64).powi(2);
+        for (what, err) in [
+            ("gelu op", rel(gelu_op[i], g)),
+            ("gelu scalar", rel(sdsparse::backend::cpu::simd::gelu(v), g)),
+            ("silu op", rel(silu_op[i], s)),
+            ("silu scalar", rel(sdsparse::backend::cpu::simd::silu(v), s)),
+        ] {
+            assert!(err < tol, "{what}({v}): relative error {err:e} ≥ {tol:e}");
+        }
+    }
+}
+
+#[test]
+fn permute_with_merged_and_unit_axes() {
+    // [B, C, H, W] ↔ [B, H, W, C] (the transformer's token layout) and unit axes anywhere.
+    let mut rng = Rng::new(20);
+    for (shape, perm) in [
+        (vec![2usize, 40, 6, 7], vec![0usize, 2, 3, 1]),
+        (vec![2, 6, 7, 40], vec![0, 3, 1, 2]),
+        (vec![1, 3, 1, 5, 2], vec![4, 2, 0, 3, 1]),
+        (vec![3, 1, 4], vec![1, 2, 0]),
+        (vec![1, 1], vec![1, 0]),
+    ] {
+        let x = rng.tensor(&shape, 1.0);
+        let y = ops::permute(&x, &perm).unwrap();
+        let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        assert_eq!(y.shape(), &out_shape[..]);
+        let (xv, yv) = (x.as_slice().unwrap(), y.as_slice().unwrap());
+        let rank = shape.len();
+        for (i, &v) in yv.iter().enumerate() {
+            let mut rem = i;
+            let mut src = vec![0usize; rank];
+            for d in (0..rank).rev() {
+                src[perm[d]] = rem % out_shape[d];
+                rem /= out_shape[d];
+            }
+            let off = src.iter().zip(&shape).fold(0, |acc, (&ix, &n)| acc * n + ix);
+            assert_eq!(v, xv[off], "permute {shape:?} by {perm:?} at {i}");
+        }
+    }
 }

@@ -66,7 +66,7 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
                 _ => None,
             };
             let bias = bias.map(|b| b.as_slice()).transpose()?;
-            let m = x.numel() / k.max(1);
+            let m: usize = x_shape[..x_shape.len() - 1].iter().product();
             let y = cpu::gemm::linear(x.as_slice()?, m, k, w, dense, bias)?;
             cpu_tensor(y, &out_shape)
         }
@@ -208,22 +208,52 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, causal: bool) -
             v.shape()
         )));
     }
+    let s = cpu::attention::AttnShape { batch: b, heads: h, sq, sk, d };
     match placement("attention", &[q, k, v])? {
         On::Cpu => cpu_tensor(
-            cpu::attention::attention(
+            cpu::attention::attention(q.as_slice()?, k.as_slice()?, v.as_slice()?, s, scale, causal),
+            q.shape(),
+        ),
+        On::Cuda => Err(not_on_cuda("attention")),
+    }
+}
+
+/// [`attention`] on head-interleaved sequences, as the q/k/v projections produce them:
+/// `q[B, Sq, H·D]`, `k, v[B, Sk, H·D]` → `[B, Sq, H·D]`. Equal to splitting the heads
+/// (`reshape` to `[B, S, H, D]`, permute to `[B, H, S, D]`), calling [`attention`] and
+/// merging them back, without materialising those permutes.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, sq, hd) = q.dims3()?;
+    let (kb, sk, khd) = k.dims3()?;
+    if heads == 0 || hd % heads != 0 || (kb, khd) != (b, hd) || v.shape() != k.shape() {
+        return Err(Error::Shape(format!(
+            "attention_heads: q {:?}, k {:?}, v {:?} with {heads} heads (expected k, v as [{b}, Sk, {hd}])",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    let s = cpu::attention::AttnShape { batch: b, heads, sq, sk, d: hd / heads };
+    match placement("attention_heads", &[q, k, v])? {
+        On::Cpu => cpu_tensor(
+            cpu::attention::attention_interleaved(
                 q.as_slice()?,
                 k.as_slice()?,
                 v.as_slice()?,
-                b * h,
-                sq,
-                sk,
-                d,
+                s,
                 scale,
                 causal,
             ),
             q.shape(),
         ),
-        On::Cuda => Err(not_on_cuda("attention")),
+        On::Cuda => Err(not_on_cuda("attention_heads")),
     }
 }
 

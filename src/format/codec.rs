@@ -156,13 +156,95 @@ pub fn dtype_from_name(name: &str) -> Option<DType> {
     }
 }
 
-/// Gathers the elements of `data` at `idx` (in order) into a buffer of the same dtype.
-fn gather(data: &HostData, idx: impl Iterator<Item = usize>) -> HostData {
-    match data {
-        HostData::F32(v) => HostData::F32(idx.map(|i| v[i]).collect()),
-        HostData::F16(v) => HostData::F16(idx.map(|i| v[i]).collect()),
-        HostData::BF16(v) => HostData::BF16(idx.map(|i| v[i]).collect()),
+/// A buffer of `dtype` values from little-endian bytes.
+pub fn host_from_bytes(dtype: DType, bytes: &[u8]) -> HostData {
+    let n = bytes.len() / dtype.size_in_bytes();
+    let mut out = zeros_like(dtype, n);
+    match &mut out {
+        HostData::F32(v) => bytemuck::cast_slice_mut::<f32, u8>(v).copy_from_slice(bytes),
+        HostData::F16(v) => bytemuck::cast_slice_mut::<f16, u8>(v).copy_from_slice(bytes),
+        HostData::BF16(v) => bytemuck::cast_slice_mut::<bf16, u8>(v).copy_from_slice(bytes),
     }
+    out
+}
+
+fn gather_kept_n<const N: usize>(bytes: &[u8], rows: usize, cols: usize, keep: &[u8]) -> Vec<u8> {
+    let rb = bitmap_row_bytes(cols);
+    let kept: usize = keep.iter().map(|b| b.count_ones() as usize).sum();
+    let mut out = Vec::with_capacity(kept * N);
+    for r in 0..rows {
+        let row = &bytes[r * cols * N..(r + 1) * cols * N];
+        for (byte_i, &m) in keep[r * rb..(r + 1) * rb].iter().enumerate() {
+            let c0 = byte_i * 8;
+            if m == 0xff && c0 + 8 <= cols {
+                out.extend_from_slice(&row[c0 * N..(c0 + 8) * N]);
+            } else {
+                let mut m = m;
+                while m != 0 {
+                    let c = c0 + m.trailing_zeros() as usize;
+                    if c < cols {
+                        out.extend_from_slice(&row[c * N..(c + 1) * N]);
+                    }
+                    m &= m - 1;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of the kept elements (element size `es`) of a dense `[rows, cols]` matrix, in
+/// row-major order: the values part of the bitmap format.
+pub fn gather_kept_bytes(bytes: &[u8], es: usize, rows: usize, cols: usize, keep: &[u8]) -> Vec<u8> {
+    match es {
+        2 => gather_kept_n::<2>(bytes, rows, cols, keep),
+        4 => gather_kept_n::<4>(bytes, rows, cols, keep),
+        _ => gather_kept_n::<1>(bytes, rows * es, cols * es, keep),
+    }
+}
+
+/// 2:4 values and metadata bytes of a dense `[rows, cols]` matrix (element size `es`)
+/// given a keep bitmap with exactly 2 kept per group of 4.
+pub fn encode_sparse24_bytes(
+    bytes: &[u8],
+    es: usize,
+    rows: usize,
+    cols: usize,
+    keep: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    if cols % 4 != 0 {
+        return Err(Error::Format(format!(
+            "2:4 needs the input dimension to be a multiple of 4, got {cols}"
+        )));
+    }
+    if bytes.len() != rows * cols * es || keep.len() != rows * bitmap_row_bytes(cols) {
+        return Err(Error::Format("2:4 encode: buffer sizes do not match the shape".into()));
+    }
+    let mrb = sparse24_meta_row_bytes(cols);
+    let krb = bitmap_row_bytes(cols);
+    let mut meta = vec![0u8; rows * mrb];
+    let mut values = Vec::with_capacity(rows * cols / 2 * es);
+    for r in 0..rows {
+        let krow = &keep[r * krb..(r + 1) * krb];
+        let row = &bytes[r * cols * es..(r + 1) * cols * es];
+        for g in 0..cols / 4 {
+            // The group's 4 keep bits, then its two positions.
+            let nibble_bits = (krow[g / 2] >> (4 * (g % 2))) & 0xf;
+            if nibble_bits.count_ones() != 2 {
+                return Err(Error::Format(format!(
+                    "2:4 encode: row {r} group {g} keeps {} values, expected 2",
+                    nibble_bits.count_ones()
+                )));
+            }
+            let i0 = nibble_bits.trailing_zeros() as usize;
+            let i1 = (nibble_bits & (nibble_bits - 1)).trailing_zeros() as usize;
+            values.extend_from_slice(&row[(4 * g + i0) * es..(4 * g + i0 + 1) * es]);
+            values.extend_from_slice(&row[(4 * g + i1) * es..(4 * g + i1 + 1) * es]);
+            let nib = (i0 | i1 << 2) as u8;
+            meta[r * mrb + g / 2] |= if g % 2 == 0 { nib } else { nib << 4 };
+        }
+    }
+    Ok((values, meta))
 }
 
 /// Zeros of `dtype`, `n` of them.
@@ -195,43 +277,13 @@ impl Sparse24Weight {
     /// Compresses a dense `[rows, cols]` matrix given its keep bitmap (`bitmap_row_bytes`
     /// layout), which must keep exactly 2 of every group of 4 columns.
     pub fn from_dense(dense: &HostData, rows: usize, cols: usize, keep: &[u8]) -> Result<Self> {
-        if cols % 4 != 0 {
-            return Err(Error::Format(format!(
-                "2:4 needs the input dimension to be a multiple of 4, got {cols}"
-            )));
+        if dense.len() != rows * cols {
+            return Err(Error::Format("2:4 encode: buffer size does not match the shape".into()));
         }
-        if dense.len() != rows * cols || keep.len() != rows * bitmap_row_bytes(cols) {
-            return Err(Error::Format("2:4 encode: buffer sizes do not match the shape".into()));
-        }
-        let mrb = sparse24_meta_row_bytes(cols);
-        let krb = bitmap_row_bytes(cols);
-        let mut meta = vec![0u8; rows * mrb];
-        let mut positions = Vec::with_capacity(rows * cols / 2);
-        for r in 0..rows {
-            let krow = &keep[r * krb..(r + 1) * krb];
-            for g in 0..cols / 4 {
-                let mut kept = [0usize; 2];
-                let mut n = 0;
-                for j in 0..4 {
-                    if bit(krow, 4 * g + j) {
-                        if n < 2 {
-                            kept[n] = j;
-                        }
-                        n += 1;
-                    }
-                }
-                if n != 2 {
-                    return Err(Error::Format(format!(
-                        "2:4 encode: row {r} group {g} keeps {n} values, expected 2"
-                    )));
-                }
-                positions.push(r * cols + 4 * g + kept[0]);
-                positions.push(r * cols + 4 * g + kept[1]);
-                let nib = (kept[0] | kept[1] << 2) as u8;
-                meta[r * mrb + g / 2] |= if g % 2 == 0 { nib } else { nib << 4 };
-            }
-        }
-        Ok(Sparse24Weight { rows, cols, values: gather(dense, positions.into_iter()), meta })
+        let dtype = dense.dtype();
+        let (values, meta) =
+            encode_sparse24_bytes(dense.as_bytes(), dtype.size_in_bytes(), rows, cols, keep)?;
+        Ok(Sparse24Weight { rows, cols, values: host_from_bytes(dtype, &values), meta })
     }
 
     /// Checks sizes and that every nibble names two distinct positions in order.
@@ -281,24 +333,13 @@ impl Sparse24Weight {
 impl BitmapWeight {
     /// Compresses a dense `[rows, cols]` matrix given its keep bitmap.
     pub fn from_dense(dense: &HostData, rows: usize, cols: usize, keep: &[u8]) -> Result<Self> {
-        let rb = bitmap_row_bytes(cols);
-        if dense.len() != rows * cols || keep.len() != rows * rb {
+        if dense.len() != rows * cols || keep.len() != rows * bitmap_row_bytes(cols) {
             return Err(Error::Format("bitmap encode: buffer sizes do not match the shape".into()));
         }
-        let mut positions = Vec::new();
-        let mut row_offsets = Vec::with_capacity(rows + 1);
-        row_offsets.push(0u32);
-        for r in 0..rows {
-            let krow = &keep[r * rb..(r + 1) * rb];
-            for c in 0..cols {
-                if bit(krow, c) {
-                    positions.push(r * cols + c);
-                }
-            }
-            row_offsets.push(positions.len() as u32);
-        }
+        let dtype = dense.dtype();
         let bitmap = clear_padding_bits(keep, rows, cols);
-        Ok(BitmapWeight { rows, cols, bitmap, row_offsets, values: gather(dense, positions.into_iter()) })
+        let values = gather_kept_bytes(dense.as_bytes(), dtype.size_in_bytes(), rows, cols, &bitmap);
+        Self::from_parts(rows, cols, bitmap, host_from_bytes(dtype, &values))
     }
 
     /// Rebuilds a weight from its stored parts: computes row offsets from the bitmap and

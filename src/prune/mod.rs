@@ -9,7 +9,7 @@
 //! threshold over a whole component without holding all its keys in memory.
 
 use crate::error::{Error, Result};
-use crate::format::{bitmap_row_bytes, HostData};
+use crate::format::{bitmap_row_bytes, DType, HostData};
 use std::sync::OnceLock;
 
 /// Sparsity pattern of a pruned layer.
@@ -219,19 +219,6 @@ fn f16_key_table() -> &'static [u32] {
     TABLE.get_or_init(|| (0..0x8000u16).map(|b| half::f16::from_bits(b).to_f32().to_bits()).collect())
 }
 
-/// Magnitude keys: the f32 bits of `|w|` (ordered like `|w|`; NaN sorts above +inf, so
-/// it is never pruned by magnitude).
-pub fn magnitude_keys(values: &HostData) -> Vec<u32> {
-    match values {
-        HostData::F32(v) => v.iter().map(|x| x.to_bits() & 0x7fff_ffff).collect(),
-        HostData::F16(v) => {
-            let t = f16_key_table();
-            v.iter().map(|x| t[(x.to_bits() & 0x7fff) as usize]).collect()
-        }
-        HostData::BF16(v) => v.iter().map(|x| ((x.to_bits() & 0x7fff) as u32) << 16).collect(),
-    }
-}
-
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -243,21 +230,105 @@ fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// Random keys: a hash of (seed, tensor name, index), so the order of a layer does not
-/// depend on which other layers are pruned or in what order.
-pub fn random_keys(seed: u64, name: &str, n: usize) -> Vec<u32> {
-    let base = splitmix64(seed ^ fnv1a(name));
-    (0..n as u64)
-        .map(|i| (splitmix64(base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 32) as u32)
-        .collect()
+#[inline]
+fn random_key(base: u64, i: usize) -> u32 {
+    (splitmix64(base.wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 32) as u32
 }
 
-/// The keys of a tensor for a method.
-pub fn keys(method: Method, seed: u64, name: &str, values: &HostData) -> Vec<u32> {
-    match method {
-        Method::Magnitude => magnitude_keys(values),
-        Method::Random => random_keys(seed, name, values.len()),
+/// The ordering keys of a tensor, computed on the fly (no per-element buffer):
+/// magnitude keys are the f32 bits of `|w|` read from the stored bytes (ordered like
+/// `|w|`; NaN sorts above +inf, so it is never pruned by magnitude); random keys are a
+/// hash of (seed, tensor name, index), so a layer's order does not depend on which other
+/// layers are pruned.
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    /// Little-endian f32 values.
+    F32(&'a [u8]),
+    /// Little-endian f16 values.
+    F16(&'a [u8]),
+    /// Little-endian bf16 values.
+    BF16(&'a [u8]),
+    /// Seeded random keys for `n` elements.
+    Random { base: u64, n: usize },
+    /// Keys given explicitly.
+    Slice(&'a [u32]),
+}
+
+impl<'a> Keys<'a> {
+    /// Magnitude keys of values stored as `dtype` in `bytes`.
+    pub fn magnitude(dtype: DType, bytes: &'a [u8]) -> Keys<'a> {
+        match dtype {
+            DType::F32 => Keys::F32(bytes),
+            DType::F16 => Keys::F16(bytes),
+            DType::BF16 => Keys::BF16(bytes),
+        }
     }
+    /// Random keys of tensor `name` with `n` elements.
+    pub fn random(seed: u64, name: &str, n: usize) -> Keys<'static> {
+        Keys::Random { base: splitmix64(seed ^ fnv1a(name)), n }
+    }
+    /// The keys of a tensor for a method.
+    pub fn new(method: Method, seed: u64, name: &str, dtype: DType, bytes: &'a [u8]) -> Keys<'a> {
+        match method {
+            Method::Magnitude => Keys::magnitude(dtype, bytes),
+            Method::Random => Keys::random(seed, name, bytes.len() / dtype.size_in_bytes()),
+        }
+    }
+    pub fn len(&self) -> usize {
+        match *self {
+            Keys::F32(b) => b.len() / 4,
+            Keys::F16(b) | Keys::BF16(b) => b.len() / 2,
+            Keys::Random { n, .. } => n,
+            Keys::Slice(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Calls `f` with the keys of elements `start..end`, in order.
+    #[inline]
+    pub fn for_range(&self, start: usize, end: usize, mut f: impl FnMut(u32)) {
+        match *self {
+            Keys::F32(b) => b[4 * start..4 * end]
+                .chunks_exact(4)
+                .for_each(|c| f(u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff)),
+            Keys::F16(b) => {
+                let t = f16_key_table();
+                b[2 * start..2 * end]
+                    .chunks_exact(2)
+                    .for_each(|c| f(t[(u16::from_le_bytes([c[0], c[1]]) & 0x7fff) as usize]))
+            }
+            Keys::BF16(b) => b[2 * start..2 * end]
+                .chunks_exact(2)
+                .for_each(|c| f(((u16::from_le_bytes([c[0], c[1]]) & 0x7fff) as u32) << 16)),
+            Keys::Random { base, .. } => (start..end).for_each(|i| f(random_key(base, i))),
+            Keys::Slice(s) => s[start..end].iter().for_each(|&k| f(k)),
+        }
+    }
+    /// Every key, in order.
+    pub fn for_each(&self, f: impl FnMut(u32)) {
+        self.for_range(0, self.len(), f)
+    }
+    pub fn to_vec(&self) -> Vec<u32> {
+        let mut v = Vec::with_capacity(self.len());
+        self.for_each(|k| v.push(k));
+        v
+    }
+}
+
+/// Magnitude keys of a buffer, materialised.
+pub fn magnitude_keys(values: &HostData) -> Vec<u32> {
+    Keys::magnitude(values.dtype(), values.as_bytes()).to_vec()
+}
+
+/// Random keys, materialised.
+pub fn random_keys(seed: u64, name: &str, n: usize) -> Vec<u32> {
+    Keys::random(seed, name, n).to_vec()
+}
+
+/// The keys of a tensor for a method, materialised.
+pub fn keys(method: Method, seed: u64, name: &str, values: &HostData) -> Vec<u32> {
+    Keys::new(method, seed, name, values.dtype(), values.as_bytes()).to_vec()
 }
 
 /// Where a layer is cut: every element with `key < threshold` is pruned, plus the first
@@ -268,13 +339,13 @@ pub struct Cut {
     pub ties: usize,
 }
 
-/// Finds the cut that prunes exactly the `k` smallest of a sequence of key slices taken
-/// in order (one slice per layer for global scope). `key_sets` is called once per pass
-/// and must yield the same keys each time. Returns one cut per slice and the number each
-/// prunes, or `None` cuts when `k == 0`.
-pub fn find_cuts<'a, F>(n_sets: usize, k: usize, mut key_sets: F) -> Result<Vec<(Option<Cut>, usize)>>
+/// Finds the cut that prunes exactly the `k` smallest of a sequence of key sets taken in
+/// order (one set per layer for global scope; ties go to earlier sets, then lower
+/// indices). `key_sets` is called once per pass and must yield the same keys each time.
+/// Returns one cut per set and the number each prunes (`None` cuts when `k == 0`).
+pub fn find_cuts<F>(n_sets: usize, k: usize, mut key_sets: F) -> Result<Vec<(Option<Cut>, usize)>>
 where
-    F: FnMut(&mut dyn FnMut(usize, &[u32])) -> Result<()>,
+    F: FnMut(&mut dyn FnMut(usize, Keys<'_>)) -> Result<()>,
 {
     if k == 0 {
         return Ok(vec![(None, 0); n_sets]);
@@ -284,9 +355,7 @@ where
     let mut total = 0usize;
     key_sets(&mut |_, keys| {
         total += keys.len();
-        for &key in keys {
-            hist[(key >> 16) as usize] += 1;
-        }
+        keys.for_each(|key| hist[(key >> 16) as usize] += 1);
     })?;
     if k > total {
         return Err(Error::Invalid(format!("cannot prune {k} of {total} elements")));
@@ -296,21 +365,26 @@ where
     // Pass 2: histogram of the low 16 bits inside that bucket.
     hist.iter_mut().for_each(|h| *h = 0);
     key_sets(&mut |_, keys| {
-        for &key in keys {
+        keys.for_each(|key| {
             if key >> 16 == hi as u32 {
                 hist[(key & 0xffff) as usize] += 1;
             }
-        }
+        })
     })?;
     let (lo, before_lo) = bucket_of(&hist, target - before_hi);
     let threshold = (hi as u32) << 16 | lo as u32;
     let ties_total = (target - before_hi - before_lo + 1) as usize;
+    if n_sets == 1 {
+        return Ok(vec![(Some(Cut { threshold, ties: ties_total }), k)]);
+    }
     // Pass 3: per set, how many are below and at the threshold; ties go to earlier sets.
     let mut counts = vec![(0usize, 0usize); n_sets];
     key_sets(&mut |i, keys| {
-        let (less, eq) = keys
-            .iter()
-            .fold((0, 0), |(l, e), &key| (l + (key < threshold) as usize, e + (key == threshold) as usize));
+        let (mut less, mut eq) = (0, 0);
+        keys.for_each(|key| {
+            less += (key < threshold) as usize;
+            eq += (key == threshold) as usize;
+        });
         counts[i].0 += less;
         counts[i].1 += eq;
     })?;
@@ -338,7 +412,8 @@ fn bucket_of(hist: &[u64], target: u64) -> (usize, u64) {
 }
 
 /// The cut of one layer that prunes its `k` smallest keys.
-pub fn layer_cut(keys: &[u32], k: usize) -> Result<Option<Cut>> {
+pub fn layer_cut<'a>(keys: impl Into<Keys<'a>>, k: usize) -> Result<Option<Cut>> {
+    let keys = keys.into();
     let cuts = find_cuts(1, k, |f| {
         f(0, keys);
         Ok(())
@@ -346,9 +421,26 @@ pub fn layer_cut(keys: &[u32], k: usize) -> Result<Option<Cut>> {
     Ok(cuts[0].0)
 }
 
+impl<'a> From<&'a [u32]> for Keys<'a> {
+    fn from(s: &'a [u32]) -> Self {
+        Keys::Slice(s)
+    }
+}
+impl<'a> From<&'a Vec<u32>> for Keys<'a> {
+    fn from(s: &'a Vec<u32>) -> Self {
+        Keys::Slice(s)
+    }
+}
+
 /// Keep bitmap (`[rows, ceil(cols/8)]`, LSB first) of an unstructured cut, and the number
 /// of pruned elements.
-pub fn unstructured_mask(keys: &[u32], rows: usize, cols: usize, cut: Option<Cut>) -> (Vec<u8>, usize) {
+pub fn unstructured_mask<'a>(
+    keys: impl Into<Keys<'a>>,
+    rows: usize,
+    cols: usize,
+    cut: Option<Cut>,
+) -> (Vec<u8>, usize) {
+    let keys = keys.into();
     let rb = bitmap_row_bytes(cols);
     let mut mask = vec![0u8; rows * rb];
     let Some(cut) = cut else {
@@ -361,39 +453,39 @@ pub fn unstructured_mask(keys: &[u32], rows: usize, cols: usize, cut: Option<Cut
     };
     let mut ties = cut.ties;
     let mut pruned = 0;
-    for r in 0..rows {
-        let row = &keys[r * cols..(r + 1) * cols];
-        let mrow = &mut mask[r * rb..(r + 1) * rb];
-        for (c, &key) in row.iter().enumerate() {
-            let prune = key < cut.threshold || (key == cut.threshold && ties > 0);
+    for (r, mrow) in mask.chunks_exact_mut(rb).enumerate() {
+        let mut c = 0;
+        keys.for_range(r * cols, (r + 1) * cols, |key| {
+            let keep = key > cut.threshold || (key == cut.threshold && ties == 0);
             if key == cut.threshold && ties > 0 {
                 ties -= 1;
             }
-            if prune {
-                pruned += 1;
-            } else {
-                mrow[c / 8] |= 1 << (c % 8);
-            }
-        }
+            mrow[c / 8] |= (keep as u8) << (c % 8);
+            pruned += !keep as usize;
+            c += 1;
+        });
     }
     (mask, pruned)
 }
 
 /// Keep bitmap of the 2:4 pattern: in each group of 4 along a row, the 2 smallest keys
 /// (ties: lower index) are pruned. Needs `cols % 4 == 0`.
-pub fn sparse24_mask(keys: &[u32], rows: usize, cols: usize) -> Vec<u8> {
+pub fn sparse24_mask<'a>(keys: impl Into<Keys<'a>>, rows: usize, cols: usize) -> Vec<u8> {
+    let keys = keys.into();
     debug_assert_eq!(cols % 4, 0);
     let rb = bitmap_row_bytes(cols);
     let mut mask = vec![0u8; rows * rb];
-    for r in 0..rows {
-        for g in 0..cols / 4 {
-            let k = &keys[r * cols + 4 * g..r * cols + 4 * g + 4];
+    let mut row = Vec::with_capacity(cols);
+    for (r, mrow) in mask.chunks_exact_mut(rb).enumerate() {
+        row.clear();
+        keys.for_range(r * cols, (r + 1) * cols, |k| row.push(k));
+        for (g, k) in row.chunks_exact(4).enumerate() {
             for j in 0..4 {
-                // rank of (k[j], j) among the group; ranks 2 and 3 are kept
+                // rank of (k[j], j) within the group; ranks 2 and 3 are kept
                 let rank = (0..4).filter(|&i| (k[i], i) < (k[j], j)).count();
                 if rank >= 2 {
                     let c = 4 * g + j;
-                    mask[r * rb + c / 8] |= 1 << (c % 8);
+                    mrow[c / 8] |= 1 << (c % 8);
                 }
             }
         }

@@ -1,48 +1,21 @@
-//! Elementwise ops on the CPU: activations (exact GELU, GEGLU, SiLU), `x·a + b`, and binary
-//! ops with numpy broadcasting. Loops are branch-free over plain slices so that the compiler
-//! vectorises them, and split across threads with rayon for large tensors.
+//! Elementwise ops on the CPU: activations (exact GELU, GEGLU, SiLU; their inner loops are
+//! the kernels of `simd`), `x·a + b`, and binary ops with numpy broadcasting, split across
+//! threads with rayon for large tensors.
 
-use super::{PAR_CHUNK, PAR_MIN_ELEMS};
+use super::{simd, PAR_CHUNK, PAR_MIN_ELEMS};
 use rayon::prelude::*;
 
-/// `e^x` in f32 to about 1 ulp, branch-free so that loops over it vectorise (the libm call
-/// does not, and softmax over SD2's 4096-long attention rows evaluates ~10^9 of them).
-///
-/// Range reduction `x = n·ln2 + r` with `|r| ≤ ln2/2` (ln2 split in two constants so that
-/// `n·ln2` is exact), a degree-6 polynomial for `e^r` (the classic Cephes `expf`
-/// coefficients), and `2^n` built directly in the exponent bits. Inputs are clamped to
-/// `[-87.3, 88]`, so tiny results come out as ~1e-38 instead of 0; NaN propagates.
-#[inline(always)]
-pub fn exp_fast(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.0);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
-    let er = p * (r * r) + r + 1.0;
-    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    er * f32::from_bits(((n_int + 127) << 23) as u32)
-}
+pub use super::simd::{exp as exp_fast, silu as silu_scalar};
 
-#[inline(always)]
-pub fn silu_scalar(x: f32) -> f32 {
-    x / (1.0 + exp_fast(-x))
-}
-
-/// Exact GELU, `x/2 · (1 + erf(x/√2))`.
-#[inline(always)]
-pub fn gelu_scalar(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+/// `out = kernel(x)` over slices, split into parallel chunks for large inputs.
+fn map_slices<F: Fn(&[f32], &mut [f32]) + Sync>(x: &[f32], kernel: F) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    if x.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, xs)| kernel(xs, o));
+    } else {
+        kernel(x, &mut out);
+    }
+    out
 }
 
 /// `out[i] = f(x[i])`, in parallel for large inputs.
@@ -61,12 +34,13 @@ pub fn map<F: Fn(f32) -> f32 + Sync>(x: &[f32], f: F) -> Vec<f32> {
     out
 }
 
+/// Exact (erf) GELU.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    map(x, gelu_scalar)
+    map_slices(x, |xs, o| simd::gated_gelu(None, xs, o))
 }
 
 pub fn silu(x: &[f32]) -> Vec<f32> {
-    map(x, silu_scalar)
+    map_slices(x, |xs, o| simd::affine_silu(xs, 1.0, 0.0, o))
 }
 
 pub fn affine(x: &[f32], mul: f32, add: f32) -> Vec<f32> {
@@ -82,9 +56,7 @@ pub fn geglu(x: &[f32], half: usize) -> Vec<f32> {
     }
     let row = |(o, xs): (&mut [f32], &[f32])| {
         let (h, g) = xs.split_at(half);
-        for ((y, &hv), &gv) in o.iter_mut().zip(h).zip(g) {
-            *y = hv * gelu_scalar(gv);
-        }
+        simd::gated_gelu(Some(h), g, o);
     };
     if x.len() >= PAR_MIN_ELEMS {
         out.par_chunks_mut(half).zip(x.par_chunks(2 * half)).for_each(row);
@@ -109,6 +81,22 @@ pub fn broadcast_binary<F: Fn(f32, f32) -> f32 + Sync>(
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; a.len()];
     if a.is_empty() {
+        return out;
+    }
+    if a.len() == b.len() {
+        // Same shape (residual connections): one flat parallel loop.
+        let run = |(o, (xs, ys)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((y, &av), &bv) in o.iter_mut().zip(xs).zip(ys) {
+                *y = f(av, bv);
+            }
+        };
+        if a.len() >= PAR_MIN_ELEMS {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
+                .for_each(run);
+        } else {
+            run((&mut out, (a, b)));
+        }
         return out;
     }
     let rank = a_shape.len();

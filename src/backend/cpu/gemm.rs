@@ -124,6 +124,9 @@ pub fn linear(
 ) -> Result<Vec<f32>> {
     let n = w.dims2()?.0;
     let mut y = vec![0.0f32; m * n];
+    if m * n == 0 {
+        return Ok(y);
+    }
     let run = |wdata: &[f32], y: &mut [f32]| {
         if let Some(b) = bias {
             for row in y.chunks_exact_mut(n) {

@@ -12,12 +12,48 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
     strides
 }
 
+/// The same permutation on fewer axes: size-1 axes dropped, and output axes that are
+/// adjacent in the source merged. `[B, C, H, W] → [B, H, W, C]` becomes `[B, C, HW] →
+/// [B, HW, C]`, a batched 2-D transpose. Returns the reduced source shape and permutation.
+fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    // Position of each non-trivial source axis among the non-trivial ones.
+    let mut rank_of = vec![usize::MAX; shape.len()];
+    let mut n = 0;
+    for (axis, &size) in shape.iter().enumerate() {
+        if size != 1 {
+            rank_of[axis] = n;
+            n += 1;
+        }
+    }
+    // Groups of output axes, each a run of consecutive source ranks: (first rank, size).
+    let mut groups: Vec<(usize, usize, usize)> = Vec::new(); // (first rank, last rank, size)
+    for &p in perm.iter().filter(|&&p| shape[p] != 1) {
+        match groups.last_mut() {
+            Some(g) if rank_of[p] == g.1 + 1 => {
+                g.1 += 1;
+                g.2 *= shape[p];
+            }
+            _ => groups.push((rank_of[p], rank_of[p], shape[p])),
+        }
+    }
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&g| groups[g].0);
+    let reduced_shape = order.iter().map(|&g| groups[g].2).collect();
+    let mut reduced_perm = vec![0; groups.len()];
+    for (src_pos, &g) in order.iter().enumerate() {
+        reduced_perm[g] = src_pos;
+    }
+    (reduced_shape, reduced_perm)
+}
+
 /// `out` with `out.shape[i] = shape[perm[i]]` (perm validated by `ops`).
 pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     if x.is_empty() {
         return out;
     }
+    let (shape, perm) = simplify(shape, perm);
+    let (shape, perm) = (&shape[..], &perm[..]);
     let rank = shape.len();
     if rank == 0 || perm.iter().enumerate().all(|(i, &p)| i == p) {
         out.copy_from_slice(x);

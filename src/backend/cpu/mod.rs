@@ -11,6 +11,7 @@ pub mod embed;
 pub mod gemm;
 pub mod layout;
 pub mod norm;
+pub mod simd;
 pub mod sparse;
 
 /// Elementwise loops over fewer elements than this stay on the calling thread: handing work

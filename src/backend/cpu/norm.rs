@@ -4,7 +4,7 @@
 //! Statistics are two-pass (mean, then mean of squared deviations) with f64 accumulators:
 //! groups hold up to 10^6 values in SD2, where a one-pass f32 sum of squares loses digits.
 
-use super::elementwise::silu_scalar;
+use super::simd;
 use rayon::prelude::*;
 
 /// Mean and biased variance of `xs`.
@@ -59,9 +59,7 @@ pub fn group_norm(
             let a = inv * gamma[c0 + c];
             let b = beta[c0 + c] - mean * a;
             if silu {
-                for (y, &v) in orow.iter_mut().zip(xrow) {
-                    *y = silu_scalar(v * a + b);
-                }
+                simd::affine_silu(xrow, a, b, orow);
             } else {
                 for (y, &v) in orow.iter_mut().zip(xrow) {
                     *y = v * a + b;
