@@ -1,6 +1,8 @@
 //! The CUDA backend: context, the embedded kernel fatbin, device storage and launchers.
 //! Built without nvcc, every entry point returns a "built without CUDA kernels" error.
 
+pub mod sparse24;
+
 use crate::error::{Error, Result};
 
 /// A CUDA device handle (one context per GPU).
