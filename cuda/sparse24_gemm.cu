@@ -26,6 +26,10 @@
 // agree on the alignment). TMA destinations and wgmma descriptors want >= 128 B.
 extern __shared__ __align__(1024) uint8_t sp24_smem[];
 
+// Everything but the extern "C" kernels lives in a namespace: build.rs compiles all of
+// cuda/*.cu as one translation unit.
+namespace sp24 {
+
 // ---------------------------------------------------------------------------------------
 // Small PTX wrappers
 // ---------------------------------------------------------------------------------------
@@ -126,7 +130,10 @@ __device__ __forceinline__ void epilogue_tile(const Sp24GemmParams& p, const flo
 
 constexpr int V1_WARPS = 4;
 
-extern "C" __global__ void __launch_bounds__(V1_WARPS * 32) sp24_v1_direct(const Sp24GemmParams p) {
+} // namespace sp24
+
+extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sp24_v1_direct(const Sp24GemmParams p) {
+    using namespace sp24;
     static_assert(V1_WARPS * 16 == SP24_ROW_PAD, "a block covers one row pad unit");
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, tq = lane % 4;          // mma groupID, thread in group
@@ -172,6 +179,8 @@ extern "C" __global__ void __launch_bounds__(V1_WARPS * 32) sp24_v1_direct(const
         if (n < p.n && t < p.m) epilogue_one(p, t, n, acc[i]);
     }
 }
+
+namespace sp24 {
 
 // ---------------------------------------------------------------------------------------
 // Variant 2: cp.async pipeline + ldmatrix + mma.sp, block tile 128 weight rows x BT tokens
@@ -326,10 +335,14 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
     epilogue_tile<V2_BN, BT, V2_THREADS, V2_CS_LD>(p, cs, n0, t0);
 }
 
+} // namespace sp24
+
 // The token tiles the host dispatcher can pick, under unmangled names.
-extern "C" __global__ void __launch_bounds__(V2_THREADS) sp24_v2_pipe_bt128(const Sp24GemmParams p) { sp24_v2_body<128>(p); }
-extern "C" __global__ void __launch_bounds__(V2_THREADS) sp24_v2_pipe_bt64(const Sp24GemmParams p) { sp24_v2_body<64>(p); }
-extern "C" __global__ void __launch_bounds__(V2_THREADS) sp24_v2_pipe_bt32(const Sp24GemmParams p) { sp24_v2_body<32>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sp24_v2_pipe_bt128(const Sp24GemmParams p) { sp24::sp24_v2_body<128>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sp24_v2_pipe_bt64(const Sp24GemmParams p) { sp24::sp24_v2_body<64>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sp24_v2_pipe_bt32(const Sp24GemmParams p) { sp24::sp24_v2_body<32>(p); }
+
+namespace sp24 {
 
 // ---------------------------------------------------------------------------------------
 // Variant 3 (sm_90a): TMA + mbarrier pipeline + wgmma.mma_async.sp
@@ -429,13 +442,16 @@ __device__ __forceinline__ void wgmma_sp_m64n128k32(float (&d)[64], uint64_t des
 
 #endif // SP24_HOPPER
 
+} // namespace sp24
+
 // tmap_w: 2-D map over values [n_pad rows][k_pad / 2], box 8 x 128; tmap_x: 2-D map over X
 // [m rows][k] (row stride ldx), box 8 x 128; out-of-range boxes are zero filled by TMA.
 // Grid: (n_pad / 128 rounded up, ceil(m / 128)).
-extern "C" __global__ void __launch_bounds__(V3_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
     sp24_v3_wgmma(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_x,
                   const Sp24GemmParams p) {
 #ifdef SP24_HOPPER
+    using namespace sp24;
     uint8_t* smem = sp24_smem;
     const int wg = threadIdx.x / 128;           // 0 producer, 1..2 consumers
     const int n0 = blockIdx.x * V3_BN, t0 = blockIdx.y * V3_BT;

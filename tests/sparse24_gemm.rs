@@ -117,3 +117,214 @@ fn bad_canonical_weights_are_rejected() {
     w.meta.pop();
     assert!(Sparse24Packed::pack(&w).is_err());
 }
+
+// ---------------------------------------------------------------------------------------
+// GPU: every variant against the CPU reference (skips without a GPU or fatbin)
+// ---------------------------------------------------------------------------------------
+
+mod gpu {
+    use super::*;
+    use cudarc::driver::{CudaContext, CudaStream};
+    use rayon::prelude::*;
+    use sdsparse::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sp24Variant, Sparse24Gpu};
+    use std::sync::Arc;
+
+    /// f16 NaN: the poison every output element starts as, so an unwritten one fails.
+    const POISON: u16 = 0x7e00;
+
+    /// The fatbin holding `cuda/sparse24_gemm.cu`: `$SDSPARSE_SP24_FATBIN`, else the one
+    /// `tools/sp24_gpu_run.sh` builds at `target/sp24/sparse24.fatbin`.
+    pub fn fatbin() -> Option<Vec<u8>> {
+        let path =
+            std::env::var("SDSPARSE_SP24_FATBIN").ok().map(std::path::PathBuf::from).unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sp24/sparse24.fatbin")
+            });
+        std::fs::read(path).ok()
+    }
+
+    /// A context on GPU 0 and the kernels, or `None` (with a note) when there is no GPU,
+    /// no driver library or no fatbin: the tests then pass as skipped.
+    pub fn setup() -> Option<(Arc<CudaContext>, Arc<CudaStream>, Sp24Kernels)> {
+        // cudarc's dynamic loader panics when libcuda is absent: treat that as "no GPU".
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(0)).ok().and_then(|r| r.ok());
+        let Some(ctx) = ctx else {
+            eprintln!("skipped: no CUDA device");
+            return None;
+        };
+        let Some(bin) = fatbin() else {
+            eprintln!("skipped: no 2:4 fatbin (run tools/build_sp24_fatbin.sh or set SDSPARSE_SP24_FATBIN)");
+            return None;
+        };
+        let stream = ctx.default_stream();
+        let kernels = Sp24Kernels::load(&ctx, &bin).expect("load 2:4 kernels");
+        Some((ctx, stream, kernels))
+    }
+
+    pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
+        v.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+    }
+
+    /// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26); std has no erf.
+    fn erf(x: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.3275911 * x.abs());
+        let y = 1.0
+            - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592)
+                * t
+                * (-x * x).exp();
+        y.copysign(x)
+    }
+
+    /// CPU reference in f64 from the same f16 operands the GPU sees.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reference(
+        x: &[u16],
+        w_dense: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+        residual: Option<&[u16]>,
+        gelu: bool,
+    ) -> Vec<f32> {
+        let xf: Vec<f32> = x.iter().map(|&b| f16::from_bits(b).to_f32()).collect();
+        let mut y = vec![0f32; m * n];
+        y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            let xr = &xf[i * k..(i + 1) * k];
+            for (j, out) in row.iter_mut().enumerate() {
+                let wr = &w_dense[j * k..(j + 1) * k];
+                let mut acc: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                acc += bias.map_or(0.0, |b| b[j] as f64);
+                if gelu {
+                    acc = 0.5 * acc * (1.0 + erf(acc / std::f64::consts::SQRT_2));
+                }
+                acc += residual.map_or(0.0, |r| f16::from_bits(r[i * n + j]).to_f32() as f64);
+                *out = acc as f32;
+            }
+        });
+        y
+    }
+
+    /// ‖out − ref‖ / ‖ref‖, infinite when any output is not finite.
+    pub fn rel_err(out: &[u16], reference: &[f32]) -> f64 {
+        let (mut num, mut den) = (0f64, 0f64);
+        for (&o, &r) in out.iter().zip(reference) {
+            let o = f16::from_bits(o).to_f32() as f64;
+            if !o.is_finite() {
+                return f64::INFINITY;
+            }
+            num += (o - r as f64).powi(2);
+            den += (r as f64).powi(2);
+        }
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    /// One GEMM of every variant on fresh random data; returns the worst relative error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_shape(
+        stream: &Arc<CudaStream>,
+        kernels: &Sp24Kernels,
+        m: usize,
+        n: usize,
+        k: usize,
+        with_bias: bool,
+        with_residual: bool,
+        gelu: bool,
+        seed: u64,
+    ) {
+        let mut rng = Rng(seed);
+        let w = prune_dense_24(&rng.vec(n * k), n, k).unwrap();
+        let packed = Sparse24Packed::pack(&w).unwrap();
+        let w_dense = packed.decode_dense();
+        let x = to_f16_bits(&rng.vec(m * k));
+        let bias: Option<Vec<f32>> = with_bias.then(|| rng.vec(n));
+        let residual: Option<Vec<u16>> = with_residual.then(|| to_f16_bits(&rng.vec(m * n)));
+        let reference = reference(&x, &w_dense, m, n, k, bias.as_deref(), residual.as_deref(), gelu);
+
+        let wg = Sparse24Gpu::upload(stream, &packed).unwrap();
+        let xd = stream.clone_htod(&x).unwrap();
+        let bd = bias.as_ref().map(|b| stream.clone_htod(b).unwrap());
+        let rd = residual.as_ref().map(|r| stream.clone_htod(r).unwrap());
+        let epi = Sp24Epilogue { bias: bd.as_ref(), residual: rd.as_ref(), gelu };
+        for variant in Sp24Variant::all_for(kernels.compute_capability()) {
+            // Fresh poisoned output for every run: an unwritten element stays NaN.
+            let mut yd = stream.clone_htod(&vec![POISON; m * n]).unwrap();
+            kernels.gemm(stream, variant, &xd, m, &wg, &epi, &mut yd).unwrap();
+            let y = stream.clone_dtoh(&yd).unwrap();
+            stream.synchronize().unwrap();
+            let err = rel_err(&y, &reference);
+            eprintln!("[{m}, {k}] x [{n}, {k}]^T {}: rel err {err:.2e}", variant.name());
+            assert!(
+                err < 1e-2,
+                "{} on M {m} N {n} K {k}: rel err {err} (NaN/inf = unwritten)",
+                variant.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_matches_reference_on_sd2_shapes() {
+    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    // (M, N, K): UNet attention projections at each level, GEGLU (N = 8C), FF out,
+    // proj_in/out, cross-attention K/V from the 1024-wide context (M = 154), text encoder.
+    let shapes = [
+        (4096, 320, 320),
+        (1024, 640, 640),
+        (256, 1280, 1280),
+        (128, 1280, 1280),
+        (1024, 5120, 640),
+        (256, 1280, 5120),
+        (154, 320, 1024),
+        (154, 1280, 1024),
+        (154, 1024, 1024),
+        (154, 4096, 1024),
+        (154, 1024, 4096),
+    ];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        gpu::check_shape(&stream, &kernels, m, n, k, false, false, false, 100 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_matches_reference_on_awkward_shapes() {
+    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    // M = 1, M not a multiple of any tile, minimum N (8) and K (8), N and K off the pads.
+    let shapes = [
+        (1, 64, 64),
+        (1, 320, 320),
+        (3, 8, 8),
+        (130, 200, 72),
+        (129, 136, 136),
+        (33, 64, 4096),
+        (257, 8, 24),
+    ];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        gpu::check_shape(&stream, &kernels, m, n, k, false, false, false, 200 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_fused_epilogue_matches_reference() {
+    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    for (i, &(m, n, k)) in [(1024, 640, 640), (77, 200, 72), (1, 64, 64)].iter().enumerate() {
+        gpu::check_shape(&stream, &kernels, m, n, k, true, false, false, 300 + i as u64);
+        gpu::check_shape(&stream, &kernels, m, n, k, true, false, true, 310 + i as u64);
+        gpu::check_shape(&stream, &kernels, m, n, k, true, true, true, 320 + i as u64);
+        gpu::check_shape(&stream, &kernels, m, n, k, false, true, false, 330 + i as u64);
+    }
+}
+
+#[test]
+fn gpu_rejects_bad_calls_without_launching() {
+    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    let w = Sparse24Packed::pack(&random_24(64, 12, 1)).unwrap(); // K % 8 != 0
+    let wg = sdsparse::backend::cuda::sparse24::Sparse24Gpu::upload(&stream, &w).unwrap();
+    let x = stream.clone_htod(&vec![0u16; 4 * 12]).unwrap();
+    let mut y = stream.clone_htod(&vec![0u16; 4 * 64]).unwrap();
+    let epi = sdsparse::backend::cuda::sparse24::Sp24Epilogue::default();
+    let v = sdsparse::backend::cuda::sparse24::Sp24Variant::Direct;
+    assert!(kernels.gemm(&stream, v, &x, 4, &wg, &epi, &mut y).is_err());
+    let w = Sparse24Packed::pack(&random_24(64, 64, 1)).unwrap();
+    let wg = sdsparse::backend::cuda::sparse24::Sparse24Gpu::upload(&stream, &w).unwrap();
+    assert!(kernels.gemm(&stream, v, &x, 4, &wg, &epi, &mut y).is_err()); // x too short
+}

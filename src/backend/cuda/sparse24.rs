@@ -222,3 +222,372 @@ pub fn canonical_to_dense(w: &Sparse24Weight) -> Vec<f32> {
     }
     dense
 }
+
+// ---------------------------------------------------------------------------------------
+// Launch parameters, dispatch and launchers
+// ---------------------------------------------------------------------------------------
+
+use cudarc::driver::{
+    result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+/// Rust mirror of `Sp24GemmParams` in `cuda/include/sparse24.cuh` (device pointers as
+/// `u64`); the asserts below check the sizes and offsets the header's `static_assert` fixes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sp24GemmParams {
+    pub x: u64,
+    pub w_values: u64,
+    pub w_meta: u64,
+    pub bias: u64,
+    pub residual: u64,
+    pub y: u64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub n_pad: i32,
+    pub k_pad: i32,
+    pub ldx: i32,
+    pub ldy: i32,
+    pub ldr: i32,
+    pub flags: u32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data in the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for Sp24GemmParams {}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<Sp24GemmParams>() == 88);
+    assert!(offset_of!(Sp24GemmParams, x) == 0);
+    assert!(offset_of!(Sp24GemmParams, w_values) == 8);
+    assert!(offset_of!(Sp24GemmParams, w_meta) == 16);
+    assert!(offset_of!(Sp24GemmParams, bias) == 24);
+    assert!(offset_of!(Sp24GemmParams, residual) == 32);
+    assert!(offset_of!(Sp24GemmParams, y) == 40);
+    assert!(offset_of!(Sp24GemmParams, m) == 48);
+    assert!(offset_of!(Sp24GemmParams, n) == 52);
+    assert!(offset_of!(Sp24GemmParams, k) == 56);
+    assert!(offset_of!(Sp24GemmParams, n_pad) == 60);
+    assert!(offset_of!(Sp24GemmParams, k_pad) == 64);
+    assert!(offset_of!(Sp24GemmParams, ldx) == 68);
+    assert!(offset_of!(Sp24GemmParams, ldy) == 72);
+    assert!(offset_of!(Sp24GemmParams, ldr) == 76);
+    assert!(offset_of!(Sp24GemmParams, flags) == 80);
+    assert!(offset_of!(Sp24GemmParams, reserved) == 84);
+};
+
+/// `SP24_FLAG_GELU` of the header.
+pub const FLAG_GELU: u32 = 1;
+
+/// The kernel variants (variant 0, cuBLAS dense, is launched by the benches directly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sp24Variant {
+    /// 1: `mma.sp` with fragments straight from global memory (the simple oracle).
+    Direct,
+    /// 2: cp.async pipeline + ldmatrix + `mma.sp`, 128 weight rows x `tokens` per block.
+    Pipe { tokens: u32 },
+    /// 3: sm_90a TMA + mbarrier + `wgmma.mma_async.sp`, 128 x 128 per block.
+    Wgmma,
+}
+
+impl Sp24Variant {
+    /// Every variant a device of compute capability `cc` can run (tests cover them all).
+    pub fn all_for(cc: (i32, i32)) -> Vec<Sp24Variant> {
+        let mut v = vec![
+            Sp24Variant::Direct,
+            Sp24Variant::Pipe { tokens: 32 },
+            Sp24Variant::Pipe { tokens: 64 },
+            Sp24Variant::Pipe { tokens: 128 },
+        ];
+        if cc == (9, 0) {
+            v.push(Sp24Variant::Wgmma);
+        }
+        v
+    }
+    pub fn name(&self) -> String {
+        match self {
+            Sp24Variant::Direct => "v1_direct".into(),
+            Sp24Variant::Pipe { tokens } => format!("v2_pipe_bt{tokens}"),
+            Sp24Variant::Wgmma => "v3_wgmma".into(),
+        }
+    }
+}
+
+/// Picks variant and tile for a problem. PROVISIONAL: written from the tile shapes (fill the
+/// SMs with blocks, Hopper takes `wgmma.sp` once a 128-token tile is mostly used), not yet
+/// tuned on a GPU; `benches/gemm_sparse24.rs` measures every variant so the table can be
+/// replaced by measured winners per (arch, M, N, K).
+pub fn choose_variant(cc: (i32, i32), sm_count: usize, m: usize, n: usize, _k: usize) -> Sp24Variant {
+    if cc == (9, 0) && m >= 96 {
+        return Sp24Variant::Wgmma;
+    }
+    let row_blocks = n.div_ceil(128);
+    // Largest token tile that still gives every SM a block; small M gets the 32 tile.
+    for tokens in [128u32, 64] {
+        let blocks = row_blocks * m.div_ceil(tokens as usize);
+        if m > tokens as usize / 2 && blocks >= sm_count {
+            return Sp24Variant::Pipe { tokens };
+        }
+    }
+    Sp24Variant::Pipe { tokens: 32 }
+}
+
+/// Dynamic shared memory of the pipelined variants (asserted equal in the .cu file).
+fn pipe_smem_bytes(tokens: u32) -> u32 {
+    match tokens {
+        128 => 76800,
+        64 => 52224,
+        _ => 39936,
+    }
+}
+const WGMMA_SMEM_BYTES: u32 = 98368;
+
+/// A packed 2:4 weight on the GPU (f16 values as raw `u16`).
+pub struct Sparse24Gpu {
+    pub n: usize,
+    pub k: usize,
+    pub n_pad: usize,
+    pub k_pad: usize,
+    pub values: CudaSlice<u16>,
+    pub meta: CudaSlice<u32>,
+}
+
+impl Sparse24Gpu {
+    /// Uploads a packed weight (once, at load).
+    pub fn upload(stream: &Arc<CudaStream>, p: &Sparse24Packed) -> Result<Sparse24Gpu> {
+        p.validate()?;
+        let raw: &[u16] = bytemuck::cast_slice(&p.values);
+        let values = stream.clone_htod(raw).map_err(cuda_err)?;
+        let meta = stream.clone_htod(&p.meta).map_err(cuda_err)?;
+        Ok(Sparse24Gpu { n: p.n, k: p.k, n_pad: p.n_pad, k_pad: p.k_pad, values, meta })
+    }
+}
+
+/// Optional fused epilogue operands: `y = act(acc + bias) + residual`.
+#[derive(Default)]
+pub struct Sp24Epilogue<'a> {
+    /// f32 `[n]`.
+    pub bias: Option<&'a CudaSlice<f32>>,
+    /// f16 `[m, n]` (row stride n), added after the activation.
+    pub residual: Option<&'a CudaSlice<u16>>,
+    pub gelu: bool,
+}
+
+fn cuda_err(e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{e:?}"))
+}
+
+/// The 2:4 GEMM kernels of one context, loaded from a fatbin that contains
+/// `cuda/sparse24_gemm.cu` (the crate's embedded fatbin or `tools/build_sp24_fatbin.sh`'s).
+pub struct Sp24Kernels {
+    ctx: Arc<CudaContext>,
+    module: sys::CUmodule,
+    direct: sys::CUfunction,
+    pipe32: sys::CUfunction,
+    pipe64: sys::CUfunction,
+    pipe128: sys::CUfunction,
+    wgmma: sys::CUfunction,
+    cc: (i32, i32),
+    sm_count: usize,
+}
+
+impl Drop for Sp24Kernels {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the module was loaded by `load` and no function outlives `self`.
+            let _ = unsafe { cu::module::unload(self.module) };
+        }
+    }
+}
+
+impl Sp24Kernels {
+    /// Loads the kernels from fatbin bytes and opts the big-tile ones into > 48 KiB of
+    /// dynamic shared memory.
+    pub fn load(ctx: &Arc<CudaContext>, fatbin: &[u8]) -> Result<Sp24Kernels> {
+        ctx.bind_to_thread().map_err(cuda_err)?;
+        // cuModuleLoadData reads the image in place; keep a NUL-terminated aligned copy.
+        let mut image: Vec<u64> = vec![0; fatbin.len().div_ceil(8) + 1];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..fatbin.len()].copy_from_slice(fatbin);
+        // SAFETY: `image` is a complete fatbin that lives across the call.
+        let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.map_err(cuda_err)?;
+        let get = |name: &str| -> Result<sys::CUfunction> {
+            let c = CString::new(name).map_err(cuda_err)?;
+            // SAFETY: `module` is loaded; the name is NUL-terminated.
+            unsafe { cu::module::get_function(module, c) }
+                .map_err(|e| Error::Cuda(format!("kernel {name} not in the fatbin: {e:?}")))
+        };
+        let kernels = Sp24Kernels {
+            ctx: ctx.clone(),
+            module,
+            direct: get("sp24_v1_direct")?,
+            pipe32: get("sp24_v2_pipe_bt32")?,
+            pipe64: get("sp24_v2_pipe_bt64")?,
+            pipe128: get("sp24_v2_pipe_bt128")?,
+            wgmma: get("sp24_v3_wgmma")?,
+            cc: ctx.compute_capability().map_err(cuda_err)?,
+            sm_count: ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(cuda_err)? as usize,
+        };
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        for (f, bytes) in [
+            (kernels.pipe32, pipe_smem_bytes(32)),
+            (kernels.pipe64, pipe_smem_bytes(64)),
+            (kernels.pipe128, pipe_smem_bytes(128)),
+            (kernels.wgmma, WGMMA_SMEM_BYTES),
+        ] {
+            // SAFETY: valid function handle of the bound context.
+            unsafe { cu::function::set_function_attribute(f, attr, bytes as i32) }.map_err(cuda_err)?;
+        }
+        Ok(kernels)
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    /// The dispatcher's choice for this device (see [`choose_variant`]).
+    pub fn choose(&self, m: usize, n: usize, k: usize) -> Sp24Variant {
+        choose_variant(self.cc, self.sm_count, m, n, k)
+    }
+
+    /// `y[m, n] = x[m, k] · W^T (+ bias) (gelu) (+ residual)`, f16 as raw `u16`, row
+    /// strides k (x) and n (y, residual), on `stream`. Sizes are checked here, so a bad
+    /// call is an error, never an out-of-bounds kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        stream: &Arc<CudaStream>,
+        variant: Sp24Variant,
+        x: &CudaSlice<u16>,
+        m: usize,
+        w: &Sparse24Gpu,
+        epi: &Sp24Epilogue,
+        y: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        let (n, k) = (w.n, w.k);
+        if m == 0 || k % 8 != 0 {
+            return Err(Error::Invalid(format!("2:4 GEMM needs M >= 1 and K % 8 == 0 (M {m}, K {k})")));
+        }
+        if x.len() < m * k || y.len() < m * n {
+            return Err(Error::Shape(format!(
+                "2:4 GEMM [{m}, {k}] x [{n}, {k}]^T: x has {}, y has {} elements",
+                x.len(),
+                y.len()
+            )));
+        }
+        if epi.bias.is_some_and(|b| b.len() < n) || epi.residual.is_some_and(|r| r.len() < m * n) {
+            return Err(Error::Shape(format!(
+                "2:4 GEMM epilogue: bias needs {n}, residual {} elements",
+                m * n
+            )));
+        }
+        if variant == Sp24Variant::Wgmma && self.cc != (9, 0) {
+            return Err(Error::Invalid(format!(
+                "the wgmma.sp variant needs sm_90a, device is sm_{}{}",
+                self.cc.0, self.cc.1
+            )));
+        }
+        if m > i32::MAX as usize || w.n_pad * w.k_pad > i32::MAX as usize {
+            return Err(Error::Invalid("2:4 GEMM sizes overflow i32".into()));
+        }
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        let (x_ptr, _gx) = x.device_ptr(stream);
+        let (wv_ptr, _gw) = w.values.device_ptr(stream);
+        let (wm_ptr, _gm) = w.meta.device_ptr(stream);
+        let bias = epi.bias.map(|b| b.device_ptr(stream));
+        let res = epi.residual.map(|r| r.device_ptr(stream));
+        let (y_ptr, _gy) = y.device_ptr_mut(stream);
+        let mut params = Sp24GemmParams {
+            x: x_ptr,
+            w_values: wv_ptr,
+            w_meta: wm_ptr,
+            bias: bias.as_ref().map_or(0, |b| b.0),
+            residual: res.as_ref().map_or(0, |r| r.0),
+            y: y_ptr,
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            n_pad: w.n_pad as i32,
+            k_pad: w.k_pad as i32,
+            ldx: k as i32,
+            ldy: n as i32,
+            ldr: n as i32,
+            flags: if epi.gelu { FLAG_GELU } else { 0 },
+            reserved: 0,
+        };
+        let cu_stream = stream.cu_stream();
+        let pp = &mut params as *mut Sp24GemmParams as *mut c_void;
+        // SAFETY (all launches): the argument lists match the kernels' signatures, every
+        // pointer is a live allocation of the checked size, and the guards above keep the
+        // buffers alive and ordered on `stream` until after the launch is enqueued.
+        let launched = match variant {
+            Sp24Variant::Direct => {
+                let grid = ((w.n_pad / 64) as u32, m.div_ceil(8) as u32, 1);
+                unsafe { cu::launch_kernel(self.direct, grid, (128, 1, 1), 0, cu_stream, &mut [pp]) }
+            }
+            Sp24Variant::Pipe { tokens } => {
+                let f = match tokens {
+                    32 => self.pipe32,
+                    64 => self.pipe64,
+                    128 => self.pipe128,
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "no 2:4 pipeline kernel for a {tokens}-token tile"
+                        )))
+                    }
+                };
+                let grid = (n.div_ceil(128) as u32, m.div_ceil(tokens as usize) as u32, 1);
+                unsafe {
+                    cu::launch_kernel(f, grid, (256, 1, 1), pipe_smem_bytes(tokens), cu_stream, &mut [pp])
+                }
+            }
+            Sp24Variant::Wgmma => {
+                let mut tmap_w = tensor_map_2d(wv_ptr, w.k_pad / 2, w.n_pad, w.k_pad)?;
+                let mut tmap_x = tensor_map_2d(x_ptr, k, m, 2 * k)?;
+                let grid = (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1);
+                let args = &mut [
+                    &mut tmap_w as *mut sys::CUtensorMap as *mut c_void,
+                    &mut tmap_x as *mut sys::CUtensorMap as *mut c_void,
+                    pp,
+                ];
+                unsafe { cu::launch_kernel(self.wgmma, grid, (384, 1, 1), WGMMA_SMEM_BYTES, cu_stream, args) }
+            }
+        };
+        launched.map_err(|e| Error::Cuda(format!("launch of 2:4 GEMM {}: {e:?}", variant.name())))
+    }
+}
+
+/// A 2-D TMA descriptor over a row-major f16 matrix `[rows][cols]` (row stride in bytes),
+/// box 8 columns x 128 rows, no swizzle, zero fill out of range (matches the wgmma kernel).
+fn tensor_map_2d(ptr: u64, cols: usize, rows: usize, row_stride_bytes: usize) -> Result<sys::CUtensorMap> {
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let dims: [u64; 2] = [cols as u64, rows as u64];
+    let strides: [u64; 1] = [row_stride_bytes as u64];
+    let boxes: [u32; 2] = [8, 128];
+    let elem: [u32; 2] = [1, 1];
+    // SAFETY: all arrays have tensorRank (2) or rank - 1 entries and outlive the call.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| Error::Cuda(format!("cuTensorMapEncodeTiled [{rows}, {cols}]: {e:?}")))?;
+        Ok(map.assume_init())
+    }
+}
