@@ -12,6 +12,8 @@ for cand in "$root/.cache/cuda/nvidia/cu13/bin/cuobjdump" "$root/../.cuda/nvidia
 done
 [[ -n "$cuobjdump" ]] || { echo "error: no cuobjdump (set CUOBJDUMP)" >&2; exit 1; }
 [[ -f "$fatbin" ]] || { echo "error: $fatbin missing (run tools/build_sp24_fatbin.sh)" >&2; exit 1; }
+here="$(cd "$(dirname "$0")" && pwd)"
+expect="$here/sass_expect_sp24.txt" # beside this script (tools/, or the device bundle)
 fail=0
 while read -r kernel archs regex min; do
     [[ -z "$kernel" || "$kernel" == \#* ]] && continue
@@ -24,5 +26,5 @@ while read -r kernel archs regex min; do
             fail=1
         fi
     done
-done < "$root/tools/sass_expect_sp24.txt"
+done < "$expect"
 exit $fail
