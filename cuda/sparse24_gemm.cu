@@ -89,6 +89,26 @@ __device__ __forceinline__ void epilogue_one(const Sp24GemmParams& p, int t, int
 template <int BN, int BT, int NTHREADS, int CS_LD>
 __device__ __forceinline__ void epilogue_tile(const Sp24GemmParams& p, const float* cs, int n0, int t0) {
     static_assert(BN % 8 == 0, "8 features per thread");
+    if (p.flags & SP24_FLAG_GEGLU) {
+        static_assert(BN % (2 * SP24_GEGLU_GROUP) == 0, "a tile holds whole value/gate row groups");
+        const int n_out = p.n / 2;
+        // Each 128-row group of the tile: 64 value rows, then their 64 gate rows.
+        for (int item = threadIdx.x; item < BT * (BN / 2); item += NTHREADS) {
+            const int tr = item / (BN / 2);                      // token row inside the tile
+            const int o = item % (BN / 2);                       // output column inside the tile
+            const int grp = o / SP24_GEGLU_GROUP, j = o % SP24_GEGLU_GROUP;
+            const int vr = grp * 2 * SP24_GEGLU_GROUP + j;       // value row inside the tile
+            const int gr = vr + SP24_GEGLU_GROUP;                // its gate row
+            const int t = t0 + tr, no = n0 / 2 + o;              // output token, column
+            if (t >= p.m || no >= n_out) continue;
+            const float a = cs[tr * CS_LD + vr] + (p.bias ? p.bias[n0 + vr] : 0.0f);
+            const float gate = cs[tr * CS_LD + gr] + (p.bias ? p.bias[n0 + gr] : 0.0f);
+            float v = a * gelu_erf(gate);
+            if (p.residual) v += __half2float(static_cast<const __half*>(p.residual)[(size_t)t * p.ldr + no]);
+            static_cast<__half*>(p.y)[(size_t)t * p.ldy + no] = __float2half_rn(v);
+        }
+        return;
+    }
     const bool vec_ok = (p.ldy % 8 == 0) && (!p.residual || p.ldr % 8 == 0);
     for (int item = threadIdx.x; item < BT * (BN / 8); item += NTHREADS) {
         const int tr = item / (BN / 8);       // token row inside the tile

@@ -3,7 +3,8 @@
 
 use half::f16;
 use sdsparse::backend::cuda::sparse24::{
-    canonical_to_dense, meta_position, prune_dense_24, Sparse24Packed, META_BLOCK_K, ROW_PAD,
+    canonical_to_dense, geglu_interleave, meta_position, prune_dense_24, Sparse24Packed, META_BLOCK_K,
+    ROW_PAD,
 };
 use sdsparse::format::{sparse24_meta_row_bytes, HostData, Sparse24Weight};
 
@@ -116,6 +117,23 @@ fn bad_canonical_weights_are_rejected() {
     let mut w = random_24(16, 64, 7);
     w.meta.pop();
     assert!(Sparse24Packed::pack(&w).is_err());
+}
+
+#[test]
+fn geglu_interleave_puts_value_and_gate_rows_in_one_tile() {
+    let (n, k) = (256, 64);
+    let w = random_24(n, k, 11);
+    let bias: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let (wi, bi) = geglu_interleave(&w, Some(&bias)).unwrap();
+    let (d, di) = (canonical_to_dense(&w), canonical_to_dense(&wi));
+    let bi = bi.unwrap();
+    for r in 0..n {
+        let (block, j) = (r / 128, r % 128);
+        let src = if j < 64 { 64 * block + j } else { n / 2 + 64 * block + j - 64 };
+        assert_eq!(&di[r * k..(r + 1) * k], &d[src * k..(src + 1) * k], "row {r}");
+        assert_eq!(bi[r], src as f32);
+    }
+    assert!(geglu_interleave(&random_24(192, 64, 1), None).is_err());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -248,7 +266,7 @@ mod gpu {
         let xd = stream.clone_htod(&x).unwrap();
         let bd = bias.as_ref().map(|b| stream.clone_htod(b).unwrap());
         let rd = residual.as_ref().map(|r| stream.clone_htod(r).unwrap());
-        let epi = Sp24Epilogue { bias: bd.as_ref(), residual: rd.as_ref(), gelu };
+        let epi = Sp24Epilogue { bias: bd.as_ref(), residual: rd.as_ref(), gelu, geglu: false };
         for variant in Sp24Variant::all_for(kernels.compute_capability()) {
             // Fresh poisoned output for every run: an unwritten element stays NaN.
             let mut yd = stream.clone_htod(&vec![POISON; m * n]).unwrap();
@@ -331,4 +349,46 @@ fn gpu_rejects_bad_calls_without_launching() {
     let w = Sparse24Packed::pack(&random_24(64, 64, 1)).unwrap();
     let wg = sdsparse::backend::cuda::sparse24::Sparse24Gpu::upload(&stream, &w).unwrap();
     assert!(kernels.gemm(&stream, v, &x, 4, &wg, &epi, &mut y).is_err()); // x too short
+}
+
+#[test]
+fn gpu_fused_geglu_matches_reference() {
+    use sdsparse::backend::cuda::sparse24::{Sp24Epilogue, Sp24Variant, Sparse24Gpu};
+    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    // GEGLU of SD2 levels (N = 8C, K = C) and a ragged M.
+    for (i, &(m, n, k)) in [(2048, 5120, 640), (77, 2560, 320), (1, 256, 64)].iter().enumerate() {
+        let mut rng = Rng(400 + i as u64);
+        let w = prune_dense_24(&rng.vec(n * k), n, k).unwrap();
+        let bias = rng.vec(n);
+        let x = gpu::to_f16_bits(&rng.vec(m * k));
+        // Reference: full projection, then value * gelu(gate) on the canonical row order.
+        let full = gpu::reference(&x, &canonical_to_dense(&w), m, n, k, Some(&bias), None, false);
+        let gate = gpu::reference(&x, &canonical_to_dense(&w), m, n, k, Some(&bias), None, true);
+        let h = n / 2;
+        let mut reference = vec![0f32; m * h];
+        for t in 0..m {
+            for j in 0..h {
+                // gelu(g) from the GELU reference of the gate column.
+                reference[t * h + j] = full[t * n + j] * gate[t * n + h + j];
+            }
+        }
+        let (wi, bi) = geglu_interleave(&w, Some(&bias)).unwrap();
+        let wg = Sparse24Gpu::upload(&stream, &Sparse24Packed::pack(&wi).unwrap()).unwrap();
+        let xd = stream.clone_htod(&x).unwrap();
+        let bd = stream.clone_htod(&bi.unwrap()).unwrap();
+        let epi = Sp24Epilogue { bias: Some(&bd), residual: None, gelu: false, geglu: true };
+        for variant in Sp24Variant::all_for(kernels.compute_capability()) {
+            let mut yd = stream.clone_htod(&vec![0x7e00u16; m * h]).unwrap();
+            let r = kernels.gemm(&stream, variant, &xd, m, &wg, &epi, &mut yd);
+            if variant == Sp24Variant::Direct {
+                assert!(r.is_err(), "the direct variant has no GEGLU epilogue");
+                continue;
+            }
+            r.unwrap();
+            let y = stream.clone_dtoh(&yd).unwrap();
+            let err = gpu::rel_err(&y, &reference);
+            eprintln!("GEGLU [{m}, {k}] x [{n}, {k}]^T {}: rel err {err:.2e}", variant.name());
+            assert!(err < 1e-2, "GEGLU {} M {m} N {n} K {k}: rel err {err}", variant.name());
+        }
+    }
 }

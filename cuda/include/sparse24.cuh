@@ -15,6 +15,12 @@
 
 // Epilogue flags.
 #define SP24_FLAG_GELU 1u  // y = gelu_erf(acc + bias) (+ residual)
+// GEGLU (block tiles of 128 weight rows only): the host interleaves the rows so that
+// rows 128b .. 128b+63 are value rows 64b .. 64b+63 and rows 128b+64 .. 128b+127 the
+// matching gate rows n/2 + 64b ..; y[t, 64b + j] = (acc_j + bias_j) * gelu(acc_{64+j} +
+// bias_{64+j}) (+ residual), y and residual have n / 2 columns.
+#define SP24_FLAG_GEGLU 2u
+#define SP24_GEGLU_GROUP 64
 
 struct Sp24GemmParams {
     const void* x;          // f16 [m][ldx], the activations (B operand, K-major)

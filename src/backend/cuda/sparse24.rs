@@ -282,6 +282,48 @@ const _: () = {
 
 /// `SP24_FLAG_GELU` of the header.
 pub const FLAG_GELU: u32 = 1;
+/// `SP24_FLAG_GEGLU` of the header.
+pub const FLAG_GEGLU: u32 = 2;
+/// Rows per value (or gate) group of the GEGLU row interleave (`SP24_GEGLU_GROUP`).
+pub const GEGLU_GROUP: usize = 64;
+
+/// Reorders a GEGLU projection (`[2H, K]`: value rows, then gate rows) for the fused GEGLU
+/// epilogue: device row block `b` of 128 holds value rows `64b ..` then gate rows
+/// `H + 64b ..` (the bias, if any, is reordered the same way). Done once at load; needs
+/// `H % 64 == 0` (SD2: H = 4C).
+pub fn geglu_interleave(
+    w: &Sparse24Weight,
+    bias: Option<&[f32]>,
+) -> Result<(Sparse24Weight, Option<Vec<f32>>)> {
+    use crate::format::HostData as H;
+    let (n, k) = (w.rows, w.cols);
+    if n % (2 * GEGLU_GROUP) != 0 || bias.is_some_and(|b| b.len() != n) {
+        return Err(Error::Shape(format!("GEGLU interleave: {n} rows must be a multiple of 128 (bias {n})")));
+    }
+    // Device row r comes from canonical row order[r].
+    let order: Vec<usize> = (0..n)
+        .map(|r| {
+            let (block, j) = (r / (2 * GEGLU_GROUP), r % (2 * GEGLU_GROUP));
+            if j < GEGLU_GROUP {
+                block * GEGLU_GROUP + j
+            } else {
+                n / 2 + block * GEGLU_GROUP + j - GEGLU_GROUP
+            }
+        })
+        .collect();
+    fn gather<T: Copy>(v: &[T], order: &[usize], row: usize) -> Vec<T> {
+        order.iter().flat_map(|&r| v[r * row..(r + 1) * row].iter().copied()).collect()
+    }
+    let vr = k / 2;
+    let values = match &w.values {
+        H::F32(v) => H::F32(gather(v, &order, vr)),
+        H::F16(v) => H::F16(gather(v, &order, vr)),
+        H::BF16(v) => H::BF16(gather(v, &order, vr)),
+    };
+    let meta = gather(&w.meta, &order, sparse24_meta_row_bytes(k));
+    let bias = bias.map(|b| order.iter().map(|&r| b[r]).collect());
+    Ok((Sparse24Weight { rows: n, cols: k, values, meta }, bias))
+}
 
 /// The kernel variants (variant 0, cuBLAS dense, is launched by the benches directly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -370,11 +412,13 @@ impl Sparse24Gpu {
 /// Optional fused epilogue operands: `y = act(acc + bias) + residual`.
 #[derive(Default)]
 pub struct Sp24Epilogue<'a> {
-    /// f32 `[n]`.
+    /// f32 `[n]` (in device row order, see [`geglu_interleave`]).
     pub bias: Option<&'a CudaSlice<f32>>,
-    /// f16 `[m, n]` (row stride n), added after the activation.
+    /// f16 `[m, n_out]` (row stride n_out), added after the activation.
     pub residual: Option<&'a CudaSlice<u16>>,
     pub gelu: bool,
+    /// Fused GEGLU on a weight reordered by [`geglu_interleave`]: `n_out = n / 2`.
+    pub geglu: bool,
 }
 
 fn cuda_err(e: impl std::fmt::Debug) -> Error {
@@ -473,17 +517,26 @@ impl Sp24Kernels {
         if m == 0 || k % 8 != 0 {
             return Err(Error::Invalid(format!("2:4 GEMM needs M >= 1 and K % 8 == 0 (M {m}, K {k})")));
         }
-        if x.len() < m * k || y.len() < m * n {
+        if x.len() < m * k {
             return Err(Error::Shape(format!(
-                "2:4 GEMM [{m}, {k}] x [{n}, {k}]^T: x has {}, y has {} elements",
-                x.len(),
-                y.len()
+                "2:4 GEMM [{m}, {k}] x [{n}, {k}]^T: x has {} elements",
+                x.len()
             )));
         }
-        if epi.bias.is_some_and(|b| b.len() < n) || epi.residual.is_some_and(|r| r.len() < m * n) {
+        let n_out = if epi.geglu { n / 2 } else { n };
+        if epi.geglu && (n % (2 * GEGLU_GROUP) != 0 || epi.gelu || variant == Sp24Variant::Direct) {
+            return Err(Error::Invalid(format!(
+                "fused GEGLU needs N % 128 == 0 ({n}), no separate GELU and a 128-row tile variant (not {})",
+                variant.name()
+            )));
+        }
+        if y.len() < m * n_out {
+            return Err(Error::Shape(format!("2:4 GEMM: y has {} elements, needs {}", y.len(), m * n_out)));
+        }
+        if epi.bias.is_some_and(|b| b.len() < n) || epi.residual.is_some_and(|r| r.len() < m * n_out) {
             return Err(Error::Shape(format!(
                 "2:4 GEMM epilogue: bias needs {n}, residual {} elements",
-                m * n
+                m * n_out
             )));
         }
         if variant == Sp24Variant::Wgmma && self.cc != (9, 0) {
@@ -515,9 +568,9 @@ impl Sp24Kernels {
             n_pad: w.n_pad as i32,
             k_pad: w.k_pad as i32,
             ldx: k as i32,
-            ldy: n as i32,
-            ldr: n as i32,
-            flags: if epi.gelu { FLAG_GELU } else { 0 },
+            ldy: n_out as i32,
+            ldr: n_out as i32,
+            flags: if epi.gelu { FLAG_GELU } else { 0 } | if epi.geglu { FLAG_GEGLU } else { 0 },
             reserved: 0,
         };
         let cu_stream = stream.cu_stream();
