@@ -150,8 +150,8 @@ impl Sparse24Packed {
     /// Checks the invariants the kernels rely on without reading the canonical weight:
     /// sizes, padding to whole blocks, every nibble ordered (`idx0 < idx1`).
     pub fn validate(&self) -> Result<()> {
-        let ok = self.n_pad % ROW_PAD == 0
-            && self.k_pad % META_BLOCK_K == 0
+        let ok = self.n_pad.is_multiple_of(ROW_PAD)
+            && self.k_pad.is_multiple_of(META_BLOCK_K)
             && self.n <= self.n_pad
             && self.k <= self.k_pad
             && self.values.len() == self.n_pad * self.k_pad / 2
@@ -179,7 +179,7 @@ impl Sparse24Packed {
 /// magnitudes of each group, ties to the lower index) in the canonical layout. Used by
 /// tests and benches to make operands; the pruning pass of `convert` lives in `prune/`.
 pub fn prune_dense_24(dense: &[f32], n: usize, k: usize) -> Result<Sparse24Weight> {
-    if k % 4 != 0 || dense.len() != n * k {
+    if !k.is_multiple_of(4) || dense.len() != n * k {
         return Err(Error::Shape(format!(
             "prune 2:4: {} values for [{n}, {k}] (K % 4 must be 0)",
             dense.len()
