@@ -3,10 +3,10 @@
 //! SD2.1-base runs at 512x512 with classifier-free guidance (batch 2) and on 4096³ / 8192³.
 //! Throughput is dense-equivalent work, 2·M·N·K per GEMM (criterion reports it as
 //! elements/s = FLOP/s); a TFLOP/s table with speedups over cuBLAS is printed at the end.
-//! Without a GPU (or without `target/sp24/sparse24.fatbin`) it prints why and exits.
+//! Without a GPU (or in a build without the CUDA kernels) it prints why and exits.
 //!
-//! Run: `tools/build_sp24_fatbin.sh && cargo bench --bench gemm_sparse24` (or everything
-//! at once on the device machine through `tools/sp24_gpu_run.sh`).
+//! Run: `cargo bench --bench gemm_sparse24` on a GPU machine, or from here through
+//! `tools/sp24_gpu_run.sh` (2:4 only) / `tools/gpu_run.sh` (everything) and the device tool.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -90,22 +90,18 @@ struct Gpu {
 
 impl Gpu {
     fn setup() -> Option<Gpu> {
-        if !std::path::Path::new("/dev/nvidiactl").exists() {
-            eprintln!("gemm_sparse24: skipped, no NVIDIA device");
-            return None;
-        }
-        let ctx = std::panic::catch_unwind(|| CudaContext::new(0)).ok()?.ok()?;
-        let path = std::env::var("SDSPARSE_SP24_FATBIN").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/target/sp24/sparse24.fatbin").to_string()
-        });
-        let Ok(bin) = std::fs::read(&path) else {
-            eprintln!("gemm_sparse24: skipped, no fatbin at {path} (run tools/build_sp24_fatbin.sh)");
-            return None;
+        let dev = match sdsparse::backend::cuda::CudaDevice::new(0) {
+            Ok(dev) => dev,
+            Err(e) => {
+                eprintln!("gemm_sparse24: skipped, no GPU ({e})");
+                return None;
+            }
         };
-        let stream = ctx.default_stream();
-        let kernels = Sp24Kernels::load(&ctx, &bin).expect("load 2:4 kernels");
+        let fatbin = sdsparse::backend::cuda::kernels::fatbin()?;
+        let kernels = Sp24Kernels::load(dev.context(), fatbin).expect("load 2:4 kernels");
+        let stream = dev.stream().clone();
         let blas = CudaBlas::new(stream.clone()).expect("cuBLAS");
-        Some(Gpu { ctx, stream, kernels, blas })
+        Some(Gpu { ctx: dev.context().clone(), stream, kernels, blas })
     }
 
     fn problem(&self, m: usize, n: usize, k: usize, seed: u64) -> Problem {

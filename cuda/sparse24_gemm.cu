@@ -9,11 +9,11 @@
 //
 // Variants (SGEMM_CUDA style, one optimisation step each; variant 0 is cuBLAS dense,
 // launched from Rust through cudarc):
-//   1 sp24_v1_direct   mma.sp m16n8k32 with fragments loaded straight from global memory:
+//   1 sdsparse_sp24_v1_direct   mma.sp m16n8k32 with fragments loaded straight from global memory:
 //                      the simplest correct use of the instruction (oracle for the others).
-//   2 sp24_v2_pipe<BT> 128 x BT block tile, cp.async 3-stage pipeline into swizzled shared
+//   2 sdsparse_sp24_v2_pipe_bt{32,64,128}: 128 x BT block tile, cp.async 3-stage pipeline into swizzled shared
 //                      memory, ldmatrix fragments, coalesced epilogue through shared memory.
-//   3 sp24_v3_wgmma    sm_90a only: TMA (cp.async.bulk.tensor) into shared memory, mbarrier
+//   3 sdsparse_sp24_v3_wgmma    sm_90a only: TMA (cp.async.bulk.tensor) into shared memory, mbarrier
 //                      producer/consumer pipeline, wgmma.mma_async.sp m64n128k32.
 // The host dispatcher (src/backend/cuda/sparse24.rs) picks variant and tile.
 #include <cuda.h>
@@ -152,7 +152,7 @@ constexpr int V1_WARPS = 4;
 
 } // namespace sp24
 
-extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sp24_v1_direct(const Sp24GemmParams p) {
+extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sdsparse_sp24_v1_direct(const Sp24GemmParams p) {
     using namespace sp24;
     static_assert(V1_WARPS * 16 == SP24_ROW_PAD, "a block covers one row pad unit");
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -358,9 +358,9 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
 } // namespace sp24
 
 // The token tiles the host dispatcher can pick, under unmangled names.
-extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sp24_v2_pipe_bt128(const Sp24GemmParams p) { sp24::sp24_v2_body<128>(p); }
-extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sp24_v2_pipe_bt64(const Sp24GemmParams p) { sp24::sp24_v2_body<64>(p); }
-extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sp24_v2_pipe_bt32(const Sp24GemmParams p) { sp24::sp24_v2_body<32>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt128(const Sp24GemmParams p) { sp24::sp24_v2_body<128>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt64(const Sp24GemmParams p) { sp24::sp24_v2_body<64>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt32(const Sp24GemmParams p) { sp24::sp24_v2_body<32>(p); }
 
 namespace sp24 {
 
@@ -468,7 +468,7 @@ __device__ __forceinline__ void wgmma_sp_m64n128k32(float (&d)[64], uint64_t des
 // [m rows][k] (row stride ldx), box 8 x 128; out-of-range boxes are zero filled by TMA.
 // Grid: (n_pad / 128 rounded up, ceil(m / 128)).
 extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
-    sp24_v3_wgmma(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_x,
+    sdsparse_sp24_v3_wgmma(const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_x,
                   const Sp24GemmParams p) {
 #ifdef SP24_HOPPER
     using namespace sp24;

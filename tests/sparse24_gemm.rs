@@ -150,36 +150,14 @@ mod gpu {
     /// f16 NaN: the poison every output element starts as, so an unwritten one fails.
     const POISON: u16 = 0x7e00;
 
-    /// The fatbin holding `cuda/sparse24_gemm.cu`: `$SDSPARSE_SP24_FATBIN`, else the one
-    /// `tools/sp24_gpu_run.sh` builds at `target/sp24/sparse24.fatbin`.
-    pub fn fatbin() -> Option<Vec<u8>> {
-        let path =
-            std::env::var("SDSPARSE_SP24_FATBIN").ok().map(std::path::PathBuf::from).unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sp24/sparse24.fatbin")
-            });
-        std::fs::read(path).ok()
-    }
-
-    /// A context on GPU 0 and the kernels, or `None` (with a note) when there is no GPU,
-    /// no driver library or no fatbin: the tests then pass as skipped.
-    pub fn setup() -> Option<(Arc<CudaContext>, Arc<CudaStream>, Sp24Kernels)> {
-        if !std::path::Path::new("/dev/nvidiactl").exists() {
-            eprintln!("skipped: no NVIDIA device");
-            return None;
-        }
-        // cudarc's dynamic loader panics when libcuda is absent: treat that as "no GPU".
-        let ctx = std::panic::catch_unwind(|| CudaContext::new(0)).ok().and_then(|r| r.ok());
-        let Some(ctx) = ctx else {
-            eprintln!("skipped: no CUDA device");
-            return None;
-        };
-        let Some(bin) = fatbin() else {
-            eprintln!("skipped: no 2:4 fatbin (run tools/build_sp24_fatbin.sh or set SDSPARSE_SP24_FATBIN)");
-            return None;
-        };
-        let stream = ctx.default_stream();
-        let kernels = Sp24Kernels::load(&ctx, &bin).expect("load 2:4 kernels");
-        Some((ctx, stream, kernels))
+    /// The GPU's context and stream with the 2:4 kernels loaded from the crate's embedded
+    /// fatbin, or `None` after `skipped: ...` when no GPU opens (a panic instead under
+    /// `SDSPARSE_REQUIRE_GPU=1`, as on the device machine).
+    pub fn setup(test: &str) -> Option<(Arc<CudaContext>, Arc<CudaStream>, Sp24Kernels)> {
+        let dev = sdsparse::backend::test_util::cuda_device_or_skip(test)?;
+        let fatbin = sdsparse::backend::cuda::kernels::fatbin().expect("an open CudaDevice implies kernels");
+        let kernels = Sp24Kernels::load(dev.context(), fatbin).expect("load 2:4 kernels");
+        Some((dev.context().clone(), dev.stream().clone(), kernels))
     }
 
     pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
@@ -286,7 +264,7 @@ mod gpu {
 
 #[test]
 fn gpu_matches_reference_on_sd2_shapes() {
-    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    let Some((_ctx, stream, kernels)) = gpu::setup("gpu_matches_reference_on_sd2_shapes") else { return };
     // (M, N, K): UNet attention projections at each level, GEGLU (N = 8C), FF out,
     // proj_in/out, cross-attention K/V from the 1024-wide context (M = 154), text encoder.
     let shapes = [
@@ -309,7 +287,7 @@ fn gpu_matches_reference_on_sd2_shapes() {
 
 #[test]
 fn gpu_matches_reference_on_awkward_shapes() {
-    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    let Some((_ctx, stream, kernels)) = gpu::setup("gpu_matches_reference_on_awkward_shapes") else { return };
     // M = 1, M not a multiple of any tile, minimum N (8) and K (8), N and K off the pads.
     let shapes = [
         (1, 64, 64),
@@ -327,7 +305,7 @@ fn gpu_matches_reference_on_awkward_shapes() {
 
 #[test]
 fn gpu_fused_epilogue_matches_reference() {
-    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    let Some((_ctx, stream, kernels)) = gpu::setup("gpu_fused_epilogue_matches_reference") else { return };
     for (i, &(m, n, k)) in [(1024, 640, 640), (77, 200, 72), (1, 64, 64)].iter().enumerate() {
         gpu::check_shape(&stream, &kernels, m, n, k, true, false, false, 300 + i as u64);
         gpu::check_shape(&stream, &kernels, m, n, k, true, false, true, 310 + i as u64);
@@ -338,7 +316,7 @@ fn gpu_fused_epilogue_matches_reference() {
 
 #[test]
 fn gpu_rejects_bad_calls_without_launching() {
-    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    let Some((_ctx, stream, kernels)) = gpu::setup("gpu_rejects_bad_calls_without_launching") else { return };
     let w = Sparse24Packed::pack(&random_24(64, 12, 1)).unwrap(); // K % 8 != 0
     let wg = sdsparse::backend::cuda::sparse24::Sparse24Gpu::upload(&stream, &w).unwrap();
     let x = stream.clone_htod(&vec![0u16; 4 * 12]).unwrap();
@@ -354,7 +332,7 @@ fn gpu_rejects_bad_calls_without_launching() {
 #[test]
 fn gpu_fused_geglu_matches_reference() {
     use sdsparse::backend::cuda::sparse24::{Sp24Epilogue, Sp24Variant, Sparse24Gpu};
-    let Some((_ctx, stream, kernels)) = gpu::setup() else { return };
+    let Some((_ctx, stream, kernels)) = gpu::setup("gpu_fused_geglu_matches_reference") else { return };
     // GEGLU of SD2 levels (N = 8C, K = C) and a ragged M.
     for (i, &(m, n, k)) in [(2048, 5120, 640), (77, 2560, 320), (1, 256, 64)].iter().enumerate() {
         let mut rng = Rng(400 + i as u64);

@@ -1,9 +1,9 @@
-// 2:4 sparse GEMM launch parameters and device layout constants, shared by
-// cuda/sparse24_gemm.cu and mirrored in Rust by `Sp24GemmParams` in
-// src/backend/cuda/sparse24.rs (size and offset asserts there). Plain C layout: only
-// 8-byte pointers first, then 4-byte integers, no implicit padding.
+// 2:4 sparse GEMM device layout constants and epilogue flags (cuda/sparse24_gemm.cu; the
+// Rust side is src/backend/cuda/sparse24.rs).
 #pragma once
 #include <stdint.h>
+
+#include "sdsparse_params.h"
 
 // Device layout of a 2:4 weight (built by Sparse24Packed::pack on the host):
 //   values [n_pad][k_pad / 2] f16, the canonical kept values, zero padded;
@@ -22,20 +22,6 @@
 #define SP24_FLAG_GEGLU 2u
 #define SP24_GEGLU_GROUP 64
 
-struct Sp24GemmParams {
-    const void* x;          // f16 [m][ldx], the activations (B operand, K-major)
-    const void* w_values;   // f16 [n_pad][k_pad / 2]
-    const uint32_t* w_meta; // [n_pad / 16][k_pad / 64][32]
-    const float* bias;      // f32 [n] or null
-    const void* residual;   // f16 [m][ldr] or null, added after the activation
-    void* y;                // f16 [m][ldy]
-    int32_t m, n, k;        // logical GEMM sizes: Y[m, n] = X[m, k] W[n, k]^T
-    int32_t n_pad, k_pad;   // padded weight sizes (multiples of 64)
-    int32_t ldx, ldy, ldr;  // row strides in elements (multiples of 8)
-    uint32_t flags;         // SP24_FLAG_*
-    int32_t reserved;       // keeps sizeof a multiple of 8
-};
-
-#ifdef __cplusplus
-static_assert(sizeof(Sp24GemmParams) == 88, "Sp24GemmParams layout is mirrored in Rust");
-#endif
+// The launch parameters, SdsSp24GemmParams, live in sdsparse_params.h with every other
+// kernel parameter struct.
+typedef SdsSp24GemmParams Sp24GemmParams;

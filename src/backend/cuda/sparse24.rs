@@ -227,58 +227,11 @@ pub fn canonical_to_dense(w: &Sparse24Weight) -> Vec<f32> {
 // Launch parameters, dispatch and launchers
 // ---------------------------------------------------------------------------------------
 
-use cudarc::driver::{
-    result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-};
+use cudarc::driver::{result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
-/// Rust mirror of `Sp24GemmParams` in `cuda/include/sparse24.cuh` (device pointers as
-/// `u64`); the asserts below check the sizes and offsets the header's `static_assert` fixes.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sp24GemmParams {
-    pub x: u64,
-    pub w_values: u64,
-    pub w_meta: u64,
-    pub bias: u64,
-    pub residual: u64,
-    pub y: u64,
-    pub m: i32,
-    pub n: i32,
-    pub k: i32,
-    pub n_pad: i32,
-    pub k_pad: i32,
-    pub ldx: i32,
-    pub ldy: i32,
-    pub ldr: i32,
-    pub flags: u32,
-    pub reserved: i32,
-}
-
-// SAFETY: plain old data in the C layout asserted below; kernels take it by value.
-unsafe impl DeviceRepr for Sp24GemmParams {}
-
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<Sp24GemmParams>() == 88);
-    assert!(offset_of!(Sp24GemmParams, x) == 0);
-    assert!(offset_of!(Sp24GemmParams, w_values) == 8);
-    assert!(offset_of!(Sp24GemmParams, w_meta) == 16);
-    assert!(offset_of!(Sp24GemmParams, bias) == 24);
-    assert!(offset_of!(Sp24GemmParams, residual) == 32);
-    assert!(offset_of!(Sp24GemmParams, y) == 40);
-    assert!(offset_of!(Sp24GemmParams, m) == 48);
-    assert!(offset_of!(Sp24GemmParams, n) == 52);
-    assert!(offset_of!(Sp24GemmParams, k) == 56);
-    assert!(offset_of!(Sp24GemmParams, n_pad) == 60);
-    assert!(offset_of!(Sp24GemmParams, k_pad) == 64);
-    assert!(offset_of!(Sp24GemmParams, ldx) == 68);
-    assert!(offset_of!(Sp24GemmParams, ldy) == 72);
-    assert!(offset_of!(Sp24GemmParams, ldr) == 76);
-    assert!(offset_of!(Sp24GemmParams, flags) == 80);
-    assert!(offset_of!(Sp24GemmParams, reserved) == 84);
-};
+pub use super::params::Sp24GemmParams;
 
 /// `SP24_FLAG_GELU` of the header.
 pub const FLAG_GELU: u32 = 1;
@@ -467,11 +420,11 @@ impl Sp24Kernels {
         let kernels = Sp24Kernels {
             ctx: ctx.clone(),
             module,
-            direct: get("sp24_v1_direct")?,
-            pipe32: get("sp24_v2_pipe_bt32")?,
-            pipe64: get("sp24_v2_pipe_bt64")?,
-            pipe128: get("sp24_v2_pipe_bt128")?,
-            wgmma: get("sp24_v3_wgmma")?,
+            direct: get("sdsparse_sp24_v1_direct")?,
+            pipe32: get("sdsparse_sp24_v2_pipe_bt32")?,
+            pipe64: get("sdsparse_sp24_v2_pipe_bt64")?,
+            pipe128: get("sdsparse_sp24_v2_pipe_bt128")?,
+            wgmma: get("sdsparse_sp24_v3_wgmma")?,
             cc: ctx.compute_capability().map_err(cuda_err)?,
             sm_count: ctx
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
