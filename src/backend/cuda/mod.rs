@@ -15,6 +15,7 @@ pub mod decompress;
 mod device;
 pub mod kernels;
 pub mod params;
+pub mod sparse24;
 
 pub use decompress::weight_to_dense;
 pub use device::{CudaDevice, CudaStorage};
