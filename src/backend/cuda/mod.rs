@@ -3,6 +3,9 @@
 
 use crate::error::{Error, Result};
 
+pub mod attention;
+pub mod unstructured;
+
 /// A CUDA device handle (one context per GPU).
 #[derive(Debug, Clone)]
 pub struct CudaDevice {
