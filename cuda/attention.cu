@@ -16,8 +16,8 @@
 //
 // CPU reference and checker: `reference_attention` in src/backend/cuda/attention.rs and
 // tests/attention_gpu.rs. Variants, side by side:
-//   sds_attn_naive    one thread per (query row, head); two passes over the keys (oracle)
-//   sds_attn_fwd_d64  the tensor-core flash kernel
+//   sdsparse_attn_naive    one thread per (query row, head); two passes over the keys (oracle)
+//   sdsparse_attn_fwd_d64  the tensor-core flash kernel
 #include <cuda_fp16.h>
 #include <math.h>
 #include <stdint.h>
@@ -200,16 +200,14 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
 
 }  // namespace sds_attn
 
-using namespace sds_attn;
-
 // grid = (ceil(seq_q / 64), batch * heads), block = 128 threads, static smem 46 KB.
-extern "C" __global__ void __launch_bounds__(THREADS) sds_attn_fwd_d64(const __grid_constant__ SdsAttentionParams p) {
-    attn_fwd(p);
+extern "C" __global__ void __launch_bounds__(sds_attn::THREADS) sdsparse_attn_fwd_d64(const __grid_constant__ SdsAttentionParams p) {
+    sds_attn::attn_fwd(p);
 }
 
 // Oracle: one thread per (query row, b*h), f32 throughout, two passes (max, then sum and P V).
 // grid = (ceil(seq_q / 64), batch * heads), block = 64.
-extern "C" __global__ void sds_attn_naive(const __grid_constant__ SdsAttentionParams p) {
+extern "C" __global__ void sdsparse_attn_naive(const __grid_constant__ SdsAttentionParams p) {
     const int row = blockIdx.x * 64 + threadIdx.x;
     if (row >= p.seq_q) return;
     const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
@@ -219,19 +217,19 @@ extern "C" __global__ void sds_attn_naive(const __grid_constant__ SdsAttentionPa
     float mx = -INFINITY;
     for (int j = 0; j < p.seq_kv; ++j) {
         float dot = 0.0f;
-        for (int d = 0; d < D; ++d) dot += __half2float(q[d]) * __half2float(kb[j * p.k_stride_s + d]);
+        for (int d = 0; d < sds_attn::D; ++d) dot += __half2float(q[d]) * __half2float(kb[j * p.k_stride_s + d]);
         mx = fmaxf(mx, dot * p.scale);
     }
-    float acc[D];
-    for (int d = 0; d < D; ++d) acc[d] = 0.0f;
+    float acc[sds_attn::D];
+    for (int d = 0; d < sds_attn::D; ++d) acc[d] = 0.0f;
     float sum = 0.0f;
     for (int j = 0; j < p.seq_kv; ++j) {
         float dot = 0.0f;
-        for (int d = 0; d < D; ++d) dot += __half2float(q[d]) * __half2float(kb[j * p.k_stride_s + d]);
+        for (int d = 0; d < sds_attn::D; ++d) dot += __half2float(q[d]) * __half2float(kb[j * p.k_stride_s + d]);
         const float e = expf(dot * p.scale - mx);
         sum += e;
-        for (int d = 0; d < D; ++d) acc[d] += e * __half2float(vb[j * p.v_stride_s + d]);
+        for (int d = 0; d < sds_attn::D; ++d) acc[d] += e * __half2float(vb[j * p.v_stride_s + d]);
     }
     __half* o = static_cast<__half*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + row * p.o_stride_s;
-    for (int d = 0; d < D; ++d) o[d] = __float2half(acc[d] / sum);
+    for (int d = 0; d < sds_attn::D; ++d) o[d] = __float2half(acc[d] / sum);
 }

@@ -12,10 +12,10 @@
 // (relative error vs the f64 reference on the f16-rounded operands, NaN never passes).
 //
 // Variants, side by side:
-//   sds_uns_gemm_naive   one thread per output, decodes W elements with popcounts (oracle)
-//   sds_uns_gemm_bm32    BM=32,  4 warps (1x4), for M <= 64 (text encoder, low UNet levels)
-//   sds_uns_gemm_bm64    BM=64,  4 warps (2x2), mid M
-//   sds_uns_gemm_bm128   BM=128, 8 warps (4x2), compute-bound M >= 1024 (dynamic smem > 48 KB)
+//   sdsparse_uns_gemm_naive   one thread per output, decodes W elements with popcounts (oracle)
+//   sdsparse_uns_gemm_bm32    BM=32,  4 warps (1x4), for M <= 64 (text encoder, low UNet levels)
+//   sdsparse_uns_gemm_bm64    BM=64,  4 warps (2x2), mid M
+//   sdsparse_uns_gemm_bm128   BM=128, 8 warps (4x2), compute-bound M >= 1024 (dynamic smem > 48 KB)
 // All tensor-core variants use mma.sync, which is what sm_80/86/89 have and which also runs
 // on sm_90a. A wgmma path for sm_90a is not written yet (see the report in the issue); every
 // variant compiles for sm_80, sm_86, sm_89 and sm_90a.
@@ -228,45 +228,43 @@ static_assert(CfgBm128::SMEM_BYTES == 63488, "launcher mirrors these sizes (need
 
 }  // namespace sds_uns
 
-using namespace sds_uns;
-
 // Oracle variant: one thread per output element; W[n, k] is decoded from its tile by the
 // popcount of the bitmap bits that precede it in the tile (rows above, then columns left).
 // grid = (ceil(N / 16), ceil(M / 16)), block = (16, 16).
-extern "C" __global__ void sds_uns_gemm_naive(const __grid_constant__ SdsUnstructuredGemmParams p) {
+extern "C" __global__ void sdsparse_uns_gemm_naive(const __grid_constant__ SdsUnstructuredGemmParams p) {
     const int col = blockIdx.x * 16 + threadIdx.x, row = blockIdx.y * 16 + threadIdx.y;
     if (row >= p.m || col >= p.n) return;
     const __half* x = static_cast<const __half*>(p.x);
     const __half* vals = static_cast<const __half*>(p.values);
-    const int tn = col / TILE_N, r = col % TILE_N;
+    const int tn = col / sds_uns::TILE_N, r = col % sds_uns::TILE_N;
     float acc = 0.0f;
     for (int kt = 0; kt < p.tiles_k; ++kt) {
         const int64_t tile = (int64_t)tn * p.tiles_k + kt;
-        const uint64_t* words = p.bitmap + tile * TILE_N;
+        const uint64_t* words = p.bitmap + tile * sds_uns::TILE_N;
         int before = 0;  // values of rows 0..r-1 of this tile
         for (int rr = 0; rr < r; ++rr) before += __popcll(words[rr]);
         const uint64_t word = words[r];
         const uint32_t base = p.tile_offsets[tile] + before;
-        for (int c = 0; c < TILE_K; ++c) {
+        for (int c = 0; c < sds_uns::TILE_K; ++c) {
             if (!((word >> c) & 1ull)) continue;
-            const int k = kt * TILE_K + c;
+            const int k = kt * sds_uns::TILE_K + c;
             const int idx = __popcll(word & ((1ull << c) - 1));
             acc += __half2float(x[(int64_t)row * p.ldx + k]) * __half2float(vals[base + idx]);
         }
     }
-    static_cast<__half*>(p.y)[(int64_t)row * p.ldy + col] = __float2half(epilogue(p, acc, row, col));
+    static_cast<__half*>(p.y)[(int64_t)row * p.ldy + col] = __float2half(sds_uns::epilogue(p, acc, row, col));
 }
 
 // Tensor-core variants. grid = (tiles_n, ceil(M / BM)), block = THREADS, dynamic smem = SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(CfgBm32::THREADS)
-    sds_uns_gemm_bm32(const __grid_constant__ SdsUnstructuredGemmParams p) {
-    gemm_tc<CfgBm32>(p);
+extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm32::THREADS)
+    sdsparse_uns_gemm_bm32(const __grid_constant__ SdsUnstructuredGemmParams p) {
+    sds_uns::gemm_tc<sds_uns::CfgBm32>(p);
 }
-extern "C" __global__ void __launch_bounds__(CfgBm64::THREADS)
-    sds_uns_gemm_bm64(const __grid_constant__ SdsUnstructuredGemmParams p) {
-    gemm_tc<CfgBm64>(p);
+extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm64::THREADS)
+    sdsparse_uns_gemm_bm64(const __grid_constant__ SdsUnstructuredGemmParams p) {
+    sds_uns::gemm_tc<sds_uns::CfgBm64>(p);
 }
-extern "C" __global__ void __launch_bounds__(CfgBm128::THREADS)
-    sds_uns_gemm_bm128(const __grid_constant__ SdsUnstructuredGemmParams p) {
-    gemm_tc<CfgBm128>(p);
+extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm128::THREADS)
+    sdsparse_uns_gemm_bm128(const __grid_constant__ SdsUnstructuredGemmParams p) {
+    sds_uns::gemm_tc<sds_uns::CfgBm128>(p);
 }

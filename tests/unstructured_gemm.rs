@@ -85,7 +85,7 @@ fn tiled_layout_decodes_to_the_dense_weight() {
 }
 
 /// Emulates, on the CPU, the index arithmetic of the kernel's `expand_tile` (per-warp shuffle
-/// scan of row popcounts, lane = column pair) and of `sds_uns_gemm_naive`, and checks both
+/// scan of row popcounts, lane = column pair) and of `sdsparse_uns_gemm_naive`, and checks both
 /// against the layout's own decode, so the kernels' addressing is tested without a GPU.
 #[test]
 fn kernel_expansion_index_math_matches_the_layout() {

@@ -62,10 +62,44 @@ typedef struct SdsAttentionParams {
 } SdsAttentionParams;
 
 #ifdef __cplusplus
-static_assert(sizeof(SdsUnstructuredGemmParams) == 88, "Rust mirror expects 88 bytes");
+// Every field's offset, mirrored by the Rust const asserts.
+static_assert(sizeof(SdsUnstructuredGemmParams) == 88, "update the Rust mirror (unstructured.rs)");
+static_assert(offsetof(SdsUnstructuredGemmParams, x) == 0, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, bitmap) == 8, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, tile_offsets) == 16, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, values) == 24, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, bias) == 32, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, residual) == 40, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, y) == 48, "Rust mirror offset");
 static_assert(offsetof(SdsUnstructuredGemmParams, m) == 56, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, n) == 60, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, k) == 64, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, ldx) == 68, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, ldy) == 72, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, ldr) == 76, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, tiles_k) == 80, "Rust mirror offset");
 static_assert(offsetof(SdsUnstructuredGemmParams, flags) == 84, "Rust mirror offset");
-static_assert(sizeof(SdsAttentionParams) == 152, "Rust mirror expects 152 bytes");
+static_assert(sizeof(SdsAttentionParams) == 152, "update the Rust mirror (attention.rs)");
+static_assert(offsetof(SdsAttentionParams, q) == 0, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, k) == 8, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, v) == 16, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, o) == 24, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, q_stride_b) == 32, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, q_stride_s) == 40, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, q_stride_h) == 48, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, k_stride_b) == 56, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, k_stride_s) == 64, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, k_stride_h) == 72, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, v_stride_b) == 80, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, v_stride_s) == 88, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, v_stride_h) == 96, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, o_stride_b) == 104, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, o_stride_s) == 112, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, o_stride_h) == 120, "Rust mirror offset");
 static_assert(offsetof(SdsAttentionParams, batch) == 128, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, heads) == 132, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, seq_q) == 136, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, seq_kv) == 140, "Rust mirror offset");
 static_assert(offsetof(SdsAttentionParams, scale) == 144, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, reserved) == 148, "Rust mirror offset");
 #endif

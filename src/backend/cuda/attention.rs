@@ -116,8 +116,20 @@ pub struct AttentionParams {
     pub reserved: i32,
 }
 const _: () = assert!(std::mem::size_of::<AttentionParams>() == 152);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, q) == 0);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, k) == 8);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, v) == 16);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, o) == 24);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, q_stride) == 32);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, k_stride) == 56);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, v_stride) == 80);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, o_stride) == 104);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, batch) == 128);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, heads) == 132);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_q) == 136);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_kv) == 140);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, scale) == 144);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, reserved) == 148);
 
 /// Kernel variants of `cuda/attention.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,8 +165,8 @@ impl FusedAttention {
 
     pub fn from_image(ctx: &Arc<CudaContext>, image: &[u8]) -> Result<FusedAttention> {
         let module = FatbinModule::load(ctx, image)?;
-        let flash = module.function("sds_attn_fwd_d64")?;
-        let naive = module.function("sds_attn_naive")?;
+        let flash = module.function("sdsparse_attn_fwd_d64")?;
+        let naive = module.function("sdsparse_attn_naive")?;
         Ok(FusedAttention { module, flash, naive })
     }
 

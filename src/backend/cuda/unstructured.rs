@@ -310,7 +310,20 @@ pub struct UnstructuredGemmParams {
     pub flags: i32,
 }
 const _: () = assert!(std::mem::size_of::<UnstructuredGemmParams>() == 88);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, x) == 0);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, bitmap) == 8);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, tile_offsets) == 16);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, values) == 24);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, bias) == 32);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, residual) == 40);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, y) == 48);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, m) == 56);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, n) == 60);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, k) == 64);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldx) == 68);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldy) == 72);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldr) == 76);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, tiles_k) == 80);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, flags) == 84);
 
 /// The kernel variants of `cuda/unstructured_gemm.cu`, with their launch shapes.
@@ -328,10 +341,10 @@ impl GemmVariant {
 
     pub fn kernel_name(self) -> &'static str {
         match self {
-            GemmVariant::Naive => "sds_uns_gemm_naive",
-            GemmVariant::Bm32 => "sds_uns_gemm_bm32",
-            GemmVariant::Bm64 => "sds_uns_gemm_bm64",
-            GemmVariant::Bm128 => "sds_uns_gemm_bm128",
+            GemmVariant::Naive => "sdsparse_uns_gemm_naive",
+            GemmVariant::Bm32 => "sdsparse_uns_gemm_bm32",
+            GemmVariant::Bm64 => "sdsparse_uns_gemm_bm64",
+            GemmVariant::Bm128 => "sdsparse_uns_gemm_bm128",
         }
     }
     /// `(rows per CTA, threads per CTA, dynamic shared bytes)`, mirrored from the kernel's
