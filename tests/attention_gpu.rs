@@ -245,3 +245,32 @@ fn gpu_attention_rejects_bad_input() {
     let too_long = AttentionShape { batch: 1, heads: 1, seq_q: 5, seq_kv: 4, scale: SCALE };
     assert!(attn.forward(&stream, AttentionVariant::Flash, &too_long, (&buf, l), (&buf, l), (&buf, l), (&mut out, l)).is_err());
 }
+
+/// Small sizes for `compute-sanitizer` (memcheck, racecheck): both variants, ragged seq_q and
+/// seq_kv spanning two K/V tiles, still checked against the reference.
+#[test]
+fn gpu_attention_small_for_sanitizer() {
+    let Some(ctx) = try_gpu_context() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let attn = FusedAttention::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("sanitizer attention");
+    let shape = AttentionShape { batch: 2, heads: 2, seq_q: 70, seq_kv: 77, scale: SCALE };
+    let (lq, lk) = (HeadLayout::bshd(2, 70), HeadLayout::bshd(2, 77));
+    let q = rng.vec_f16(2 * 2 * 70 * HEAD_DIM, 2.0);
+    let k = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 2.0);
+    let v = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 1.0);
+    let mut reference = vec![0.0; q.len()];
+    reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
+    let (dq, dk, dv) =
+        (stream.clone_htod(&bits(&q)).unwrap(), stream.clone_htod(&bits(&k)).unwrap(), stream.clone_htod(&bits(&v)).unwrap());
+    for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
+        let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap();
+        attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq)).expect("launch");
+        let err = relative_error(&unbits(&stream.clone_dtoh(&dout).unwrap()), &reference);
+        println!("{variant:?}: rel err {err:.2e}");
+        assert!(err < 1e-2, "{variant:?}: {err}");
+    }
+}

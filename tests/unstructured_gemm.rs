@@ -305,3 +305,36 @@ fn gpu_gemm_rejects_bad_shapes() {
     let err = gemm.forward(&stream, &x, 4, &w, &Epilogue::default(), &mut y).expect_err("K % 8 != 0");
     assert!(err.to_string().contains("% 8"), "{err}");
 }
+
+/// Small sizes for `compute-sanitizer` (memcheck, racecheck): every variant once, ragged M,
+/// N and K, all epilogue operands, still checked against the reference.
+#[test]
+fn gpu_gemm_small_for_sanitizer() {
+    let Some(ctx) = try_gpu_context() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let gemm = sdsparse::backend::cuda::unstructured::UnstructuredGemm::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("sanitizer gemm");
+    let (m, n, k) = (33, 70, 136);
+    let w = magnitude_prune(&rng.vec(n * k), 0.35);
+    let dw = DeviceTiledWeight::upload(&stream, &tiled(&w, n, k)).unwrap();
+    let x = round_f16(&rng.vec(m * k));
+    let bias = rng.vec(n);
+    let residual = round_f16(&rng.vec(m * n));
+    let (dx, dbias, dres) = (
+        stream.clone_htod(&to_f16_bits(&x)).unwrap(),
+        stream.clone_htod(&bias).unwrap(),
+        stream.clone_htod(&to_f16_bits(&residual)).unwrap(),
+    );
+    let reference = reference_gemm(&x, &w, m, n, k, Some(&bias), true, Some(&residual));
+    for variant in GemmVariant::ALL {
+        let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap();
+        let epi = Epilogue { bias: Some(&dbias), gelu: true, residual: Some(&dres) };
+        gemm.forward_variant(&stream, variant, &dx, m, &dw, &epi, &mut dy).expect("launch");
+        let err = relative_error(&from_f16_bits(&stream.clone_dtoh(&dy).unwrap()), &reference);
+        println!("{variant:?}: rel err {err:.2e}");
+        assert!(err < 1e-2, "{variant:?}: {err}");
+    }
+}
