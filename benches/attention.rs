@@ -7,7 +7,9 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::f16;
-use sdsparse::backend::cuda::attention::{AttentionShape, AttentionVariant, FusedAttention, HeadLayout, HEAD_DIM};
+use sdsparse::backend::cuda::attention::{
+    AttentionShape, AttentionVariant, FusedAttention, HeadLayout, HEAD_DIM,
+};
 use sdsparse::backend::cuda::unstructured::try_gpu_context;
 use std::time::{Duration, Instant};
 
@@ -59,8 +61,16 @@ fn main() {
                 stream.synchronize().expect("sync");
                 let start = Instant::now();
                 for _ in 0..iters {
-                    attn.forward(&stream, AttentionVariant::Flash, &shape, (&q, lq), (&k, lk), (&v, lk), (&mut o, lq))
-                        .expect("launch");
+                    attn.forward(
+                        &stream,
+                        AttentionVariant::Flash,
+                        &shape,
+                        (&q, lq),
+                        (&k, lk),
+                        (&v, lk),
+                        (&mut o, lq),
+                    )
+                    .expect("launch");
                 }
                 stream.synchronize().expect("sync");
                 start.elapsed()

@@ -138,7 +138,9 @@ fn main() {
         let mut y = stream.alloc_zeros::<u16>(m * n).expect("alloc");
         let dw = stream.clone_htod(&f16_bits(&w_dense)).expect("upload");
         group.bench_function(BenchmarkId::new("cublas_dense_f16", ""), |b| {
-            b.iter_custom(|iters| time_launches(&stream, iters, || cublas_gemm(&blas, &stream, m, n, k, &x, &dw, &mut y)))
+            b.iter_custom(|iters| {
+                time_launches(&stream, iters, || cublas_gemm(&blas, &stream, m, n, k, &x, &dw, &mut y))
+            })
         });
         for sparsity in [0.35, 0.5] {
             let pruned = prune(w_dense.clone(), sparsity);

@@ -132,7 +132,8 @@ fn layouts_address_the_same_elements() {
     let mut o1 = vec![0.0; q1.len()];
     let mut o2 = vec![0.0; q1.len()];
     reference_attention(&shape, &q1, &lq1, &k1, &lk1, &v1, &lk1, &mut o1, &lq1);
-    let (q2, k2, v2) = (permute(&q1, &lq1, &lq2, 9), permute(&k1, &lk1, &lk2, 11), permute(&v1, &lk1, &lk2, 11));
+    let (q2, k2, v2) =
+        (permute(&q1, &lq1, &lq2, 9), permute(&k1, &lk1, &lk2, 11), permute(&v1, &lk1, &lk2, 11));
     reference_attention(&shape, &q2, &lq2, &k2, &lk2, &v2, &lk2, &mut o2, &lq2);
     assert_eq!(permute(&o2, &lq2, &lq1, 9), o1);
 }
@@ -171,8 +172,15 @@ fn gpu_attention_matches_cpu_reference() {
     let stream = ctx.default_stream();
     let mut rng = Rng::fresh("gpu attention");
     // (batch, heads, seq_q, seq_kv): 1, 77 (cross-attention), ragged self-attention, SD2 CFG shapes.
-    let shapes =
-        [(1, 1, 1, 1), (1, 2, 1, 77), (2, 5, 77, 77), (2, 5, 256, 77), (1, 3, 130, 200), (2, 5, 256, 256), (1, 2, 1024, 1024)];
+    let shapes = [
+        (1, 1, 1, 1),
+        (1, 2, 1, 77),
+        (2, 5, 77, 77),
+        (2, 5, 256, 77),
+        (1, 3, 130, 200),
+        (2, 5, 256, 256),
+        (1, 2, 1024, 1024),
+    ];
     for &(b, h, sq, skv) in &shapes {
         let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE };
         for bshd in [false, true] {
@@ -183,8 +191,11 @@ fn gpu_attention_matches_cpu_reference() {
             let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
             let mut reference = vec![0.0; q.len()];
             reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
-            let (dq, dk, dv) =
-                (stream.clone_htod(&bits(&q)).unwrap(), stream.clone_htod(&bits(&k)).unwrap(), stream.clone_htod(&bits(&v)).unwrap());
+            let (dq, dk, dv) = (
+                stream.clone_htod(&bits(&q)).unwrap(),
+                stream.clone_htod(&bits(&k)).unwrap(),
+                stream.clone_htod(&bits(&v)).unwrap(),
+            );
             for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
                 let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap(); // f16 NaN
                 attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
@@ -214,12 +225,16 @@ fn gpu_attention_long_sequences_match_naive_kernel() {
         let l = HeadLayout::bshd(h, s);
         let n = b * h * s * HEAD_DIM;
         let (q, k, v) = (rng.vec_f16(n, 2.0), rng.vec_f16(n, 2.0), rng.vec_f16(n, 1.0));
-        let (dq, dk, dv) =
-            (stream.clone_htod(&bits(&q)).unwrap(), stream.clone_htod(&bits(&k)).unwrap(), stream.clone_htod(&bits(&v)).unwrap());
+        let (dq, dk, dv) = (
+            stream.clone_htod(&bits(&q)).unwrap(),
+            stream.clone_htod(&bits(&k)).unwrap(),
+            stream.clone_htod(&bits(&v)).unwrap(),
+        );
         let mut outs = Vec::new();
         for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
             let mut dout = stream.clone_htod(&vec![0x7e00u16; n]).unwrap();
-            attn.forward(&stream, variant, &shape, (&dq, l), (&dk, l), (&dv, l), (&mut dout, l)).expect("launch");
+            attn.forward(&stream, variant, &shape, (&dq, l), (&dk, l), (&dv, l), (&mut dout, l))
+                .expect("launch");
             outs.push(unbits(&stream.clone_dtoh(&dout).unwrap()));
         }
         let err = relative_error(&outs[1], &outs[0]);
@@ -241,9 +256,13 @@ fn gpu_attention_rejects_bad_input() {
     let mut out = stream.clone_htod(&vec![0u16; 64 * 4]).unwrap();
     let l = HeadLayout::bhsd(1, 4);
     let zero_keys = AttentionShape { batch: 1, heads: 1, seq_q: 4, seq_kv: 0, scale: SCALE };
-    assert!(attn.forward(&stream, AttentionVariant::Flash, &zero_keys, (&buf, l), (&buf, l), (&buf, l), (&mut out, l)).is_err());
+    assert!(attn
+        .forward(&stream, AttentionVariant::Flash, &zero_keys, (&buf, l), (&buf, l), (&buf, l), (&mut out, l))
+        .is_err());
     let too_long = AttentionShape { batch: 1, heads: 1, seq_q: 5, seq_kv: 4, scale: SCALE };
-    assert!(attn.forward(&stream, AttentionVariant::Flash, &too_long, (&buf, l), (&buf, l), (&buf, l), (&mut out, l)).is_err());
+    assert!(attn
+        .forward(&stream, AttentionVariant::Flash, &too_long, (&buf, l), (&buf, l), (&buf, l), (&mut out, l))
+        .is_err());
 }
 
 /// Small sizes for `compute-sanitizer` (memcheck, racecheck): both variants, ragged seq_q and
@@ -264,11 +283,15 @@ fn gpu_attention_small_for_sanitizer() {
     let v = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 1.0);
     let mut reference = vec![0.0; q.len()];
     reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
-    let (dq, dk, dv) =
-        (stream.clone_htod(&bits(&q)).unwrap(), stream.clone_htod(&bits(&k)).unwrap(), stream.clone_htod(&bits(&v)).unwrap());
+    let (dq, dk, dv) = (
+        stream.clone_htod(&bits(&q)).unwrap(),
+        stream.clone_htod(&bits(&k)).unwrap(),
+        stream.clone_htod(&bits(&v)).unwrap(),
+    );
     for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
         let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap();
-        attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq)).expect("launch");
+        attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
+            .expect("launch");
         let err = relative_error(&unbits(&stream.clone_dtoh(&dout).unwrap()), &reference);
         println!("{variant:?}: rel err {err:.2e}");
         assert!(err < 1e-2, "{variant:?}: {err}");

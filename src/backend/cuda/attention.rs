@@ -202,8 +202,9 @@ impl FusedAttention {
         {
             return Err(Error::Shape(format!("attention operands too small for {s:?}")));
         }
-        let to_i32 =
-            |v: usize| i32::try_from(v).map_err(|_| Error::Invalid(format!("attention size {v} exceeds i32")));
+        let to_i32 = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Invalid(format!("attention size {v} exceeds i32")))
+        };
         if s.batch * s.heads > 65535 {
             return Err(Error::Invalid(format!("batch x heads = {} exceeds 65535", s.batch * s.heads)));
         }

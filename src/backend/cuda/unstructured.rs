@@ -154,7 +154,8 @@ impl TiledBitmapWeight {
                     let word = self.bitmap[tile * TILE_N + r];
                     for c in 0..TILE_K {
                         if word >> c & 1 == 1 {
-                            dense[(tn * TILE_N + r) * self.cols + tk * TILE_K + c] = self.values[idx].to_f32();
+                            dense[(tn * TILE_N + r) * self.cols + tk * TILE_K + c] =
+                                self.values[idx].to_f32();
                             idx += 1;
                         }
                     }
@@ -337,7 +338,8 @@ pub enum GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 4] = [GemmVariant::Naive, GemmVariant::Bm32, GemmVariant::Bm64, GemmVariant::Bm128];
+    pub const ALL: [GemmVariant; 4] =
+        [GemmVariant::Naive, GemmVariant::Bm32, GemmVariant::Bm64, GemmVariant::Bm128];
 
     pub fn kernel_name(self) -> &'static str {
         match self {
@@ -489,7 +491,9 @@ mod gpu {
                 cols: w.cols,
                 tiles_k: w.tiles_k,
                 bitmap: stream.clone_htod(&w.bitmap).map_err(|e| cuda_err("upload bitmap", e))?,
-                tile_offsets: stream.clone_htod(&w.tile_offsets).map_err(|e| cuda_err("upload offsets", e))?,
+                tile_offsets: stream
+                    .clone_htod(&w.tile_offsets)
+                    .map_err(|e| cuda_err("upload offsets", e))?,
                 values: stream.clone_htod(values).map_err(|e| cuda_err("upload values", e))?,
             })
         }
@@ -584,8 +588,12 @@ mod gpu {
                     y.len()
                 )));
             }
-            if epilogue.bias.is_some_and(|b| b.len() < n) || epilogue.residual.is_some_and(|r| r.len() < m * n) {
-                return Err(Error::Shape(format!("unstructured GEMM epilogue operands too small for [{m}, {n}]")));
+            if epilogue.bias.is_some_and(|b| b.len() < n)
+                || epilogue.residual.is_some_and(|r| r.len() < m * n)
+            {
+                return Err(Error::Shape(format!(
+                    "unstructured GEMM epilogue operands too small for [{m}, {n}]"
+                )));
             }
             let to_i32 = |v: usize| {
                 i32::try_from(v).map_err(|_| Error::Invalid(format!("GEMM dimension {v} exceeds i32")))
