@@ -11,7 +11,8 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::f16;
 use sdsparse::backend::cuda::unstructured::{
-    bitmap_from_dense, try_gpu_context, DeviceTiledWeight, Epilogue, TiledBitmapWeight, UnstructuredGemm,
+    bitmap_from_dense, try_gpu_context, DeviceTiledWeight, Epilogue, GemmPlan, GemmVariant,
+    TiledBitmapWeight, UnstructuredGemm,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,13 +153,36 @@ fn main() {
                 tiled.gpu_bytes_ratio()
             );
             let sw = DeviceTiledWeight::upload(&stream, &tiled).expect("upload");
-            group.bench_function(BenchmarkId::new(format!("sparse{}", (sparsity * 100.0) as u32), ""), |b| {
+            let auto = GemmPlan::choose(m, n, k, sw.gpu_bytes, gemm.sm_count());
+            println!("{label} sparsity {sparsity}: dispatcher plan {auto:?}");
+            let pct = (sparsity * 100.0) as u32;
+            group.bench_function(BenchmarkId::new(format!("sparse{pct}"), ""), |b| {
                 b.iter_custom(|iters| {
                     time_launches(&stream, iters, || {
                         gemm.forward(&stream, &x, m, &sw, &Epilogue::default(), &mut y).expect("launch")
                     })
                 })
             });
+            // Tuning data for the dispatcher on skinny shapes: fixed variants and split-K factors.
+            if m <= 512 && sparsity == 0.35 {
+                for variant in [GemmVariant::Bm32, GemmVariant::Bm64] {
+                    for splits in [1, 2, 4, 8] {
+                        let plan = GemmPlan::new(variant, splits, k.div_ceil(64));
+                        if plan.splits != splits || plan == auto {
+                            continue;
+                        }
+                        let id = format!("sparse{pct}_{variant:?}_split{splits}");
+                        group.bench_function(BenchmarkId::new(id, ""), |b| {
+                            b.iter_custom(|iters| {
+                                time_launches(&stream, iters, || {
+                                    gemm.forward_plan(&stream, plan, &x, m, &sw, &Epilogue::default(), &mut y)
+                                        .expect("launch")
+                                })
+                            })
+                        });
+                    }
+                }
+            }
         }
         group.finish();
     }

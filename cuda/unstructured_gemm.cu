@@ -16,6 +16,9 @@
 //   sdsparse_uns_gemm_bm32    BM=32,  4 warps (1x4), for M <= 64 (text encoder, low UNet levels)
 //   sdsparse_uns_gemm_bm64    BM=64,  4 warps (2x2), mid M
 //   sdsparse_uns_gemm_bm128   BM=128, 8 warps (4x2), compute-bound M >= 1024 (dynamic smem > 48 KB)
+//   split-K: any tensor-core variant with grid.z > 1 writes f32 partials to a workspace and
+//   sdsparse_uns_gemm_splitk_reduce sums them and applies the epilogue (skinny shapes whose
+//   tiles_n x M-blocks grid would leave SMs idle, e.g. the text encoder at M = 154)
 // All tensor-core variants use mma.sync, which is what sm_80/86/89 have and which also runs
 // on sm_90a. A wgmma path for sm_90a is not written yet (see the report in the issue); every
 // variant compiles for sm_80, sm_86, sm_89 and sm_90a.
@@ -139,7 +142,9 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
     const int tn = blockIdx.x;            // output-feature block (one tile row of W)
     const int m0 = blockIdx.y * C::BM;    // first X row of this CTA
     const int n0 = tn * C::BN;
-    const int kt_count = p.tiles_k;
+    // Split-K: this CTA's k-tiles are [kt_begin, kt_end) (all of them when splits == 1).
+    const int kt_begin = blockIdx.z * p.k_tiles_per_split;
+    const int kt_end = min(p.tiles_k, kt_begin + p.k_tiles_per_split);
 
     float acc[C::MT][C::NT][4];
 #pragma unroll
@@ -149,13 +154,13 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    load_stage<C>(p, m0, tn, 0, xs, bm, vs);
+    if (kt_begin < kt_end) load_stage<C>(p, m0, tn, kt_begin, xs, bm, vs);
     cp_async_commit();
 
-    for (int kt = 0; kt < kt_count; ++kt) {
-        const int s = kt & 1;
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+        const int s = (kt - kt_begin) & 1;
         // Prefetch k-tile kt+1 into the other stage (freed by the barrier ending iteration kt-1).
-        if (kt + 1 < kt_count)
+        if (kt + 1 < kt_end)
             load_stage<C>(p, m0, tn, kt + 1, xs + (s ^ 1) * C::BM * C::LDS, bm + (s ^ 1) * TILE_N,
                           vs + (s ^ 1) * TILE_ELEMS);
         cp_async_commit();
@@ -195,7 +200,24 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
     }
     cp_async_wait<0>();
 
-    // Epilogue. Accumulator fragment: c0,c1 at (lane/4, 2*(lane%4) + {0,1}), c2,c3 at row + 8.
+    // Accumulator fragment: c0,c1 at (lane/4, 2*(lane%4) + {0,1}), c2,c3 at row + 8.
+    if (p.splits > 1) {  // raw partial sums; the reduce kernel applies the epilogue
+        float* ws_out = p.workspace + (int64_t)blockIdx.z * p.m * p.n;
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+            for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = m0 + warp_m * C::WM + i * 16 + lane / 4 + h * 8;
+                    const int col = n0 + warp_n * C::WN + j * 8 + 2 * (lane % 4);
+                    if (row >= p.m) continue;
+                    float* dst = ws_out + (int64_t)row * p.n + col;
+                    if (col < p.n) dst[0] = acc[i][j][2 * h];
+                    if (col + 1 < p.n) dst[1] = acc[i][j][2 * h + 1];
+                }
+        return;
+    }
     __half* y = static_cast<__half*>(p.y);
     const bool pairs_aligned = (p.ldy % 2 == 0);
 #pragma unroll
@@ -255,7 +277,8 @@ extern "C" __global__ void sdsparse_uns_gemm_naive(const __grid_constant__ SdsUn
     static_cast<__half*>(p.y)[(int64_t)row * p.ldy + col] = __float2half(sds_uns::epilogue(p, acc, row, col));
 }
 
-// Tensor-core variants. grid = (tiles_n, ceil(M / BM)), block = THREADS, dynamic smem = SMEM_BYTES.
+// Tensor-core variants. grid = (tiles_n, ceil(M / BM), splits), block = THREADS, dynamic smem =
+// SMEM_BYTES; splits = ceil(tiles_k / k_tiles_per_split) (1: no split-K).
 extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm32::THREADS)
     sdsparse_uns_gemm_bm32(const __grid_constant__ SdsUnstructuredGemmParams p) {
     sds_uns::gemm_tc<sds_uns::CfgBm32>(p);
@@ -267,4 +290,17 @@ extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm64::THREADS)
 extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm128::THREADS)
     sdsparse_uns_gemm_bm128(const __grid_constant__ SdsUnstructuredGemmParams p) {
     sds_uns::gemm_tc<sds_uns::CfgBm128>(p);
+}
+
+// Split-K reduction: y[row, col] = epilogue(sum_z workspace[z, row, col]).
+// grid = ceil(M * N / 256), block = 256.
+extern "C" __global__ void __launch_bounds__(256)
+    sdsparse_uns_gemm_splitk_reduce(const __grid_constant__ SdsUnstructuredGemmParams p) {
+    const int64_t i = (int64_t)blockIdx.x * 256 + threadIdx.x;
+    const int64_t mn = (int64_t)p.m * p.n;
+    if (i >= mn) return;
+    const int row = (int)(i / p.n), col = (int)(i % p.n);
+    float acc = 0.0f;
+    for (int z = 0; z < p.splits; ++z) acc += p.workspace[z * mn + i];
+    static_cast<__half*>(p.y)[(int64_t)row * p.ldy + col] = __float2half(sds_uns::epilogue(p, acc, row, col));
 }

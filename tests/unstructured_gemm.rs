@@ -8,7 +8,7 @@
 use half::f16;
 use sdsparse::backend::cuda::unstructured::{
     bitmap_from_dense, reference_gemm, relative_error, try_gpu_context, DeviceTiledWeight, Epilogue,
-    GemmVariant, TiledBitmapWeight, TILE_K, TILE_N, VALUE_ALIGN,
+    GemmPlan, GemmVariant, TiledBitmapWeight, TILE_K, TILE_N, VALUE_ALIGN,
 };
 use sdsparse::format::{BitmapWeight, HostData};
 
@@ -244,6 +244,45 @@ fn from_f16_bits(v: &[u16]) -> Vec<f32> {
     v.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
 }
 
+/// Every kernel variant without split-K, and the tensor-core ones with 2 and 3 K slices.
+fn plans(k: usize) -> Vec<GemmPlan> {
+    let tiles_k = k.div_ceil(TILE_K);
+    let mut plans: Vec<GemmPlan> = GemmVariant::ALL.iter().map(|&v| GemmPlan::new(v, 1, tiles_k)).collect();
+    for v in [GemmVariant::Bm32, GemmVariant::Bm64, GemmVariant::Bm128] {
+        for splits in [2, 3] {
+            let plan = GemmPlan::new(v, splits, tiles_k);
+            if plan.splits > 1 && !plans.contains(&plan) {
+                plans.push(plan);
+            }
+        }
+    }
+    plans
+}
+
+#[test]
+fn split_k_plans_cover_every_k_tile_once() {
+    for tiles_k in 1..40 {
+        for requested in 1..50 {
+            for v in GemmVariant::ALL {
+                let p = GemmPlan::new(v, requested, tiles_k);
+                // Slice z covers [z * per, min(tiles_k, (z + 1) * per)): non-empty, disjoint, complete.
+                assert!(p.splits >= 1 && p.k_tiles_per_split >= 1);
+                assert_eq!(p.splits, tiles_k.div_ceil(p.k_tiles_per_split), "{p:?}");
+                assert!((p.splits - 1) * p.k_tiles_per_split < tiles_k, "last slice has work: {p:?}");
+                assert!(p.splits <= requested.max(1));
+                if v == GemmVariant::Naive {
+                    assert_eq!(p.splits, 1);
+                }
+            }
+        }
+    }
+    // The dispatcher: a skinny text-encoder GEMM on a 132-SM GPU gets split, a big one not.
+    let skinny = GemmPlan::choose(154, 1024, 1024, 1_500_000, 132);
+    assert!(skinny.splits > 1, "{skinny:?}");
+    assert_eq!(GemmPlan::choose(8192, 2560, 320, 1_200_000, 132).splits, 1);
+    assert_eq!(GemmPlan::choose(8192, 2560, 320, 1_200_000, 132).variant, GemmVariant::Bm128);
+}
+
 #[test]
 fn gpu_gemm_matches_cpu_reference() {
     let Some(ctx) = try_gpu_context() else {
@@ -278,20 +317,22 @@ fn gpu_gemm_matches_cpu_reference() {
                     gelu,
                     use_res.then_some(&residual[..]),
                 );
-                for variant in GemmVariant::ALL {
+                for plan in plans(k) {
+                    let variant = plan.variant;
                     let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap(); // f16 NaN
                     let epi = Epilogue {
                         bias: use_bias.then_some(&dbias),
                         gelu,
                         residual: use_res.then_some(&dres),
                     };
-                    gemm.forward_variant(&stream, variant, &dx, m, &dw, &epi, &mut dy).expect("launch");
+                    gemm.forward_plan(&stream, plan, &dx, m, &dw, &epi, &mut dy).expect("launch");
                     let y = from_f16_bits(&stream.clone_dtoh(&dy).unwrap());
                     let err = relative_error(&y, &reference);
                     println!(
-                        "{variant:?} M={m} N={n} K={k} sparsity={sparsity} bias={use_bias} gelu={gelu} residual={use_res}: rel err {err:.2e}"
+                        "{variant:?} splits={} M={m} N={n} K={k} sparsity={sparsity} bias={use_bias} gelu={gelu} residual={use_res}: rel err {err:.2e}",
+                        plan.splits
                     );
-                    assert!(err < 1e-2, "{variant:?} [{m}, {n}, {k}] at {sparsity}: rel err {err}");
+                    assert!(err < 1e-2, "{plan:?} [{m}, {n}, {k}] at {sparsity}: rel err {err}");
                 }
             }
         }
@@ -336,12 +377,12 @@ fn gpu_gemm_small_for_sanitizer() {
         stream.clone_htod(&to_f16_bits(&residual)).unwrap(),
     );
     let reference = reference_gemm(&x, &w, m, n, k, Some(&bias), true, Some(&residual));
-    for variant in GemmVariant::ALL {
+    for plan in plans(k) {
         let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap();
         let epi = Epilogue { bias: Some(&dbias), gelu: true, residual: Some(&dres) };
-        gemm.forward_variant(&stream, variant, &dx, m, &dw, &epi, &mut dy).expect("launch");
+        gemm.forward_plan(&stream, plan, &dx, m, &dw, &epi, &mut dy).expect("launch");
         let err = relative_error(&from_f16_bits(&stream.clone_dtoh(&dy).unwrap()), &reference);
-        println!("{variant:?}: rel err {err:.2e}");
-        assert!(err < 1e-2, "{variant:?}: {err}");
+        println!("{plan:?}: rel err {err:.2e}");
+        assert!(err < 1e-2, "{plan:?}: {err}");
     }
 }

@@ -34,10 +34,17 @@ typedef struct SdsUnstructuredGemmParams {
     const float* bias;             // f32 [N] when flags & SDS_EPI_BIAS
     const void* residual;          // f16 [M, N], row stride ldr, when flags & SDS_EPI_RESIDUAL
     void* y;                       // f16 [M, N], row stride ldy
+    float* workspace;              // f32 [splits, M, N] partial sums when splits > 1
     int32_t m, n, k;
     int32_t ldx, ldy, ldr;
     int32_t tiles_k;
     int32_t flags;
+    // Split-K (memory-bound shapes with too few CTAs to fill the GPU): CTA z of grid.z covers
+    // k-tiles [z * k_tiles_per_split, (z + 1) * k_tiles_per_split) and writes raw f32 partials
+    // to workspace[z]; sdsparse_uns_gemm_splitk_reduce sums them and applies the epilogue.
+    // splits == 1: the GEMM kernel applies the epilogue and writes y itself.
+    int32_t splits;
+    int32_t k_tiles_per_split;
 } SdsUnstructuredGemmParams;
 
 // ---- Fused attention (head dim 64) -----------------------------------------------------
@@ -63,7 +70,7 @@ typedef struct SdsAttentionParams {
 
 #ifdef __cplusplus
 // Every field's offset, mirrored by the Rust const asserts.
-static_assert(sizeof(SdsUnstructuredGemmParams) == 88, "update the Rust mirror (unstructured.rs)");
+static_assert(sizeof(SdsUnstructuredGemmParams) == 104, "update the Rust mirror (unstructured.rs)");
 static_assert(offsetof(SdsUnstructuredGemmParams, x) == 0, "Rust mirror offset");
 static_assert(offsetof(SdsUnstructuredGemmParams, bitmap) == 8, "Rust mirror offset");
 static_assert(offsetof(SdsUnstructuredGemmParams, tile_offsets) == 16, "Rust mirror offset");
@@ -71,14 +78,17 @@ static_assert(offsetof(SdsUnstructuredGemmParams, values) == 24, "Rust mirror of
 static_assert(offsetof(SdsUnstructuredGemmParams, bias) == 32, "Rust mirror offset");
 static_assert(offsetof(SdsUnstructuredGemmParams, residual) == 40, "Rust mirror offset");
 static_assert(offsetof(SdsUnstructuredGemmParams, y) == 48, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, m) == 56, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, n) == 60, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, k) == 64, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, ldx) == 68, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, ldy) == 72, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, ldr) == 76, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, tiles_k) == 80, "Rust mirror offset");
-static_assert(offsetof(SdsUnstructuredGemmParams, flags) == 84, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, workspace) == 56, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, m) == 64, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, n) == 68, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, k) == 72, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, ldx) == 76, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, ldy) == 80, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, ldr) == 84, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, tiles_k) == 88, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, flags) == 92, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, splits) == 96, "Rust mirror offset");
+static_assert(offsetof(SdsUnstructuredGemmParams, k_tiles_per_split) == 100, "Rust mirror offset");
 static_assert(sizeof(SdsAttentionParams) == 152, "update the Rust mirror (attention.rs)");
 static_assert(offsetof(SdsAttentionParams, q) == 0, "Rust mirror offset");
 static_assert(offsetof(SdsAttentionParams, k) == 8, "Rust mirror offset");

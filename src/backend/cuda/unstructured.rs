@@ -301,6 +301,7 @@ pub struct UnstructuredGemmParams {
     pub bias: u64,
     pub residual: u64,
     pub y: u64,
+    pub workspace: u64,
     pub m: i32,
     pub n: i32,
     pub k: i32,
@@ -309,8 +310,11 @@ pub struct UnstructuredGemmParams {
     pub ldr: i32,
     pub tiles_k: i32,
     pub flags: i32,
+    pub splits: i32,
+    pub k_tiles_per_split: i32,
 }
-const _: () = assert!(std::mem::size_of::<UnstructuredGemmParams>() == 88);
+
+const _: () = assert!(std::mem::size_of::<UnstructuredGemmParams>() == 104);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, x) == 0);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, bitmap) == 8);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, tile_offsets) == 16);
@@ -318,14 +322,17 @@ const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, values) == 24
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, bias) == 32);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, residual) == 40);
 const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, y) == 48);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, m) == 56);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, n) == 60);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, k) == 64);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldx) == 68);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldy) == 72);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldr) == 76);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, tiles_k) == 80);
-const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, flags) == 84);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, workspace) == 56);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, m) == 64);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, n) == 68);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, k) == 72);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldx) == 76);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldy) == 80);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, ldr) == 84);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, tiles_k) == 88);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, flags) == 92);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, splits) == 96);
+const _: () = assert!(std::mem::offset_of!(UnstructuredGemmParams, k_tiles_per_split) == 100);
 
 /// The kernel variants of `cuda/unstructured_gemm.cu`, with their launch shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,6 +373,51 @@ impl GemmVariant {
             0..=64 => GemmVariant::Bm32,
             65..=1024 => GemmVariant::Bm64,
             _ => GemmVariant::Bm128,
+        }
+    }
+}
+
+/// How one GEMM is launched: the kernel variant and the split-K factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmPlan {
+    pub variant: GemmVariant,
+    /// Number of K slices (grid.z); 1 = no split-K.
+    pub splits: usize,
+    /// k-tiles per slice; `splits == tiles_k.div_ceil(k_tiles_per_split)`.
+    pub k_tiles_per_split: usize,
+}
+
+impl GemmPlan {
+    /// A plan with an explicit split request, normalised so that every slice has work.
+    pub fn new(variant: GemmVariant, requested_splits: usize, tiles_k: usize) -> GemmPlan {
+        let tiles_k = tiles_k.max(1);
+        let requested = if variant == GemmVariant::Naive { 1 } else { requested_splits.clamp(1, tiles_k) };
+        let k_tiles_per_split = tiles_k.div_ceil(requested);
+        GemmPlan { variant, splits: tiles_k.div_ceil(k_tiles_per_split), k_tiles_per_split }
+    }
+
+    /// The dispatcher's choice for `[m, k] x [n, k]^T` on a GPU with `sm_count` SMs: the
+    /// variant by M, and split-K only when the grid would leave most SMs idle, capped so that
+    /// the f32 partials (written and read once, `splits * M * N * 8` bytes, mostly in L2) stay
+    /// below twice the compressed weight bytes the split is meant to stream faster.
+    pub fn choose(m: usize, n: usize, k: usize, weight_bytes: usize, sm_count: usize) -> GemmPlan {
+        let variant = GemmVariant::for_rows(m);
+        let tiles_k = k.div_ceil(TILE_K);
+        let ctas = n.div_ceil(TILE_N) * m.div_ceil(variant.cta().0);
+        if ctas * 2 >= sm_count || tiles_k < 4 {
+            return GemmPlan::new(variant, 1, tiles_k);
+        }
+        let for_occupancy = sm_count.div_ceil(ctas);
+        let for_traffic = (2 * weight_bytes / (m * n * 8).max(1)).max(1);
+        GemmPlan::new(variant, for_occupancy.min(for_traffic).min(tiles_k / 2), tiles_k)
+    }
+
+    /// f32 workspace elements the plan needs.
+    pub fn workspace_len(&self, m: usize, n: usize) -> usize {
+        if self.splits > 1 {
+            self.splits * m * n
+        } else {
+            0
         }
     }
 }
@@ -477,6 +529,8 @@ mod gpu {
         pub rows: usize,
         pub cols: usize,
         pub tiles_k: usize,
+        /// Bytes of the three buffers (for the split-K heuristic).
+        pub gpu_bytes: usize,
         pub bitmap: CudaSlice<u64>,
         pub tile_offsets: CudaSlice<u32>,
         /// f16 bit patterns.
@@ -490,6 +544,7 @@ mod gpu {
                 rows: w.rows,
                 cols: w.cols,
                 tiles_k: w.tiles_k,
+                gpu_bytes: w.gpu_bytes().total(),
                 bitmap: stream.clone_htod(&w.bitmap).map_err(|e| cuda_err("upload bitmap", e))?,
                 tile_offsets: stream
                     .clone_htod(&w.tile_offsets)
@@ -503,6 +558,10 @@ mod gpu {
     pub struct UnstructuredGemm {
         module: FatbinModule,
         functions: [sys::CUfunction; 4],
+        reduce: sys::CUfunction,
+        sm_count: usize,
+        /// Split-K partial sums, grown on demand.
+        workspace: std::sync::Mutex<Option<CudaSlice<f32>>>,
     }
 
     // SAFETY: function handles are immutable after loading.
@@ -542,14 +601,29 @@ mod gpu {
                     .map_err(|e| cuda_err("shared memory opt-in", e))?;
                 }
             }
-            Ok(UnstructuredGemm { module, functions })
+            let reduce = module.function("sdsparse_uns_gemm_splitk_reduce")?;
+            let sm_count = ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| cuda_err("SM count", e))? as usize;
+            Ok(UnstructuredGemm {
+                module,
+                functions,
+                reduce,
+                sm_count,
+                workspace: std::sync::Mutex::new(None),
+            })
         }
 
         pub fn context(&self) -> &Arc<CudaContext> {
             self.module.context()
         }
 
-        /// `y[M, N] = epilogue(x[M, K] . W^T)` with the variant [`GemmVariant::for_rows`] picks.
+        /// Streaming multiprocessors of the GPU (for [`GemmPlan::choose`]).
+        pub fn sm_count(&self) -> usize {
+            self.sm_count
+        }
+
+        /// `y[M, N] = epilogue(x[M, K] . W^T)` with the plan [`GemmPlan::choose`] picks.
         pub fn forward(
             &self,
             stream: &Arc<CudaStream>,
@@ -559,15 +633,16 @@ mod gpu {
             epilogue: &Epilogue,
             y: &mut CudaSlice<u16>,
         ) -> Result<()> {
-            self.forward_variant(stream, GemmVariant::for_rows(m), x, m, w, epilogue, y)
+            let plan = GemmPlan::choose(m, w.rows, w.cols, w.gpu_bytes, self.sm_count);
+            self.forward_plan(stream, plan, x, m, w, epilogue, y)
         }
 
-        /// As [`Self::forward`] with an explicit kernel variant (tests and benches).
+        /// As [`Self::forward`] with an explicit plan (tests and benches).
         #[allow(clippy::too_many_arguments)]
-        pub fn forward_variant(
+        pub fn forward_plan(
             &self,
             stream: &Arc<CudaStream>,
-            variant: GemmVariant,
+            plan: GemmPlan,
             x: &CudaSlice<u16>,
             m: usize,
             w: &DeviceTiledWeight,
@@ -623,6 +698,7 @@ mod gpu {
                 bias: bias.as_ref().map_or(0, |b| b.0),
                 residual: residual.as_ref().map_or(0, |r| r.0),
                 y: y_ptr,
+                workspace: 0,
                 m: to_i32(m)?,
                 n: to_i32(n)?,
                 k: to_i32(k)?,
@@ -631,16 +707,48 @@ mod gpu {
                 ldr: to_i32(n)?,
                 tiles_k: to_i32(w.tiles_k)?,
                 flags,
+                splits: 1,
+                k_tiles_per_split: to_i32(w.tiles_k)?,
             };
+            let variant = plan.variant;
             let (bm, threads, smem) = variant.cta();
             let idx = GemmVariant::ALL.iter().position(|&v| v == variant).unwrap_or(0);
             let (grid, block) = match variant {
                 GemmVariant::Naive => ((n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1), (16, 16, 1)),
-                _ => ((n.div_ceil(TILE_N) as u32, m.div_ceil(bm) as u32, 1), (threads, 1, 1)),
+                _ => {
+                    ((n.div_ceil(TILE_N) as u32, m.div_ceil(bm) as u32, plan.splits as u32), (threads, 1, 1))
+                }
             };
-            // SAFETY: params mirrors the kernel's struct; the buffers were size-checked above
-            // and stay borrowed (with their stream guards) until after the launch.
-            unsafe { launch_with_params(stream, self.functions[idx], grid, block, smem, &params) }
+            if grid.1 > 65535 || grid.2 > 65535 {
+                return Err(Error::Invalid(format!("unstructured GEMM grid {grid:?} too large")));
+            }
+            let mut params = params;
+            if plan.splits <= 1 {
+                // SAFETY: params mirrors the kernel's struct; the buffers were size-checked above
+                // and stay borrowed (with their stream guards) until after the launch.
+                return unsafe {
+                    launch_with_params(stream, self.functions[idx], grid, block, smem, &params)
+                };
+            }
+            let mut workspace =
+                self.workspace.lock().map_err(|_| Error::Cuda("workspace lock poisoned".into()))?;
+            let need = plan.workspace_len(m, n);
+            if workspace.as_ref().is_none_or(|w| w.len() < need) {
+                *workspace =
+                    Some(stream.alloc_zeros::<f32>(need).map_err(|e| cuda_err("split-K workspace", e))?);
+            }
+            let ws = workspace.as_mut().ok_or_else(|| Error::Cuda("split-K workspace missing".into()))?;
+            let (ws_ptr, _gws) = ws.device_ptr_mut(stream);
+            params.workspace = ws_ptr;
+            params.splits = to_i32(plan.splits)?;
+            params.k_tiles_per_split = to_i32(plan.k_tiles_per_split)?;
+            let reduce_grid = ((m * n).div_ceil(256) as u32, 1, 1);
+            // SAFETY: as above; the workspace holds splits * M * N f32 and is locked for both
+            // launches, which run in stream order (partials first, then the reduction).
+            unsafe {
+                launch_with_params(stream, self.functions[idx], grid, block, smem, &params)?;
+                launch_with_params(stream, self.reduce, reduce_grid, (256, 1, 1), 0, &params)
+            }
         }
     }
 }
