@@ -10,7 +10,7 @@ use half::f16;
 use sdsparse::backend::cuda::attention::{
     reference_attention, AttentionShape, AttentionVariant, FusedAttention, HeadLayout, HEAD_DIM,
 };
-use sdsparse::backend::cuda::unstructured::{relative_error, try_gpu_context};
+use sdsparse::backend::cuda::unstructured::{gpu_for_test, relative_error};
 
 struct Rng(u64);
 impl Rng {
@@ -164,7 +164,7 @@ fn unbits(v: &[u16]) -> Vec<f32> {
 
 #[test]
 fn gpu_attention_matches_cpu_reference() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };
@@ -213,7 +213,7 @@ fn gpu_attention_matches_cpu_reference() {
 /// the GPU (the CPU reference would take minutes at this size).
 #[test]
 fn gpu_attention_long_sequences_match_naive_kernel() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };
@@ -246,7 +246,7 @@ fn gpu_attention_long_sequences_match_naive_kernel() {
 
 #[test]
 fn gpu_attention_rejects_bad_input() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };
@@ -269,7 +269,7 @@ fn gpu_attention_rejects_bad_input() {
 /// seq_kv spanning two K/V tiles, still checked against the reference.
 #[test]
 fn gpu_attention_small_for_sanitizer() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };

@@ -7,8 +7,8 @@
 
 use half::f16;
 use sdsparse::backend::cuda::unstructured::{
-    bitmap_from_dense, reference_gemm, relative_error, try_gpu_context, DeviceTiledWeight, Epilogue,
-    GemmPlan, GemmVariant, TiledBitmapWeight, TILE_K, TILE_N, VALUE_ALIGN,
+    bitmap_from_dense, gpu_for_test, reference_gemm, relative_error, DeviceTiledWeight, Epilogue, GemmPlan,
+    GemmVariant, TiledBitmapWeight, TILE_K, TILE_N, VALUE_ALIGN,
 };
 use sdsparse::format::{BitmapWeight, HostData};
 
@@ -285,7 +285,7 @@ fn split_k_plans_cover_every_k_tile_once() {
 
 #[test]
 fn gpu_gemm_matches_cpu_reference() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };
@@ -341,7 +341,7 @@ fn gpu_gemm_matches_cpu_reference() {
 
 #[test]
 fn gpu_gemm_rejects_bad_shapes() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };
@@ -358,7 +358,7 @@ fn gpu_gemm_rejects_bad_shapes() {
 /// N and K, all epilogue operands, still checked against the reference.
 #[test]
 fn gpu_gemm_small_for_sanitizer() {
-    let Some(ctx) = try_gpu_context() else {
+    let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };

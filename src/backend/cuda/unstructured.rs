@@ -423,13 +423,18 @@ impl GemmPlan {
 }
 
 /// Where the kernel fatbins are read from: `$SDSPARSE_CUDA_KERNEL_DIR/<name>.fatbin`, else
-/// `target/cuda/<name>.fatbin` in the source tree (written by
+/// `target/cuda/<name>.fatbin` under the crate root (written by
 /// `tools/build_unstructured_kernels.sh`). Once the crate's build.rs embeds the kernels this
 /// becomes an `include_bytes!`.
 pub fn kernel_image(name: &str) -> Result<Vec<u8>> {
+    // The crate root at run time (staged executables on the device machine run from a copy of
+    // the tree with CARGO_MANIFEST_DIR set), else the one this was compiled in.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     let dir = std::env::var_os("SDSPARSE_CUDA_KERNEL_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cuda"));
+        .unwrap_or_else(|| root.join("target/cuda"));
     let path = dir.join(format!("{name}.fatbin"));
     std::fs::read(&path).map_err(|e| {
         Error::Cuda(format!(
@@ -452,7 +457,17 @@ mod gpu {
         Error::Cuda(format!("{what}: {e:?}"))
     }
 
-    /// The first GPU, or `None` when there is no driver or no device (tests skip then).
+    /// The first GPU for a GPU test: `None` (the test skips) when there is no driver or no
+    /// device, unless `SDSPARSE_REQUIRE_GPU=1` (set by the device-machine runners), where a
+    /// missing GPU is a test failure instead of a silent skip.
+    pub fn gpu_for_test() -> Option<Arc<CudaContext>> {
+        let ctx = try_gpu_context();
+        let required = matches!(std::env::var("SDSPARSE_REQUIRE_GPU").as_deref(), Ok("1") | Ok("true"));
+        assert!(ctx.is_some() || !required, "SDSPARSE_REQUIRE_GPU is set but no GPU could be opened");
+        ctx
+    }
+
+    /// The first GPU, or `None` when there is no driver or no device.
     pub fn try_gpu_context() -> Option<Arc<CudaContext>> {
         // SAFETY: only probes whether the driver library can be opened.
         if !unsafe { sys::is_culib_present() } {
