@@ -1,89 +1,187 @@
 #!/usr/bin/env bash
-# One command for everything of issue 5 that needs a GPU (the `cuda` helper's tools/gpu_run.sh
-# can call it; it also runs on its own on the device machine):
-#   1. environment: GPU, driver, CUDA, nvcc, rustc  -> env.txt
-#   2. kernels: tools/build_unstructured_kernels.sh (fatbins + SASS check); prebuilt fatbins in
-#      target/cuda are used when no nvcc is there
-#   3. tests: tests/unstructured_gemm.rs, tests/attention_gpu.rs (GPU vs CPU reference)
-#   4. compute-sanitizer memcheck + racecheck on the small-size tests (every kernel variant)
-#   5. criterion benches (cuBLAS dense f16 baseline in the same run) + PyTorch peers
-# Logs go to $OUT/unstructured (the device tool's $OUT) or target/gpu-run-unstructured.
-# Exit status: 0 only when every step passed; a summary is printed at the end and written to
-# summary.txt. Set SKIP_BENCH=1 to run only build, tests and sanitizers.
+# Everything of issue 5 (unstructured GEMM + fused attention) that needs a GPU, in one device call.
+#
+# On the build machine (no GPU needed; nvcc required), stage into the git-ignored .device/:
+#   tools/gpu_run_unstructured.sh stage
+#     - kernel fatbins (tools/build_unstructured_kernels.sh, with the SASS check) -> .device/unstructured/kernels
+#     - the test and bench executables of this issue -> .device/tests, .device/benches (names as the
+#       cuda helper's tools/gpu_run.sh stages them; skipped when that script already staged them)
+#     - the compute-sanitizer wheel (CUDA 13.0, pip) -> .device/unstructured/ (the device machine
+#       has no network)
+# On the device machine (the device tool; .device must be carried):
+#   run(carry=[".device"], command="tools/gpu_run_unstructured.sh")
+#     1. environment (GPU, driver, CUDA, git commit)                -> env.txt
+#     2. tests/unstructured_gemm.rs, tests/attention_gpu.rs vs the CPU references (SDSPARSE_REQUIRE_GPU=1)
+#     3. compute-sanitizer memcheck + racecheck on the small-size tests (every kernel variant)
+#     4. criterion benches (cuBLAS dense f16 in the same process) + PyTorch peers, if torch is there
+#   Logs: $OUT/unstructured (the device tool brings $OUT back) or .device/out/unstructured.
+#   SKIP_BENCH=1 runs only steps 1-3. Exit 0 only when every step passed; summary.txt lists them.
+# Without .device/, `run` falls back to cargo (when the machine has a Rust toolchain).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-LOG=${OUT:+$OUT/unstructured}
-LOG=${LOG:-target/gpu-run-unstructured}
-mkdir -p "$LOG"
-declare -a SUMMARY=()
-status=0
-step() {  # step <name> <command...>: run, tee the log, record ok/FAIL
-    local name=$1; shift
-    echo "=== $name: $*"
-    if "$@" >"$LOG/$name.log" 2>&1; then SUMMARY+=("ok    $name"); else SUMMARY+=("FAIL  $name (see $LOG/$name.log)"); status=1; fi
-    tail -n 40 "$LOG/$name.log"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+STAGE=.device/unstructured
+
+stage() {
+    set -e
+    mkdir -p "$STAGE/kernels" .device/tests .device/benches
+    SDSPARSE_CUDA_KERNEL_DIR="$STAGE/kernels" tools/build_unstructured_kernels.sh
+    # Executables (release, like tools/gpu_run.sh) unless the cuda helper's stager did it already.
+    local need=()
+    for t in unstructured_gemm attention_gpu; do [[ -x .device/tests/test-$t ]] || need+=(--test "$t"); done
+    if ((${#need[@]})); then
+        cargo test --release --no-run --message-format=json-render-diagnostics "${need[@]}" | stage_exes tests
+    fi
+    need=()
+    for b in gemm_unstructured attention; do [[ -x .device/benches/bench-$b ]] || need+=(--bench "$b"); done
+    if ((${#need[@]})); then
+        cargo bench --no-run --message-format=json-render-diagnostics "${need[@]}" | stage_exes benches
+    fi
+    if ! ls "$STAGE"/nvidia_cuda_sanitizer_api-13.0.*.whl >/dev/null 2>&1; then
+        pip download --no-deps -d "$STAGE" "nvidia-cuda-sanitizer-api==13.0.*" ||
+            echo "stage: could not fetch the compute-sanitizer wheel; the device run needs one on PATH" >&2
+    fi
+    du -sh .device
+    echo "stage: done; on the device machine: run(carry=[\".device\"], command=\"tools/gpu_run_unstructured.sh\")"
 }
 
-{
-    date -u
-    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || echo "no nvidia-smi"
-    nvidia-smi 2>&1 | head -15
-    for c in "${NVCC:-}" nvcc .cache/cuda/nvidia/cu13/bin/nvcc /usr/local/cuda/bin/nvcc; do
-        [[ -n "$c" ]] && command -v "$c" >/dev/null 2>&1 && { "$c" --version | tail -2; break; }
-    done
-    rustc --version; cargo --version
-    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
-    git log -1 --oneline 2>/dev/null
-} >"$LOG/env.txt" 2>&1
-cat "$LOG/env.txt"
+# Copies the executables cargo reports (JSON on stdin) to .device/<tests|benches>/<kind>-<name>.
+stage_exes() {
+    python3 -c '
+import json, os, shutil, subprocess, sys
+folder = sys.argv[1]
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    exe = msg.get("executable")
+    if msg.get("reason") != "compiler-artifact" or not exe:
+        continue
+    kind = msg["target"]["kind"][0]
+    if kind not in ("test", "bench"):
+        continue
+    dest = os.path.join(".device", folder, kind + "-" + msg["target"]["name"])
+    shutil.copy2(exe, dest)
+    subprocess.run(["strip", "--strip-debug", dest], check=False)
+    print("stage: %s (%.1f MB)" % (dest, os.path.getsize(dest) / 1e6), file=sys.stderr)
+' "$1"
+}
 
-# 2. Kernels. Without nvcc, fall back to fatbins that were built elsewhere and carried along.
-if tools/build_unstructured_kernels.sh >"$LOG/build_kernels.log" 2>&1; then
-    SUMMARY+=("ok    build_kernels + SASS check")
-elif [[ -f target/cuda/unstructured_gemm.fatbin && -f target/cuda/attention.fatbin ]] && grep -q "no nvcc" "$LOG/build_kernels.log"; then
-    SUMMARY+=("warn  build_kernels: no nvcc, using prebuilt target/cuda/*.fatbin")
-else
-    SUMMARY+=("FAIL  build_kernels (see $LOG/build_kernels.log)"); status=1
-fi
-tail -n 60 "$LOG/build_kernels.log"
+run() {
+    local log="${OUT:+$OUT/unstructured}"
+    log="${log:-.device/out/unstructured}"
+    mkdir -p "$log"
+    export CARGO_MANIFEST_DIR="$ROOT" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1
+    export CRITERION_HOME="$log/criterion"
+    [[ -d "$STAGE/kernels" ]] && export SDSPARSE_CUDA_KERNEL_DIR="$ROOT/$STAGE/kernels"
+    local summary=() status=0
 
-# 3. Tests (GPU part runs because a GPU is present; they fail, not skip, if the kernels are missing).
-step tests cargo test --test unstructured_gemm --test attention_gpu -- --nocapture --test-threads=1
-if ! grep -q "rel err" "$LOG/tests.log" || grep -q "no GPU: skipped" "$LOG/tests.log"; then
-    SUMMARY+=("FAIL  tests did not reach the GPU (no GPU seen?)"); status=1
-fi
+    {
+        date -u
+        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || echo "no nvidia-smi"
+        nvidia-smi 2>&1 | head -12
+        git log -1 --oneline 2>/dev/null || true
+        python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1
+        ls -la "$STAGE/kernels" 2>/dev/null
+    } >"$log/env.txt" 2>&1
+    cat "$log/env.txt"
 
-# 4. compute-sanitizer on the small tests, each test binary run directly.
-SAN=""
-for c in compute-sanitizer "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/compute-sanitizer/compute-sanitizer \
-    .cache/cuda/nvidia/cu13/bin/compute-sanitizer; do
-    command -v "$c" >/dev/null 2>&1 && { SAN=$(command -v "$c"); break; }
-done
-if [[ -z "$SAN" ]]; then
-    SUMMARY+=("FAIL  compute-sanitizer not found (install the CUDA toolkit's sanitizer or set PATH)"); status=1
-else
+    # exe_for <tests|benches> <target>: the staged executable, else a cargo command line.
+    exe_for() {
+        local kind=bench
+        [[ $1 == tests ]] && kind=test
+        if [[ -x ".device/$1/$kind-$2" ]]; then
+            echo ".device/$1/$kind-$2"
+        elif command -v cargo >/dev/null; then
+            if [[ $1 == tests ]]; then echo "cargo test --release --test $2 --"; else echo "cargo bench --bench $2 --"; fi
+        fi
+    }
+    step() {  # step <name> <command...>
+        local name=$1
+        shift
+        echo "=== $name: $*"
+        if "$@" >"$log/$name.log" 2>&1; then summary+=("ok    $name"); else
+            summary+=("FAIL  $name (see $log/$name.log)")
+            status=1
+        fi
+        tail -n 30 "$log/$name.log"
+    }
+
+    # 2. Tests.
     for t in unstructured_gemm attention_gpu; do
-        bin=$(cargo test --test "$t" --no-run --message-format=json 2>/dev/null |
-            python3 -c 'import json,sys
-for l in sys.stdin:
-    try: m=json.loads(l)
-    except Exception: continue
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" | tail -1)
-        for tool in memcheck racecheck; do
-            step "sanitizer_${tool}_$t" "$SAN" --tool "$tool" --error-exitcode 1 "$bin" small_for_sanitizer --nocapture --test-threads=1
-        done
+        local cmd
+        cmd=$(exe_for tests "$t")
+        if [[ -z "$cmd" ]]; then summary+=("FAIL  test $t: not staged and no cargo"); status=1; continue; fi
+        # shellcheck disable=SC2086
+        step "test_$t" $cmd --nocapture --test-threads=1
+        grep -qE "(Bm32|Flash).*rel err" "$log/test_$t.log" || { summary+=("FAIL  test $t never reached the GPU"); status=1; }
     done
-fi
 
-# 5. Benches and peers.
-if [[ -z "${SKIP_BENCH:-}" ]]; then
-    step bench_gemm cargo bench --bench gemm_unstructured
-    step bench_attention cargo bench --bench attention
-    step peers python3 tools/bench_peers_unstructured.py --out "$LOG/peers.jsonl"
-fi
+    # 3. compute-sanitizer on the small-size tests.
+    local san=""
+    for c in compute-sanitizer "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+        /usr/local/cuda/compute-sanitizer/compute-sanitizer .cache/cuda/nvidia/cu13/bin/compute-sanitizer; do
+        if command -v "$c" >/dev/null 2>&1; then san=$(command -v "$c"); break; fi
+    done
+    if [[ -z "$san" ]] && ls "$STAGE"/nvidia_cuda_sanitizer_api-13.0.*.whl >/dev/null 2>&1; then
+        local dir=/tmp/sdsparse-sanitizer
+        python3 -m zipfile -e "$(ls "$STAGE"/nvidia_cuda_sanitizer_api-13.0.*.whl | head -1)" "$dir" &&
+            chmod +x "$dir/nvidia/cu13/bin/compute-sanitizer" && san="$dir/nvidia/cu13/bin/compute-sanitizer"
+        export LD_LIBRARY_PATH="$dir/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+    fi
+    if [[ -z "$san" ]]; then
+        summary+=("FAIL  compute-sanitizer not found (stage it with: tools/gpu_run_unstructured.sh stage)")
+        status=1
+    else
+        "$san" --version | tail -1
+        for t in unstructured_gemm attention_gpu; do
+            local exe=".device/tests/test-$t"
+            if [[ ! -x "$exe" ]]; then
+                exe=$(cargo test --release --test "$t" --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
+            fi
+            for tool in memcheck racecheck; do
+                step "sanitizer_${tool}_$t" "$san" --tool "$tool" --error-exitcode 1 "$exe" small_for_sanitizer \
+                    --nocapture --test-threads=1
+                grep -qE "(Bm32|Flash).*rel err" "$log/sanitizer_${tool}_$t.log" ||
+                    { summary+=("FAIL  sanitizer $tool $t ran no kernel"); status=1; }
+            done
+        done
+    fi
 
-{
-    echo "unstructured GPU run summary ($(date -u))"
-    printf '%s\n' "${SUMMARY[@]}"
-} | tee "$LOG/summary.txt"
-exit $status
+    # 4. Benches and peers.
+    if [[ -z "${SKIP_BENCH:-}" ]]; then
+        for b in gemm_unstructured attention; do
+            local cmd
+            cmd=$(exe_for benches "$b")
+            # shellcheck disable=SC2086
+            [[ -n "$cmd" ]] && step "bench_$b" $cmd --bench || { summary+=("FAIL  bench $b not staged"); status=1; }
+        done
+        if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+            step peers python3 tools/bench_peers_unstructured.py --out "$log/peers.jsonl"
+        else
+            summary+=("FAIL  PyTorch with CUDA not available here: peers not run")
+            status=1
+        fi
+    fi
+
+    {
+        echo "unstructured GPU run summary ($(date -u))"
+        printf '%s\n' "${summary[@]}"
+    } | tee "$log/summary.txt"
+    return $status
+}
+
+case "${1:-run}" in
+    stage) stage ;;
+    run) run ;;
+    *)
+        sed -n '2,20p' "$0" >&2
+        exit 2
+        ;;
+esac
