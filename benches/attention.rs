@@ -5,7 +5,7 @@
 //! is reported as elements = FLOPs (4 B H Sq Skv 64: Q K^T and P V), so "elem/s" reads as
 //! FLOP/s; tools/bench_peers_unstructured.py runs PyTorch SDPA on the same shapes.
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use half::f16;
 use sdsparse::backend::cuda::attention::{
     AttentionShape, AttentionVariant, FusedAttention, HeadLayout, HEAD_DIM,
@@ -56,7 +56,7 @@ fn main() {
         let mut o = stream.alloc_zeros::<u16>(b * sq * h * HEAD_DIM).expect("alloc");
         let mut group = c.benchmark_group(format!("attention/{label}_B{b}_H{h}_Sq{sq}_Skv{skv}"));
         group.throughput(Throughput::Elements((4 * b * h * sq * skv * HEAD_DIM) as u64));
-        group.bench_function(BenchmarkId::new("flash_d64", ""), |bench| {
+        group.bench_function("flash_d64", |bench| {
             bench.iter_custom(|iters| {
                 stream.synchronize().expect("sync");
                 let start = Instant::now();

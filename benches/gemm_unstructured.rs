@@ -6,7 +6,7 @@
 //! encoder M = 154, cross-attention K/V projections, the UNet's 8x8 and 16x16 levels with CFG)
 //! and compute-bound M >= 2048 (the 32x32 and 64x64 levels), at 35% and 50% sparsity.
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::f16;
@@ -138,7 +138,7 @@ fn main() {
         let w_dense = values(n * k, 2);
         let mut y = stream.alloc_zeros::<u16>(m * n).expect("alloc");
         let dw = stream.clone_htod(&f16_bits(&w_dense)).expect("upload");
-        group.bench_function(BenchmarkId::new("cublas_dense_f16", ""), |b| {
+        group.bench_function("cublas_dense_f16", |b| {
             b.iter_custom(|iters| {
                 time_launches(&stream, iters, || cublas_gemm(&blas, &stream, m, n, k, &x, &dw, &mut y))
             })
@@ -156,7 +156,7 @@ fn main() {
             let auto = GemmPlan::choose(m, n, k, sw.gpu_bytes, gemm.sm_count());
             println!("{label} sparsity {sparsity}: dispatcher plan {auto:?}");
             let pct = (sparsity * 100.0) as u32;
-            group.bench_function(BenchmarkId::new(format!("sparse{pct}"), ""), |b| {
+            group.bench_function(format!("sparse{pct}"), |b| {
                 b.iter_custom(|iters| {
                     time_launches(&stream, iters, || {
                         gemm.forward(&stream, &x, m, &sw, &Epilogue::default(), &mut y).expect("launch")
@@ -172,7 +172,7 @@ fn main() {
                             continue;
                         }
                         let id = format!("sparse{pct}_{variant:?}_split{splits}");
-                        group.bench_function(BenchmarkId::new(id, ""), |b| {
+                        group.bench_function(id, |b| {
                             b.iter_custom(|iters| {
                                 time_launches(&stream, iters, || {
                                     gemm.forward_plan(&stream, plan, &x, m, &sw, &Epilogue::default(), &mut y)

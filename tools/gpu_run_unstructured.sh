@@ -16,6 +16,7 @@
 #     4. criterion benches (cuBLAS dense f16 in the same process) + PyTorch peers, if torch is there
 #   Logs: $OUT/unstructured (the device tool brings $OUT back) or .device/out/unstructured.
 #   SKIP_BENCH=1 runs only steps 1-3. Exit 0 only when every step passed; summary.txt lists them.
+#   Then, here: python3 tools/bench_report_unstructured.py <log dir> -> tables for docs/BENCHMARKS.md
 # Without .device/, `run` falls back to cargo (when the machine has a Rust toolchain).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
