@@ -163,6 +163,17 @@ fn main() {
                     })
                 })
             });
+            if m >= 1024 && gemm.supports(GemmVariant::WgmmaBm128) {
+                let plan = GemmPlan::new(GemmVariant::WgmmaBm128, 1, k.div_ceil(64));
+                group.bench_function(format!("sparse{pct}_wgmma"), |b| {
+                    b.iter_custom(|iters| {
+                        time_launches(&stream, iters, || {
+                            gemm.forward_plan(&stream, plan, &x, m, &sw, &Epilogue::default(), &mut y)
+                                .expect("launch")
+                        })
+                    })
+                });
+            }
             // Tuning data for the dispatcher on skinny shapes: fixed variants and split-K factors.
             if m <= 512 && sparsity == 0.35 {
                 for variant in [GemmVariant::Bm32, GemmVariant::Bm64] {

@@ -8,7 +8,7 @@
 use half::f16;
 use sdsparse::backend::cuda::unstructured::{
     bitmap_from_dense, gpu_for_test, reference_gemm, relative_error, DeviceTiledWeight, Epilogue, GemmPlan,
-    GemmVariant, TiledBitmapWeight, TILE_K, TILE_N, VALUE_ALIGN,
+    GemmVariant, TiledBitmapWeight, UnstructuredGemm, TILE_K, TILE_N, VALUE_ALIGN,
 };
 use sdsparse::format::{BitmapWeight, HostData};
 
@@ -244,11 +244,13 @@ fn from_f16_bits(v: &[u16]) -> Vec<f32> {
     v.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
 }
 
-/// Every kernel variant without split-K, and the tensor-core ones with 2 and 3 K slices.
-fn plans(k: usize) -> Vec<GemmPlan> {
+/// Every kernel variant this GPU runs without split-K, and the tensor-core ones with 2 and 3
+/// K slices.
+fn plans(gemm: &UnstructuredGemm, k: usize) -> Vec<GemmPlan> {
     let tiles_k = k.div_ceil(TILE_K);
-    let mut plans: Vec<GemmPlan> = GemmVariant::ALL.iter().map(|&v| GemmPlan::new(v, 1, tiles_k)).collect();
-    for v in [GemmVariant::Bm32, GemmVariant::Bm64, GemmVariant::Bm128] {
+    let runs: Vec<GemmVariant> = GemmVariant::ALL.into_iter().filter(|&v| gemm.supports(v)).collect();
+    let mut plans: Vec<GemmPlan> = runs.iter().map(|&v| GemmPlan::new(v, 1, tiles_k)).collect();
+    for &v in runs.iter().filter(|&&v| v != GemmVariant::Naive) {
         for splits in [2, 3] {
             let plan = GemmPlan::new(v, splits, tiles_k);
             if plan.splits > 1 && !plans.contains(&plan) {
@@ -289,7 +291,7 @@ fn gpu_gemm_matches_cpu_reference() {
         println!("no GPU: skipped");
         return;
     };
-    let gemm = sdsparse::backend::cuda::unstructured::UnstructuredGemm::load(&ctx).expect("kernel image");
+    let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
     let stream = ctx.default_stream();
     let mut rng = Rng::fresh("gpu gemm");
     // (M, N, K): M = 1, 77, 154 (text encoder), ragged N (77) and K (200 = 3 tiles + 8).
@@ -317,7 +319,7 @@ fn gpu_gemm_matches_cpu_reference() {
                     gelu,
                     use_res.then_some(&residual[..]),
                 );
-                for plan in plans(k) {
+                for plan in plans(&gemm, k) {
                     let variant = plan.variant;
                     let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap(); // f16 NaN
                     let epi = Epilogue {
@@ -345,7 +347,7 @@ fn gpu_gemm_rejects_bad_shapes() {
         println!("no GPU: skipped");
         return;
     };
-    let gemm = sdsparse::backend::cuda::unstructured::UnstructuredGemm::load(&ctx).expect("kernel image");
+    let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
     let stream = ctx.default_stream();
     let w = DeviceTiledWeight::upload(&stream, &tiled(&vec![1.0; 8 * 12], 8, 12)).unwrap();
     let x = stream.clone_htod(&vec![0u16; 4 * 12]).unwrap();
@@ -362,7 +364,7 @@ fn gpu_gemm_small_for_sanitizer() {
         println!("no GPU: skipped");
         return;
     };
-    let gemm = sdsparse::backend::cuda::unstructured::UnstructuredGemm::load(&ctx).expect("kernel image");
+    let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
     let stream = ctx.default_stream();
     let mut rng = Rng::fresh("sanitizer gemm");
     let (m, n, k) = (33, 70, 136);
@@ -377,7 +379,7 @@ fn gpu_gemm_small_for_sanitizer() {
         stream.clone_htod(&to_f16_bits(&residual)).unwrap(),
     );
     let reference = reference_gemm(&x, &w, m, n, k, Some(&bias), true, Some(&residual));
-    for plan in plans(k) {
+    for plan in plans(&gemm, k) {
         let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap();
         let epi = Epilogue { bias: Some(&dbias), gelu: true, residual: Some(&dres) };
         gemm.forward_plan(&stream, plan, &dx, m, &dw, &epi, &mut dy).expect("launch");

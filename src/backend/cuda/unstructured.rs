@@ -342,11 +342,18 @@ pub enum GemmVariant {
     Bm32,
     Bm64,
     Bm128,
+    /// The Bm128 pipeline with wgmma (sm_90a only; a stub elsewhere).
+    WgmmaBm128,
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 4] =
-        [GemmVariant::Naive, GemmVariant::Bm32, GemmVariant::Bm64, GemmVariant::Bm128];
+    pub const ALL: [GemmVariant; 5] = [
+        GemmVariant::Naive,
+        GemmVariant::Bm32,
+        GemmVariant::Bm64,
+        GemmVariant::Bm128,
+        GemmVariant::WgmmaBm128,
+    ];
 
     pub fn kernel_name(self) -> &'static str {
         match self {
@@ -354,6 +361,7 @@ impl GemmVariant {
             GemmVariant::Bm32 => "sdsparse_uns_gemm_bm32",
             GemmVariant::Bm64 => "sdsparse_uns_gemm_bm64",
             GemmVariant::Bm128 => "sdsparse_uns_gemm_bm128",
+            GemmVariant::WgmmaBm128 => "sdsparse_uns_gemm_wgmma_bm128",
         }
     }
     /// `(rows per CTA, threads per CTA, dynamic shared bytes)`, mirrored from the kernel's
@@ -364,6 +372,15 @@ impl GemmVariant {
             GemmVariant::Bm32 => (32, 128, 35840),
             GemmVariant::Bm64 => (64, 128, 45056),
             GemmVariant::Bm128 => (128, 256, 63488),
+            GemmVariant::WgmmaBm128 => (128, 256, 58368),
+        }
+    }
+    /// Whether a GPU of compute capability `(major, minor)` runs this variant (the fatbin has
+    /// sm_90a SASS, which only Hopper sm_90 runs; wgmma is not in later architectures' SASS).
+    pub fn runs_on(self, cc: (i32, i32)) -> bool {
+        match self {
+            GemmVariant::WgmmaBm128 => cc == (9, 0),
+            _ => cc.0 >= 8,
         }
     }
     /// The variant the dispatcher uses for `m` rows: small CTAs where M is small (more CTAs
@@ -572,9 +589,12 @@ mod gpu {
     /// The loaded GEMM kernels of `cuda/unstructured_gemm.cu`.
     pub struct UnstructuredGemm {
         module: FatbinModule,
-        functions: [sys::CUfunction; 4],
+        functions: [sys::CUfunction; 5],
         reduce: sys::CUfunction,
         sm_count: usize,
+        compute_capability: (i32, i32),
+        /// Let the dispatcher pick the wgmma variant for compute-bound shapes on sm_90.
+        prefer_wgmma: bool,
         /// Split-K partial sums, grown on demand.
         workspace: std::sync::Mutex<Option<CudaSlice<f32>>>,
     }
@@ -600,7 +620,7 @@ mod gpu {
 
         pub fn from_image(ctx: &Arc<CudaContext>, image: &[u8]) -> Result<UnstructuredGemm> {
             let module = FatbinModule::load(ctx, image)?;
-            let mut functions = [std::ptr::null_mut(); 4];
+            let mut functions = [std::ptr::null_mut(); 5];
             for (slot, v) in functions.iter_mut().zip(GemmVariant::ALL) {
                 *slot = module.function(v.kernel_name())?;
                 let (_, _, smem) = v.cta();
@@ -620,11 +640,15 @@ mod gpu {
             let sm_count = ctx
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| cuda_err("SM count", e))? as usize;
+            let compute_capability =
+                ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
             Ok(UnstructuredGemm {
                 module,
                 functions,
                 reduce,
                 sm_count,
+                compute_capability,
+                prefer_wgmma: false,
                 workspace: std::sync::Mutex::new(None),
             })
         }
@@ -638,6 +662,17 @@ mod gpu {
             self.sm_count
         }
 
+        /// Whether this GPU runs `variant`.
+        pub fn supports(&self, variant: GemmVariant) -> bool {
+            variant.runs_on(self.compute_capability)
+        }
+
+        /// Use the wgmma variant instead of Bm128 where the dispatcher picks Bm128 (sm_90 only;
+        /// off by default until the GPU benches show it pays).
+        pub fn set_prefer_wgmma(&mut self, prefer: bool) {
+            self.prefer_wgmma = prefer && self.supports(GemmVariant::WgmmaBm128);
+        }
+
         /// `y[M, N] = epilogue(x[M, K] . W^T)` with the plan [`GemmPlan::choose`] picks.
         pub fn forward(
             &self,
@@ -648,7 +683,10 @@ mod gpu {
             epilogue: &Epilogue,
             y: &mut CudaSlice<u16>,
         ) -> Result<()> {
-            let plan = GemmPlan::choose(m, w.rows, w.cols, w.gpu_bytes, self.sm_count);
+            let mut plan = GemmPlan::choose(m, w.rows, w.cols, w.gpu_bytes, self.sm_count);
+            if self.prefer_wgmma && plan.variant == GemmVariant::Bm128 {
+                plan.variant = GemmVariant::WgmmaBm128;
+            }
             self.forward_plan(stream, plan, x, m, w, epilogue, y)
         }
 
@@ -726,6 +764,12 @@ mod gpu {
                 k_tiles_per_split: to_i32(w.tiles_k)?,
             };
             let variant = plan.variant;
+            if !self.supports(variant) {
+                return Err(Error::Cuda(format!(
+                    "{variant:?} does not run on compute capability {:?}",
+                    self.compute_capability
+                )));
+            }
             let (bm, threads, smem) = variant.cta();
             let idx = GemmVariant::ALL.iter().position(|&v| v == variant).unwrap_or(0);
             let (grid, block) = match variant {
