@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod convert;
 pub mod error;
 pub mod format;
 pub mod model;

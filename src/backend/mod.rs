@@ -10,6 +10,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod ops;
+pub mod test_util;
 mod tensor;
 
 pub use tensor::{Storage, Tensor};

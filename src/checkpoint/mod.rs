@@ -6,9 +6,10 @@
 //! against the expected shape, `vb.get_weight(..)` returns a Linear [`Weight`] (dense or
 //! compressed, as stored).
 
+pub mod expected;
 mod store;
 
-pub use store::{ComponentStore, RawTensor};
+pub use store::{aliases, find_weight_files, ComponentStore, RawTensor, SafetensorsFile};
 
 use crate::backend::Tensor;
 use crate::error::{Error, Result};

@@ -3,6 +3,7 @@
 
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
+use crate::format::codec::SparseHeader;
 use crate::format::{DType, HostData, Weight};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -49,6 +50,27 @@ impl RawTensor<'_> {
     /// The values as a [`HostData`] in their stored float dtype.
     pub fn host_data(&self) -> Result<HostData> {
         let b = self.bytes;
+        // Fast path: an aligned little-endian buffer is reinterpreted, not parsed.
+        if cfg!(target_endian = "little") {
+            match self.dtype {
+                StDtype::F32 if b.len() % 4 == 0 => {
+                    let mut v = vec![0f32; b.len() / 4];
+                    bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(b);
+                    return Ok(HostData::F32(v));
+                }
+                StDtype::F16 if b.len() % 2 == 0 => {
+                    let mut v = vec![f16::ZERO; b.len() / 2];
+                    bytemuck::cast_slice_mut::<f16, u8>(&mut v).copy_from_slice(b);
+                    return Ok(HostData::F16(v));
+                }
+                StDtype::BF16 if b.len() % 2 == 0 => {
+                    let mut v = vec![bf16::ZERO; b.len() / 2];
+                    bytemuck::cast_slice_mut::<bf16, u8>(&mut v).copy_from_slice(b);
+                    return Ok(HostData::BF16(v));
+                }
+                _ => {}
+            }
+        }
         Ok(match self.dtype {
             StDtype::F32 => HostData::F32(
                 b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -86,11 +108,13 @@ pub struct ComponentStore {
     index: HashMap<String, usize>,
     /// In-memory tensors (tests, synthesised models, dry runs over a manifest).
     memory: HashMap<String, Tensor>,
+    /// The sparse-format header when this is a converted (sdsparse) component.
+    sparse: Option<SparseHeader>,
 }
 
 /// Legacy spellings of the same tensor; the model asks for the current (transformers 5 /
 /// diffusers 0.42) name and the store also tries these.
-fn aliases(name: &str) -> Vec<String> {
+pub fn aliases(name: &str) -> Vec<String> {
     let mut out = vec![format!("text_model.{name}")];
     for (new, old) in
         [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")]
@@ -112,15 +136,35 @@ impl ComponentStore {
         let paths = find_weight_files(dir)?;
         let mut files = Vec::new();
         let mut index = HashMap::new();
+        let mut sparse: Option<SparseHeader> = None;
         for p in paths {
             let f = SafetensorsFile::open(&p)?;
             let fi = files.len();
             for name in f.metadata.tensors().keys() {
                 index.insert(name.clone(), fi);
             }
+            let label = p.display().to_string();
+            if let Some(h) = SparseHeader::from_metadata(f.metadata.metadata().as_ref(), &label)? {
+                match &mut sparse {
+                    None => sparse = Some(h),
+                    Some(s) => s.layers.extend(h.layers),
+                }
+            }
             files.push(f);
         }
-        Ok(ComponentStore { dir: dir.to_path_buf(), files, index, memory: HashMap::new() })
+        if let Some(h) = &sparse {
+            for (name, rec) in &h.layers {
+                for suffix in rec.pattern.suffixes() {
+                    if !index.contains_key(&format!("{name}{suffix}")) {
+                        return Err(Error::Format(format!(
+                            "{}: sparse tensor {name} has no stored part {name}{suffix}",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(ComponentStore { dir: dir.to_path_buf(), files, index, memory: HashMap::new(), sparse })
     }
 
     /// A store over in-memory f32 tensors; `label` names it in errors.
@@ -130,6 +174,7 @@ impl ComponentStore {
             files: Vec::new(),
             index: HashMap::new(),
             memory: tensors,
+            sparse: None,
         }
     }
 
@@ -169,11 +214,45 @@ impl ComponentStore {
         Ok(RawTensor { name: key.as_str(), dtype: info.dtype, shape: &info.shape, bytes: f.bytes(info) })
     }
 
-    /// A tensor (by requested name, aliases tried) widened to f32.
+    /// The sparse-format header of a converted component (`None` for a dense one).
+    pub fn sparse_header(&self) -> Option<&SparseHeader> {
+        self.sparse.as_ref()
+    }
+
+    /// Tensor names as the model sees them: stored dense names plus compressed tensors'
+    /// names without their part suffixes, sorted.
+    pub fn logical_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = match &self.sparse {
+            None => self.names(),
+            Some(h) => self
+                .names()
+                .into_iter()
+                .filter(|n| {
+                    !crate::format::codec::ALL_SUFFIXES
+                        .iter()
+                        .any(|s| n.strip_suffix(s).is_some_and(|base| h.layers.contains_key(base)))
+                })
+                .chain(h.layers.keys().cloned())
+                .collect(),
+        };
+        v.sort();
+        v
+    }
+
+    /// A tensor (by requested name, aliases tried) widened to f32. A compressed tensor is
+    /// decompressed (zeros in place) to its original shape.
     pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
-        let stored = self.resolve(name).ok_or_else(|| {
-            Error::Checkpoint(format!("{}: tensor {name} not found in the checkpoint", self.describe()))
-        })?;
+        let Some(stored) = self.resolve(name) else {
+            if let Some((stored, _)) = crate::format::codec::compressed_name(self, name) {
+                let w = crate::format::codec::load_compressed(self, &stored)?;
+                let shape = self.sparse.as_ref().map(|h| h.layers[&stored].shape.clone()).unwrap_or_default();
+                return Tensor::from_vec(w.to_dense_host()?.to_f32(), &shape);
+            }
+            return Err(Error::Checkpoint(format!(
+                "{}: tensor {name} not found in the checkpoint",
+                self.describe()
+            )));
+        };
         if let Some(t) = self.memory.get(&stored) {
             return Ok(t.clone());
         }
@@ -191,7 +270,7 @@ impl ComponentStore {
 }
 
 /// The weight files of a component folder, in load order.
-fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))

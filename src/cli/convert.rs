@@ -1,10 +1,162 @@
-//! `sdsparse convert`.
+//! `sdsparse convert`: prune a dense diffusers SD2 folder into a sparse checkpoint, with a
+//! progress bar and a per-component summary.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use sdsparse::convert::{convert, ConvertOptions, ConvertReport, Progress};
+use sdsparse::prune::{Glob, Method, Pattern, Scope, Selection};
+use sdsparse::DType;
+use std::path::PathBuf;
 
 /// Flags of `sdsparse convert`.
 #[derive(clap::Args, Debug)]
-pub struct ConvertArgs {}
+pub struct ConvertArgs {
+    /// Dense diffusers folder (model_index.json, text_encoder/, unet/, vae/, ...).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output folder (must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Text-encoder target sparsity in [0, 1) (default 0.475; 0.5 under 2:4; 0 = dense).
+    #[arg(long)]
+    pub text_encoder_sparsity: Option<f64>,
+    /// UNet target sparsity in [0, 1) (default 0.35; 0.5 under 2:4; 0 = dense).
+    #[arg(long)]
+    pub unet_sparsity: Option<f64>,
+    /// Pattern of both components: unstructured or 2:4.
+    #[arg(long, default_value = "unstructured")]
+    pub pattern: String,
+    /// Overrides --pattern for the text encoder.
+    #[arg(long)]
+    pub text_encoder_pattern: Option<String>,
+    /// Overrides --pattern for the UNet.
+    #[arg(long)]
+    pub unet_pattern: Option<String>,
+    /// magnitude (smallest |w| pruned) or random (seeded baseline).
+    #[arg(long, default_value = "magnitude")]
+    pub method: String,
+    /// layer (each layer reaches the target) or global (one threshold per component).
+    #[arg(long, default_value = "layer")]
+    pub scope: String,
+    /// Stored dtype: keep, f16, bf16 or f32.
+    #[arg(long, default_value = "keep")]
+    pub dtype: String,
+    /// Seed of the random method.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also prune the UNet's convolution weights.
+    #[arg(long)]
+    pub include_conv: bool,
+    /// Also prune tensors whose name matches this glob (`*`, `?`); repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Never prune tensors whose name matches this glob; repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<Option<DType>> {
+    Ok(match s {
+        "keep" => None,
+        "f16" | "fp16" | "float16" => Some(DType::F16),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        "f32" | "fp32" | "float32" => Some(DType::F32),
+        _ => anyhow::bail!("invalid argument: unknown dtype '{s}' (expected keep, f16, bf16 or f32)"),
+    })
+}
+
+impl ConvertArgs {
+    pub fn options(&self) -> anyhow::Result<ConvertOptions> {
+        let pat = |s: &str| s.parse::<Pattern>();
+        Ok(ConvertOptions {
+            text_encoder_sparsity: self.text_encoder_sparsity,
+            unet_sparsity: self.unet_sparsity,
+            pattern: pat(&self.pattern)?,
+            text_encoder_pattern: self.text_encoder_pattern.as_deref().map(pat).transpose()?,
+            unet_pattern: self.unet_pattern.as_deref().map(pat).transpose()?,
+            method: self.method.parse::<Method>()?,
+            scope: self.scope.parse::<Scope>()?,
+            seed: self.seed,
+            dtype: parse_dtype(&self.dtype)?,
+            selection: Selection {
+                include_conv: self.include_conv,
+                include: self.include.iter().map(|g| Glob::new(g)).collect(),
+                exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
+            },
+            force: self.force,
+        })
+    }
+}
+
+/// A byte progress bar driven by the library's progress events.
+pub fn progress_bar(quiet: bool) -> (ProgressBar, impl FnMut(Progress)) {
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let b = bar.clone();
+    let f = move |p: Progress| match p {
+        Progress::Begin { total_bytes } => b.set_length(total_bytes),
+        Progress::Component { name } => b.set_message(name),
+        Progress::Advance { bytes } => b.inc(bytes),
+        Progress::Finish => b.finish_and_clear(),
+    };
+    (bar, f)
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+/// The summary table printed after a conversion.
+pub fn print_report(r: &ConvertReport) {
+    println!(
+        "{:<14} {:>12} {:>14} {:>14} {:>9} {:>12} {:>12} {:>8}",
+        "component", "pattern", "prunable", "zeros", "sparsity", "before", "after", "time"
+    );
+    for c in &r.components {
+        let pattern = c.plan.map(|p| p.pattern.name()).unwrap_or("dense");
+        println!(
+            "{:<14} {:>12} {:>14} {:>14} {:>8.2}% {:>12} {:>12} {:>7.1}s",
+            c.name,
+            pattern,
+            c.prunable_params,
+            c.pruned,
+            100.0 * c.achieved_sparsity(),
+            mb(c.bytes_before),
+            mb(c.bytes_after),
+            c.seconds
+        );
+        for (name, why) in &c.kept_dense {
+            println!("  kept dense: {name}: {why}");
+        }
+    }
+    let (this, other) = if r.include_conv {
+        ("with --include-conv", "Linear layers only")
+    } else {
+        ("Linear layers only", "with --include-conv")
+    };
+    println!(
+        "text encoder + UNet stored size: {:.3}x of dense ({this}); {:.3}x {other} (estimate)",
+        r.te_unet_ratio(),
+        r.te_unet_ratio_other_conv()
+    );
+    println!("wrote {} in {:.1}s", r.out.display(), r.seconds);
+}
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("sdsparse convert is not implemented yet")
+    let opts = args.options()?;
+    let (_bar, mut progress) = progress_bar(args.quiet);
+    let report = convert(&args.model, &args.out, &opts, &mut progress)?;
+    print_report(&report);
+    Ok(())
 }

@@ -1,10 +1,139 @@
-//! `sdsparse generate`.
+//! `sdsparse generate`: prompt → PNG with a dense or converted sparse SD2 checkpoint.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use sdsparse::backend::Device;
+use sdsparse::pipeline::{self, GenerateRequest, StableDiffusion};
+use sdsparse::scheduler::SchedulerKind;
+use sdsparse::Error;
+use std::path::PathBuf;
 
 /// Flags of `sdsparse generate`.
 #[derive(clap::Args, Debug)]
-pub struct GenerateArgs {}
+pub struct GenerateArgs {
+    /// Diffusers pipeline folder (dense, or converted by `sdsparse convert`).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The text prompt.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// What the image should not show (the unconditional side of guidance).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 or less turns guidance off).
+    #[arg(long, value_name = "G", default_value_t = 7.5)]
+    pub guidance: f32,
+    /// Scheduler: ddim, euler, dpm++2m or pndm (default: the checkpoint's scheduler_config.json).
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<String>,
+    /// Seed of the initial noise (our own generator, not torch's; see --init-latents).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Image width in pixels (a multiple of the VAE scale factor, 8 for SD2).
+    #[arg(long, value_name = "W")]
+    pub width: Option<usize>,
+    /// Image height in pixels (a multiple of the VAE scale factor, 8 for SD2).
+    #[arg(long, value_name = "H")]
+    pub height: Option<usize>,
+    /// Safetensors file with unit-variance noise `latents` [1,4,H/f,W/f] (sets the size).
+    #[arg(long, value_name = "FILE")]
+    pub init_latents: Option<PathBuf>,
+    /// Also write the final latents (before VAE decode) as tensor `latents`.
+    #[arg(long, value_name = "FILE")]
+    pub save_latents: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(long, value_name = "FILE.png", default_value = "image.png")]
+    pub out: PathBuf,
+    /// auto (CUDA when a GPU and kernels are present, else CPU), cpu, or cuda.
+    #[arg(long, value_name = "auto|cpu|cuda", default_value = "auto")]
+    pub device: String,
+}
+
+/// The device `--device` asks for. CUDA needs a GPU and a build with kernels; `auto` falls
+/// back to the CPU with a note, `cuda` without them is an error.
+pub fn select_device(choice: &str) -> Result<Device, Error> {
+    match choice {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => match cuda_device() {
+            Ok(d) => Ok(d),
+            Err(why) => {
+                eprintln!("note: running on the CPU ({why})");
+                Ok(Device::Cpu)
+            }
+        },
+        "cuda" => cuda_device().map_err(|why| Error::Cuda(format!("--device cuda: {why}"))),
+        other => Err(Error::Invalid(format!("--device must be auto, cpu or cuda, got {other:?}"))),
+    }
+}
+
+/// A CUDA device for the pipeline, or why there is none.
+fn cuda_device() -> Result<Device, String> {
+    // The pipeline's models do not run on the CUDA backend yet.
+    Err("the CUDA pipeline is not available in this build".to_string())
+}
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("sdsparse generate is not implemented yet")
+    let scheduler = args.scheduler.as_deref().map(SchedulerKind::from_cli_name).transpose()?;
+    if args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    if !args.guidance.is_finite() {
+        anyhow::bail!("--guidance must be a finite number");
+    }
+    if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
+        if !ext.eq_ignore_ascii_case("png") {
+            anyhow::bail!("--out {}: the output is a PNG; use a .png file name", args.out.display());
+        }
+    }
+    let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
+    let device = select_device(&args.device)?;
+
+    let sd = StableDiffusion::load(&args.model, &device)?;
+    let req = GenerateRequest {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler,
+        seed: args.seed,
+        width: args.width,
+        height: args.height,
+        init_latents,
+    };
+    // Check sizes and the scheduler before the text encoder runs.
+    let shape = sd.latent_shape(&req)?;
+    let kind = sd.scheduler_kind(&req)?;
+    let calls = pipeline::unet_calls(sd.scheduler_config(), kind, req.steps)?;
+    let f = sd.vae_scale_factor();
+    eprintln!(
+        "generating {}x{} with {} ({} steps, {} UNet calls, guidance {}) on {}",
+        shape[3] * f,
+        shape[2] * f,
+        kind.cli_name(),
+        req.steps,
+        calls,
+        req.guidance,
+        device.name()
+    );
+
+    let bar = ProgressBar::new(calls as u64).with_style(
+        ProgressStyle::with_template("denoising {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let generated = sd.generate(&req, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    if generated.prompt_truncated {
+        eprintln!("note: the prompt was longer than 77 tokens and was truncated");
+    }
+
+    pipeline::save_png(&generated.image, &args.out)?;
+    if let Some(p) = &args.save_latents {
+        pipeline::save_latents(&generated.latents, p)?;
+        eprintln!("wrote latents {}", p.display());
+    }
+    eprint!("{}", pipeline::report(&sd, &generated));
+    println!("wrote {}", args.out.display());
+    Ok(())
 }

@@ -1,19 +1,85 @@
-//! `sdsparse inspect`.
+//! `sdsparse inspect` (per-layer format, shape, sparsity and bytes of a dense or sparse
+//! folder) and `sdsparse export` (sparse folder → dense diffusers folder).
+
+use sdsparse::convert::{export, inspect};
+use std::path::PathBuf;
 
 /// Flags of `sdsparse inspect`.
 #[derive(clap::Args, Debug)]
-pub struct InspectArgs {}
+pub struct InspectArgs {
+    /// A diffusers pipeline folder (dense or sparse) or one component folder.
+    pub path: PathBuf,
+    /// Only the per-component totals.
+    #[arg(long)]
+    pub summary: bool,
+}
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("sdsparse inspect is not implemented yet")
+    let comps = inspect(&args.path)?;
+    for c in &comps {
+        let kind = match &c.header {
+            Some(h) => {
+                format!("sparse (format v{}, {} {}, from {})", h.format_version, h.method, h.scope, h.source)
+            }
+            None => "dense".to_string(),
+        };
+        println!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
+        if !args.summary {
+            println!(
+                "{:<72} {:>13} {:>20} {:>5} {:>9} {:>12}",
+                "tensor", "format", "shape", "dtype", "sparsity", "bytes"
+            );
+            for t in &c.tensors {
+                let shape = format!("{:?}", t.shape);
+                let sp = if t.numel == 0 { 0.0 } else { 100.0 * t.zeros as f64 / t.numel as f64 };
+                println!(
+                    "{:<72} {:>13} {:>20} {:>5} {:>8.2}% {:>12}",
+                    t.name, t.format, shape, t.dtype, sp, t.bytes
+                );
+                if let Some(n) = &t.note {
+                    println!("    kept dense: {n}");
+                }
+            }
+        }
+        let sparse: Vec<_> = c.tensors.iter().filter(|t| t.format != "dense").collect();
+        let numel: usize = sparse.iter().map(|t| t.numel).sum();
+        let zeros: usize = sparse.iter().map(|t| t.zeros).sum();
+        let bytes: u64 = c.tensors.iter().map(|t| t.bytes).sum();
+        println!(
+            "   {} tensors, {} compressed ({} params, {:.2}% pruned), {:.1} MB of tensor data",
+            c.tensors.len(),
+            sparse.len(),
+            numel,
+            if numel == 0 { 0.0 } else { 100.0 * zeros as f64 / numel as f64 },
+            bytes as f64 / 1e6
+        );
+    }
+    Ok(())
 }
 
 /// Flags of `sdsparse export`.
 #[derive(clap::Args, Debug)]
-pub struct ExportArgs {}
+pub struct ExportArgs {
+    /// A sparse folder written by `sdsparse convert`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output dense diffusers folder (must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
 
 pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("sdsparse export is not implemented yet")
+    let (_bar, mut progress) = super::convert::progress_bar(args.quiet);
+    let r = export(&args.model, &args.out, args.force, &mut progress)?;
+    for (c, bytes) in &r.components {
+        println!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
+    }
+    println!("wrote dense diffusers folder {}", r.out.display());
+    Ok(())
 }

@@ -15,6 +15,7 @@
 //!   row-major order; `row_offsets[rows + 1]` indexes each row's first value.
 
 pub mod codec;
+pub mod writer;
 
 use crate::backend::Tensor;
 use half::{bf16, f16};

@@ -1,34 +1,23 @@
-//! The CUDA backend: context, the embedded kernel fatbin, device storage and launchers.
-//! Built without nvcc, every entry point returns a "built without CUDA kernels" error.
+//! The CUDA backend: the GPU handle, the embedded kernel fatbin, device storage and launchers.
+//!
+//! - [`CudaDevice`] opens a GPU (clear errors for "no driver", "no GPU", "built without CUDA
+//!   kernels"), loads the fatbin once, looks kernels up by name and launches them.
+//! - [`CudaStorage`] is the f32 data of a GPU tensor.
+//! - [`params`] mirrors the kernel parameter structs of `cuda/include/sdsparse_params.h`.
+//! - [`decompress`] holds sparse weights on the GPU and expands them to dense.
+//!
+//! A kernel family is a `cuda/<name>.cu` file (compiled by build.rs into the one fatbin), a
+//! parameter struct in the header mirrored in `params.rs`, and a launcher file here. In a build
+//! without nvcc everything compiles, and [`CudaDevice::new`] returns the "built without CUDA
+//! kernels" error, so no GPU path can be reached.
 
-use crate::error::{Error, Result};
+pub mod decompress;
+mod device;
+pub mod kernels;
+pub mod params;
 
 pub mod attention;
 pub mod unstructured;
 
-/// A CUDA device handle (one context per GPU).
-#[derive(Debug, Clone)]
-pub struct CudaDevice {
-    ordinal: usize,
-}
-
-impl CudaDevice {
-    pub fn name(&self) -> String {
-        format!("cuda:{}", self.ordinal)
-    }
-}
-
-/// f32 data on a GPU.
-#[derive(Debug, Clone)]
-pub struct CudaStorage {
-    device: CudaDevice,
-}
-
-impl CudaStorage {
-    pub fn device(&self) -> CudaDevice {
-        self.device.clone()
-    }
-    pub fn to_host(&self) -> Result<Vec<f32>> {
-        Err(Error::Cuda("not implemented yet".into()))
-    }
-}
+pub use decompress::{to_cuda, weight_to_dense};
+pub use device::{CudaDevice, CudaStorage};

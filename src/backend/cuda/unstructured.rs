@@ -439,11 +439,17 @@ impl GemmPlan {
     }
 }
 
-/// Where the kernel fatbins are read from: `$SDSPARSE_CUDA_KERNEL_DIR/<name>.fatbin`, else
-/// `target/cuda/<name>.fatbin` under the crate root (written by
-/// `tools/build_unstructured_kernels.sh`). Once the crate's build.rs embeds the kernels this
-/// becomes an `include_bytes!`.
+/// The kernel image holding `<name>`: `$SDSPARSE_CUDA_KERNEL_DIR/<name>.fatbin` when that is
+/// set, else the fatbin build.rs embedded in the crate, else `target/cuda/<name>.fatbin` under
+/// the crate root (written by `tools/build_unstructured_kernels.sh`).
 pub fn kernel_image(name: &str) -> Result<Vec<u8>> {
+    // The fatbin build.rs embedded holds every cuda/*.cu kernel; a kernel directory set in the
+    // environment overrides it (kernels built separately by tools/build_unstructured_kernels.sh).
+    if std::env::var_os("SDSPARSE_CUDA_KERNEL_DIR").is_none() {
+        if let Some(fatbin) = super::kernels::fatbin() {
+            return Ok(fatbin.to_vec());
+        }
+    }
     // The crate root at run time (staged executables on the device machine run from a copy of
     // the tree with CARGO_MANIFEST_DIR set), else the one this was compiled in.
     let root = std::env::var_os("CARGO_MANIFEST_DIR")

@@ -1,0 +1,273 @@
+//! The GPU handle ([`CudaDevice`]: context, stream, the loaded kernel module) and f32 device
+//! storage for tensors ([`CudaStorage`]).
+//!
+//! One [`CudaDevice`] exists per GPU ordinal in the process (a registry hands out clones), so the
+//! embedded fatbin is loaded once per device and kernel handles are looked up once by name.
+//! All work goes to one stream per device, in order; that is why cudarc's per-buffer event
+//! tracking is switched off (it only pays with several streams). Code that adds streams must
+//! synchronise them itself.
+
+use super::kernels::{self, NO_KERNELS};
+use crate::error::{Error, Result};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Turns a cudarc driver error into the crate's error, saying what was being done.
+pub(crate) fn driver_err(what: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// A GPU: its context, the stream all work is queued on, and the kernel module.
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ordinal: usize,
+    gpu_name: String,
+    compute_capability: (i32, i32),
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (major, minor) = self.inner.compute_capability;
+        write!(f, "CudaDevice(cuda:{}, {}, sm_{major}{minor})", self.inner.ordinal, self.inner.gpu_name)
+    }
+}
+
+impl PartialEq for CudaDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.ordinal == other.inner.ordinal
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<usize, CudaDevice>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, CudaDevice>>> = OnceLock::new();
+    DEVICES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+impl CudaDevice {
+    /// The GPU with this ordinal, with the kernels loaded. Errors (never panics) when the crate
+    /// was built without CUDA kernels, when no driver or GPU is present, or when the GPU is older
+    /// than sm_80.
+    pub fn new(ordinal: usize) -> Result<CudaDevice> {
+        let mut devices = registry().lock().map_err(|_| Error::Cuda("device registry poisoned".into()))?;
+        if let Some(dev) = devices.get(&ordinal) {
+            return Ok(dev.clone());
+        }
+        let dev = Self::open(ordinal)?;
+        devices.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    fn open(ordinal: usize) -> Result<CudaDevice> {
+        let fatbin = kernels::fatbin().ok_or_else(|| Error::Cuda(NO_KERNELS.into()))?;
+        // cudarc loads libcuda lazily and panics when it is missing, so look first.
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "no CUDA driver: libcuda.so could not be loaded (is there an NVIDIA GPU and driver?)".into(),
+            ));
+        }
+        // A driver too old for the CUDA 13 API can still make cudarc panic on a missing symbol:
+        // turn that into an error too.
+        let opened = std::panic::catch_unwind(|| -> Result<(Arc<CudaContext>, (i32, i32), String)> {
+            let count = CudaContext::device_count().map_err(driver_err("cannot initialise the CUDA driver"))?;
+            if ordinal >= count.max(0) as usize {
+                return Err(Error::Cuda(format!("no GPU with ordinal {ordinal}: {count} CUDA device(s) found")));
+            }
+            let ctx = CudaContext::new(ordinal).map_err(driver_err("cannot create a CUDA context"))?;
+            let cc = ctx.compute_capability().map_err(driver_err("cannot query the compute capability"))?;
+            let name = ctx.name().map_err(driver_err("cannot query the GPU name"))?;
+            Ok((ctx, cc, name))
+        });
+        let (ctx, compute_capability, gpu_name) = opened.map_err(|_| {
+            Error::Cuda("the CUDA driver is missing functions this build needs (driver older than CUDA 13?)".into())
+        })??;
+        if compute_capability.0 < 8 {
+            return Err(Error::Cuda(format!(
+                "{gpu_name} is sm_{}{}; the kernels need sm_80 (Ampere) or newer",
+                compute_capability.0, compute_capability.1
+            )));
+        }
+        // SAFETY: every buffer of this context is used on `stream` only (module docs).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec())).map_err(|e| {
+            Error::Cuda(format!(
+                "cannot load the kernels on {gpu_name}: {e} (the driver must support CUDA {})",
+                kernels::nvcc_version()
+            ))
+        })?;
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                ordinal,
+                gpu_name,
+                compute_capability,
+                ctx,
+                stream,
+                module,
+                functions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// `cuda:<ordinal>`.
+    pub fn name(&self) -> String {
+        format!("cuda:{}", self.inner.ordinal)
+    }
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+    /// The GPU's marketing name, e.g. "NVIDIA H200".
+    pub fn gpu_name(&self) -> &str {
+        &self.inner.gpu_name
+    }
+    /// `(major, minor)`, e.g. `(9, 0)` for Hopper.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.inner.compute_capability
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+    /// The stream all of this device's work goes to (pass it to cuBLAS handles too).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// A kernel of the embedded fatbin by its `extern "C"` name (looked up once, then cached).
+    pub fn function(&self, name: &str) -> Result<CudaFunction> {
+        let mut functions = self.inner.functions.lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .inner
+            .module
+            .load_function(name)
+            .map_err(|e| Error::Cuda(format!("kernel {name} is not in the fatbin: {e}")))?;
+        functions.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launches a kernel that takes one parameter struct by value (the convention of every
+    /// kernel in `cuda/`, see `params.rs`).
+    ///
+    /// # Safety
+    /// The device pointers inside `params` must point to live allocations of this device that are
+    /// large enough for what the kernel reads and writes with these sizes, and `cfg` must be a
+    /// launch shape the kernel supports.
+    pub unsafe fn launch<P: DeviceRepr>(&self, kernel: &str, cfg: LaunchConfig, params: &P) -> Result<()> {
+        let f = self.function(kernel)?;
+        let mut builder = self.stream().launch_builder(&f);
+        builder.arg(params);
+        builder.launch(cfg).map(|_| ()).map_err(|e| Error::Cuda(format!("launch of {kernel} failed: {e}")))
+    }
+
+    /// Waits for all queued work; reports errors of earlier asynchronous launches.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream().synchronize().map_err(driver_err("kernel execution failed"))
+    }
+
+    /// The raw device address of a buffer, for parameter structs.
+    pub fn device_ptr<T>(&self, buf: &impl DevicePtr<T>) -> u64 {
+        // Event tracking is off, so the returned guard has nothing to record.
+        let (ptr, _guard) = buf.device_ptr(self.stream());
+        ptr
+    }
+    /// The raw device address of a buffer the kernel writes.
+    pub fn device_ptr_mut<T>(&self, buf: &mut impl DevicePtrMut<T>) -> u64 {
+        let (ptr, _guard) = buf.device_ptr_mut(self.stream());
+        ptr
+    }
+
+    /// Copies host data to a new device buffer.
+    pub fn htod<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
+        }
+        self.stream().clone_htod(data).map_err(driver_err("host to device copy failed"))
+    }
+    /// Copies a device buffer to a new host vector (waits for queued work first).
+    pub fn dtoh<T: DeviceRepr>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        let host = self.stream().clone_dtoh(buf).map_err(driver_err("device to host copy failed"))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+    /// A new zero-filled device buffer of `len` elements.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
+        }
+        self.stream().alloc_zeros(len).map_err(driver_err("device allocation failed"))
+    }
+    /// A new device buffer of `len` elements whose every byte is 0xFF: NaN for f32, f16 and bf16,
+    /// so a test that finds an element the kernel never wrote sees a NaN.
+    pub fn alloc_poisoned<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
+        }
+        // SAFETY: the memory is fully initialised by the memset right after.
+        let mut buf = unsafe { self.stream().alloc::<T>(len) }.map_err(driver_err("device allocation failed"))?;
+        self.fill_bytes(&mut buf, 0xFF)?;
+        Ok(buf)
+    }
+    /// Sets every byte of `buf` to `byte` (stream-ordered).
+    pub fn fill_bytes<T>(&self, buf: &mut CudaSlice<T>, byte: u8) -> Result<()> {
+        let bytes = buf.num_bytes();
+        let ptr = self.device_ptr_mut(buf);
+        // SAFETY: `ptr` addresses `bytes` bytes of a live allocation of this context.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream().cu_stream()) }
+            .map_err(driver_err("device memset failed"))
+    }
+}
+
+/// f32 tensor data on a GPU. Cloning shares the buffer (tensors are immutable once made).
+#[derive(Clone)]
+pub struct CudaStorage {
+    device: CudaDevice,
+    data: Arc<CudaSlice<f32>>,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaStorage({} f32 on {})", self.data.len(), self.device.name())
+    }
+}
+
+impl CudaStorage {
+    /// Wraps a device buffer (e.g. a kernel's output).
+    pub fn from_slice(device: &CudaDevice, data: CudaSlice<f32>) -> CudaStorage {
+        CudaStorage { device: device.clone(), data: Arc::new(data) }
+    }
+    /// Copies host values to the device.
+    pub fn from_host(device: &CudaDevice, data: &[f32]) -> Result<CudaStorage> {
+        Ok(Self::from_slice(device, device.htod(data)?))
+    }
+    pub fn device(&self) -> CudaDevice {
+        self.device.clone()
+    }
+    /// The device buffer, for launchers.
+    pub fn slice(&self) -> &CudaSlice<f32> {
+        &self.data
+    }
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// Copies the values to the host.
+    pub fn to_host(&self) -> Result<Vec<f32>> {
+        self.device.dtoh(&self.data)
+    }
+}

@@ -1,0 +1,1003 @@
+//! The library side of `sdsparse convert`, `export` and `inspect`: dense diffusers folder
+//! → pruned sparse folder, sparse folder → dense diffusers folder (zeros in place), and a
+//! per-layer description of either.
+//!
+//! Both writers build the result in a temporary sibling folder and rename it into place at
+//! the end, so a failure leaves no partial output; the input folder is only read (by
+//! memory map), one component at a time, one batch of tensors at a time.
+
+use crate::checkpoint::{ComponentStore, RawTensor};
+use crate::error::{Error, Result};
+use crate::format::codec::{
+    crc32_hex, dtype_from_name, matrix_dims, LayerRecord, PatternName, SparseHeader, FORMAT_VERSION,
+};
+use crate::format::writer::{Entry, StreamWriter};
+use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, DType, HostData, Weight};
+use crate::prune::{self, ComponentKind, Cut, Method, Pattern, Scope, Selection};
+use rayon::prelude::*;
+use safetensors::Dtype as StDtype;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The study's text-encoder target.
+pub const DEFAULT_TEXT_ENCODER_SPARSITY: f64 = 0.475;
+/// The study's UNet target.
+pub const DEFAULT_UNET_SPARSITY: f64 = 0.35;
+/// File name of the conversion summary at the top of a sparse folder.
+pub const SUMMARY_FILE: &str = "sdsparse.json";
+
+/// Everything `convert` can be told. `Default` reproduces the study.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// `None`: 0.475, or 0.5 when the text encoder is 2:4.
+    pub text_encoder_sparsity: Option<f64>,
+    /// `None`: 0.35, or 0.5 when the UNet is 2:4.
+    pub unet_sparsity: Option<f64>,
+    /// Pattern of both components unless overridden below.
+    pub pattern: Pattern,
+    pub text_encoder_pattern: Option<Pattern>,
+    pub unet_pattern: Option<Pattern>,
+    pub method: Method,
+    pub scope: Scope,
+    /// Seed of the random method.
+    pub seed: u64,
+    /// Stored dtype of every float tensor; `None` keeps each as it is.
+    pub dtype: Option<DType>,
+    pub selection: Selection,
+    /// Replace an existing output folder.
+    pub force: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            text_encoder_sparsity: None,
+            unet_sparsity: None,
+            pattern: Pattern::Unstructured,
+            text_encoder_pattern: None,
+            unet_pattern: None,
+            method: Method::Magnitude,
+            scope: Scope::Layer,
+            seed: 0,
+            dtype: None,
+            selection: Selection::default(),
+            force: false,
+        }
+    }
+}
+
+/// What one component is pruned to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ComponentPlan {
+    pub pattern: Pattern,
+    pub sparsity: f64,
+}
+
+impl ConvertOptions {
+    /// The plan of a component, `None` when it stays dense; errors on a target outside
+    /// [0, 1) or a 2:4 target other than 0 or 0.5.
+    pub fn plan(&self, kind: ComponentKind) -> Result<Option<ComponentPlan>> {
+        let (flag, given, pattern, default) = match kind {
+            ComponentKind::TextEncoder => (
+                "--text-encoder-sparsity",
+                self.text_encoder_sparsity,
+                self.text_encoder_pattern.unwrap_or(self.pattern),
+                DEFAULT_TEXT_ENCODER_SPARSITY,
+            ),
+            ComponentKind::Unet => (
+                "--unet-sparsity",
+                self.unet_sparsity,
+                self.unet_pattern.unwrap_or(self.pattern),
+                DEFAULT_UNET_SPARSITY,
+            ),
+            _ => return Ok(None),
+        };
+        if let Some(s) = given {
+            if !(0.0..1.0).contains(&s) {
+                return Err(Error::Invalid(format!("{flag} {s} is outside [0, 1)")));
+            }
+        }
+        let sparsity = match (pattern, given) {
+            (Pattern::Sparse24, None) => 0.5,
+            (Pattern::Sparse24, Some(s)) if s != 0.0 && s != 0.5 => {
+                return Err(Error::Invalid(format!(
+                    "{flag} {s} cannot be used with the 2:4 pattern, which is exactly 50% sparse \
+                     (give 0.5, or 0 to keep the component dense)"
+                )))
+            }
+            (_, Some(s)) => s,
+            (Pattern::Unstructured, None) => default,
+        };
+        Ok((sparsity > 0.0).then_some(ComponentPlan { pattern, sparsity }))
+    }
+
+    /// Checks every option (also done by [`convert`] before anything is written).
+    pub fn validate(&self) -> Result<()> {
+        self.plan(ComponentKind::TextEncoder)?;
+        self.plan(ComponentKind::Unet)?;
+        Ok(())
+    }
+}
+
+/// Progress of a long operation, in input bytes.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Total input bytes to process.
+    Begin {
+        total_bytes: u64,
+    },
+    /// A component starts.
+    Component {
+        name: String,
+    },
+    /// Another `bytes` processed.
+    Advance {
+        bytes: u64,
+    },
+    Finish,
+}
+
+/// One tensor in a report.
+#[derive(Debug, Clone)]
+pub struct LayerReport {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// `dense`, `2:4` or `unstructured`.
+    pub format: String,
+    pub dtype: String,
+    pub numel: usize,
+    /// Pruned elements (sparse layers) or zero elements (dense tensors, inspect only).
+    pub zeros: usize,
+    pub bytes: u64,
+    /// Why a tensor selected for pruning stayed dense.
+    pub note: Option<String>,
+}
+
+/// One component of a conversion.
+#[derive(Debug, Clone)]
+pub struct ComponentReport {
+    pub name: String,
+    /// `None`: kept dense.
+    pub plan: Option<ComponentPlan>,
+    /// Elements in the layers selected for pruning.
+    pub prunable_params: usize,
+    pub pruned: usize,
+    /// Bytes of all tensors as read.
+    pub bytes_before: u64,
+    /// Bytes of the written weight file.
+    pub bytes_after: u64,
+    /// Bytes of all tensors, dense, in the output dtypes (what an unpruned copy would take).
+    pub dense_bytes_out: u64,
+    /// Tensor data written (file minus header).
+    pub data_bytes_after: u64,
+    /// Estimated data bytes with the other choice of `--include-conv`.
+    pub data_bytes_other_conv: u64,
+    pub seconds: f64,
+    /// The pruned layers.
+    pub layers: Vec<LayerReport>,
+    /// Layers selected for pruning that stayed dense, with the reason.
+    pub kept_dense: Vec<(String, String)>,
+}
+
+impl ComponentReport {
+    pub fn achieved_sparsity(&self) -> f64 {
+        if self.prunable_params == 0 {
+            0.0
+        } else {
+            self.pruned as f64 / self.prunable_params as f64
+        }
+    }
+}
+
+/// What `convert` did.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub out: PathBuf,
+    pub components: Vec<ComponentReport>,
+    pub include_conv: bool,
+    pub seconds: f64,
+}
+
+impl ConvertReport {
+    fn te_unet(&self) -> impl Iterator<Item = &ComponentReport> {
+        self.components.iter().filter(|c| c.name == "text_encoder" || c.name == "unet")
+    }
+    /// Stored size of text encoder + UNet relative to their dense size (same dtype).
+    pub fn te_unet_ratio(&self) -> f64 {
+        let (a, d) = self.te_unet().fold((0, 0), |(a, d), c| (a + c.data_bytes_after, d + c.dense_bytes_out));
+        a as f64 / d.max(1) as f64
+    }
+    /// The same ratio with the other choice of `--include-conv` (estimated from shapes).
+    pub fn te_unet_ratio_other_conv(&self) -> f64 {
+        let (a, d) =
+            self.te_unet().fold((0, 0), |(a, d), c| (a + c.data_bytes_other_conv, d + c.dense_bytes_out));
+        a as f64 / d.max(1) as f64
+    }
+}
+
+/// Files that hold weights in other formats; never copied into an output folder.
+fn is_weight_file(name: &str) -> bool {
+    [
+        ".safetensors",
+        ".safetensors.index.json",
+        ".bin",
+        ".bin.index.json",
+        ".ckpt",
+        ".pt",
+        ".pth",
+        ".msgpack",
+        ".h5",
+        ".onnx",
+        ".onnx_data",
+        ".pb",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
+}
+
+/// The components a pipeline folder's `model_index.json` lists (non-null entries).
+fn listed_components(model: &Path) -> Result<Vec<String>> {
+    let path = model.join("model_index.json");
+    if !model.is_dir() {
+        return Err(Error::Checkpoint(format!("{}: folder not found", model.display())));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        Error::Checkpoint(format!("{}: not a diffusers folder (no model_index.json)", model.display()))
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: invalid JSON ({e})", path.display())))?;
+    let obj =
+        v.as_object().ok_or_else(|| Error::Checkpoint(format!("{}: not a JSON object", path.display())))?;
+    let mut out: Vec<String> = obj
+        .iter()
+        .filter(|(k, v)| !k.starts_with('_') && v.as_array().is_some_and(|a| a.len() == 2 && !a[0].is_null()))
+        .map(|(k, _)| k.clone())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// A component folder that holds weights (as opposed to tokenizer / scheduler).
+fn has_weights(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        })
+        .unwrap_or(false)
+}
+
+/// Copies a folder's files (recursively) except weight files and hidden entries.
+fn copy_non_weights(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    let rd = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let src = entry.path();
+        if name.starts_with('.') || name == SUMMARY_FILE {
+            continue;
+        }
+        if src.is_dir() {
+            copy_non_weights(&src, &to.join(&name))?;
+        } else if !is_weight_file(&name) {
+            std::fs::copy(&src, to.join(&name)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A temporary sibling of the output folder, removed on drop unless committed.
+struct TempOut {
+    tmp: PathBuf,
+    out: PathBuf,
+    committed: bool,
+}
+
+impl TempOut {
+    fn new(input: &Path, out: &Path, force: bool) -> Result<TempOut> {
+        if out.exists() && !force {
+            return Err(Error::Invalid(format!(
+                "{} already exists (use --force to replace it)",
+                out.display()
+            )));
+        }
+        let abs = |p: &Path| -> Result<PathBuf> {
+            let p = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
+            };
+            Ok(std::fs::canonicalize(&p).unwrap_or(p))
+        };
+        let (ain, aout) = (abs(input)?, abs(out)?);
+        if aout.starts_with(&ain) || ain.starts_with(&aout) {
+            return Err(Error::Invalid(format!(
+                "the output {} must not be the input {} or inside it (the input is never modified)",
+                out.display(),
+                input.display()
+            )));
+        }
+        let parent = aout.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        if !parent.is_dir() {
+            return Err(Error::Invalid(format!("{}: parent folder does not exist", out.display())));
+        }
+        let base = aout.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+        let tmp = parent.join(format!(".{base}.sdsparse-tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(TempOut { tmp, out: out.to_path_buf(), committed: false })
+    }
+
+    fn commit(mut self) -> Result<()> {
+        if self.out.exists() {
+            let meta = std::fs::symlink_metadata(&self.out).map_err(|e| Error::io(&self.out, e))?;
+            if meta.is_dir() {
+                std::fs::remove_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
+            } else {
+                std::fs::remove_file(&self.out).map_err(|e| Error::io(&self.out, e))?;
+            }
+        }
+        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempOut {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// The weight file name diffusers / transformers look for in a component folder.
+fn weight_file_name(component: &str) -> &'static str {
+    if component == "text_encoder" || component.starts_with("text_encoder_") {
+        "model.safetensors"
+    } else {
+        "diffusion_pytorch_model.safetensors"
+    }
+}
+
+fn st_dtype(d: DType) -> StDtype {
+    match d {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+    }
+}
+
+/// What happens to one stored tensor.
+#[derive(Debug, Clone)]
+enum Action {
+    /// Written unchanged (or cast to `out_dtype`).
+    Dense,
+    /// Pruned with this pattern; `cut` is known up front for global scope.
+    Prune { pattern: Pattern, k: usize, cut: Option<Option<Cut>> },
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    name: String,
+    shape: Vec<usize>,
+    in_dtype: StDtype,
+    /// `None` for non-float tensors (copied as they are).
+    out_dtype: Option<DType>,
+    in_bytes: usize,
+    action: Action,
+}
+
+impl Job {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn out_dtype_size(&self) -> usize {
+        self.out_dtype.map(|d| d.size_in_bytes()).unwrap_or(self.in_dtype.bitsize() / 8)
+    }
+    /// The stored entries this job writes.
+    fn entries(&self) -> Vec<Entry> {
+        let (rows, cols) = matrix_dims(&self.shape);
+        let vd = self.out_dtype.map(st_dtype).unwrap_or(self.in_dtype);
+        match &self.action {
+            Action::Dense => vec![Entry { name: self.name.clone(), dtype: vd, shape: self.shape.clone() }],
+            Action::Prune { pattern: Pattern::Sparse24, .. } => vec![
+                Entry {
+                    name: format!("{}{}", self.name, crate::format::codec::S24_VALUES),
+                    dtype: vd,
+                    shape: vec![rows, cols / 2],
+                },
+                Entry {
+                    name: format!("{}{}", self.name, crate::format::codec::S24_META),
+                    dtype: StDtype::U8,
+                    shape: vec![rows, sparse24_meta_row_bytes(cols)],
+                },
+            ],
+            Action::Prune { pattern: Pattern::Unstructured, k, .. } => vec![
+                Entry {
+                    name: format!("{}{}", self.name, crate::format::codec::BITMAP_MASK),
+                    dtype: StDtype::U8,
+                    shape: vec![rows, bitmap_row_bytes(cols)],
+                },
+                Entry {
+                    name: format!("{}{}", self.name, crate::format::codec::BITMAP_VALUES),
+                    dtype: vd,
+                    shape: vec![self.numel() - k],
+                },
+            ],
+        }
+    }
+    fn pattern_name(&self) -> Option<PatternName> {
+        match self.action {
+            Action::Dense => None,
+            Action::Prune { pattern: Pattern::Sparse24, .. } => Some(PatternName::Sparse24),
+            Action::Prune { pattern: Pattern::Unstructured, .. } => Some(PatternName::Unstructured),
+        }
+    }
+}
+
+/// The values of a float tensor in the job's output dtype.
+fn load_values(raw: &RawTensor<'_>, out: Option<DType>) -> Result<HostData> {
+    let v = raw.host_data()?;
+    Ok(match out {
+        Some(d) if d != v.dtype() => v.to_dtype(d),
+        _ => v,
+    })
+}
+
+/// The stored bytes of one processed job: (entry name, bytes) in entry order.
+type Parts<'a> = Vec<(String, Cow<'a, [u8]>)>;
+
+fn host_bytes(h: HostData) -> Vec<u8> {
+    h.as_bytes().to_vec()
+}
+
+/// Runs one job: returns its stored parts and (for pruned layers) the pruned count.
+fn run_job<'a>(
+    store: &'a ComponentStore,
+    job: &Job,
+    method: Method,
+    seed: u64,
+) -> Result<(Parts<'a>, usize)> {
+    let raw = store.raw(&job.name)?;
+    let (rows, cols) = matrix_dims(&job.shape);
+    match &job.action {
+        Action::Dense => {
+            let same = job.out_dtype.is_none() || raw.float_dtype() == job.out_dtype;
+            let bytes = if same {
+                Cow::Borrowed(raw.bytes)
+            } else {
+                Cow::Owned(host_bytes(load_values(&raw, job.out_dtype)?))
+            };
+            Ok((vec![(job.name.clone(), bytes)], 0))
+        }
+        Action::Prune { pattern, k, cut } => {
+            // Work on the mapped bytes directly unless a dtype cast is asked for.
+            let in_dtype = raw
+                .float_dtype()
+                .ok_or_else(|| Error::Format(format!("{}: not a float tensor", job.name)))?;
+            let out_dtype = job.out_dtype.unwrap_or(in_dtype);
+            let cast;
+            let bytes: &[u8] = if out_dtype == in_dtype {
+                raw.bytes
+            } else {
+                cast = load_values(&raw, Some(out_dtype))?;
+                cast.as_bytes()
+            };
+            let es = out_dtype.size_in_bytes();
+            let keys = prune::Keys::new(method, seed, &job.name, out_dtype, bytes);
+            let entries = job.entries();
+            match pattern {
+                Pattern::Sparse24 => {
+                    let mask = prune::sparse24_mask(keys, rows, cols);
+                    let (values, meta) =
+                        crate::format::codec::encode_sparse24_bytes(bytes, es, rows, cols, &mask)?;
+                    Ok((
+                        vec![
+                            (entries[0].name.clone(), Cow::Owned(values)),
+                            (entries[1].name.clone(), Cow::Owned(meta)),
+                        ],
+                        rows * cols / 2,
+                    ))
+                }
+                Pattern::Unstructured => {
+                    let cut = match cut {
+                        Some(c) => *c,
+                        None => prune::layer_cut(keys, *k)?,
+                    };
+                    let (mask, pruned) = prune::unstructured_mask(keys, rows, cols, cut);
+                    if pruned != *k {
+                        return Err(Error::Format(format!(
+                            "{}: pruned {pruned} elements, planned {k}",
+                            job.name
+                        )));
+                    }
+                    let values = crate::format::codec::gather_kept_bytes(bytes, es, rows, cols, &mask);
+                    Ok((
+                        vec![
+                            (entries[0].name.clone(), Cow::Owned(mask)),
+                            (entries[1].name.clone(), Cow::Owned(values)),
+                        ],
+                        pruned,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Estimated stored bytes of a tensor pruned with `pattern` at `s` (for the what-if figure).
+fn estimate_pruned_bytes(shape: &[usize], dsize: usize, pattern: Pattern, s: f64) -> Option<u64> {
+    let (rows, cols) = matrix_dims(shape);
+    let numel = rows * cols;
+    match pattern {
+        Pattern::Sparse24 if cols % 4 != 0 => None,
+        Pattern::Sparse24 => Some((numel / 2 * dsize + rows * sparse24_meta_row_bytes(cols)) as u64),
+        Pattern::Unstructured => {
+            Some(((numel - prune::prune_count(s, numel)) * dsize + rows * bitmap_row_bytes(cols)) as u64)
+        }
+    }
+}
+
+/// Batches of consecutive jobs of at most this many input bytes run in parallel.
+const BATCH_BYTES: usize = 96 << 20;
+
+#[allow(clippy::too_many_arguments)]
+fn convert_component(
+    store: &ComponentStore,
+    name: &str,
+    kind: ComponentKind,
+    plan: Option<ComponentPlan>,
+    opts: &ConvertOptions,
+    source: &str,
+    out_file: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ComponentReport> {
+    let t0 = Instant::now();
+    if store.sparse_header().is_some() {
+        return Err(Error::Invalid(format!(
+            "{}: already an sdsparse checkpoint (convert takes a dense one)",
+            store.describe()
+        )));
+    }
+    crate::checkpoint::expected::validate_component(store, name)?;
+    let mut jobs = Vec::new();
+    let mut kept_dense = Vec::new();
+    let mut other_conv_delta: i64 = 0;
+    for tname in store.names() {
+        let raw = store.raw(&tname)?;
+        let shape = raw.shape.to_vec();
+        let float = raw.float_dtype();
+        let out_dtype = float.map(|d| opts.dtype.unwrap_or(d));
+        let numel: usize = shape.iter().product();
+        let mut action = Action::Dense;
+        if let (Some(p), Some(_)) = (plan, float) {
+            if opts.selection.is_prunable(kind, &tname, &shape) {
+                let (_, cols) = matrix_dims(&shape);
+                if p.pattern == Pattern::Sparse24 && cols % 4 != 0 {
+                    kept_dense.push((
+                        tname.clone(),
+                        format!("input dimension {cols} is not a multiple of 4, so it cannot be 2:4"),
+                    ));
+                } else {
+                    let k = match p.pattern {
+                        Pattern::Sparse24 => numel / 2,
+                        Pattern::Unstructured => prune::prune_count(p.sparsity, numel),
+                    };
+                    action = Action::Prune { pattern: p.pattern, k, cut: None };
+                }
+            }
+            // The what-if figure: how the bytes change with the other --include-conv choice.
+            let mut other = opts.selection.clone();
+            other.include_conv = !other.include_conv;
+            let now = !matches!(action, Action::Dense);
+            let then = other.is_prunable(kind, &tname, &shape);
+            if now != then {
+                let ds = out_dtype.map(|d| d.size_in_bytes()).unwrap_or(1);
+                let dense = (numel * ds) as i64;
+                if let Some(sp) = estimate_pruned_bytes(&shape, ds, p.pattern, p.sparsity) {
+                    other_conv_delta += if then { sp as i64 - dense } else { dense - sp as i64 };
+                }
+            }
+        }
+        jobs.push(Job {
+            name: tname,
+            shape,
+            in_dtype: raw.dtype,
+            out_dtype,
+            in_bytes: raw.bytes.len(),
+            action,
+        });
+    }
+
+    // Global scope: one exact cut over every unstructured layer of the component.
+    if let (Scope::Global, Some(p)) = (opts.scope, plan) {
+        if p.pattern == Pattern::Unstructured {
+            let idx: Vec<usize> = jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| matches!(j.action, Action::Prune { .. }))
+                .map(|(i, _)| i)
+                .collect();
+            let total: usize = idx.iter().map(|&i| jobs[i].numel()).sum();
+            let k = prune::prune_count(p.sparsity, total);
+            let cuts = prune::find_cuts(idx.len(), k, |f| {
+                for (n, &i) in idx.iter().enumerate() {
+                    let raw = store.raw(&jobs[i].name)?;
+                    let values = load_values(&raw, jobs[i].out_dtype)?;
+                    f(
+                        n,
+                        prune::Keys::new(
+                            opts.method,
+                            opts.seed,
+                            &jobs[i].name,
+                            values.dtype(),
+                            values.as_bytes(),
+                        ),
+                    );
+                }
+                Ok(())
+            })?;
+            for (&i, (cut, pruned)) in idx.iter().zip(cuts) {
+                jobs[i].action = Action::Prune { pattern: Pattern::Unstructured, k: pruned, cut: Some(cut) };
+            }
+        }
+    }
+
+    // Header with placeholder checksums (fixed width), rewritten at the end.
+    let mut header = SparseHeader {
+        format_version: FORMAT_VERSION,
+        component: name.to_string(),
+        method: opts.method.name().to_string(),
+        scope: opts.scope.name().to_string(),
+        seed: opts.seed,
+        source: source.to_string(),
+        layers: BTreeMap::new(),
+        kept_dense: kept_dense.iter().cloned().collect(),
+    };
+    for j in &jobs {
+        if let (Action::Prune { k, .. }, Some(pn)) = (&j.action, j.pattern_name()) {
+            let numel = j.numel();
+            let crc = pn.suffixes().iter().map(|s| (s.to_string(), "00000000".to_string())).collect();
+            header.layers.insert(
+                j.name.clone(),
+                LayerRecord {
+                    pattern: pn,
+                    shape: j.shape.clone(),
+                    dtype: j.out_dtype.map(|d| d.name()).unwrap_or("f32").to_string(),
+                    pruned: *k as u64,
+                    sparsity: *k as f64 / numel.max(1) as f64,
+                    crc32: crc,
+                },
+            );
+        }
+    }
+    let entries: Vec<Entry> = jobs.iter().flat_map(|j| j.entries()).collect();
+    let mut writer = StreamWriter::create(out_file, entries, &header.to_metadata()?)?;
+
+    let mut layers = Vec::new();
+    let mut start = 0;
+    while start < jobs.len() {
+        let mut end = start + 1;
+        let mut bytes = jobs[start].in_bytes;
+        while end < jobs.len() && bytes + jobs[end].in_bytes <= BATCH_BYTES {
+            bytes += jobs[end].in_bytes;
+            end += 1;
+        }
+        let results: Vec<Result<(Parts<'_>, usize)>> =
+            jobs[start..end].par_iter().map(|j| run_job(store, j, opts.method, opts.seed)).collect();
+        for (j, res) in jobs[start..end].iter().zip(results) {
+            let (parts, pruned) = res?;
+            let mut out_bytes = 0u64;
+            for (pname, b) in &parts {
+                writer.write(pname, b)?;
+                out_bytes += b.len() as u64;
+                if let Some(rec) = header.layers.get_mut(&j.name) {
+                    let suffix = &pname[j.name.len()..];
+                    rec.crc32.insert(suffix.to_string(), crc32_hex(b));
+                }
+            }
+            if let Some(pn) = j.pattern_name() {
+                layers.push(LayerReport {
+                    name: j.name.clone(),
+                    shape: j.shape.clone(),
+                    format: pn.as_str().to_string(),
+                    dtype: j.out_dtype.map(|d| d.name()).unwrap_or("?").to_string(),
+                    numel: j.numel(),
+                    zeros: pruned,
+                    bytes: out_bytes,
+                    note: None,
+                });
+            }
+        }
+        progress(Progress::Advance { bytes: bytes as u64 });
+        start = end;
+    }
+    let file_size = writer.finish(&header.to_metadata()?)?;
+
+    let data_after: u64 = jobs.iter().flat_map(|j| j.entries()).map(|e| e.nbytes() as u64).sum();
+    let dense_out: u64 = jobs.iter().map(|j| (j.numel() * j.out_dtype_size()) as u64).sum();
+    let prunable_params: usize = jobs
+        .iter()
+        .filter(|j| matches!(j.action, Action::Prune { .. }) || kept_dense.iter().any(|(n, _)| n == &j.name))
+        .map(|j| j.numel())
+        .sum();
+    Ok(ComponentReport {
+        name: name.to_string(),
+        plan,
+        prunable_params,
+        pruned: layers.iter().map(|l| l.zeros).sum(),
+        bytes_before: jobs.iter().map(|j| j.in_bytes as u64).sum(),
+        bytes_after: file_size,
+        dense_bytes_out: dense_out,
+        data_bytes_after: data_after,
+        data_bytes_other_conv: (data_after as i64 + other_conv_delta).max(0) as u64,
+        seconds: t0.elapsed().as_secs_f64(),
+        layers,
+        kept_dense,
+    })
+}
+
+/// Converts the dense diffusers folder `model` into a sparse folder `out`.
+pub fn convert(
+    model: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ConvertReport> {
+    let t0 = Instant::now();
+    opts.validate()?;
+    let listed = listed_components(model)?;
+    for c in &listed {
+        let dir = model.join(c);
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint(format!(
+                "{}: component folder not found (model_index.json lists {c})",
+                dir.display()
+            )));
+        }
+    }
+    let weight_components: Vec<String> =
+        listed.iter().filter(|c| has_weights(&model.join(c))).cloned().collect();
+    for required in ["text_encoder", "unet"] {
+        if listed.iter().any(|c| c == required) && !weight_components.iter().any(|c| c == required) {
+            return Err(Error::Checkpoint(format!(
+                "{}: no *.safetensors weights found",
+                model.join(required).display()
+            )));
+        }
+    }
+    // Open every component first: bad files fail before anything is written.
+    let mut total = 0u64;
+    for c in &weight_components {
+        let store = ComponentStore::open(&model.join(c))?;
+        total += store
+            .names()
+            .iter()
+            .map(|n| store.raw(n).map(|r| r.bytes.len() as u64).unwrap_or(0))
+            .sum::<u64>();
+    }
+    let tmp = TempOut::new(model, out, opts.force)?;
+    copy_non_weights(model, &tmp.tmp)?;
+    progress(Progress::Begin { total_bytes: total });
+    let source = model.display().to_string();
+    let mut components = Vec::new();
+    for c in &weight_components {
+        progress(Progress::Component { name: c.clone() });
+        let store = ComponentStore::open(&model.join(c))?;
+        let kind = ComponentKind::from_folder(c);
+        let plan = opts.plan(kind)?;
+        let file = tmp.tmp.join(c).join(weight_file_name(c));
+        components.push(convert_component(&store, c, kind, plan, opts, &source, &file, progress)?);
+    }
+    let report = ConvertReport {
+        out: out.to_path_buf(),
+        components,
+        include_conv: opts.selection.include_conv,
+        seconds: 0.0,
+    };
+    write_summary(&tmp.tmp, &report, opts)?;
+    tmp.commit()?;
+    progress(Progress::Finish);
+    Ok(ConvertReport { seconds: t0.elapsed().as_secs_f64(), ..report })
+}
+
+/// `sdsparse.json`: how the folder was made, for people and for `inspect`.
+fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions) -> Result<()> {
+    let comps: Vec<serde_json::Value> = r
+        .components
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "pattern": c.plan.map(|p| p.pattern.name()),
+                "target_sparsity": c.plan.map(|p| p.sparsity),
+                "prunable_params": c.prunable_params,
+                "pruned": c.pruned,
+                "achieved_sparsity": c.achieved_sparsity(),
+                "bytes_before": c.bytes_before,
+                "bytes_after": c.bytes_after,
+                "kept_dense": c.kept_dense.iter().map(|(n, why)| serde_json::json!({"name": n, "reason": why})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "format": "sdsparse",
+        "format_version": FORMAT_VERSION,
+        "method": opts.method.name(),
+        "scope": opts.scope.name(),
+        "seed": opts.seed,
+        "include_conv": opts.selection.include_conv,
+        "components": comps,
+        "te_unet_size_ratio": r.te_unet_ratio(),
+    });
+    let path = dir.join(SUMMARY_FILE);
+    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Format(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+}
+
+/// What `export` did.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub out: PathBuf,
+    /// (component, bytes written)
+    pub components: Vec<(String, u64)>,
+}
+
+/// Writes a dense diffusers folder (zeros in place, stored dtypes kept) from a sparse one.
+/// Checksums are verified on the way.
+pub fn export(
+    sparse: &Path,
+    out: &Path,
+    force: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ExportReport> {
+    let listed = listed_components(sparse)?;
+    let comps: Vec<String> = listed.iter().filter(|c| has_weights(&sparse.join(c))).cloned().collect();
+    let mut total = 0u64;
+    for c in &comps {
+        let store = ComponentStore::open(&sparse.join(c))?;
+        total += store.files.iter().map(|f| f.metadata.data_len() as u64).sum::<u64>();
+    }
+    let tmp = TempOut::new(sparse, out, force)?;
+    copy_non_weights(sparse, &tmp.tmp)?;
+    progress(Progress::Begin { total_bytes: total });
+    let mut written = Vec::new();
+    for c in &comps {
+        progress(Progress::Component { name: c.clone() });
+        let store = ComponentStore::open(&sparse.join(c))?;
+        let names = store.logical_names();
+        let mut entries = Vec::new();
+        for n in &names {
+            let (dtype, shape) = match store.sparse_header().and_then(|h| h.layers.get(n)) {
+                Some(rec) => {
+                    let d = dtype_from_name(&rec.dtype)
+                        .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
+                    (st_dtype(d), rec.shape.clone())
+                }
+                None => {
+                    let raw = store.raw(n)?;
+                    (raw.dtype, raw.shape.to_vec())
+                }
+            };
+            entries.push(Entry { name: n.clone(), dtype, shape });
+        }
+        let file = tmp.tmp.join(c).join(weight_file_name(c));
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut w = StreamWriter::create(&file, entries, &meta)?;
+        for n in &names {
+            if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
+                let weight = crate::format::codec::load_compressed(&store, n)?;
+                let dense = weight.to_dense_host()?;
+                w.write(n, dense.as_bytes())?;
+                let b = match &weight {
+                    Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
+                    Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
+                    Weight::Dense(_) => 0,
+                };
+                progress(Progress::Advance { bytes: b as u64 });
+            } else {
+                let raw = store.raw(n)?;
+                w.write(n, raw.bytes)?;
+                progress(Progress::Advance { bytes: raw.bytes.len() as u64 });
+            }
+        }
+        written.push((c.clone(), w.finish(&meta)?));
+    }
+    tmp.commit()?;
+    progress(Progress::Finish);
+    Ok(ExportReport { out: out.to_path_buf(), components: written })
+}
+
+/// One component in an inspection.
+#[derive(Debug, Clone)]
+pub struct InspectComponent {
+    pub name: String,
+    /// The sparse header when the component is converted.
+    pub header: Option<SparseHeader>,
+    pub tensors: Vec<LayerReport>,
+    pub file_bytes: u64,
+}
+
+/// Per-tensor format, shape, sparsity and bytes of a dense or sparse pipeline folder, or of
+/// one component folder.
+pub fn inspect(path: &Path) -> Result<Vec<InspectComponent>> {
+    let dirs: Vec<(String, PathBuf)> = if path.join("model_index.json").is_file() {
+        listed_components(path)?
+            .into_iter()
+            .filter(|c| has_weights(&path.join(c)))
+            .map(|c| (c.clone(), path.join(c)))
+            .collect()
+    } else if path.is_dir() {
+        let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        vec![(name, path.to_path_buf())]
+    } else {
+        return Err(Error::Checkpoint(format!(
+            "{}: not a diffusers folder or component folder",
+            path.display()
+        )));
+    };
+    let mut out = Vec::new();
+    for (name, dir) in dirs {
+        let store = ComponentStore::open(&dir)?;
+        let header = store.sparse_header().cloned();
+        let mut tensors = Vec::new();
+        for n in store.logical_names() {
+            if let Some(rec) = header.as_ref().and_then(|h| h.layers.get(&n)) {
+                let bytes: u64 = rec
+                    .pattern
+                    .suffixes()
+                    .iter()
+                    .map(|s| store.raw(&format!("{n}{s}")).map(|r| r.bytes.len() as u64).unwrap_or(0))
+                    .sum();
+                tensors.push(LayerReport {
+                    name: n.clone(),
+                    shape: rec.shape.clone(),
+                    format: rec.pattern.as_str().to_string(),
+                    dtype: rec.dtype.clone(),
+                    numel: rec.shape.iter().product(),
+                    zeros: rec.pruned as usize,
+                    bytes,
+                    note: None,
+                });
+            } else {
+                let raw = store.raw(&n)?;
+                let zeros = count_zeros(&raw);
+                tensors.push(LayerReport {
+                    name: n.clone(),
+                    shape: raw.shape.to_vec(),
+                    format: "dense".into(),
+                    dtype: raw
+                        .float_dtype()
+                        .map(|d| d.name().to_string())
+                        .unwrap_or_else(|| format!("{:?}", raw.dtype).to_lowercase()),
+                    numel: raw.shape.iter().product(),
+                    zeros,
+                    bytes: raw.bytes.len() as u64,
+                    note: header.as_ref().and_then(|h| h.kept_dense.get(&n).cloned()),
+                });
+            }
+        }
+        let file_bytes =
+            store.files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
+        out.push(InspectComponent { name, header, tensors, file_bytes });
+    }
+    Ok(out)
+}
+
+/// Zero elements of a float tensor (0 for other dtypes).
+fn count_zeros(raw: &RawTensor<'_>) -> usize {
+    match raw.dtype {
+        StDtype::F32 => {
+            raw.bytes.chunks_exact(4).filter(|c| c.iter().all(|&b| b == 0) || c == &[0, 0, 0, 0x80]).count()
+        }
+        StDtype::F16 | StDtype::BF16 => {
+            raw.bytes.chunks_exact(2).filter(|c| c[0] == 0 && (c[1] & 0x7f) == 0).count()
+        }
+        _ => 0,
+    }
+}

@@ -1,0 +1,330 @@
+//! Full text-to-image runs on the tiny fixture against diffusers: from the reference initial
+//! latents, every scheduler's final latents (relative error < 1e-4) and PNG (within 1/255 on
+//! at least 99.9% of the pixels); a converted sparse checkpoint against its dense export;
+//! and the request checks users hit.
+
+use sdsparse::backend::Device;
+use sdsparse::pipeline::{self, GenerateRequest, StableDiffusion};
+use sdsparse::scheduler::SchedulerKind;
+use sdsparse::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+fn model_dir() -> PathBuf {
+    fixture("tiny-sd2-eps")
+}
+
+fn load_f32(path: &Path) -> HashMap<String, Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(k, v)| {
+            let data =
+                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (k, Tensor::from_vec(data, v.shape()).unwrap())
+        })
+        .collect()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    let e = (num / den).sqrt();
+    assert!(!e.is_nan(), "NaN in comparison");
+    e
+}
+
+/// Fraction of 8-bit channel values of our PNG within 1 of the reference PNG's.
+fn png_agreement(ours: &Tensor, reference_png: &Path) -> (f64, u8) {
+    let (w, h, rgb) = pipeline::image_to_rgb8(ours).unwrap();
+    let want = image::open(reference_png).unwrap().to_rgb8();
+    assert_eq!((want.width() as usize, want.height() as usize), (w, h));
+    let want = want.into_raw();
+    let mut within = 0usize;
+    let mut max = 0u8;
+    for (&a, &b) in rgb.iter().zip(&want) {
+        let d = a.abs_diff(b);
+        max = max.max(d);
+        if d <= 1 {
+            within += 1;
+        }
+    }
+    (within as f64 / rgb.len() as f64, max)
+}
+
+fn reference_request(steps: usize, scheduler: SchedulerKind) -> GenerateRequest {
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let mut req = GenerateRequest::new("a photograph of an astronaut riding a horse");
+    req.steps = steps;
+    req.guidance = 7.5;
+    req.scheduler = Some(scheduler);
+    req.init_latents = Some(refs["init_latents"].clone());
+    req
+}
+
+/// Runs one reference configuration and checks latents and image.
+fn check_run(
+    sd: &StableDiffusion,
+    kind: SchedulerKind,
+    steps: usize,
+    want_latents: &Tensor,
+    want_timesteps: Option<&[f32]>,
+    png: &Path,
+) {
+    let g = sd.generate(&reference_request(steps, kind), &mut |_, _| {}).unwrap();
+    if let Some(t) = want_timesteps {
+        assert_eq!(g.timesteps, t, "{kind:?} timesteps");
+    }
+    let e = rel_err(&g.latents.to_vec().unwrap(), want_latents.as_slice().unwrap());
+    let (frac, max) = png_agreement(&g.image, png);
+    println!(
+        "{kind:?}: final latents rel err {e:.3e}; PNG within 1/255 on {:.4}% (max diff {max})",
+        frac * 100.0
+    );
+    assert!(e < 1e-4, "{kind:?}: final latents rel err {e}");
+    assert!(frac >= 0.999, "{kind:?}: only {frac} of the pixels within 1/255");
+}
+
+#[test]
+fn ddim_matches_diffusers() {
+    let sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    // The fixture's own scheduler is DDIM: the default must pick it.
+    assert_eq!(sd.scheduler_config().kind().unwrap(), SchedulerKind::Ddim);
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let png = fixture("tiny-sd2-eps/reference/ddim.png");
+    check_run(
+        &sd,
+        SchedulerKind::Ddim,
+        4,
+        &refs["ddim_final_latents"],
+        Some(&[751.0, 501.0, 251.0, 1.0]),
+        &png,
+    );
+}
+
+#[test]
+fn euler_matches_diffusers() {
+    let sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let png = fixture("tiny-sd2-eps/reference/euler.png");
+    let t = [831.0, 665.0, 499.0, 333.0, 167.0, 1.0];
+    check_run(&sd, SchedulerKind::Euler, 6, &refs["euler_final_latents"], Some(&t), &png);
+}
+
+#[test]
+fn dpmpp2m_matches_diffusers() {
+    let sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let png = fixture("tiny-sd2-eps/reference/dpmpp2m.png");
+    let t = [853.0, 711.0, 569.0, 427.0, 285.0, 143.0];
+    check_run(&sd, SchedulerKind::DpmPp2m, 6, &refs["dpmpp2m_final_latents"], Some(&t), &png);
+}
+
+/// PNDM as SD2.1-base ships it (`skip_prk_steps: true`), reference made by
+/// tools/make_pndm_reference.py; plus the from_config default with Runge-Kutta warm-up.
+#[test]
+fn pndm_matches_diffusers() {
+    let mut sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/pndm_reference.safetensors"));
+    let base = sd.scheduler_config().clone();
+
+    let mut skip = base.clone();
+    skip.skip_prk_steps = Some(true);
+    sd.set_scheduler_config(skip);
+    let png = fixture("tiny-sd2-eps/reference/pndm.png");
+    let t = [831.0, 665.0, 665.0, 499.0, 333.0, 167.0, 1.0];
+    check_run(&sd, SchedulerKind::Pndm, 6, &refs["pndm_final_latents"], Some(&t), &png);
+
+    // With PRK steps: no PNG was written for this run; compare against its float image.
+    sd.set_scheduler_config(base);
+    let g = sd.generate(&reference_request(4, SchedulerKind::Pndm), &mut |_, _| {}).unwrap();
+    assert_eq!(g.timesteps.len(), 13);
+    let e = rel_err(&g.latents.to_vec().unwrap(), refs["pndm_prk_final_latents"].as_slice().unwrap());
+    println!("Pndm (PRK warm-up): final latents rel err {e:.3e}");
+    assert!(e < 1e-4, "PNDM with PRK: rel err {e}");
+    // Reference image is [1, H, W, 3]; ours [1, 3, H, W].
+    let want = refs["pndm_prk_image"].as_slice().unwrap().to_vec();
+    let ours = g.image.to_vec().unwrap();
+    let (h, w) = (64, 64);
+    let worst = (0..h * w * 3)
+        .map(|i| {
+            let (p, c) = (i / 3, i % 3);
+            (ours[c * h * w + p] - want[i]).abs()
+        })
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1.0 / 255.0, "PNDM with PRK: image differs by {worst}");
+}
+
+/// A checkpoint converted by `sdsparse convert` (unstructured, default sparsities) runs from
+/// the compressed weights and gives the same image as its dense `sdsparse export` copy.
+#[test]
+fn sparse_checkpoint_matches_its_dense_export() {
+    use sdsparse::convert::{convert, export, ConvertOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let sparse = tmp.path().join("sparse");
+    let dense = tmp.path().join("dense");
+    convert(&model_dir(), &sparse, &ConvertOptions::default(), &mut |_| {}).unwrap();
+    export(&sparse, &dense, false, &mut |_| {}).unwrap();
+
+    let req = reference_request(4, SchedulerKind::Ddim);
+    let sd_sparse = StableDiffusion::load(&sparse, &Device::Cpu).unwrap();
+    let formats = sd_sparse.memory().by_format();
+    assert!(formats.contains_key("unstructured"), "expected compressed weights, got {formats:?}");
+    let a = sd_sparse.generate(&req, &mut |_, _| {}).unwrap();
+    let sd_dense = StableDiffusion::load(&dense, &Device::Cpu).unwrap();
+    assert_eq!(sd_dense.memory().by_format().keys().collect::<Vec<_>>(), ["dense"]);
+    let b = sd_dense.generate(&req, &mut |_, _| {}).unwrap();
+
+    let e = rel_err(&a.latents.to_vec().unwrap(), b.latents.as_slice().unwrap());
+    let (_, _, pa) = pipeline::image_to_rgb8(&a.image).unwrap();
+    let (_, _, pb) = pipeline::image_to_rgb8(&b.image).unwrap();
+    let max = pa.iter().zip(&pb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    println!("sparse vs dense export: latents rel err {e:.3e}, max pixel diff {max}");
+    assert!(e < 1e-5, "sparse vs dense latents rel err {e}");
+    assert!(max <= 1, "sparse vs dense images differ by {max}/255");
+}
+
+#[test]
+fn seeded_noise_is_deterministic_and_standard_normal() {
+    let a = pipeline::GaussianNoise::new(7).take(100_000);
+    let b = pipeline::GaussianNoise::new(7).take(100_000);
+    assert_eq!(a, b);
+    assert_ne!(a, pipeline::GaussianNoise::new(8).take(100_000));
+    let n = a.len() as f64;
+    let mean = a.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "mean {mean}, var {var}");
+    assert!(a.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn sizes_are_checked() {
+    let sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    // Tiny fixture: UNet sample_size 32, VAE factor 2.
+    assert_eq!(sd.vae_scale_factor(), 2);
+    assert_eq!(sd.default_size(), (64, 64));
+    let mut req = GenerateRequest::new("x");
+    assert_eq!(sd.latent_shape(&req).unwrap(), [1, 4, 32, 32]);
+    req.width = Some(48);
+    req.height = Some(40);
+    assert_eq!(sd.latent_shape(&req).unwrap(), [1, 4, 20, 24]);
+    req.width = Some(47);
+    let e = sd.latent_shape(&req).unwrap_err().to_string();
+    assert!(e.contains("multiple of 2"), "{e}");
+    // Init latents set the size; a disagreeing --width is an error; wrong ranks too.
+    let mut req = GenerateRequest::new("x");
+    req.init_latents = Some(Tensor::zeros(&[1, 4, 8, 12]));
+    assert_eq!(sd.latent_shape(&req).unwrap(), [1, 4, 8, 12]);
+    req.width = Some(64);
+    assert!(sd.latent_shape(&req).is_err());
+    req.width = None;
+    req.init_latents = Some(Tensor::zeros(&[4, 8, 12]));
+    assert!(sd.latent_shape(&req).is_err());
+    req.init_latents = Some(Tensor::zeros(&[1, 3, 8, 8]));
+    assert!(sd.latent_shape(&req).is_err());
+}
+
+#[test]
+fn latents_files_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("l.safetensors");
+    let t = Tensor::from_vec((0..2 * 4 * 3).map(|i| i as f32 * 0.5 - 3.0).collect(), &[1, 4, 2, 3]).unwrap();
+    pipeline::save_latents(&t, &p).unwrap();
+    let back = pipeline::load_latents(&p).unwrap();
+    assert_eq!(back.shape(), t.shape());
+    assert_eq!(back.to_vec().unwrap(), t.to_vec().unwrap());
+    // The fixture's init latents file names its tensor `init_latents`; it is accepted too.
+    let init = pipeline::load_latents(&fixture("tiny-sd2-eps/reference/init_latents.safetensors")).unwrap();
+    assert_eq!(init.shape(), &[1, 4, 32, 32]);
+    assert!(pipeline::load_latents(&tmp.path().join("missing.safetensors")).is_err());
+    std::fs::write(&p, b"not safetensors").unwrap();
+    assert!(pipeline::load_latents(&p).is_err());
+}
+
+#[test]
+fn missing_model_folder_is_an_error() {
+    let e = StableDiffusion::load(Path::new("/nonexistent/model"), &Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("not found"), "{e}");
+}
+
+fn sdsparse() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sdsparse"))
+}
+
+/// `sdsparse generate` end to end: reference init latents in, PNG and latents out.
+#[test]
+fn cli_generate_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("out.png");
+    let lat = tmp.path().join("final.safetensors");
+    let out = sdsparse()
+        .args(["generate", "--model"])
+        .arg(model_dir())
+        .args([
+            "--prompt",
+            "a photograph of an astronaut riding a horse",
+            "--steps",
+            "4",
+            "--guidance",
+            "7.5",
+        ])
+        .args(["--scheduler", "ddim", "--device", "cpu", "--init-latents"])
+        .arg(fixture("tiny-sd2-eps/reference/init_latents.safetensors"))
+        .arg("--save-latents")
+        .arg(&lat)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("text encoder") && stderr.contains("weight memory"), "report missing: {stderr}");
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let got = pipeline::load_latents(&lat).unwrap();
+    let e = rel_err(&got.to_vec().unwrap(), refs["ddim_final_latents"].as_slice().unwrap());
+    assert!(e < 1e-4, "CLI latents rel err {e}");
+    let ours = image::open(&png).unwrap().to_rgb8().into_raw();
+    let want = image::open(fixture("tiny-sd2-eps/reference/ddim.png")).unwrap().to_rgb8().into_raw();
+    let within = ours.iter().zip(&want).filter(|(a, b)| a.abs_diff(**b) <= 1).count();
+    assert!(within as f64 >= 0.999 * want.len() as f64);
+}
+
+/// Bad input ends in one `error: ...` line and a non-zero exit, never a panic.
+#[test]
+fn cli_bad_input_is_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir();
+    let m = model.to_str().unwrap();
+    let missing = tmp.path().join("missing.safetensors");
+    let out_png = tmp.path().join("x.png");
+    let o = out_png.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", m, "--prompt", "x", "--scheduler", "lms", "--out", o], "unknown scheduler"),
+        (vec!["--model", m, "--prompt", "x", "--width", "63", "--out", o], "multiple of 2"),
+        (vec!["--model", "/nonexistent/model", "--prompt", "x", "--out", o], "not found"),
+        (vec!["--model", m, "--prompt", "x", "--device", "cuda", "--out", o], "--device cuda"),
+        (vec!["--model", m, "--prompt", "x", "--device", "tpu", "--out", o], "--device must be"),
+        (
+            vec!["--model", m, "--prompt", "x", "--init-latents", missing.to_str().unwrap(), "--out", o],
+            "missing",
+        ),
+        (vec!["--model", m, "--prompt", "x", "--steps", "0", "--out", o], "--steps"),
+        (vec!["--model", m, "--prompt", "x", "--out", "x.jpg"], "PNG"),
+    ];
+    for (args, needle) in cases {
+        let out = sdsparse().arg("generate").args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {stderr}");
+        assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -1,0 +1,113 @@
+//! The VAE decoder against diffusers: `vae.decode(init_latents / 0.18215).sample` of the tiny
+//! fixture (`vae_decode_init` in the reference), plus config and legacy-weight handling.
+
+use sdsparse::checkpoint::{ComponentStore, VarBuilder};
+use sdsparse::model::vae::{VaeConfig, VaeDecoder};
+use sdsparse::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+fn load_f32(path: &Path) -> HashMap<String, Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(k, v)| {
+            let data =
+                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (k, Tensor::from_vec(data, v.shape()).unwrap())
+        })
+        .collect()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    let e = (num / den).sqrt();
+    assert!(!e.is_nan(), "NaN in comparison");
+    e
+}
+
+#[test]
+fn configs_parse_and_scale_factor() {
+    let tiny = VaeConfig::from_file(&fixture("tiny-sd2-eps/vae/config.json")).unwrap();
+    assert_eq!(tiny.scale_factor(), 2);
+    assert_eq!(tiny.scaling_factor, 0.18215);
+    let real = VaeConfig::from_file(&fixture("sd2.1-configs/stable-diffusion-2-1/vae/config.json")).unwrap();
+    assert_eq!(real.scale_factor(), 8);
+    let named = VaeConfig::v2_1();
+    assert_eq!(named.block_out_channels, real.block_out_channels);
+    assert_eq!(named.layers_per_block, real.layers_per_block);
+    assert_eq!(named.scaling_factor, real.scaling_factor);
+}
+
+#[test]
+fn decode_matches_diffusers() {
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let vae = VaeDecoder::from_dir(&fixture("tiny-sd2-eps/vae")).unwrap();
+    let out = vae.decode(&refs["init_latents"]).unwrap();
+    let want = &refs["vae_decode_init"];
+    assert_eq!(out.shape(), want.shape());
+    let e = rel_err(&out.to_vec().unwrap(), want.as_slice().unwrap());
+    println!("VAE decode rel err vs diffusers: {e:.3e}");
+    assert!(e < 1e-4, "VAE decode rel err {e}");
+}
+
+/// Old checkpoints name the mid-block attention `query/key/value/proj_attn` and very old ones
+/// store those projections as 1x1 convs; both must decode identically to the current names.
+#[test]
+fn legacy_attention_names_and_conv_shapes_decode_the_same() {
+    let store = ComponentStore::open(&fixture("tiny-sd2-eps/vae")).unwrap();
+    let config = VaeConfig::from_file(&fixture("tiny-sd2-eps/vae/config.json")).unwrap();
+    let mut legacy = HashMap::new();
+    for name in store.names() {
+        let t = store.tensor_f32(&name).unwrap();
+        let renamed = name
+            .replace(".to_q.", ".query.")
+            .replace(".to_k.", ".key.")
+            .replace(".to_v.", ".value.")
+            .replace(".to_out.0.", ".proj_attn.");
+        let t = if renamed != name && t.rank() == 2 {
+            let (a, b) = t.dims2().unwrap();
+            t.reshape(&[a, b, 1, 1]).unwrap()
+        } else {
+            t
+        };
+        legacy.insert(renamed, t);
+    }
+    let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("legacy vae", legacy)));
+    let old = VaeDecoder::new(&vb, &config).unwrap();
+    let new = VaeDecoder::new(&VarBuilder::new(Arc::new(store)), &config).unwrap();
+    assert_eq!(old.num_params(), new.num_params());
+    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
+    let a = old.decode(&refs["init_latents"]).unwrap().to_vec().unwrap();
+    let b = new.decode(&refs["init_latents"]).unwrap().to_vec().unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn param_count_matches_the_decoder_tensors() {
+    let store = ComponentStore::open(&fixture("tiny-sd2-eps/vae")).unwrap();
+    let want: usize = store
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("decoder.") || n.starts_with("post_quant_conv."))
+        .map(|n| store.tensor_f32(n).unwrap().numel())
+        .sum();
+    let vae = VaeDecoder::from_dir(&fixture("tiny-sd2-eps/vae")).unwrap();
+    assert_eq!(vae.num_params(), want);
+}
+
+#[test]
+fn wrong_latent_channels_is_an_error() {
+    let vae = VaeDecoder::from_dir(&fixture("tiny-sd2-eps/vae")).unwrap();
+    let x = Tensor::zeros(&[1, 3, 4, 4]);
+    assert!(vae.decode(&x).is_err());
+}
