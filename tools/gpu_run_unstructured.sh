@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything of issue 5 (unstructured GEMM + fused attention) that needs a GPU, in one device call.
 #
-# On the build machine (no GPU needed; nvcc required), stage into the git-ignored .device/:
+# On the build machine (no GPU needed; nvcc required), stage into the git-ignored .device/
+# (AFTER tools/gpu_run.sh, which starts by deleting .device/):
 #   tools/gpu_run_unstructured.sh stage
-#     - kernel fatbins (tools/build_unstructured_kernels.sh, with the SASS check) -> .device/unstructured/kernels
-#     - the test and bench executables of this issue -> .device/tests, .device/benches (names as the
-#       cuda helper's tools/gpu_run.sh stages them; skipped when that script already staged them)
+#     - SASS check of this issue's kernels (tools/build_unstructured_kernels.sh; the kernels the
+#       executables use are the fatbin build.rs embeds)
+#     - the test and bench executables of this issue -> .device/tests, .device/benches (names as
+#       tools/gpu_run.sh stages them; skipped when that script already staged them)
 #     - the compute-sanitizer wheel (CUDA 13.0, pip) -> .device/unstructured/ (the device machine
 #       has no network)
 # On the device machine (the device tool; .device must be carried):
@@ -25,8 +27,10 @@ STAGE=.device/unstructured
 
 stage() {
     set -e
-    mkdir -p "$STAGE/kernels" .device/tests .device/benches
-    SDSPARSE_CUDA_KERNEL_DIR="$STAGE/kernels" tools/build_unstructured_kernels.sh
+    mkdir -p "$STAGE" .device/tests .device/benches
+    NVCC="${NVCC:-$(tools/install_cuda.sh)}"
+    export NVCC SDSPARSE_REQUIRE_CUDA=1
+    tools/build_unstructured_kernels.sh
     # Executables (release, like tools/gpu_run.sh) unless the cuda helper's stager did it already.
     local need=()
     for t in unstructured_gemm attention_gpu; do [[ -x .device/tests/test-$t ]] || need+=(--test "$t"); done
@@ -75,7 +79,6 @@ run() {
     mkdir -p "$log"
     export CARGO_MANIFEST_DIR="$ROOT" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1
     export CRITERION_HOME="$log/criterion"
-    [[ -d "$STAGE/kernels" ]] && export SDSPARSE_CUDA_KERNEL_DIR="$ROOT/$STAGE/kernels"
     local summary=() status=0
 
     {
@@ -84,7 +87,7 @@ run() {
         nvidia-smi 2>&1 | head -12
         git log -1 --oneline 2>/dev/null || true
         python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1
-        ls -la "$STAGE/kernels" 2>/dev/null
+        ls -la .device/tests .device/benches 2>/dev/null
     } >"$log/env.txt" 2>&1
     cat "$log/env.txt"
 
