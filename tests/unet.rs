@@ -247,5 +247,7 @@ fn unstructured_sparse_unet_matches_masked_dense() {
 
 #[test]
 fn sparse24_unet_matches_masked_dense() {
-    check_sparse_matches_masked_dense(|w| compressed_and_twin(w, sdsparse::prune::sparse24_mask, false));
+    check_sparse_matches_masked_dense(|w| {
+        compressed_and_twin(w, |k: &[u32], r, c| sdsparse::prune::sparse24_mask(k, r, c), false)
+    });
 }

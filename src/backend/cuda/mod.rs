@@ -17,6 +17,9 @@ pub mod kernels;
 pub mod params;
 pub mod sparse24;
 
+pub mod attention;
+pub mod unstructured;
+
 pub use decompress::weight_to_dense;
 pub use device::{CudaDevice, CudaStorage};
 

@@ -1,0 +1,241 @@
+//! Launcher and CPU reference of the fused attention forward (`cuda/attention.cu`): head dim
+//! 64, f16 Q/K/V/O, f32 online softmax, batch x heads in one launch.
+//!
+//! Q/K/V/O are addressed through [`HeadLayout`] strides, element `(b, h, s, d)` at
+//! `b*stride_b + s*stride_s + h*stride_h + d`, so both `[B, H, S, 64]` and the projections'
+//! natural `[B, S, H*64]` work without a permute. `upcast_attention` needs no special path:
+//! the softmax is computed in f32 already (see the kernel's header comment).
+
+use super::unstructured::{kernel_image, launch_with_params, FatbinModule};
+use crate::error::{Error, Result};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
+
+/// The only head dimension the fused kernel supports (all of SD2's attentions).
+pub const HEAD_DIM: usize = 64;
+/// Query rows per CTA.
+pub const BLOCK_Q: usize = 64;
+
+/// Strides (in elements) of one attention operand; `d` is always contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLayout {
+    pub stride_b: usize,
+    pub stride_s: usize,
+    pub stride_h: usize,
+}
+
+impl HeadLayout {
+    /// `[B, H, S, 64]` contiguous.
+    pub fn bhsd(heads: usize, seq: usize) -> HeadLayout {
+        HeadLayout { stride_b: heads * seq * HEAD_DIM, stride_s: HEAD_DIM, stride_h: seq * HEAD_DIM }
+    }
+    /// `[B, S, H*64]` contiguous (the output of a Linear projection).
+    pub fn bshd(heads: usize, seq: usize) -> HeadLayout {
+        HeadLayout { stride_b: seq * heads * HEAD_DIM, stride_s: heads * HEAD_DIM, stride_h: HEAD_DIM }
+    }
+    /// Offset of element `(b, h, s, 0)`.
+    pub fn offset(&self, b: usize, h: usize, s: usize) -> usize {
+        b * self.stride_b + s * self.stride_s + h * self.stride_h
+    }
+    /// Smallest buffer length that holds every element.
+    pub fn min_len(&self, batch: usize, heads: usize, seq: usize) -> usize {
+        self.offset(batch - 1, heads - 1, seq - 1) + HEAD_DIM
+    }
+}
+
+/// Problem shape of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub seq_q: usize,
+    pub seq_kv: usize,
+    /// Usually `1 / sqrt(64)`.
+    pub scale: f32,
+}
+
+/// CPU reference: `o = softmax(scale q k^T) v` per (b, h) in f64, reading and writing through
+/// the given layouts (values as f32; the caller rounds inputs to f16 where the GPU does).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_attention(
+    shape: &AttentionShape,
+    q: &[f32],
+    ql: &HeadLayout,
+    k: &[f32],
+    kl: &HeadLayout,
+    v: &[f32],
+    vl: &HeadLayout,
+    o: &mut [f32],
+    ol: &HeadLayout,
+) {
+    let mut scores = vec![0.0f64; shape.seq_kv];
+    for b in 0..shape.batch {
+        for h in 0..shape.heads {
+            for i in 0..shape.seq_q {
+                let qo = ql.offset(b, h, i);
+                let mut mx = f64::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let ko = kl.offset(b, h, j);
+                    let dot: f64 = (0..HEAD_DIM).map(|d| q[qo + d] as f64 * k[ko + d] as f64).sum();
+                    *s = dot * shape.scale as f64;
+                    mx = mx.max(*s);
+                }
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - mx).exp();
+                    sum += *s;
+                }
+                let oo = ol.offset(b, h, i);
+                for d in 0..HEAD_DIM {
+                    let acc: f64 =
+                        scores.iter().enumerate().map(|(j, p)| p * v[vl.offset(b, h, j) + d] as f64).sum();
+                    o[oo + d] = (acc / sum) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Launch parameters, mirror of `SdsAttentionParams` (sdsparse_unstructured_params.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub q_stride: [i64; 3],
+    pub k_stride: [i64; 3],
+    pub v_stride: [i64; 3],
+    pub o_stride: [i64; 3],
+    pub batch: i32,
+    pub heads: i32,
+    pub seq_q: i32,
+    pub seq_kv: i32,
+    pub scale: f32,
+    pub reserved: i32,
+}
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 152);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, q) == 0);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, k) == 8);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, v) == 16);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, o) == 24);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, q_stride) == 32);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, k_stride) == 56);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, v_stride) == 80);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, o_stride) == 104);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, batch) == 128);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, heads) == 132);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_q) == 136);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_kv) == 140);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, scale) == 144);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, reserved) == 148);
+
+/// Kernel variants of `cuda/attention.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionVariant {
+    /// One thread per query row, f32, two passes: the oracle.
+    Naive,
+    /// Tensor-core flash forward.
+    Flash,
+}
+
+/// The loaded attention kernels.
+pub struct FusedAttention {
+    module: FatbinModule,
+    flash: sys::CUfunction,
+    naive: sys::CUfunction,
+}
+
+// SAFETY: function handles are immutable after loading.
+unsafe impl Send for FusedAttention {}
+unsafe impl Sync for FusedAttention {}
+
+fn strides(l: &HeadLayout) -> Result<[i64; 3]> {
+    if l.stride_b % 8 != 0 || l.stride_s % 8 != 0 || l.stride_h % 8 != 0 {
+        return Err(Error::Invalid(format!("attention strides must be multiples of 8 elements, got {l:?}")));
+    }
+    Ok([l.stride_b as i64, l.stride_s as i64, l.stride_h as i64])
+}
+
+impl FusedAttention {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<FusedAttention> {
+        Self::from_image(ctx, &kernel_image("attention")?)
+    }
+
+    pub fn from_image(ctx: &Arc<CudaContext>, image: &[u8]) -> Result<FusedAttention> {
+        let module = FatbinModule::load(ctx, image)?;
+        let flash = module.function("sdsparse_attn_fwd_d64")?;
+        let naive = module.function("sdsparse_attn_naive")?;
+        Ok(FusedAttention { module, flash, naive })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        self.module.context()
+    }
+
+    /// `o = softmax(scale q k^T) v` for every (batch, head) in one launch; all operands f16
+    /// bit patterns in their layouts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        stream: &Arc<CudaStream>,
+        variant: AttentionVariant,
+        shape: &AttentionShape,
+        q: (&CudaSlice<u16>, HeadLayout),
+        k: (&CudaSlice<u16>, HeadLayout),
+        v: (&CudaSlice<u16>, HeadLayout),
+        o: (&mut CudaSlice<u16>, HeadLayout),
+    ) -> Result<()> {
+        let s = shape;
+        if s.batch == 0 || s.heads == 0 || s.seq_q == 0 {
+            return Ok(());
+        }
+        if s.seq_kv == 0 {
+            return Err(Error::Invalid("attention over zero keys".into()));
+        }
+        let fits = |len: usize, l: &HeadLayout, seq: usize| len >= l.min_len(s.batch, s.heads, seq);
+        if !fits(q.0.len(), &q.1, s.seq_q)
+            || !fits(k.0.len(), &k.1, s.seq_kv)
+            || !fits(v.0.len(), &v.1, s.seq_kv)
+            || !fits(o.0.len(), &o.1, s.seq_q)
+        {
+            return Err(Error::Shape(format!("attention operands too small for {s:?}")));
+        }
+        let to_i32 = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Invalid(format!("attention size {v} exceeds i32")))
+        };
+        if s.batch * s.heads > 65535 {
+            return Err(Error::Invalid(format!("batch x heads = {} exceeds 65535", s.batch * s.heads)));
+        }
+        let (q_ptr, _gq) = q.0.device_ptr(stream);
+        let (k_ptr, _gk) = k.0.device_ptr(stream);
+        let (v_ptr, _gv) = v.0.device_ptr(stream);
+        let o_layout = o.1;
+        let (o_ptr, _go) = o.0.device_ptr_mut(stream);
+        let params = AttentionParams {
+            q: q_ptr,
+            k: k_ptr,
+            v: v_ptr,
+            o: o_ptr,
+            q_stride: strides(&q.1)?,
+            k_stride: strides(&k.1)?,
+            v_stride: strides(&v.1)?,
+            o_stride: strides(&o_layout)?,
+            batch: to_i32(s.batch)?,
+            heads: to_i32(s.heads)?,
+            seq_q: to_i32(s.seq_q)?,
+            seq_kv: to_i32(s.seq_kv)?,
+            scale: s.scale,
+            reserved: 0,
+        };
+        let grid = (s.seq_q.div_ceil(BLOCK_Q) as u32, (s.batch * s.heads) as u32, 1);
+        let (f, block) = match variant {
+            AttentionVariant::Flash => (self.flash, (128, 1, 1)),
+            AttentionVariant::Naive => (self.naive, (64, 1, 1)),
+        };
+        // SAFETY: params mirrors the kernel's struct; buffer extents were checked above and the
+        // buffers stay borrowed until after the launch.
+        unsafe { launch_with_params(stream, f, grid, block, 0, &params) }
+    }
+}

@@ -1,0 +1,299 @@
+//! The fused attention forward: CPU checks of the layouts and of the kernel's online-softmax
+//! algorithm (always run), and GPU checks of both kernel variants against the CPU reference
+//! (skipped without a GPU; run with `tools/gpu_run_unstructured.sh`).
+//!
+//! GPU tests: fresh random data each run (seed printed), outputs poisoned with f16 NaN before
+//! each launch, relative error < 1e-2, NaN never passes; sequence lengths 1, 77 and others
+//! that are not multiples of the 64-row tiles, both [B, H, S, 64] and [B, S, H*64] layouts.
+
+use half::f16;
+use sdsparse::backend::cuda::attention::{
+    reference_attention, AttentionShape, AttentionVariant, FusedAttention, HeadLayout, HEAD_DIM,
+};
+use sdsparse::backend::cuda::unstructured::{gpu_for_test, relative_error};
+
+struct Rng(u64);
+impl Rng {
+    fn fresh(tag: &str) -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        println!("{tag}: seed {seed}");
+        Rng(seed)
+    }
+    fn uniform(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    /// f16-representable values in [-amp, amp).
+    fn vec_f16(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| f16::from_f32(self.uniform() * amp).to_f32()).collect()
+    }
+}
+
+const SCALE: f32 = 0.125; // 1 / sqrt(64)
+
+/// CPU emulation of the kernel's algorithm for one (b, h): 64-key tiles, running max and sum
+/// in f32 (log2 domain), masking past seq_kv, P rounded to f16 before P V.
+fn emulate_flash(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let (sq, skv) = (shape.seq_q, shape.seq_kv);
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let mut out = vec![0.0f32; sq * HEAD_DIM];
+    for i in 0..sq {
+        let (mut m_run, mut l_run) = (f32::NEG_INFINITY, 0.0f32);
+        let mut o = [0.0f32; HEAD_DIM];
+        for t in 0..skv.div_ceil(64) {
+            let s: Vec<f32> = (0..64)
+                .map(|j| {
+                    let key = t * 64 + j;
+                    if key >= skv {
+                        return f32::NEG_INFINITY;
+                    }
+                    let dot: f32 = (0..HEAD_DIM).map(|d| q[i * HEAD_DIM + d] * k[key * HEAD_DIM + d]).sum();
+                    dot * scale_log2
+                })
+                .collect();
+            let mx = s.iter().fold(m_run, |a, &b| a.max(b));
+            let alpha = (m_run - mx).exp2();
+            m_run = mx;
+            l_run *= alpha;
+            o.iter_mut().for_each(|x| *x *= alpha);
+            for (j, &sj) in s.iter().enumerate() {
+                let p = (sj - m_run).exp2();
+                l_run += p;
+                let p16 = f16::from_f32(p).to_f32();
+                if p16 != 0.0 {
+                    for d in 0..HEAD_DIM {
+                        o[d] += p16 * v[(t * 64 + j) * HEAD_DIM + d];
+                    }
+                }
+            }
+        }
+        for d in 0..HEAD_DIM {
+            out[i * HEAD_DIM + d] = o[d] / l_run;
+        }
+    }
+    out
+}
+
+#[test]
+fn online_softmax_algorithm_matches_reference() {
+    let mut rng = Rng::fresh("emulation");
+    for &(sq, skv) in &[(1, 1), (3, 77), (5, 130), (2, 64), (4, 200)] {
+        let shape = AttentionShape { batch: 1, heads: 1, seq_q: sq, seq_kv: skv, scale: SCALE };
+        // Larger amplitude so the running max really moves between tiles.
+        let q = rng.vec_f16(sq * HEAD_DIM, 3.0);
+        let k = rng.vec_f16(skv * HEAD_DIM, 3.0);
+        let v = rng.vec_f16(skv * HEAD_DIM, 1.0);
+        let l = HeadLayout::bhsd(1, sq);
+        let lk = HeadLayout::bhsd(1, skv);
+        let mut reference = vec![0.0f32; sq * HEAD_DIM];
+        reference_attention(&shape, &q, &l, &k, &lk, &v, &lk, &mut reference, &l);
+        let err = relative_error(&emulate_flash(&shape, &q, &k, &v), &reference);
+        println!("seq_q {sq} seq_kv {skv}: rel err {err:.2e}");
+        assert!(err < 1e-2, "seq_q {sq} seq_kv {skv}: {err}");
+    }
+}
+
+#[test]
+fn layouts_address_the_same_elements() {
+    let (b, h, s) = (2, 5, 77);
+    let bhsd = HeadLayout::bhsd(h, s);
+    let bshd = HeadLayout::bshd(h, s);
+    assert_eq!(bhsd.min_len(b, h, s), b * h * s * HEAD_DIM);
+    assert_eq!(bshd.min_len(b, h, s), b * h * s * HEAD_DIM);
+    assert_eq!(bhsd.offset(1, 2, 3), ((h + 2) * s + 3) * HEAD_DIM);
+    assert_eq!(bshd.offset(1, 2, 3), ((s + 3) * h + 2) * HEAD_DIM);
+    // The reference gives the same answer through either layout.
+    let mut rng = Rng::fresh("layouts");
+    let shape = AttentionShape { batch: b, heads: h, seq_q: 9, seq_kv: 11, scale: SCALE };
+    let (lq1, lk1) = (HeadLayout::bhsd(h, 9), HeadLayout::bhsd(h, 11));
+    let (lq2, lk2) = (HeadLayout::bshd(h, 9), HeadLayout::bshd(h, 11));
+    let q1 = rng.vec_f16(b * h * 9 * HEAD_DIM, 1.0);
+    let k1 = rng.vec_f16(b * h * 11 * HEAD_DIM, 1.0);
+    let v1 = rng.vec_f16(b * h * 11 * HEAD_DIM, 1.0);
+    let permute = |src: &[f32], from: &HeadLayout, to: &HeadLayout, seq: usize| {
+        let mut dst = vec![0.0; src.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..seq {
+                    let (f, t) = (from.offset(bi, hi, si), to.offset(bi, hi, si));
+                    dst[t..t + HEAD_DIM].copy_from_slice(&src[f..f + HEAD_DIM]);
+                }
+            }
+        }
+        dst
+    };
+    let mut o1 = vec![0.0; q1.len()];
+    let mut o2 = vec![0.0; q1.len()];
+    reference_attention(&shape, &q1, &lq1, &k1, &lk1, &v1, &lk1, &mut o1, &lq1);
+    let (q2, k2, v2) =
+        (permute(&q1, &lq1, &lq2, 9), permute(&k1, &lk1, &lk2, 11), permute(&v1, &lk1, &lk2, 11));
+    reference_attention(&shape, &q2, &lq2, &k2, &lk2, &v2, &lk2, &mut o2, &lq2);
+    assert_eq!(permute(&o2, &lq2, &lq1, 9), o1);
+}
+
+#[test]
+fn reference_attention_sanity() {
+    // One key: the output is that key's value row, whatever the scores.
+    let shape = AttentionShape { batch: 1, heads: 1, seq_q: 2, seq_kv: 1, scale: SCALE };
+    let q: Vec<f32> = (0..2 * HEAD_DIM).map(|i| i as f32).collect();
+    let k = vec![1.0; HEAD_DIM];
+    let v: Vec<f32> = (0..HEAD_DIM).map(|i| i as f32 * 0.5).collect();
+    let mut o = vec![0.0; 2 * HEAD_DIM];
+    let (lq, lk) = (HeadLayout::bhsd(1, 2), HeadLayout::bhsd(1, 1));
+    reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut o, &lq);
+    assert_eq!(&o[..HEAD_DIM], &v[..]);
+    assert_eq!(&o[HEAD_DIM..], &v[..]);
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU
+
+fn bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+}
+fn unbits(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
+}
+
+#[test]
+fn gpu_attention_matches_cpu_reference() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let attn = FusedAttention::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("gpu attention");
+    // (batch, heads, seq_q, seq_kv): 1, 77 (cross-attention), ragged self-attention, SD2 CFG shapes.
+    let shapes = [
+        (1, 1, 1, 1),
+        (1, 2, 1, 77),
+        (2, 5, 77, 77),
+        (2, 5, 256, 77),
+        (1, 3, 130, 200),
+        (2, 5, 256, 256),
+        (1, 2, 1024, 1024),
+    ];
+    for &(b, h, sq, skv) in &shapes {
+        let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE };
+        for bshd in [false, true] {
+            let layout = |s| if bshd { HeadLayout::bshd(h, s) } else { HeadLayout::bhsd(h, s) };
+            let (lq, lk) = (layout(sq), layout(skv));
+            let q = rng.vec_f16(b * h * sq * HEAD_DIM, 2.0);
+            let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
+            let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
+            let mut reference = vec![0.0; q.len()];
+            reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
+            let (dq, dk, dv) = (
+                stream.clone_htod(&bits(&q)).unwrap(),
+                stream.clone_htod(&bits(&k)).unwrap(),
+                stream.clone_htod(&bits(&v)).unwrap(),
+            );
+            for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
+                let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap(); // f16 NaN
+                attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
+                    .expect("launch");
+                let out = unbits(&stream.clone_dtoh(&dout).unwrap());
+                let err = relative_error(&out, &reference);
+                println!("{variant:?} b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}: rel err {err:.2e}");
+                assert!(err < 1e-2, "{variant:?} {shape:?} bshd={bshd}: rel err {err}");
+            }
+        }
+    }
+}
+
+/// Long self-attention (up to 9216 tokens, 768x768 images): flash vs the f32 naive kernel on
+/// the GPU (the CPU reference would take minutes at this size).
+#[test]
+fn gpu_attention_long_sequences_match_naive_kernel() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let attn = FusedAttention::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("gpu attention long");
+    for &(b, h, s) in &[(2, 5, 4096), (1, 1, 9216), (1, 2, 4099)] {
+        let shape = AttentionShape { batch: b, heads: h, seq_q: s, seq_kv: s, scale: SCALE };
+        let l = HeadLayout::bshd(h, s);
+        let n = b * h * s * HEAD_DIM;
+        let (q, k, v) = (rng.vec_f16(n, 2.0), rng.vec_f16(n, 2.0), rng.vec_f16(n, 1.0));
+        let (dq, dk, dv) = (
+            stream.clone_htod(&bits(&q)).unwrap(),
+            stream.clone_htod(&bits(&k)).unwrap(),
+            stream.clone_htod(&bits(&v)).unwrap(),
+        );
+        let mut outs = Vec::new();
+        for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
+            let mut dout = stream.clone_htod(&vec![0x7e00u16; n]).unwrap();
+            attn.forward(&stream, variant, &shape, (&dq, l), (&dk, l), (&dv, l), (&mut dout, l))
+                .expect("launch");
+            outs.push(unbits(&stream.clone_dtoh(&dout).unwrap()));
+        }
+        let err = relative_error(&outs[1], &outs[0]);
+        println!("flash vs naive b={b} h={h} seq={s}: rel err {err:.2e}");
+        assert!(relative_error(&outs[0], &outs[0]) == 0.0, "naive output has NaN");
+        assert!(err < 1e-2, "seq {s}: {err}");
+    }
+}
+
+#[test]
+fn gpu_attention_rejects_bad_input() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let attn = FusedAttention::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let buf = stream.clone_htod(&vec![0u16; 64 * 4]).unwrap();
+    let mut out = stream.clone_htod(&vec![0u16; 64 * 4]).unwrap();
+    let l = HeadLayout::bhsd(1, 4);
+    let zero_keys = AttentionShape { batch: 1, heads: 1, seq_q: 4, seq_kv: 0, scale: SCALE };
+    assert!(attn
+        .forward(&stream, AttentionVariant::Flash, &zero_keys, (&buf, l), (&buf, l), (&buf, l), (&mut out, l))
+        .is_err());
+    let too_long = AttentionShape { batch: 1, heads: 1, seq_q: 5, seq_kv: 4, scale: SCALE };
+    assert!(attn
+        .forward(&stream, AttentionVariant::Flash, &too_long, (&buf, l), (&buf, l), (&buf, l), (&mut out, l))
+        .is_err());
+}
+
+/// Small sizes for `compute-sanitizer` (memcheck, racecheck): both variants, ragged seq_q and
+/// seq_kv spanning two K/V tiles, still checked against the reference.
+#[test]
+fn gpu_attention_small_for_sanitizer() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let attn = FusedAttention::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("sanitizer attention");
+    let shape = AttentionShape { batch: 2, heads: 2, seq_q: 70, seq_kv: 77, scale: SCALE };
+    let (lq, lk) = (HeadLayout::bshd(2, 70), HeadLayout::bshd(2, 77));
+    let q = rng.vec_f16(2 * 2 * 70 * HEAD_DIM, 2.0);
+    let k = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 2.0);
+    let v = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 1.0);
+    let mut reference = vec![0.0; q.len()];
+    reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
+    let (dq, dk, dv) = (
+        stream.clone_htod(&bits(&q)).unwrap(),
+        stream.clone_htod(&bits(&k)).unwrap(),
+        stream.clone_htod(&bits(&v)).unwrap(),
+    );
+    for variant in [AttentionVariant::Naive, AttentionVariant::Flash] {
+        let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap();
+        attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
+            .expect("launch");
+        let err = relative_error(&unbits(&stream.clone_dtoh(&dout).unwrap()), &reference);
+        println!("{variant:?}: rel err {err:.2e}");
+        assert!(err < 1e-2, "{variant:?}: {err}");
+    }
+}

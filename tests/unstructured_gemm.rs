@@ -1,0 +1,390 @@
+//! The unstructured sparse GEMM: CPU checks of the GPU weight layout (always run) and GPU
+//! checks of every kernel variant against the CPU reference (skipped without a GPU).
+//!
+//! GPU tests use fresh random data each run (the seed is printed), poison the output with
+//! f16 NaN before each launch, and require relative error < 1e-2 (f16 operands); NaN never
+//! passes. Run them on a GPU machine with `tools/gpu_run_unstructured.sh`.
+
+use half::f16;
+use sdsparse::backend::cuda::unstructured::{
+    bitmap_from_dense, gpu_for_test, reference_gemm, relative_error, DeviceTiledWeight, Epilogue, GemmPlan,
+    GemmVariant, TiledBitmapWeight, UnstructuredGemm, TILE_K, TILE_N, VALUE_ALIGN,
+};
+use sdsparse::format::{BitmapWeight, HostData};
+
+/// splitmix64: small, seedable, good enough for test data.
+struct Rng(u64);
+impl Rng {
+    fn fresh(tag: &str) -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        println!("{tag}: seed {seed}");
+        Rng(seed)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+fn round_f16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
+}
+
+/// Magnitude pruning of the whole matrix to exactly `round(sparsity * len)` zeros (values
+/// first rounded to f16, ties broken by index so the count is exact).
+fn magnitude_prune(w: &[f32], sparsity: f64) -> Vec<f32> {
+    let mut w = round_f16(w);
+    for x in w.iter_mut() {
+        if *x == 0.0 {
+            *x = f16::from_f32(1e-3).to_f32(); // keep "zero" meaning "pruned" only
+        }
+    }
+    let zeros = (sparsity * w.len() as f64).round() as usize;
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    if zeros > 0 && zeros < w.len() {
+        order.select_nth_unstable_by(zeros, |&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
+    }
+    for &i in &order[..zeros] {
+        w[i] = 0.0;
+    }
+    w
+}
+
+fn tiled(dense: &[f32], rows: usize, cols: usize) -> TiledBitmapWeight {
+    TiledBitmapWeight::from_bitmap(&bitmap_from_dense(dense, rows, cols)).expect("valid bitmap weight")
+}
+
+#[test]
+fn tiled_layout_decodes_to_the_dense_weight() {
+    let mut rng = Rng::fresh("layout");
+    // Awkward shapes: edge tiles in both dimensions, a single element, odd column counts.
+    for &(rows, cols) in &[(1, 1), (77, 200), (64, 64), (130, 65), (320, 320), (5, 1000), (1280, 77)] {
+        for &sparsity in &[0.0, 0.35, 0.475, 0.9, 1.0] {
+            let dense = magnitude_prune(&rng.vec(rows * cols), sparsity);
+            let t = tiled(&dense, rows, cols);
+            assert_eq!((t.tiles_n, t.tiles_k), (rows.div_ceil(TILE_N), cols.div_ceil(TILE_K)));
+            assert_eq!(t.bitmap.len(), t.tiles_n * t.tiles_k * TILE_N);
+            assert!(t.tile_offsets.iter().all(|&o| o as usize % VALUE_ALIGN == 0), "tile runs 16 B aligned");
+            assert!(t.tile_offsets.windows(2).all(|w| w[0] <= w[1]));
+            assert_eq!(t.to_dense(), dense, "[{rows}, {cols}] at {sparsity}");
+        }
+    }
+}
+
+/// Emulates, on the CPU, the index arithmetic of the kernel's `expand_tile` (per-warp shuffle
+/// scan of row popcounts, lane = column pair) and of `sdsparse_uns_gemm_naive`, and checks both
+/// against the layout's own decode, so the kernels' addressing is tested without a GPU.
+#[test]
+fn kernel_expansion_index_math_matches_the_layout() {
+    let mut rng = Rng::fresh("expansion");
+    let (rows, cols) = (150, 190);
+    let dense = magnitude_prune(&rng.vec(rows * cols), 0.35);
+    let t = tiled(&dense, rows, cols);
+    let mut expanded = vec![0.0f32; rows * cols];
+    let mut naive = vec![0.0f32; rows * cols];
+    for tn in 0..t.tiles_n {
+        for tk in 0..t.tiles_k {
+            let tile = tn * t.tiles_k + tk;
+            let bm = &t.bitmap[tile * TILE_N..(tile + 1) * TILE_N];
+            let vs = &t.values[t.tile_offsets[tile] as usize..t.tile_offsets[tile + 1] as usize];
+            // Per lane: c0 = popc(row 2l), pair = popc(rows 2l, 2l+1); inclusive shuffle scan.
+            let c0: Vec<usize> = (0..32).map(|l| bm[2 * l].count_ones() as usize).collect();
+            let pair: Vec<usize> = (0..32).map(|l| c0[l] + bm[2 * l + 1].count_ones() as usize).collect();
+            let mut incl = pair.clone();
+            let mut d = 1;
+            while d < 32 {
+                let prev = incl.clone();
+                for l in d..32 {
+                    incl[l] += prev[l - d];
+                }
+                d *= 2;
+            }
+            for r in 0..TILE_N {
+                let src = r / 2;
+                let row_start = incl[src] - pair[src] + if r % 2 == 1 { c0[src] } else { 0 };
+                let word = bm[r];
+                for lane in 0..32 {
+                    let bits = (word >> (2 * lane)) as u32 & 3;
+                    let below = word & ((1u64 << (2 * lane)) - 1);
+                    let mut idx = row_start + below.count_ones() as usize;
+                    let lo = if bits & 1 == 1 { vs[idx].to_f32() } else { 0.0 };
+                    idx += (bits & 1) as usize;
+                    let hi = if bits & 2 == 2 { vs[idx].to_f32() } else { 0.0 };
+                    let (gr, gc) = (tn * TILE_N + r, tk * TILE_K + 2 * lane);
+                    if gr < rows && gc < cols {
+                        expanded[gr * cols + gc] = lo;
+                    }
+                    if gr < rows && gc + 1 < cols {
+                        expanded[gr * cols + gc + 1] = hi;
+                    }
+                }
+                // Naive kernel: rows above by popcount, then the bits left of column c.
+                let before: usize = bm[..r].iter().map(|w| w.count_ones() as usize).sum();
+                for c in 0..TILE_K {
+                    if word >> c & 1 == 1 {
+                        let idx = before + (word & ((1u64 << c) - 1)).count_ones() as usize;
+                        naive[(tn * TILE_N + r) * cols + tk * TILE_K + c] = vs[idx].to_f32();
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(expanded, dense);
+    assert_eq!(naive, dense);
+}
+
+/// The memory bound: weight bytes on the GPU (values + padding + bitmap + offsets) at
+/// most 0.72x / 0.60x of dense f16 at 35% / 47.5% sparsity, on SD2's linear shapes.
+#[test]
+fn gpu_weight_bytes_meet_the_bounds() {
+    let mut rng = Rng::fresh("bytes");
+    // [out, in]: UNet attention/proj (320..1280), GEGLU (2560 x 320 ...), FF out, time MLP,
+    // conv as GEMM (C*9); text encoder (1024, 4096).
+    let shapes = [
+        (320, 320),
+        (640, 640),
+        (1280, 1280),
+        (2560, 320),
+        (320, 1280),
+        (5120, 1280),
+        (1280, 320),
+        (320, 2880),
+        (1024, 1024),
+        (4096, 1024),
+        (1024, 4096),
+        (320, 1024),
+        (1280, 1024),
+    ];
+    for &(sparsity, bound) in &[(0.35, 0.72), (0.475, 0.60)] {
+        let mut worst = 0.0f64;
+        for &(rows, cols) in &shapes {
+            let dense = magnitude_prune(&rng.vec(rows * cols), sparsity);
+            let t = tiled(&dense, rows, cols);
+            let b = t.gpu_bytes();
+            let ratio = t.gpu_bytes_ratio();
+            println!(
+                "sparsity {sparsity}: [{rows:5}, {cols:5}] values {} + bitmap {} + offsets {} = {} B, dense f16 {} B, ratio {ratio:.4}",
+                b.values,
+                b.bitmap,
+                b.offsets,
+                b.total(),
+                t.dense_f16_bytes()
+            );
+            assert!(ratio <= bound, "[{rows}, {cols}] at {sparsity}: {ratio:.4} > {bound}");
+            worst = worst.max(ratio);
+        }
+        println!("sparsity {sparsity}: worst ratio {worst:.4} (bound {bound})");
+    }
+}
+
+#[test]
+fn corrupt_bitmap_weights_are_clear_errors() {
+    let good = bitmap_from_dense(&[1.0, 0.0, 2.0, 0.0, 0.0, 3.0], 2, 3);
+    assert!(TiledBitmapWeight::from_bitmap(&good).is_ok());
+    let mut short_bitmap = good.clone();
+    short_bitmap.bitmap.pop();
+    let mut bad_offsets = good.clone();
+    bad_offsets.row_offsets[1] = 1;
+    let mut stray_bit = good.clone();
+    stray_bit.bitmap[0] |= 0x80;
+    let mut few_values = good.clone();
+    few_values.values = HostData::F16(vec![f16::ONE; 2]);
+    let empty = BitmapWeight {
+        rows: 0,
+        cols: 4,
+        bitmap: vec![],
+        row_offsets: vec![0],
+        values: HostData::F16(vec![]),
+    };
+    for (name, w) in [
+        ("short bitmap", short_bitmap),
+        ("bad offsets", bad_offsets),
+        ("stray bit", stray_bit),
+        ("few values", few_values),
+        ("empty", empty),
+    ] {
+        let err = TiledBitmapWeight::from_bitmap(&w).expect_err(name);
+        assert!(!err.to_string().contains('\n'), "{name}: one-line error: {err}");
+    }
+}
+
+#[test]
+fn reference_gemm_epilogue_order() {
+    // 1x1: y = gelu(x*w + b) + r, against hand values.
+    let y = reference_gemm(&[2.0], &[0.5], 1, 1, 1, Some(&[0.5]), true, Some(&[10.0]));
+    let gelu_1_5 = 0.5 * 1.5 * (1.0 + sdsparse::backend::cuda::unstructured::erf(1.5 / 2f64.sqrt()));
+    assert!((y[0] as f64 - (gelu_1_5 + 10.0)).abs() < 1e-6);
+    // erf against known values.
+    for (x, e) in [(0.5, 0.5204998778130465), (1.0, 0.8427007929497149), (3.0, 0.9999779095030014)] {
+        assert!((sdsparse::backend::cuda::unstructured::erf(x) - e).abs() < 1e-12, "erf({x})");
+    }
+    assert!(relative_error(&[f32::NAN], &[1.0]).is_infinite(), "NaN never passes");
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU
+
+fn to_f16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+}
+fn from_f16_bits(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
+}
+
+/// Every kernel variant this GPU runs without split-K, and the tensor-core ones with 2 and 3
+/// K slices.
+fn plans(gemm: &UnstructuredGemm, k: usize) -> Vec<GemmPlan> {
+    let tiles_k = k.div_ceil(TILE_K);
+    let runs: Vec<GemmVariant> = GemmVariant::ALL.into_iter().filter(|&v| gemm.supports(v)).collect();
+    let mut plans: Vec<GemmPlan> = runs.iter().map(|&v| GemmPlan::new(v, 1, tiles_k)).collect();
+    for &v in runs.iter().filter(|&&v| v != GemmVariant::Naive) {
+        for splits in [2, 3] {
+            let plan = GemmPlan::new(v, splits, tiles_k);
+            if plan.splits > 1 && !plans.contains(&plan) {
+                plans.push(plan);
+            }
+        }
+    }
+    plans
+}
+
+#[test]
+fn split_k_plans_cover_every_k_tile_once() {
+    for tiles_k in 1..40 {
+        for requested in 1..50 {
+            for v in GemmVariant::ALL {
+                let p = GemmPlan::new(v, requested, tiles_k);
+                // Slice z covers [z * per, min(tiles_k, (z + 1) * per)): non-empty, disjoint, complete.
+                assert!(p.splits >= 1 && p.k_tiles_per_split >= 1);
+                assert_eq!(p.splits, tiles_k.div_ceil(p.k_tiles_per_split), "{p:?}");
+                assert!((p.splits - 1) * p.k_tiles_per_split < tiles_k, "last slice has work: {p:?}");
+                assert!(p.splits <= requested.max(1));
+                if v == GemmVariant::Naive {
+                    assert_eq!(p.splits, 1);
+                }
+            }
+        }
+    }
+    // The dispatcher: a skinny text-encoder GEMM on a 132-SM GPU gets split, a big one not.
+    let skinny = GemmPlan::choose(154, 1024, 1024, 1_500_000, 132);
+    assert!(skinny.splits > 1, "{skinny:?}");
+    assert_eq!(GemmPlan::choose(8192, 2560, 320, 1_200_000, 132).splits, 1);
+    assert_eq!(GemmPlan::choose(8192, 2560, 320, 1_200_000, 132).variant, GemmVariant::Bm128);
+}
+
+#[test]
+fn gpu_gemm_matches_cpu_reference() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("gpu gemm");
+    // (M, N, K): M = 1, 77, 154 (text encoder), ragged N (77) and K (200 = 3 tiles + 8).
+    let shapes =
+        [(1, 64, 64), (77, 77, 200), (154, 1024, 1024), (300, 320, 320), (1030, 640, 1280), (64, 2560, 320)];
+    for &(m, n, k) in &shapes {
+        for &sparsity in &[0.35, 0.5] {
+            let w = magnitude_prune(&rng.vec(n * k), sparsity);
+            let dw = DeviceTiledWeight::upload(&stream, &tiled(&w, n, k)).expect("upload");
+            let x = round_f16(&rng.vec(m * k));
+            let bias: Vec<f32> = rng.vec(n);
+            let residual = round_f16(&rng.vec(m * n));
+            let dx = stream.clone_htod(&to_f16_bits(&x)).unwrap();
+            let dbias = stream.clone_htod(&bias).unwrap();
+            let dres = stream.clone_htod(&to_f16_bits(&residual)).unwrap();
+            for (use_bias, gelu, use_res) in [(false, false, false), (true, true, true), (true, false, false)]
+            {
+                let reference = reference_gemm(
+                    &x,
+                    &w,
+                    m,
+                    n,
+                    k,
+                    use_bias.then_some(&bias[..]),
+                    gelu,
+                    use_res.then_some(&residual[..]),
+                );
+                for plan in plans(&gemm, k) {
+                    let variant = plan.variant;
+                    let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap(); // f16 NaN
+                    let epi = Epilogue {
+                        bias: use_bias.then_some(&dbias),
+                        gelu,
+                        residual: use_res.then_some(&dres),
+                    };
+                    gemm.forward_plan(&stream, plan, &dx, m, &dw, &epi, &mut dy).expect("launch");
+                    let y = from_f16_bits(&stream.clone_dtoh(&dy).unwrap());
+                    let err = relative_error(&y, &reference);
+                    println!(
+                        "{variant:?} splits={} M={m} N={n} K={k} sparsity={sparsity} bias={use_bias} gelu={gelu} residual={use_res}: rel err {err:.2e}",
+                        plan.splits
+                    );
+                    assert!(err < 1e-2, "{plan:?} [{m}, {n}, {k}] at {sparsity}: rel err {err}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_gemm_rejects_bad_shapes() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let w = DeviceTiledWeight::upload(&stream, &tiled(&vec![1.0; 8 * 12], 8, 12)).unwrap();
+    let x = stream.clone_htod(&vec![0u16; 4 * 12]).unwrap();
+    let mut y = stream.clone_htod(&vec![0u16; 4 * 8]).unwrap();
+    let err = gemm.forward(&stream, &x, 4, &w, &Epilogue::default(), &mut y).expect_err("K % 8 != 0");
+    assert!(err.to_string().contains("% 8"), "{err}");
+}
+
+/// Small sizes for `compute-sanitizer` (memcheck, racecheck): every variant once, ragged M,
+/// N and K, all epilogue operands, still checked against the reference.
+#[test]
+fn gpu_gemm_small_for_sanitizer() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("sanitizer gemm");
+    let (m, n, k) = (33, 70, 136);
+    let w = magnitude_prune(&rng.vec(n * k), 0.35);
+    let dw = DeviceTiledWeight::upload(&stream, &tiled(&w, n, k)).unwrap();
+    let x = round_f16(&rng.vec(m * k));
+    let bias = rng.vec(n);
+    let residual = round_f16(&rng.vec(m * n));
+    let (dx, dbias, dres) = (
+        stream.clone_htod(&to_f16_bits(&x)).unwrap(),
+        stream.clone_htod(&bias).unwrap(),
+        stream.clone_htod(&to_f16_bits(&residual)).unwrap(),
+    );
+    let reference = reference_gemm(&x, &w, m, n, k, Some(&bias), true, Some(&residual));
+    for plan in plans(&gemm, k) {
+        let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap();
+        let epi = Epilogue { bias: Some(&dbias), gelu: true, residual: Some(&dres) };
+        gemm.forward_plan(&stream, plan, &dx, m, &dw, &epi, &mut dy).expect("launch");
+        let err = relative_error(&from_f16_bits(&stream.clone_dtoh(&dy).unwrap()), &reference);
+        println!("{plan:?}: rel err {err:.2e}");
+        assert!(err < 1e-2, "{plan:?}: {err}");
+    }
+}
