@@ -59,3 +59,40 @@ SDS_CHECK_OFFSET(SdsDecompressParams, rows, 32);
 SDS_CHECK_OFFSET(SdsDecompressParams, cols, 36);
 SDS_CHECK_OFFSET(SdsDecompressParams, meta_row_bytes, 40);
 SDS_CHECK_OFFSET(SdsDecompressParams, pad0, 44);
+
+// ---------------------------------------------------------------------------------------------
+// 2:4 sparse GEMM (cuda/sparse24_gemm.cu, launcher src/backend/cuda/sparse24.rs):
+//   y[m, n] = x[m, k] · W[n, k]^T (+ bias) (gelu | geglu) (+ residual)
+// x, y, residual f16 row-major; bias f32; W in the device layout of cuda/include/sparse24.cuh
+// (values [n_pad][k_pad/2] f16, meta [n_pad/16][k_pad/64][32] u32); flags SP24_FLAG_*.
+typedef struct SdsSp24GemmParams {
+    const void* x;          // f16 [m][ldx]
+    const void* w_values;   // f16 [n_pad][k_pad / 2]
+    const uint32_t* w_meta; // [n_pad / 16][k_pad / 64][32]
+    const float* bias;      // f32 [n] or null
+    const void* residual;   // f16 [m][ldr] or null, added after the activation
+    void* y;                // f16 [m][ldy]
+    int32_t m, n, k;        // logical GEMM sizes
+    int32_t n_pad, k_pad;   // padded weight sizes (multiples of 64)
+    int32_t ldx, ldy, ldr;  // row strides in elements (multiples of 8)
+    uint32_t flags;         // SP24_FLAG_*
+    int32_t reserved;       // pads to a multiple of 8 bytes
+} SdsSp24GemmParams;
+
+SDS_CHECK_SIZE(SdsSp24GemmParams, 88);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, x, 0);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, w_values, 8);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, w_meta, 16);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, bias, 24);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, residual, 32);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, y, 40);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, m, 48);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, n, 52);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, k, 56);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, n_pad, 60);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, k_pad, 64);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, ldx, 68);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, ldy, 72);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, ldr, 76);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, flags, 80);
+SDS_CHECK_OFFSET(SdsSp24GemmParams, reserved, 84);

@@ -50,6 +50,51 @@ assert_layout!(DecompressParams, size = 48, {
     pad0 = 44,
 });
 
+/// `SdsSp24GemmParams`: one 2:4 sparse GEMM launch (`cuda/sparse24_gemm.cu`, launcher
+/// `sparse24.rs`): `y[m, n] = x[m, k] · W[n, k]^T` with the fused epilogue selected by `flags`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sp24GemmParams {
+    pub x: u64,
+    pub w_values: u64,
+    pub w_meta: u64,
+    pub bias: u64,
+    pub residual: u64,
+    pub y: u64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub n_pad: i32,
+    pub k_pad: i32,
+    pub ldx: i32,
+    pub ldy: i32,
+    pub ldr: i32,
+    pub flags: u32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for Sp24GemmParams {}
+
+assert_layout!(Sp24GemmParams, size = 88, {
+    x = 0,
+    w_values = 8,
+    w_meta = 16,
+    bias = 24,
+    residual = 32,
+    y = 40,
+    m = 48,
+    n = 52,
+    k = 56,
+    n_pad = 60,
+    k_pad = 64,
+    ldx = 68,
+    ldy = 72,
+    ldr = 76,
+    flags = 80,
+    reserved = 84,
+});
+
 /// `(size, [(field, offset)])` of a mirrored struct, for the header cross-check below.
 #[cfg(test)]
 macro_rules! layout_of {
@@ -75,6 +120,24 @@ mod tests {
                 cols,
                 meta_row_bytes,
                 pad0
+            })),
+            "SdsSp24GemmParams" => Some(layout_of!(Sp24GemmParams {
+                x,
+                w_values,
+                w_meta,
+                bias,
+                residual,
+                y,
+                m,
+                n,
+                k,
+                n_pad,
+                k_pad,
+                ldx,
+                ldy,
+                ldr,
+                flags,
+                reserved
             })),
             _ => None,
         }
