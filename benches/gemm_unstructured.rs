@@ -78,6 +78,7 @@ fn time_launches(stream: &Arc<CudaStream>, iters: u64, mut launch: impl FnMut())
 
 /// Dense `y[M, N] = x[M, K] w[N, K]^T` in f16 with f32 accumulation through cublasGemmEx
 /// (column-major view: y^T[N, M] = w (as K x N, transposed) * x^T (K x M)).
+#[allow(clippy::too_many_arguments)]
 fn cublas_gemm(
     blas: &CudaBlas,
     stream: &Arc<CudaStream>,

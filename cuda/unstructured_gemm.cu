@@ -331,6 +331,9 @@ __device__ __forceinline__ void gemm_wgmma(const SdsUnstructuredGemmParams& p) {
             wgmma_m64n64k16(d, smem_desc(xa + ks * 128), smem_desc(ws + ks * 128));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        // The accumulators are written asynchronously: pin every use of them after the wait.
+#pragma unroll
+        for (int e = 0; e < 32; ++e) asm volatile("" : "+f"(d[e])::"memory");
         __syncthreads();  // ws and stage s are rewritten next iteration
     }
     cp_async_wait<0>();

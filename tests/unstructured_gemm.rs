@@ -114,7 +114,7 @@ fn kernel_expansion_index_math_matches_the_layout() {
             }
             for r in 0..TILE_N {
                 let src = r / 2;
-                let row_start = incl[src] - pair[src] + if r % 2 == 1 { c0[src] } else { 0 };
+                let row_start = incl[src] - pair[src] + if !r.is_multiple_of(2) { c0[src] } else { 0 };
                 let word = bm[r];
                 for lane in 0..32 {
                     let bits = (word >> (2 * lane)) as u32 & 3;

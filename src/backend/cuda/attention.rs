@@ -152,7 +152,7 @@ unsafe impl Send for FusedAttention {}
 unsafe impl Sync for FusedAttention {}
 
 fn strides(l: &HeadLayout) -> Result<[i64; 3]> {
-    if l.stride_b % 8 != 0 || l.stride_s % 8 != 0 || l.stride_h % 8 != 0 {
+    if !(l.stride_b.is_multiple_of(8) && l.stride_s.is_multiple_of(8) && l.stride_h.is_multiple_of(8)) {
         return Err(Error::Invalid(format!("attention strides must be multiples of 8 elements, got {l:?}")));
     }
     Ok([l.stride_b as i64, l.stride_s as i64, l.stride_h as i64])

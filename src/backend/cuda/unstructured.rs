@@ -81,7 +81,7 @@ fn validate(w: &BitmapWeight) -> Result<()> {
             return bad(format!("row {r} keeps {kept} values but its offsets say otherwise"));
         }
         // Bits past `cols` in the last byte must be clear.
-        if w.cols % 8 != 0 && row[row_bytes - 1] >> (w.cols % 8) != 0 {
+        if !w.cols.is_multiple_of(8) && row[row_bytes - 1] >> (w.cols % 8) != 0 {
             return bad(format!("row {r} has bits set past column {}", w.cols));
         }
     }
@@ -208,6 +208,7 @@ pub fn bitmap_from_dense(dense: &[f32], rows: usize, cols: usize) -> BitmapWeigh
 /// CPU reference: `Y[m, n] = epilogue(sum_k x[m, k] * w[n, k])` accumulated in f64, with the
 /// same epilogue order as the kernel (bias, exact GELU, residual). Inputs are the values the
 /// GPU sees (already rounded to f16 by the caller where that applies).
+#[allow(clippy::too_many_arguments)]
 pub fn reference_gemm(
     x: &[f32],
     w: &[f32],
@@ -712,7 +713,7 @@ mod gpu {
             if m == 0 {
                 return Ok(());
             }
-            if k % 8 != 0 {
+            if !k.is_multiple_of(8) {
                 return Err(Error::Invalid(format!("unstructured GEMM needs in_features % 8 == 0, got {k}")));
             }
             if x.len() < m * k || y.len() < m * n {
