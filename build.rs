@@ -55,7 +55,9 @@ fn main() {
         }
         Err(BuildError::NoNvcc(why)) => {
             if require {
-                panic!("SDSPARSE_REQUIRE_CUDA is set but no nvcc was found: {why}. Run tools/install_cuda.sh or set NVCC.");
+                fail(&format!(
+                    "SDSPARSE_REQUIRE_CUDA is set but no nvcc was found: {why}. Run tools/install_cuda.sh or set NVCC."
+                ));
             }
             println!(
                 "cargo::warning=no nvcc found ({why}); building without CUDA kernels. \
@@ -64,7 +66,7 @@ fn main() {
         }
         Err(BuildError::Compile(log)) => {
             if require {
-                panic!("nvcc failed to compile the CUDA kernels:\n{log}");
+                fail(&format!("nvcc failed to compile the CUDA kernels:\n{log}"));
             }
             println!("cargo::warning=nvcc failed; building without CUDA kernels. nvcc said:");
             for line in log.lines().take(60) {
@@ -72,6 +74,12 @@ fn main() {
             }
         }
     }
+}
+
+/// Stops the build with a message (cargo prints it under "failed to run custom build command").
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(1);
 }
 
 enum BuildError {
@@ -225,7 +233,7 @@ fn prune_cache(cache_dir: &Path) {
         .filter(|p| p.extension().is_some_and(|e| e == "fatbin"))
         .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
-    fatbins.sort_by(|a, b| b.0.cmp(&a.0));
+    fatbins.sort_by_key(|f| std::cmp::Reverse(f.0));
     for (_, old) in fatbins.into_iter().skip(CACHE_KEEP) {
         let _ = fs::remove_file(old.with_extension("seconds"));
         let _ = fs::remove_file(old);

@@ -535,7 +535,7 @@ fn estimate_pruned_bytes(shape: &[usize], dsize: usize, pattern: Pattern, s: f64
     let (rows, cols) = matrix_dims(shape);
     let numel = rows * cols;
     match pattern {
-        Pattern::Sparse24 if cols % 4 != 0 => None,
+        Pattern::Sparse24 if !cols.is_multiple_of(4) => None,
         Pattern::Sparse24 => Some((numel / 2 * dsize + rows * sparse24_meta_row_bytes(cols)) as u64),
         Pattern::Unstructured => {
             Some(((numel - prune::prune_count(s, numel)) * dsize + rows * bitmap_row_bytes(cols)) as u64)
@@ -578,7 +578,7 @@ fn convert_component(
         if let (Some(p), Some(_)) = (plan, float) {
             if opts.selection.is_prunable(kind, &tname, &shape) {
                 let (_, cols) = matrix_dims(&shape);
-                if p.pattern == Pattern::Sparse24 && cols % 4 != 0 {
+                if p.pattern == Pattern::Sparse24 && !cols.is_multiple_of(4) {
                     kept_dense.push((
                         tname.clone(),
                         format!("input dimension {cols} is not a multiple of 4, so it cannot be 2:4"),

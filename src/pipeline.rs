@@ -320,7 +320,9 @@ impl StableDiffusion {
         let timesteps = sched.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let ts = Instant::now();
-            let x_in = sched.scale_model_input(&latents, i)?;
+            // Schedulers work on host copies (the latents are small); the UNet runs on the
+            // pipeline's device.
+            let x_in = ops::to_device(&sched.scale_model_input(&latents, i)?, &self.device)?;
             let guided_out = if guided {
                 let out = self.unet.forward(&ops::cat(&[&x_in, &x_in], 0)?, t, &context)?;
                 let all = out.to_vec()?;
@@ -337,7 +339,7 @@ impl StableDiffusion {
         }
 
         let tv = Instant::now();
-        let decoded = self.vae.decode(&latents)?;
+        let decoded = self.vae.decode(&ops::to_device(&latents, &self.device)?)?;
         let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
         let image =
             Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;

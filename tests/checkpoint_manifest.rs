@@ -195,13 +195,13 @@ fn legacy_copy(root: &Path) -> std::path::PathBuf {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     let mut weight_map = serde_json::Map::new();
     for (i, (n, r)) in t.into_iter().enumerate() {
-        let file = if i % 2 == 0 {
+        let file = if i.is_multiple_of(2) {
             "diffusion_pytorch_model-00001-of-00002.safetensors"
         } else {
             "diffusion_pytorch_model-00002-of-00002.safetensors"
         };
         weight_map.insert(n.clone(), Value::String(file.into()));
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             a.insert(n, r)
         } else {
             b.insert(n, r)

@@ -158,7 +158,7 @@ fn sparse24_is_valid_and_keeps_the_two_largest_of_each_group() {
             }
             let cols = o.shape[1];
             let got = f32s(&exported[name].bytes);
-            if cols % 4 != 0 {
+            if !cols.is_multiple_of(4) {
                 assert_eq!(o.bytes, exported[name].bytes);
                 assert!(matches!(store.weight(name).unwrap(), Weight::Dense(_)));
                 continue;
@@ -245,7 +245,7 @@ fn f16_output_meets_the_disk_size_bounds() {
                 // +2 bytes: floor() may keep one element more than (1 - s) * numel; a row
                 // whose length is not a multiple of 8 pads its bitmap to a whole byte.
                 let cols = l.numel / l.shape[0];
-                let padding = if cols % 8 != 0 { l.shape[0] as f64 } else { 0.0 };
+                let padding = if !cols.is_multiple_of(8) { l.shape[0] as f64 } else { 0.0 };
                 assert!(
                     (l.bytes as f64) <= bound * dense + 2.0 + padding,
                     "{}: {} > {bound} x {dense}",

@@ -162,33 +162,38 @@ fn pndm_matches_diffusers() {
     assert!(worst < 1.0 / 255.0, "PNDM with PRK: image differs by {worst}");
 }
 
-/// A checkpoint converted by `sdsparse convert` (unstructured, default sparsities) runs from
-/// the compressed weights and gives the same image as its dense `sdsparse export` copy.
+/// A checkpoint converted by `sdsparse convert` runs from the compressed weights and gives
+/// the same image as its dense `sdsparse export` copy, for unstructured (the study's
+/// default sparsities) and 2:4 pruning.
 #[test]
 fn sparse_checkpoint_matches_its_dense_export() {
     use sdsparse::convert::{convert, export, ConvertOptions};
-    let tmp = tempfile::tempdir().unwrap();
-    let sparse = tmp.path().join("sparse");
-    let dense = tmp.path().join("dense");
-    convert(&model_dir(), &sparse, &ConvertOptions::default(), &mut |_| {}).unwrap();
-    export(&sparse, &dense, false, &mut |_| {}).unwrap();
+    use sdsparse::prune::Pattern;
+    for (pattern, format) in [(Pattern::Unstructured, "unstructured"), (Pattern::Sparse24, "2:4")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let sparse = tmp.path().join("sparse");
+        let dense = tmp.path().join("dense");
+        let opts = ConvertOptions { pattern, ..ConvertOptions::default() };
+        convert(&model_dir(), &sparse, &opts, &mut |_| {}).unwrap();
+        export(&sparse, &dense, false, &mut |_| {}).unwrap();
 
-    let req = reference_request(4, SchedulerKind::Ddim);
-    let sd_sparse = StableDiffusion::load(&sparse, &Device::Cpu).unwrap();
-    let formats = sd_sparse.memory().by_format();
-    assert!(formats.contains_key("unstructured"), "expected compressed weights, got {formats:?}");
-    let a = sd_sparse.generate(&req, &mut |_, _| {}).unwrap();
-    let sd_dense = StableDiffusion::load(&dense, &Device::Cpu).unwrap();
-    assert_eq!(sd_dense.memory().by_format().keys().collect::<Vec<_>>(), ["dense"]);
-    let b = sd_dense.generate(&req, &mut |_, _| {}).unwrap();
+        let req = reference_request(4, SchedulerKind::Ddim);
+        let sd_sparse = StableDiffusion::load(&sparse, &Device::Cpu).unwrap();
+        let formats = sd_sparse.memory().by_format();
+        assert!(formats.contains_key(format), "expected {format} weights, got {formats:?}");
+        let a = sd_sparse.generate(&req, &mut |_, _| {}).unwrap();
+        let sd_dense = StableDiffusion::load(&dense, &Device::Cpu).unwrap();
+        assert_eq!(sd_dense.memory().by_format().keys().collect::<Vec<_>>(), ["dense"]);
+        let b = sd_dense.generate(&req, &mut |_, _| {}).unwrap();
 
-    let e = rel_err(&a.latents.to_vec().unwrap(), b.latents.as_slice().unwrap());
-    let (_, _, pa) = pipeline::image_to_rgb8(&a.image).unwrap();
-    let (_, _, pb) = pipeline::image_to_rgb8(&b.image).unwrap();
-    let max = pa.iter().zip(&pb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
-    println!("sparse vs dense export: latents rel err {e:.3e}, max pixel diff {max}");
-    assert!(e < 1e-5, "sparse vs dense latents rel err {e}");
-    assert!(max <= 1, "sparse vs dense images differ by {max}/255");
+        let e = rel_err(&a.latents.to_vec().unwrap(), b.latents.as_slice().unwrap());
+        let (_, _, pa) = pipeline::image_to_rgb8(&a.image).unwrap();
+        let (_, _, pb) = pipeline::image_to_rgb8(&b.image).unwrap();
+        let max = pa.iter().zip(&pb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        println!("{format} sparse vs dense export: latents rel err {e:.3e}, max pixel diff {max}");
+        assert!(e < 1e-5, "{format}: sparse vs dense latents rel err {e}");
+        assert!(max <= 1, "{format}: sparse vs dense images differ by {max}/255");
+    }
 }
 
 #[test]
@@ -327,4 +332,18 @@ fn cli_bad_input_is_one_line_error() {
         assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// With guidance 1 or less diffusers skips the unconditional batch; the update must then
+/// equal the guided one at scale 1 (`u + 1 * (c - u) = c`) up to rounding.
+#[test]
+fn guidance_one_runs_the_conditional_batch_only() {
+    let sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    let mut req = reference_request(2, SchedulerKind::Ddim);
+    req.guidance = 1.0;
+    let off = sd.generate(&req, &mut |_, _| {}).unwrap();
+    req.guidance = 1.0 + 1e-6;
+    let on = sd.generate(&req, &mut |_, _| {}).unwrap();
+    let e = rel_err(&off.latents.to_vec().unwrap(), on.latents.as_slice().unwrap());
+    assert!(e < 1e-5, "guidance off vs scale 1: rel err {e}");
 }

@@ -292,3 +292,28 @@ fn scheduler_cases_match_diffusers() {
         assert!(worst < 1e-5, "{key} {kind:?} {overrides}: rel err {worst}");
     }
 }
+
+/// SD2.1-base as published ships PNDM with `skip_prk_steps: true` and no
+/// `timestep_spacing`; every scheduler built from it takes its own default spacing, as
+/// diffusers' `from_config` (values from diffusers 0.42.1).
+#[test]
+fn published_sd21_base_pndm_config() {
+    let config = SchedulerConfig::from_json(
+        r#"{"_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false,
+            "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": false,
+            "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null}"#,
+    )
+    .unwrap();
+    assert_eq!(config.kind().unwrap(), SchedulerKind::Pndm);
+    let pndm = scheduler::build(SchedulerKind::Pndm, &config, 10).unwrap();
+    assert_eq!(
+        pndm.timesteps(),
+        &[901.0, 801.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]
+    );
+    let euler = scheduler::build(SchedulerKind::Euler, &config, 10).unwrap();
+    assert_eq!(euler.timesteps(), &[999.0, 888.0, 777.0, 666.0, 555.0, 444.0, 333.0, 222.0, 111.0, 0.0]);
+    assert!((euler.init_noise_sigma() as f64 - 14.614646911621094).abs() < 1e-5);
+    let ddim = scheduler::build(SchedulerKind::Ddim, &config, 10).unwrap();
+    assert_eq!(ddim.timesteps(), &[901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]);
+}

@@ -186,3 +186,66 @@ fn bad_inputs_are_clear_errors() {
     let err = unet.forward_timesteps(&Tensor::zeros(&[2, 4, 32, 32]), &[1.0], &ctx).unwrap_err();
     assert!(err.to_string().contains("timesteps"), "{err}");
 }
+
+/// The tiny UNet with every Linear weight pruned (`prune` returns the compressed weight
+/// and its dense-with-zeros twin): the compressed model must match the masked dense one.
+fn check_sparse_matches_masked_dense(prune: impl Fn(&Tensor) -> (sdsparse::Weight, sdsparse::Weight)) {
+    let mut sparse = tiny_unet();
+    let mut masked = sparse.clone();
+    for (s, m) in sparse.linears_mut().into_iter().zip(masked.linears_mut()) {
+        let sdsparse::Weight::Dense(w) = s.weight() else { panic!("fixture weights are dense") };
+        let (compressed, dense_twin) = prune(w);
+        s.set_weight(compressed).unwrap();
+        m.set_weight(dense_twin).unwrap();
+    }
+    let (latents, ctx) = (reference("init_latents"), reference("cond_embeds"));
+    let out = sparse.forward(&latents, 981.0, &ctx).unwrap();
+    let expected = masked.forward(&latents, 981.0, &ctx).unwrap();
+    let e = rel_error(&out, &expected);
+    assert!(e < 1e-5, "relative error {e:.3e}");
+    // The pruning must have changed the result (else the test proves nothing).
+    assert!(rel_error(&out, &reference("unet_out_t981_cond")) > 1e-3);
+}
+
+fn compressed_and_twin(
+    w: &Tensor,
+    keep_of: impl Fn(&[u32], usize, usize) -> Vec<u8>,
+    bitmap: bool,
+) -> (sdsparse::Weight, sdsparse::Weight) {
+    use sdsparse::{BitmapWeight, HostData, Sparse24Weight, Weight};
+    let (rows, cols) = w.dims2().unwrap();
+    let dense = HostData::F32(w.to_vec().unwrap());
+    let keep = keep_of(&sdsparse::prune::magnitude_keys(&dense), rows, cols);
+    let rb = cols.div_ceil(8);
+    let mut masked = dense.to_f32();
+    for r in 0..rows {
+        for c in 0..cols {
+            if keep[r * rb + c / 8] >> (c % 8) & 1 == 0 {
+                masked[r * cols + c] = 0.0;
+            }
+        }
+    }
+    let compressed = if bitmap {
+        Weight::Bitmap(BitmapWeight::from_dense(&dense, rows, cols, &keep).unwrap())
+    } else {
+        Weight::Sparse24(Sparse24Weight::from_dense(&dense, rows, cols, &keep).unwrap())
+    };
+    (compressed, Weight::Dense(Tensor::from_vec(masked, &[rows, cols]).unwrap()))
+}
+
+#[test]
+fn unstructured_sparse_unet_matches_masked_dense() {
+    use sdsparse::prune::{layer_cut, prune_count, unstructured_mask};
+    check_sparse_matches_masked_dense(|w| {
+        let keep_of = |keys: &[u32], rows: usize, cols: usize| {
+            let cut = layer_cut(keys, prune_count(0.5, rows * cols)).unwrap();
+            unstructured_mask(keys, rows, cols, cut).0
+        };
+        compressed_and_twin(w, keep_of, true)
+    });
+}
+
+#[test]
+fn sparse24_unet_matches_masked_dense() {
+    check_sparse_matches_masked_dense(|w| compressed_and_twin(w, sdsparse::prune::sparse24_mask, false));
+}

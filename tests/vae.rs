@@ -111,3 +111,33 @@ fn wrong_latent_channels_is_an_error() {
     let x = Tensor::zeros(&[1, 3, 4, 4]);
     assert!(vae.decode(&x).is_err());
 }
+
+/// The full-size SD2.1 decoder over zero tensors of the manifest's shapes (structure only,
+/// no weights): every tensor it asks for exists with the manifest's shape, and it uses
+/// every decoder tensor of the manifest (parameter counts agree).
+#[test]
+fn structure_matches_sd21_manifest() {
+    let path = fixture("sd2.1-configs/manifests/vae.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut tensors = HashMap::new();
+    let mut decoder_numel = 0usize;
+    for t in v["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap().to_string();
+        let shape: Vec<usize> =
+            t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            decoder_numel += shape.iter().product::<usize>();
+            tensors.insert(name, Tensor::zeros(&shape));
+        }
+    }
+    let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("sd2.1 vae manifest", tensors)));
+    for config in [
+        VaeConfig::v2_1(),
+        VaeConfig::from_file(&fixture("sd2.1-configs/stable-diffusion-2-1-base/vae/config.json")).unwrap(),
+    ] {
+        let vae = VaeDecoder::new(&vb, &config)
+            .unwrap_or_else(|e| panic!("decoder does not fit the manifest: {e}"));
+        assert_eq!(vae.num_params(), decoder_numel);
+        assert_eq!(vae.scale_factor(), 8);
+    }
+}

@@ -70,7 +70,7 @@ TMP="$DEST.tmp.$$"
 rm -rf "$TMP"
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$(dirname "$DEST")"
-python3 -m pip install --quiet --disable-pip-version-check --no-input --no-deps --only-binary=:all: \
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-input --no-deps --only-binary=:all: \
     --target "$TMP" "${PINS[@]}" >&2
 if [[ ! -x "$TMP/nvidia/cu13/bin/nvcc" ]]; then
     log "pip finished but $TMP/nvidia/cu13/bin/nvcc is missing"

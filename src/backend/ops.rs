@@ -490,7 +490,6 @@ pub fn to_device(x: &Tensor, device: &Device) -> Result<Tensor> {
     match (x.storage(), device) {
         (Storage::Cpu(_), Device::Cpu) => Ok(x.clone()),
         (Storage::Cuda(_), Device::Cpu) => Tensor::from_vec(x.to_vec()?, x.shape()),
-        (Storage::Cuda(s), Device::Cuda(d)) if s.device().name() == d.name() => Ok(x.clone()),
-        (_, Device::Cuda(_)) => Err(not_on_cuda("to_device")),
+        (_, Device::Cuda(d)) => super::cuda::to_cuda(x, d),
     }
 }

@@ -134,7 +134,7 @@ pub fn host_data(values: &[f32], dtype: DType) -> HostData {
 /// A random 2:4 weight in the canonical layout (every group keeps 2 random positions of 4,
 /// values non-zero). `cols` must be a multiple of 4.
 pub fn random_sparse24(rng: &mut TestRng, rows: usize, cols: usize, dtype: DType) -> Sparse24Weight {
-    assert!(cols % 4 == 0, "2:4 needs cols % 4 == 0");
+    assert!(cols.is_multiple_of(4), "2:4 needs cols % 4 == 0");
     const PAIRS: [(u8, u8); 6] = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)];
     let meta_row = sparse24_meta_row_bytes(cols);
     let mut meta = vec![0u8; rows * meta_row];

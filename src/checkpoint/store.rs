@@ -53,17 +53,17 @@ impl RawTensor<'_> {
         // Fast path: an aligned little-endian buffer is reinterpreted, not parsed.
         if cfg!(target_endian = "little") {
             match self.dtype {
-                StDtype::F32 if b.len() % 4 == 0 => {
+                StDtype::F32 if b.len().is_multiple_of(4) => {
                     let mut v = vec![0f32; b.len() / 4];
                     bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(b);
                     return Ok(HostData::F32(v));
                 }
-                StDtype::F16 if b.len() % 2 == 0 => {
+                StDtype::F16 if b.len().is_multiple_of(2) => {
                     let mut v = vec![f16::ZERO; b.len() / 2];
                     bytemuck::cast_slice_mut::<f16, u8>(&mut v).copy_from_slice(b);
                     return Ok(HostData::F16(v));
                 }
-                StDtype::BF16 if b.len() % 2 == 0 => {
+                StDtype::BF16 if b.len().is_multiple_of(2) => {
                     let mut v = vec![bf16::ZERO; b.len() / 2];
                     bytemuck::cast_slice_mut::<bf16, u8>(&mut v).copy_from_slice(b);
                     return Ok(HostData::BF16(v));

@@ -212,7 +212,7 @@ pub fn encode_sparse24_bytes(
     cols: usize,
     keep: &[u8],
 ) -> Result<(Vec<u8>, Vec<u8>)> {
-    if cols % 4 != 0 {
+    if !cols.is_multiple_of(4) {
         return Err(Error::Format(format!(
             "2:4 needs the input dimension to be a multiple of 4, got {cols}"
         )));
@@ -241,7 +241,7 @@ pub fn encode_sparse24_bytes(
             values.extend_from_slice(&row[(4 * g + i0) * es..(4 * g + i0 + 1) * es]);
             values.extend_from_slice(&row[(4 * g + i1) * es..(4 * g + i1 + 1) * es]);
             let nib = (i0 | i1 << 2) as u8;
-            meta[r * mrb + g / 2] |= if g % 2 == 0 { nib } else { nib << 4 };
+            meta[r * mrb + g / 2] |= if g.is_multiple_of(2) { nib } else { nib << 4 };
         }
     }
     Ok((values, meta))
@@ -289,7 +289,7 @@ impl Sparse24Weight {
     /// Checks sizes and that every nibble names two distinct positions in order.
     pub fn validate(&self) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
-        if cols % 4 != 0
+        if !cols.is_multiple_of(4)
             || self.values.len() != rows * cols / 2
             || self.meta.len() != rows * sparse24_meta_row_bytes(cols)
         {
@@ -354,7 +354,7 @@ impl BitmapWeight {
         row_offsets.push(0u32);
         for r in 0..rows {
             let row = &bitmap[r * rb..(r + 1) * rb];
-            if cols % 8 != 0 && row[rb - 1] >> (cols % 8) != 0 {
+            if !cols.is_multiple_of(8) && row[rb - 1] >> (cols % 8) != 0 {
                 return Err(Error::Format(format!("bitmap weight: padding bits set in row {r}")));
             }
             total += row.iter().map(|b| b.count_ones() as usize).sum::<usize>();
@@ -389,7 +389,7 @@ impl BitmapWeight {
 fn clear_padding_bits(keep: &[u8], rows: usize, cols: usize) -> Vec<u8> {
     let rb = bitmap_row_bytes(cols);
     let mut out = keep.to_vec();
-    if cols % 8 != 0 {
+    if !cols.is_multiple_of(8) {
         let m = (1u8 << (cols % 8)) - 1;
         for r in 0..rows {
             out[r * rb + rb - 1] &= m;
@@ -457,7 +457,7 @@ pub fn load_compressed(store: &ComponentStore, name: &str) -> Result<Weight> {
         PatternName::Sparse24 => {
             let v = part(S24_VALUES)?;
             let m = part(S24_META)?;
-            if cols % 4 != 0
+            if !cols.is_multiple_of(4)
                 || v.shape != [rows, cols / 2]
                 || m.shape != [rows, sparse24_meta_row_bytes(cols)]
             {

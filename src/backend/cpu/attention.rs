@@ -2,7 +2,10 @@
 //! tasks run in parallel; each task computes its score block `q_blk · kᵀ` with one GEMM into
 //! a per-thread scratch buffer, applies the softmax row by row in f32, and multiplies by `v`
 //! with a second GEMM straight into the output. Only one `[block, Sk]` score block per thread
-//! exists at a time (for SD2's 4096-token self-attention: 4 MB, not a 64 MB `[4096, 4096]`).
+//! exists at a time (for SD2's 4096-token self-attention: 2 MB, not a 64 MB `[4096, 4096]`).
+//!
+//! `attention` takes heads as `[B, H, S, D]`; `attention_interleaved` takes the `[B, S, H·D]`
+//! layout of the q/k/v projections directly, through strided GEMM views.
 
 use super::gemm::{sgemm, Dst, View};
 use rayon::prelude::*;

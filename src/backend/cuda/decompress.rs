@@ -7,7 +7,7 @@
 
 use super::device::CudaDevice;
 use super::params::DecompressParams;
-use super::CudaStorage;
+use super::{to_cuda, CudaStorage};
 use crate::backend::{Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -106,7 +106,7 @@ fn check_dims(what: &str, rows: usize, cols: usize) -> Result<(u32, u32)> {
 /// Checks a canonical 2:4 weight's sizes (module docs: the kernels trust them).
 pub fn validate_sparse24(w: &Sparse24Weight) -> Result<()> {
     check_dims("2:4 weight", w.rows, w.cols)?;
-    if w.cols % 4 != 0 {
+    if !w.cols.is_multiple_of(4) {
         return Err(Error::Format(format!("2:4 weight with {} columns (not a multiple of 4)", w.cols)));
     }
     if w.values.len() != w.rows * w.cols / 2 {
@@ -208,7 +208,7 @@ pub fn bitmap_to_dense_ref(w: &BitmapWeight) -> Result<Vec<f32>> {
     for r in 0..w.rows {
         let mut next = w.row_offsets[r] as usize;
         for c in 0..w.cols {
-            if w.bitmap[r * row_bytes + c / 8] >> (c % 8) & 1 == 1 {
+            if (w.bitmap[r * row_bytes + c / 8] >> (c % 8)) & 1 == 1 {
                 dense[r * w.cols + c] = values[next];
                 next += 1;
             }
@@ -350,17 +350,6 @@ pub fn weight_to_dense(w: &Weight, device: &Device) -> Result<Tensor> {
     }
 }
 
-/// A tensor copied to (or shared on) the GPU.
-pub fn to_cuda(t: &Tensor, device: &CudaDevice) -> Result<Tensor> {
-    match t.storage() {
-        Storage::Cuda(s) if s.device() == *device => Ok(t.clone()),
-        _ => {
-            let host = t.to_vec()?;
-            Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_host(device, &host)?), t.shape()))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,7 +389,7 @@ mod tests {
         assert_eq!(kept, w.values.to_f32());
         for r in 0..6 {
             for c in 0..21 {
-                let bit = w.bitmap[r * 3 + c / 8] >> (c % 8) & 1 == 1;
+                let bit = (w.bitmap[r * 3 + c / 8] >> (c % 8)) & 1 == 1;
                 assert_eq!(bit, dense[r * 21 + c] != 0.0, "({r}, {c})");
             }
         }

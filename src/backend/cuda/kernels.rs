@@ -13,11 +13,15 @@ pub const fn available() -> bool {
 }
 
 /// The embedded fatbin (SASS for sm_80/86/89/90a, PTX for compute_80), if any.
+#[cfg(sdsparse_cuda_kernels)]
 pub fn fatbin() -> Option<&'static [u8]> {
-    #[cfg(sdsparse_cuda_kernels)]
-    return Some(FATBIN);
-    #[cfg(not(sdsparse_cuda_kernels))]
-    return None;
+    Some(FATBIN)
+}
+
+/// The embedded fatbin: none in a CPU-only build.
+#[cfg(not(sdsparse_cuda_kernels))]
+pub fn fatbin() -> Option<&'static [u8]> {
+    None
 }
 
 /// The nvcc release the kernels were compiled with, e.g. "13.0.88" ("none" in a CPU-only build).

@@ -17,5 +17,21 @@ pub mod kernels;
 pub mod params;
 pub mod sparse24;
 
-pub use decompress::{to_cuda, weight_to_dense};
+pub use decompress::weight_to_dense;
 pub use device::{CudaDevice, CudaStorage};
+
+use crate::backend::{Storage, Tensor};
+use crate::error::Result;
+
+/// A tensor copied to the GPU (shared, not copied, when it is there already). `ops::to_device`
+/// can dispatch here: `Device::Cuda(d) => cuda::to_cuda(x, d)`, and for the CPU
+/// `Tensor::from_vec(x.to_vec()?, x.shape())` copies back from any device.
+pub fn to_cuda(t: &Tensor, device: &CudaDevice) -> Result<Tensor> {
+    match t.storage() {
+        Storage::Cuda(s) if s.device() == *device => Ok(t.clone()),
+        _ => {
+            let host = t.to_vec()?;
+            Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_host(device, &host)?), t.shape()))
+        }
+    }
+}
