@@ -146,7 +146,7 @@ pub fn group_norm(
         return Err(Error::Shape(format!("group_norm: input {shape:?} has no channel dim")));
     }
     let c = shape[1];
-    if groups == 0 || c % groups != 0 {
+    if groups == 0 || !c.is_multiple_of(groups) {
         return Err(Error::Shape(format!("group_norm: {c} channels cannot form {groups} groups")));
     }
     if gamma.shape() != [c] || beta.shape() != [c] {
