@@ -235,7 +235,7 @@ pub struct TransformerSpec {
 impl Transformer2DModel {
     pub fn load(vb: &VarBuilder, spec: TransformerSpec) -> Result<Self> {
         let c = spec.channels;
-        if spec.heads == 0 || c % spec.heads != 0 {
+        if spec.heads == 0 || !c.is_multiple_of(spec.heads) {
             return Err(Error::Checkpoint(format!(
                 "{}: {c} channels do not split into {} heads",
                 vb.path("attention"),

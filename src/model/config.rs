@@ -308,7 +308,10 @@ impl UNetConfig {
                 self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()),
                 "reverse_transformer_layers_per_block",
             ),
-            (self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0, "even conv kernels"),
+            (
+                self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2),
+                "even conv kernels",
+            ),
             (self.downsample_padding != 1, "downsample_padding other than 1"),
         ];
         for (is_set, what) in unsupported {
@@ -319,10 +322,10 @@ impl UNetConfig {
         let heads = self.heads_per_block()?;
         self.transformer_layers()?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
-            if h == 0 || c % h != 0 {
+            if h == 0 || !c.is_multiple_of(h) {
                 return bad(format!("block {i}: {c} channels do not split into {h} attention heads"));
             }
-            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return bad(format!(
                     "block {i}: {c} channels do not split into {} groups",
                     self.norm_num_groups

@@ -199,7 +199,7 @@ impl UNet2DConditionModel {
             )));
         }
         let f = cfg.downsample_factor();
-        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
             return Err(Error::Invalid(format!(
                 "unet: latent size {h}x{w} must be a positive multiple of {f} (this UNet has {} levels)",
                 cfg.levels()

@@ -49,7 +49,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: &VarBuilder, channels: usize, groups: usize, eps: f32) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::Checkpoint(format!(
                 "{}: {channels} channels do not split into {groups} groups",
                 vb.path("weight")
