@@ -137,7 +137,8 @@ fn build_fatbin(root: &Path, out_dir: &Path) -> Result<FatbinInfo, BuildError> {
     }
 
     let unity_path = out_dir.join("sdsparse_kernels.cu");
-    fs::write(&unity_path, &unity).map_err(|e| BuildError::Compile(format!("{}: {e}", unity_path.display())))?;
+    fs::write(&unity_path, &unity)
+        .map_err(|e| BuildError::Compile(format!("{}: {e}", unity_path.display())))?;
     // nvcc compiles the architectures in parallel with --threads; cargo's job count is the budget.
     let jobs: usize = env::var("NUM_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(2);
     let threads = jobs.clamp(1, GENCODES.len());

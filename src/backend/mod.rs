@@ -10,8 +10,8 @@
 pub mod cpu;
 pub mod cuda;
 pub mod ops;
-pub mod test_util;
 mod tensor;
+pub mod test_util;
 
 pub use tensor::{Storage, Tensor};
 

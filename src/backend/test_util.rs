@@ -7,7 +7,9 @@
 //! `SDSPARSE_CUDA_DEVICE` picks the ordinal (default 0).
 
 use crate::backend::cuda::CudaDevice;
-use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight};
+use crate::format::{
+    bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight,
+};
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
@@ -150,7 +152,13 @@ pub fn random_sparse24(rng: &mut TestRng, rows: usize, cols: usize, dtype: DType
 
 /// A random unstructured weight in the canonical layout, each element kept with probability
 /// `density` (kept values non-zero).
-pub fn random_bitmap(rng: &mut TestRng, rows: usize, cols: usize, density: f32, dtype: DType) -> BitmapWeight {
+pub fn random_bitmap(
+    rng: &mut TestRng,
+    rows: usize,
+    cols: usize,
+    density: f32,
+    dtype: DType,
+) -> BitmapWeight {
     let row_bytes = bitmap_row_bytes(cols);
     let mut bitmap = vec![0u8; rows * row_bytes];
     let mut row_offsets = Vec::with_capacity(rows + 1);

@@ -10,7 +10,9 @@ use super::params::DecompressParams;
 use super::CudaStorage;
 use crate::backend::{Device, Storage, Tensor};
 use crate::error::{Error, Result};
-use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight, Weight};
+use crate::format::{
+    bitmap_row_bytes, sparse24_meta_row_bytes, BitmapWeight, DType, HostData, Sparse24Weight, Weight,
+};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
 
@@ -338,9 +340,10 @@ pub fn weight_to_dense(w: &Weight, device: &Device) -> Result<Tensor> {
                 Weight::Bitmap(b) => DeviceBitmap::upload(dev, b)?.to_dense(dev, DType::F32)?,
             };
             match dense {
-                DeviceValues::F32(slice) => {
-                    Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_slice(dev, slice)), &[rows, cols]))
-                }
+                DeviceValues::F32(slice) => Ok(Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::from_slice(dev, slice)),
+                    &[rows, cols],
+                )),
                 _ => Err(Error::Cuda("decompression returned the wrong dtype".into())),
             }
         }
@@ -366,7 +369,8 @@ mod tests {
 
     /// Shapes that hit every path: one row, odd row counts, one group, rows shorter and longer than
     /// a warp's 256-column chunk, and (bitmap only) columns not a multiple of 8 or 4.
-    const SPARSE24_SHAPES: &[(usize, usize)] = &[(1, 4), (3, 8), (5, 12), (77, 64), (64, 320), (33, 1028), (7, 2304)];
+    const SPARSE24_SHAPES: &[(usize, usize)] =
+        &[(1, 4), (3, 8), (5, 12), (77, 64), (64, 320), (33, 1028), (7, 2304)];
     const BITMAP_SHAPES: &[(usize, usize)] =
         &[(1, 1), (1, 7), (3, 9), (77, 77), (64, 320), (33, 1030), (7, 2304), (300, 24)];
     const DTYPES: [DType; 3] = [DType::F16, DType::BF16, DType::F32];

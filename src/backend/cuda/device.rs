@@ -81,9 +81,12 @@ impl CudaDevice {
         // A driver too old for the CUDA 13 API can still make cudarc panic on a missing symbol:
         // turn that into an error too.
         let opened = std::panic::catch_unwind(|| -> Result<(Arc<CudaContext>, (i32, i32), String)> {
-            let count = CudaContext::device_count().map_err(driver_err("cannot initialise the CUDA driver"))?;
+            let count =
+                CudaContext::device_count().map_err(driver_err("cannot initialise the CUDA driver"))?;
             if ordinal >= count.max(0) as usize {
-                return Err(Error::Cuda(format!("no GPU with ordinal {ordinal}: {count} CUDA device(s) found")));
+                return Err(Error::Cuda(format!(
+                    "no GPU with ordinal {ordinal}: {count} CUDA device(s) found"
+                )));
             }
             let ctx = CudaContext::new(ordinal).map_err(driver_err("cannot create a CUDA context"))?;
             let cc = ctx.compute_capability().map_err(driver_err("cannot query the compute capability"))?;
@@ -91,7 +94,9 @@ impl CudaDevice {
             Ok((ctx, cc, name))
         });
         let (ctx, compute_capability, gpu_name) = opened.map_err(|_| {
-            Error::Cuda("the CUDA driver is missing functions this build needs (driver older than CUDA 13?)".into())
+            Error::Cuda(
+                "the CUDA driver is missing functions this build needs (driver older than CUDA 13?)".into(),
+            )
         })??;
         if compute_capability.0 < 8 {
             return Err(Error::Cuda(format!(
@@ -146,7 +151,8 @@ impl CudaDevice {
 
     /// A kernel of the embedded fatbin by its `extern "C"` name (looked up once, then cached).
     pub fn function(&self, name: &str) -> Result<CudaFunction> {
-        let mut functions = self.inner.functions.lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
+        let mut functions =
+            self.inner.functions.lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
         if let Some(f) = functions.get(name) {
             return Ok(f.clone());
         }
@@ -217,7 +223,8 @@ impl CudaDevice {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
         // SAFETY: the memory is fully initialised by the memset right after.
-        let mut buf = unsafe { self.stream().alloc::<T>(len) }.map_err(driver_err("device allocation failed"))?;
+        let mut buf =
+            unsafe { self.stream().alloc::<T>(len) }.map_err(driver_err("device allocation failed"))?;
         self.fill_bytes(&mut buf, 0xFF)?;
         Ok(buf)
     }

@@ -84,8 +84,9 @@ mod tests {
     /// the two sides are checked against each other even where nvcc is not installed.
     #[test]
     fn header_and_rust_layouts_agree() {
-        let header = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda/include/sdsparse_params.h"))
-            .expect("read sdsparse_params.h");
+        let header =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda/include/sdsparse_params.h"))
+                .expect("read sdsparse_params.h");
         let mut sizes = BTreeMap::new();
         let mut offsets: BTreeMap<String, Vec<(String, usize)>> = BTreeMap::new();
         for line in header.lines().map(str::trim) {
