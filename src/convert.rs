@@ -544,7 +544,7 @@ fn estimate_pruned_bytes(shape: &[usize], dsize: usize, pattern: Pattern, s: f64
 }
 
 /// Batches of consecutive jobs of at most this many input bytes run in parallel.
-const BATCH_BYTES: usize = 96 << 20;
+const BATCH_BYTES: usize = 64 << 20;
 
 #[allow(clippy::too_many_arguments)]
 fn convert_component(
@@ -679,45 +679,76 @@ fn convert_component(
     let entries: Vec<Entry> = jobs.iter().flat_map(|j| j.entries()).collect();
     let mut writer = StreamWriter::create(out_file, entries, &header.to_metadata()?)?;
 
-    let mut layers = Vec::new();
-    let mut start = 0;
-    while start < jobs.len() {
-        let mut end = start + 1;
-        let mut bytes = jobs[start].in_bytes;
-        while end < jobs.len() && bytes + jobs[end].in_bytes <= BATCH_BYTES {
-            bytes += jobs[end].in_bytes;
-            end += 1;
-        }
-        let results: Vec<Result<(Parts<'_>, usize)>> =
-            jobs[start..end].par_iter().map(|j| run_job(store, j, opts.method, opts.seed)).collect();
-        for (j, res) in jobs[start..end].iter().zip(results) {
-            let (parts, pruned) = res?;
-            let mut out_bytes = 0u64;
-            for (pname, b) in &parts {
-                writer.write(pname, b)?;
-                out_bytes += b.len() as u64;
-                if let Some(rec) = header.layers.get_mut(&j.name) {
-                    let suffix = &pname[j.name.len()..];
-                    rec.crc32.insert(suffix.to_string(), crc32_hex(b));
+    // Compute batches in parallel on the rayon pool while a writer thread streams the
+    // previous batch to disk and fills in the checksums; the bounded channel keeps at most
+    // one finished batch waiting, so memory stays at a few batches.
+    let jobs_ref = &jobs;
+    let (file_size, layers) = std::thread::scope(|scope| -> Result<(u64, Vec<LayerReport>)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(usize, Parts<'_>, usize)>>(1);
+        let writer_thread = scope.spawn(move || -> Result<(u64, Vec<LayerReport>)> {
+            let mut layers = Vec::new();
+            for batch in rx {
+                for (i, parts, pruned) in batch {
+                    let j = &jobs_ref[i];
+                    let mut out_bytes = 0u64;
+                    for (pname, b) in &parts {
+                        writer.write(pname, b)?;
+                        out_bytes += b.len() as u64;
+                        if let Some(rec) = header.layers.get_mut(&j.name) {
+                            rec.crc32.insert(pname[j.name.len()..].to_string(), crc32_hex(b));
+                        }
+                    }
+                    if let Some(pn) = j.pattern_name() {
+                        layers.push(LayerReport {
+                            name: j.name.clone(),
+                            shape: j.shape.clone(),
+                            format: pn.as_str().to_string(),
+                            dtype: j.out_dtype.map(|d| d.name()).unwrap_or("?").to_string(),
+                            numel: j.numel(),
+                            zeros: pruned,
+                            bytes: out_bytes,
+                            note: None,
+                        });
+                    }
                 }
             }
-            if let Some(pn) = j.pattern_name() {
-                layers.push(LayerReport {
-                    name: j.name.clone(),
-                    shape: j.shape.clone(),
-                    format: pn.as_str().to_string(),
-                    dtype: j.out_dtype.map(|d| d.name()).unwrap_or("?").to_string(),
-                    numel: j.numel(),
-                    zeros: pruned,
-                    bytes: out_bytes,
-                    note: None,
-                });
+            Ok((writer.finish(&header.to_metadata()?)?, layers))
+        });
+        let mut failure = None;
+        let mut start = 0;
+        while start < jobs.len() {
+            let mut end = start + 1;
+            let mut bytes = jobs[start].in_bytes;
+            while end < jobs.len() && bytes + jobs[end].in_bytes <= BATCH_BYTES {
+                bytes += jobs[end].in_bytes;
+                end += 1;
             }
+            let results: Vec<Result<(Parts<'_>, usize)>> =
+                jobs[start..end].par_iter().map(|j| run_job(store, j, opts.method, opts.seed)).collect();
+            let mut batch = Vec::with_capacity(end - start);
+            for (i, res) in (start..end).zip(results) {
+                match res {
+                    Ok((parts, pruned)) => batch.push((i, parts, pruned)),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            // A send error means the writer stopped on an error, which join reports.
+            if failure.is_some() || tx.send(batch).is_err() {
+                break;
+            }
+            progress(Progress::Advance { bytes: bytes as u64 });
+            start = end;
         }
-        progress(Progress::Advance { bytes: bytes as u64 });
-        start = end;
-    }
-    let file_size = writer.finish(&header.to_metadata()?)?;
+        drop(tx);
+        let written = writer_thread.join().map_err(|_| Error::Msg("the writer thread panicked".into()))?;
+        match failure {
+            Some(e) => Err(e),
+            None => written,
+        }
+    })?;
 
     let data_after: u64 = jobs.iter().flat_map(|j| j.entries()).map(|e| e.nbytes() as u64).sum();
     let dense_out: u64 = jobs.iter().map(|j| (j.numel() * j.out_dtype_size()) as u64).sum();
