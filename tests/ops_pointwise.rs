@@ -7,6 +7,7 @@ use ops_common::*;
 use sdsparse::backend::cpu::elementwise::exp_fast;
 use sdsparse::backend::{ops, Tensor};
 
+#[allow(clippy::too_many_arguments)] // mirrors the op's parameters one to one
 fn naive_group_norm(
     x: &[f32],
     c: usize,

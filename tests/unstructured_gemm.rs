@@ -77,7 +77,10 @@ fn tiled_layout_decodes_to_the_dense_weight() {
             let t = tiled(&dense, rows, cols);
             assert_eq!((t.tiles_n, t.tiles_k), (rows.div_ceil(TILE_N), cols.div_ceil(TILE_K)));
             assert_eq!(t.bitmap.len(), t.tiles_n * t.tiles_k * TILE_N);
-            assert!(t.tile_offsets.iter().all(|&o| o as usize % VALUE_ALIGN == 0), "tile runs 16 B aligned");
+            assert!(
+                t.tile_offsets.iter().all(|&o| (o as usize).is_multiple_of(VALUE_ALIGN)),
+                "tile runs 16 B aligned"
+            );
             assert!(t.tile_offsets.windows(2).all(|w| w[0] <= w[1]));
             assert_eq!(t.to_dense(), dense, "[{rows}, {cols}] at {sparsity}");
         }
