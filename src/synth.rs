@@ -131,48 +131,37 @@ fn bad_manifest(e: impl std::fmt::Display) -> Error {
     Error::Msg(format!("embedded manifest is invalid: {e}"))
 }
 
+/// One manifest entry: `[name, shape]` (the tiny list) or `{"name", "shape", ..}` (the SD2.1
+/// manifests).
+fn parse_spec(entry: &serde_json::Value) -> Result<TensorSpec> {
+    let (name, shape) = match entry {
+        serde_json::Value::Array(pair) => (pair.first(), pair.get(1)),
+        _ => (entry.get("name"), entry.get("shape")),
+    };
+    let name = name.and_then(|n| n.as_str()).ok_or_else(|| bad_manifest("tensor without a name"))?;
+    let shape = shape
+        .and_then(|s| s.as_array())
+        .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| bad_manifest(format!("tensor {name} without a valid shape")))?;
+    Ok(TensorSpec { name: name.to_string(), shape })
+}
+
 /// The tensors of `component` ("text_encoder", "unet" or "vae") for a preset.
 pub fn tensor_specs(preset: SynthPreset, component: &str) -> Result<Vec<TensorSpec>> {
-    match preset {
-        SynthPreset::Tiny => {
-            let v: serde_json::Value = serde_json::from_str(embedded::TINY_TENSORS).map_err(bad_manifest)?;
-            let list = v.get(component).and_then(|l| l.as_array()).ok_or_else(|| bad_manifest(component))?;
-            list.iter()
-                .map(|e| {
-                    let name = e.get(0).and_then(|n| n.as_str()).ok_or_else(|| bad_manifest("name"))?;
-                    let shape = e.get(1).and_then(|s| s.as_array()).ok_or_else(|| bad_manifest("shape"))?;
-                    let shape =
-                        shape.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>();
-                    Ok(TensorSpec {
-                        name: name.to_string(),
-                        shape: shape.ok_or_else(|| bad_manifest("shape"))?,
-                    })
-                })
-                .collect()
-        }
+    let (text, list_key) = match preset {
+        SynthPreset::Tiny => (embedded::TINY_TENSORS, component),
         SynthPreset::Sd21Base | SynthPreset::Sd21 => {
             let text = embedded::SD21_MANIFESTS
                 .iter()
                 .find(|(c, _)| *c == component)
                 .map(|(_, t)| *t)
                 .ok_or_else(|| bad_manifest(component))?;
-            let v: serde_json::Value = serde_json::from_str(text).map_err(bad_manifest)?;
-            let list = v.get("tensors").and_then(|l| l.as_array()).ok_or_else(|| bad_manifest("tensors"))?;
-            list.iter()
-                .map(|e| {
-                    let name = e.get("name").and_then(|n| n.as_str()).ok_or_else(|| bad_manifest("name"))?;
-                    let shape =
-                        e.get("shape").and_then(|s| s.as_array()).ok_or_else(|| bad_manifest("shape"))?;
-                    let shape =
-                        shape.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>();
-                    Ok(TensorSpec {
-                        name: name.to_string(),
-                        shape: shape.ok_or_else(|| bad_manifest("shape"))?,
-                    })
-                })
-                .collect()
+            (text, "tensors")
         }
-    }
+    };
+    let v: serde_json::Value = serde_json::from_str(text).map_err(bad_manifest)?;
+    let list = v.get(list_key).and_then(|l| l.as_array()).ok_or_else(|| bad_manifest(component))?;
+    list.iter().map(parse_spec).collect()
 }
 
 /// Options of [`write_checkpoint`].
