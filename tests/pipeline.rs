@@ -7,38 +7,13 @@ use sdsparse::backend::Device;
 use sdsparse::pipeline::{self, GenerateRequest, StableDiffusion};
 use sdsparse::scheduler::SchedulerKind;
 use sdsparse::Tensor;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
+mod reference_util;
+use reference_util::{fixture, load_f32, rel_err};
 
 fn model_dir() -> PathBuf {
     fixture("tiny-sd2-eps")
-}
-
-fn load_f32(path: &Path) -> HashMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let data =
-                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            (k, Tensor::from_vec(data, v.shape()).unwrap())
-        })
-        .collect()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    let e = (num / den).sqrt();
-    assert!(!e.is_nan(), "NaN in comparison");
-    e
 }
 
 /// Fraction of 8-bit channel values of our PNG within 1 of the reference PNG's.

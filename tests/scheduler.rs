@@ -8,34 +8,14 @@ use sdsparse::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const GUIDANCE: f32 = 7.5;
+mod reference_util;
+use reference_util::{fixture, load_f32_raw, rel_err};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
+const GUIDANCE: f32 = 7.5;
 
 /// All f32 tensors of a safetensors file, by name.
 fn load_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let data =
-                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            (k, (v.shape().to_vec(), data))
-        })
-        .collect()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    let e = (num / den).sqrt();
-    assert!(!e.is_nan(), "NaN in comparison");
-    e
+    load_f32_raw(path)
 }
 
 fn tiny_config() -> SchedulerConfig {

@@ -5,35 +5,10 @@ use sdsparse::checkpoint::{ComponentStore, VarBuilder};
 use sdsparse::model::vae::{VaeConfig, VaeDecoder};
 use sdsparse::Tensor;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
-
-fn load_f32(path: &Path) -> HashMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let data =
-                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            (k, Tensor::from_vec(data, v.shape()).unwrap())
-        })
-        .collect()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    let e = (num / den).sqrt();
-    assert!(!e.is_nan(), "NaN in comparison");
-    e
-}
+mod reference_util;
+use reference_util::{fixture, load_f32, rel_err};
 
 #[test]
 fn configs_parse_and_scale_factor() {
