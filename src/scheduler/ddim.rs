@@ -58,12 +58,6 @@ impl Scheduler for DdimScheduler {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps_f32
     }
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
 
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;

@@ -111,12 +111,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
 
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
         let n = self.timesteps.len();

@@ -31,10 +31,16 @@ pub trait Scheduler: Send {
     fn name(&self) -> &'static str;
     /// The timesteps fed to the model, one per model call, in call order.
     fn timesteps(&self) -> &[f32];
-    /// The standard deviation of the initial noise (unit noise is multiplied by it).
-    fn init_noise_sigma(&self) -> f32;
-    /// The model input at call `index` (Euler divides by `sqrt(sigma² + 1)`; others: identity).
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    /// The standard deviation of the initial noise (unit noise is multiplied by it); 1 for the
+    /// alpha-parameterised schedulers, Euler's is its largest sigma.
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+    /// The model input at call `index`: the identity except for Euler, which divides by
+    /// `sqrt(sigma² + 1)`.
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// The latents after model call `index`, from the (guided) model output and the latents
     /// before that call. Calls must come in order 0, 1, 2, ...: multistep solvers keep history.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor>;
