@@ -39,6 +39,9 @@ enum Mutant {
     LboSbo,
     /// V read by ldmatrix without .trans.
     VNoTrans,
+    /// The ragged mask lets one padding key through (key > seq_kv instead of >=): the bug class
+    /// a norm-only 1e-2 bound missed (kernel review T1).
+    MaskOffByOne,
 }
 
 fn i(v: usize) -> i32 {
@@ -988,7 +991,8 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
                         for (l, scl) in scj.iter_mut().enumerate() {
                             for (e, v) in scl.iter_mut().enumerate() {
                                 let key = u(ix::sds_attn_key_index(i(t), i(j), i(l), i(e)));
-                                *v = if ragged && key >= p.skv { f32::NEG_INFINITY } else { *v * scale_log2 };
+                                let limit = if mutant == Mutant::MaskOffByOne { p.skv + 1 } else { p.skv };
+                                *v = if ragged && key >= limit { f32::NEG_INFINITY } else { *v * scale_log2 };
                                 mx[l][e / 2] = mx[l][e / 2].max(*v);
                             }
                         }
@@ -1115,6 +1119,9 @@ fn mutants_are_caught() {
     let got = attention(&att, &[0], Mutant::VNoTrans);
     println!("VNoTrans on attention: {got:?}");
     assert!(got.is_err(), "V without .trans not caught: {got:?}");
+    let got = attention(&att, &[0], Mutant::MaskOffByOne);
+    println!("MaskOffByOne on attention: {got:?}");
+    assert!(got.is_err(), "one unmasked padding key not caught: {got:?}");
     // And the unmutated runs of the same inputs pass.
     run_sp24(&sp, Sp24Kernel::V3, true, Mutant::None).unwrap();
     run_uns(&uns, UnsKernel::Wgmma, 1, true, Mutant::None).unwrap();
