@@ -144,15 +144,16 @@ pub fn from_f16_bits(v: &[u16]) -> Vec<f32> {
 }
 
 /// Whether a GPU test should run kernel variant `name` (its name or `Debug` form): all of them
-/// unless `SDSPARSE_GPU_VARIANTS` lists comma-separated substrings, one of which must occur in
-/// `name` (case-insensitive). The device check runs the oracle variants first and each risky
+/// unless `SDSPARSE_GPU_VARIANTS` lists comma-separated prefixes, one of which `name` must
+/// start with (case-insensitive: `v2` selects every `v2_pipe_bt*`, `bm128` selects `Bm128` but
+/// not `WgmmaBm128`). The device check runs the oracle variants first and each risky
 /// variant in its own process this way, so a sticky fault (trap, illegal address) in one
 /// variant cannot hide the results of the others (kernel review T2).
 pub fn variant_selected(name: &str) -> bool {
     match std::env::var("SDSPARSE_GPU_VARIANTS") {
         Ok(list) if !list.trim().is_empty() => {
             let name = name.to_ascii_lowercase();
-            list.split(',').map(|s| s.trim().to_ascii_lowercase()).any(|s| !s.is_empty() && name.contains(&s))
+            list.split(',').map(|s| s.trim().to_ascii_lowercase()).any(|s| !s.is_empty() && name.starts_with(&s))
         }
         _ => true,
     }
