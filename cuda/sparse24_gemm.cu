@@ -284,6 +284,7 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
     const int warp_n = warp % 4, warp_t = warp / 4;
     const int n0 = blockIdx.x * V2_BN, t0 = blockIdx.y * BT;
     const int ktiles = p.k_pad / V2_BK;
+    const bool rows_live = sp24_v2_warp_live(n0, warp_n, p.n_pad); // review S2 (sdsparse_index.h)
 
     float acc[MI][NJ][4];
 #pragma unroll
@@ -306,6 +307,8 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
         const int pf = kt + V2_STAGES - 1;
         if (pf < ktiles) v2_load_stage<BT>(p, smem + (pf % V2_STAGES) * S::STAGE, n0, t0, pf);
         cp_async_commit();
+
+        if (!rows_live) continue; // only padding rows: no MMA (the barriers above still run)
 
         uint8_t* st = smem + (kt % V2_STAGES) * S::STAGE;
         const uint32_t w_s = smem_u32(st), x_s = w_s + S::W_BYTES;
@@ -486,6 +489,7 @@ extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
     const int cw = wg - 1;                      // consumer warpgroup: rows 64cw .. 64cw + 64
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int row_block = sp24_v3_meta_row_block(n0, cw, warp); // this warp's 16-row meta block
+    const bool wg_live = sp24_v3_wg_live(n0, cw, p.n_pad);
     float d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.f;
@@ -522,7 +526,13 @@ extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
             // Row blocks past n_pad: the neutral word (0b0000 is undefined, review S1).
             const uint32_t meta =
                 row_block < p.n_pad / 16 ? p.w_meta[sp24_meta_word(row_block, ktiles, kt, lane)] : SP24_META_NEUTRAL;
+            // Waits even when idle: arriving on `empty` ahead of the stage's phase would
+            // complete that phase early for the other warpgroup.
             mbar_wait(full0 + 8 * s, round & 1);
+            if (!wg_live) { // only padding rows (review S2): no wgmma
+                mbar_arrive(empty0 + 8 * s);
+                continue;
+            }
             fence_acc(d);
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
             // k32 step 0: compressed chunks 0-1, logical chunks 0-3; step 1: the next ones. Rows

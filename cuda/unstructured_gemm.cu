@@ -86,7 +86,8 @@ __device__ __forceinline__ void load_stage(const SdsUnstructuredGemmParams& p, i
 #pragma unroll
     for (int i = 0; i < C::BM * C::BK / 8 / C::THREADS; ++i) {
         const int chunk = tid + i * C::THREADS;
-        const int r = chunk / (C::BK / 8), c8 = chunk % (C::BK / 8);
+        static_assert(C::BK / 8 == 8, "8 chunks per row (sdsparse_index.h)");
+        const int r = uns_x_chunk_row(chunk, CORE), c8 = uns_x_chunk_col8(chunk, CORE);
         const int gm = m0 + r, gk = kt * C::BK + c8 * 8;
         const bool valid = gm < p.m && gk < p.k;
         const __half* src = valid ? x + (int64_t)gm * p.ldx + gk : x;
@@ -102,7 +103,8 @@ __device__ __forceinline__ void load_stage(const SdsUnstructuredGemmParams& p, i
     for (int c = tid; c < chunks; c += C::THREADS) cp_async16(vs + c * 8, vals + c * 8, true);
 }
 
-// Expands one compressed tile (bitmap + packed values in smem) into the dense tile ws[64][LDS].
+// Expands one compressed tile (bitmap + packed values in smem) into the dense tile ws[64][LDS]
+// (or the core layout for wgmma, see the CORE branch).
 // Lane l of a warp handles columns 2l and 2l+1 of a row; a row's first value index is the
 // exclusive prefix of the popcounts of the rows above it, which every warp computes for itself
 // with one shuffle scan (lane l owns rows 2l and 2l+1), so no extra block barrier is needed.
@@ -118,6 +120,29 @@ __device__ __forceinline__ void expand_tile(const uint64_t* bm, const __half* vs
         if (lane >= d) incl += t;
     }
     const int excl = incl - pair;  // first value of row 2*lane
+    if constexpr (CORE) {
+        // Core layout (wgmma): lane -> (row 8 rb + lane / 4, pair 4c + lane % 4), review U1.
+        static_assert((TILE_N / 8) % C::WARPS == 0 && TILE_K == 64, "whole 8-row blocks per warp");
+        for (int rb = warp; rb < TILE_N / 8; rb += C::WARPS) {
+            const int r = uns_core_fill_row(rb, lane), src = r / 2;
+            // Both shuffles unconditionally: the source lane differs per lane here.
+            const int e = __shfl_sync(0xffffffffu, excl, src), first = __shfl_sync(0xffffffffu, c0, src);
+            const int row_start = e + ((r & 1) ? first : 0);
+            const uint64_t word = bm[r];
+#pragma unroll
+            for (int step = 0; step < TILE_K / 8; ++step) {  // core matrix (8 columns) `step`
+                const int cp = uns_core_fill_pair(step, lane);  // column pair: columns 2cp, 2cp+1
+                const uint32_t bits = (uint32_t)(word >> (2 * cp)) & 3u;
+                int idx = row_start + __popcll(word & uns_below_mask(cp));
+                const __half zero = __float2half(0.0f);
+                const __half lo = (bits & 1u) ? vs[idx] : zero;
+                idx += bits & 1u;
+                const __half hi = (bits & 2u) ? vs[idx] : zero;
+                *reinterpret_cast<__half2*>(ws + uns_core_offset(r, 2 * cp)) = __halves2half2(lo, hi);
+            }
+        }
+        return;
+    }
     const uint64_t below_mask = uns_below_mask(lane);  // columns left of this lane's pair
 #pragma unroll 4
     for (int r = warp; r < TILE_N; r += C::WARPS) {
@@ -130,8 +155,7 @@ __device__ __forceinline__ void expand_tile(const uint64_t* bm, const __half* vs
         const __half lo = (bits & 1u) ? vs[idx] : zero;
         idx += bits & 1u;
         const __half hi = (bits & 2u) ? vs[idx] : zero;
-        *reinterpret_cast<__half2*>(ws + (CORE ? uns_core_offset(r, 2 * lane) : r * C::LDS + 2 * lane)) =
-            __halves2half2(lo, hi);
+        *reinterpret_cast<__half2*>(ws + r * C::LDS + 2 * lane) = __halves2half2(lo, hi);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The fused attention forward: CPU checks of the layouts and of the kernel's online-softmax
 //! algorithm (always run), and GPU checks of both kernel variants against the CPU reference
-//! (skipped without a GPU; run with `tools/gpu_run_unstructured.sh`).
+//! (skipped without a GPU; run with `tools/gpu_check.sh`, docs/CUDA.md).
 //!
 //! GPU tests: fresh random data each run (seed printed), outputs poisoned with f16 NaN before
 //! each launch, error bounded norm-wise (2e-3) and element-wise (`test_util::check_close`),
@@ -149,6 +149,31 @@ fn check(out: &[f32], reference: &[f32]) -> Result<f64, String> {
     check_close(out, reference, GPU_NORM_TOL, GPU_ELEM_TOL)
 }
 
+/// Runs every selected variant on (q, k, v) (f16-representable values in layouts lq, lk, lk) with
+/// NaN-poisoned outputs and checks each against the CPU reference; `label` names the case.
+#[allow(clippy::too_many_arguments)]
+fn check_variants(
+    attn: &FusedAttention,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    shape: &AttentionShape,
+    (q, lq): (&[f32], HeadLayout),
+    (k, lk): (&[f32], HeadLayout),
+    v: &[f32],
+    label: &str,
+) {
+    let mut reference = vec![0.0; q.len()];
+    reference_attention(shape, q, &lq, k, &lk, v, &lk, &mut reference, &lq);
+    let (dq, dk, dv) =
+        (stream.clone_htod(&bits(q)).unwrap(), stream.clone_htod(&bits(k)).unwrap(), stream.clone_htod(&bits(v)).unwrap());
+    for variant in variants() {
+        let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap(); // f16 NaN
+        attn.forward(stream, variant, shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq)).expect("launch");
+        let out = unbits(&stream.clone_dtoh(&dout).unwrap());
+        let err = check(&out, &reference).unwrap_or_else(|e| panic!("{variant:?} {label}: {e}"));
+        println!("{variant:?} {label}: rel err {err:.2e}");
+    }
+}
+
 #[test]
 fn gpu_attention_matches_cpu_reference() {
     let Some(ctx) = gpu_for_test() else {
@@ -176,21 +201,8 @@ fn gpu_attention_matches_cpu_reference() {
             let q = rng.vec_f16(b * h * sq * HEAD_DIM, 2.0);
             let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
             let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
-            let mut reference = vec![0.0; q.len()];
-            reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
-            let (dq, dk, dv) = (
-                stream.clone_htod(&bits(&q)).unwrap(),
-                stream.clone_htod(&bits(&k)).unwrap(),
-                stream.clone_htod(&bits(&v)).unwrap(),
-            );
-            for variant in variants() {
-                let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap(); // f16 NaN
-                attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
-                    .expect("launch");
-                let out = unbits(&stream.clone_dtoh(&dout).unwrap());
-                let err = check(&out, &reference).unwrap_or_else(|e| panic!("{variant:?} {shape:?} bshd={bshd}: {e}"));
-                println!("{variant:?} b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}: rel err {err:.2e}");
-            }
+            let label = format!("b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}");
+            check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
         }
     }
 }
@@ -266,21 +278,7 @@ fn gpu_attention_small_for_sanitizer() {
     let q = rng.vec_f16(2 * 2 * 70 * HEAD_DIM, 2.0);
     let k = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 2.0);
     let v = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 1.0);
-    let mut reference = vec![0.0; q.len()];
-    reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
-    let (dq, dk, dv) = (
-        stream.clone_htod(&bits(&q)).unwrap(),
-        stream.clone_htod(&bits(&k)).unwrap(),
-        stream.clone_htod(&bits(&v)).unwrap(),
-    );
-    for variant in variants() {
-        let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap();
-        attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
-            .expect("launch");
-        let err = check(&unbits(&stream.clone_dtoh(&dout).unwrap()), &reference)
-            .unwrap_or_else(|e| panic!("{variant:?}: {e}"));
-        println!("{variant:?}: rel err {err:.2e}");
-    }
+    check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, "sanitizer 2x2 70x77");
 }
 
 /// Adversarial mask (review item 3): every real key scores strongly negative (K = -c Q), so a
@@ -305,22 +303,8 @@ fn gpu_attention_adversarial_mask() {
             let k: Vec<f32> =
                 (0..skv * HEAD_DIM).map(|i| half::f16::from_f32(-3.0 * dir[i % HEAD_DIM]).to_f32()).collect();
             let v = rng.vec_f16(skv * HEAD_DIM, 1.0);
-            let mut reference = vec![0.0; q.len()];
-            reference_attention(&shape, &q, &lq, &k, &lk, &v, &lk, &mut reference, &lq);
-            let (dq, dk, dv) = (
-                stream.clone_htod(&bits(&q)).unwrap(),
-                stream.clone_htod(&bits(&k)).unwrap(),
-                stream.clone_htod(&bits(&v)).unwrap(),
-            );
-            for variant in variants() {
-                let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap();
-                attn.forward(&stream, variant, &shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
-                    .expect("launch");
-                let out = unbits(&stream.clone_dtoh(&dout).unwrap());
-                let err = check(&out, &reference)
-                    .unwrap_or_else(|e| panic!("{variant:?} seq_kv {skv} zero_q {zero_q}: {e}"));
-                println!("{variant:?} adversarial seq_kv {skv} zero_q {zero_q}: rel err {err:.2e}");
-            }
+            let label = format!("adversarial seq_kv {skv} zero_q {zero_q}");
+            check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
         }
     }
 }

@@ -383,6 +383,9 @@ fn sp24_v2(p: &Sp24, bt: usize, all: bool, mutant: Mutant) -> (Run, Vec<usize>) 
             let (w_s, x_s, m_s) = (st, st + w_bytes, st + w_bytes + x_bytes);
             for (warp, accw) in acc.iter_mut().enumerate() {
                 let (warp_n, warp_t) = (warp % 4, warp / 4);
+                if ix::sds_sp24_v2_warp_live(i(n0), i(warp_n), i(p.n_pad)) == 0 {
+                    continue; // only padding rows: no MMA (review S2)
+                }
                 let meta: Vec<[u32; 32]> = (0..2)
                     .map(|ti| {
                         std::array::from_fn(|lane| {
@@ -473,6 +476,9 @@ fn sp24_v3(p: &Sp24, all: bool, mutant: Mutant) -> (Run, Vec<usize>) {
                 tma_box_2d(&mut emu, dst, &p.x, (p.k, p.m, p.k), col, t0, 8, 128);
             }
             for (cw, dc) in d.iter_mut().enumerate() {
+                if ix::sds_sp24_v3_wg_live(i(n0), i(cw), i(p.n_pad)) == 0 {
+                    continue; // only padding rows: no wgmma (review S2)
+                }
                 let meta: [u32; 128] = std::array::from_fn(|t| {
                     let (warp, lane) = (t / 32, t % 32);
                     let rb = ix::sds_sp24_v3_meta_row_block(i(n0), i(cw), i(warp));
@@ -635,7 +641,7 @@ impl Uns {
 #[allow(clippy::too_many_arguments)]
 fn uns_load_stage(emu: &mut Emu, p: &Uns, bm_rows: usize, lds: usize, core: bool, m0: usize, tn: usize, kt: usize, xs: usize, bm: usize, vs: usize) {
     for chunk in 0..bm_rows * 8 {
-        let (r, c8) = (chunk / 8, chunk % 8);
+        let (r, c8) = (u(ix::sds_uns_x_chunk_row(i(chunk), i32::from(core))), u(ix::sds_uns_x_chunk_col8(i(chunk), i32::from(core))));
         let (gm, gk) = (m0 + r, kt * 64 + c8 * 8);
         let valid = gm < p.m && gk < p.k;
         let src = gm * p.k + gk;
@@ -670,6 +676,31 @@ fn uns_expand(emu: &mut Emu, warps: usize, lds: usize, core: bool, bm: usize, vs
         }
         d *= 2;
     }
+    if core {
+        // The core-layout fill (review U1): lane -> (row 8 rb + lane / 4, pair 4c + lane % 4).
+        for warp in 0..warps {
+            for rb in (warp..8).step_by(warps) {
+                for lane in 0..32 {
+                    let r = u(ix::sds_uns_core_fill_row(i(rb), i(lane)));
+                    let src = r / 2;
+                    let row_start = (incl[src] - pair[src]) + if r & 1 == 1 { c0[src] } else { 0 };
+                    let word = words[r];
+                    for c in 0..8 {
+                        let cp = u(ix::sds_uns_core_fill_pair(i(c), i(lane)));
+                        let bits = (word >> (2 * cp)) & 3;
+                        let mut idx = (row_start + (word & ix::sds_uns_below_mask(i(cp))).count_ones()) as usize;
+                        let lo = if bits & 1 == 1 { emu.r16(2 * (vs + idx), "values") } else { 0 };
+                        idx += (bits & 1) as usize;
+                        let hi = if bits & 2 == 2 { emu.r16(2 * (vs + idx), "values") } else { 0 };
+                        let off = ws + u(ix::sds_uns_core_offset(i(r), i(2 * cp)));
+                        emu.w16(2 * off, lo);
+                        emu.w16(2 * off + 2, hi);
+                    }
+                }
+            }
+        }
+        return;
+    }
     for warp in 0..warps {
         for r in (warp..64).step_by(warps) {
             let src = r / 2;
@@ -681,7 +712,7 @@ fn uns_expand(emu: &mut Emu, warps: usize, lds: usize, core: bool, bm: usize, vs
                 let lo = if bits & 1 == 1 { emu.r16(2 * (vs + idx), "values") } else { 0 };
                 idx += (bits & 1) as usize;
                 let hi = if bits & 2 == 2 { emu.r16(2 * (vs + idx), "values") } else { 0 };
-                let off = ws + if core { u(ix::sds_uns_core_offset(i(r), i(2 * lane))) } else { r * lds + 2 * lane };
+                let off = ws + r * lds + 2 * lane;
                 emu.w16(2 * off, lo);
                 emu.w16(2 * off + 2, hi);
             }
@@ -1146,4 +1177,84 @@ fn emulator_rejects_invalid_metadata_and_unwritten_reads() {
     assert!(emu.ub.is_empty());
     emu.r16(0, "never written");
     assert_eq!(emu.ub.len(), 1);
+}
+
+// =============================================================================================
+// Shared-memory bank conflicts of the fills and fragment loads (review U1)
+// =============================================================================================
+
+/// The worst bank conflict of one warp-wide shared-memory access: 32 banks of 4 bytes, requests
+/// of `bytes` per lane served in phases of 128 bytes (32 lanes for 4 B, 8 lanes for 16 B); lanes
+/// on the same 4-byte word are one access (broadcast). 1 = conflict-free.
+fn conflict_ways(addrs: &[usize], bytes: usize) -> usize {
+    let lanes_per_phase = 128 / bytes;
+    addrs
+        .chunks(lanes_per_phase)
+        .map(|phase| {
+            let mut words: Vec<usize> = phase.iter().flat_map(|&a| (a / 4..(a + bytes) / 4).collect::<Vec<_>>()).collect();
+            words.sort_unstable();
+            words.dedup();
+            (0..32).map(|bank| words.iter().filter(|&&w| w % 32 == bank).count()).max().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn shared_memory_fills_and_fragment_loads_are_conflict_free() {
+    // Unstructured wgmma variant: the core-layout expansion (half2 stores) ...
+    for rb in 0..8 {
+        for c in 0..8 {
+            let addrs: Vec<usize> = (0..32)
+                .map(|l| {
+                    let (r, cp) = (ix::sds_uns_core_fill_row(rb, l), ix::sds_uns_core_fill_pair(c, l));
+                    2 * u(ix::sds_uns_core_offset(r, 2 * cp))
+                })
+                .collect();
+            assert_eq!(conflict_ways(&addrs, 4), 1, "expansion row block {rb} core {c}");
+        }
+    }
+    // ... where the former lane -> column pair assignment on one row gave 8-way conflicts.
+    let old: Vec<usize> = (0..32).map(|l| 2 * u(ix::sds_uns_core_offset(5, 2 * l))).collect();
+    assert_eq!(conflict_ways(&old, 4), 8, "the checker sees the review's U1 conflicts");
+    // ... and the X cp.async copies (16 B per lane), every warp of the 128-row tile.
+    for warp in 0..(128 * 8 / 32) {
+        let addrs: Vec<usize> = (0..32)
+            .map(|l| {
+                let chunk = i(32 * warp + l);
+                2 * u(ix::sds_uns_core_offset(ix::sds_uns_x_chunk_row(chunk, 1), 8 * ix::sds_uns_x_chunk_col8(chunk, 1)))
+            })
+            .collect();
+        assert_eq!(conflict_ways(&addrs, 16), 1, "X fill warp {warp}");
+    }
+    let old: Vec<usize> = (0..32).map(|c| 2 * u(ix::sds_uns_core_offset(c / 8, 8 * (c % 8)))).collect();
+    assert_eq!(conflict_ways(&old, 16), 8, "the former row-major X fill");
+    // mma.sync variants (rows padded to 72 halves) and 2:4 v2 (swizzled): every ldmatrix matrix
+    // (8 rows of 16 B) is one conflict-free phase.
+    for lane_group in 0..4 {
+        let lanes = 8 * lane_group..8 * lane_group + 8;
+        let uns_a: Vec<usize> = lanes.clone().map(|l| 2 * (u(ix::sds_ldm_a_row(i(l))) * 72 + u(ix::sds_ldm_a_col(i(l))))).collect();
+        let uns_b: Vec<usize> = lanes.clone().map(|l| 2 * (u(ix::sds_ldm_b_row(i(l))) * 72 + u(ix::sds_ldm_b_col(i(l))))).collect();
+        assert_eq!((conflict_ways(&uns_a, 16), conflict_ways(&uns_b, 16)), (1, 1));
+        for step in 0..2 {
+            for warp_n in 0..4 {
+                let w: Vec<usize> = lanes
+                    .clone()
+                    .map(|l| {
+                        let row = ix::sds_sp24_v2_a_row(warp_n, 1, i(l));
+                        u(ix::sds_sp24_v2_w_chunk_off(row, ix::sds_sp24_v2_a_chunk(step, i(l))))
+                    })
+                    .collect();
+                assert_eq!(conflict_ways(&w, 16), 1, "v2 W step {step} warp_n {warp_n}");
+            }
+            let x: Vec<usize> = lanes
+                .clone()
+                .map(|l| {
+                    let row = ix::sds_sp24_v2_b_row(1, 32, 2, i(l));
+                    u(ix::sds_sp24_v2_x_chunk_off(row, ix::sds_sp24_v2_b_chunk(step, i(l))))
+                })
+                .collect();
+            assert_eq!(conflict_ways(&x, 16), 1, "v2 X step {step}");
+        }
+    }
 }

@@ -176,7 +176,7 @@ step bench bench-gemm_unstructured 120 -- "$(exe bench-gemm_unstructured)" "${cr
 step bench bench-attention 90 -- "$(exe bench-attention)" "${crit[@]}"
 if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1 || ((dry)); then
     step bench peers-gemm-sp24 120 -- python3 "$here/peers/bench_peers_gemm.py" --json "$out/peers_sp24.json"
-    step bench peers-unstructured-attention 120 -- python3 "$here/peers/bench_peers_unstructured.py" --out "$out/peers_uns.jsonl" --iters 20 --repeats 3
+    step bench peers-unstructured-attention 120 -- python3 "$here/peers/bench_peers_unstructured.py" --out "$out/peers.jsonl" --iters 20 --repeats 3
 else
     wanted bench && rows+=("| bench | PyTorch peers | skipped (no torch with CUDA on this machine) | 0 | |")
 fi

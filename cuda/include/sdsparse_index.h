@@ -83,6 +83,12 @@ SDS_IDX int sp24_v2_a_chunk(int step, int lane) { return step * 2 + ldm_a_col(la
 // step * 4 + l / 8, so matrix q is b_q = X[token g][k = 32 step + 8q + 2tq, +1].
 SDS_IDX int sp24_v2_b_row(int warp_t, int warp_tokens, int j, int lane) { return warp_t * warp_tokens + j * 8 + lane % 8; }
 SDS_IDX int sp24_v2_b_chunk(int step, int lane) { return step * 4 + lane / 8; }
+// Review S2: the grid covers ceil(n / 128) * 128 weight rows, so when n_pad % 128 == 64 (SD2's
+// N = 320) the last block's rows past n_pad are zero padding. A v2 warp (32 rows) or a v3
+// consumer warpgroup (64 rows) that holds only such rows skips its MMAs; n_pad is a multiple of
+// 64, so a warp's or warpgroup's rows are all padding or none.
+SDS_IDX bool sp24_v2_warp_live(int n0, int warp_n, int n_pad) { return n0 + warp_n * 32 < n_pad; }
+SDS_IDX bool sp24_v3_wg_live(int n0, int cw, int n_pad) { return n0 + 64 * cw < n_pad; }
 // v2 metadata in shared memory: [8 row blocks][32 lanes] words; tile i of warp_n is row block
 // warp_n * 2 + i.
 SDS_IDX int sp24_v2_meta_smem_word(int warp_n, int i, int lane) { return (warp_n * 2 + i) * 32 + lane; }
@@ -137,6 +143,17 @@ constexpr int SP24_CS_LD = 128 + 4;
 SDS_IDX int uns_core_offset(int r, int k) { return (r >> 3) * 512 + (k >> 3) * 64 + (r & 7) * 8 + (k & 7); }
 constexpr uint32_t UNS_CORE_LBO = 128;
 constexpr uint32_t UNS_CORE_SBO = 1024;
+// Review U1: the wgmma variant fills the core layout without bank conflicts. X copies: 8
+// consecutive chunks (16 B each) walk the 8 rows of one core matrix (128 contiguous bytes), a
+// warp covering 8 rows x 4 chunks (64 B per row of global memory); the mma.sync variants keep
+// row-major chunks (their padded rows are conflict-free already).
+SDS_IDX int uns_x_chunk_row(int chunk, bool core) { return core ? (chunk % 8) + 8 * (chunk / 64) : chunk / 8; }
+SDS_IDX int uns_x_chunk_col8(int chunk, bool core) { return core ? (chunk / 8) % 8 : chunk % 8; }
+// Expansion into the core layout: lane l of the warp on 8-row block rb takes row 8 rb + l / 4
+// and, in step c (0..7), column pair 4c + l % 4, so one half2 store of the warp covers the 8 x 4
+// pairs of core matrix c: 32 distinct banks.
+SDS_IDX int uns_core_fill_row(int rb, int lane) { return 8 * rb + lane / 4; }
+SDS_IDX int uns_core_fill_pair(int c, int lane) { return 4 * c + lane % 4; }
 // Split-K: k-tiles [begin, end) of slice z.
 SDS_IDX int uns_split_begin(int z, int k_tiles_per_split) { return z * k_tiles_per_split; }
 SDS_IDX int uns_split_end(int z, int k_tiles_per_split, int tiles_k) {

@@ -2,7 +2,7 @@
 //! (write a test once, run it on the CPU and on the GPU), the GPU-or-skip probe, a seeded RNG and
 //! random sparse weights in the canonical layouts.
 //!
-//! On the device machine set `SDSPARSE_REQUIRE_GPU=1` (`.device/run_all.sh` does): a GPU test then
+//! On the device machine set `SDSPARSE_REQUIRE_GPU=1` (`.device/check.sh` does): a GPU test then
 //! fails instead of skipping when no GPU can be opened, so a broken setup cannot pass silently.
 //! `SDSPARSE_CUDA_DEVICE` picks the ordinal (default 0).
 

@@ -31,6 +31,8 @@ int sds_sp24_v2_b_row(int warp_t, int warp_tokens, int j, int lane) {
     return sp24_v2_b_row(warp_t, warp_tokens, j, lane);
 }
 int sds_sp24_v2_b_chunk(int step, int lane) { return sp24_v2_b_chunk(step, lane); }
+int sds_sp24_v2_warp_live(int n0, int warp_n, int n_pad) { return sp24_v2_warp_live(n0, warp_n, n_pad); }
+int sds_sp24_v3_wg_live(int n0, int cw, int n_pad) { return sp24_v3_wg_live(n0, cw, n_pad); }
 int sds_sp24_v2_meta_smem_word(int warp_n, int i, int lane) { return sp24_v2_meta_smem_word(warp_n, i, lane); }
 uint64_t sds_wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) { return wgmma_desc(addr, lbo, sbo); }
 int sds_sp24_v3_stage_bytes(void) { return SP24_V3_STAGE; }
@@ -55,6 +57,10 @@ int sds_uns_split_end(int z, int per, int tiles_k) { return uns_split_end(z, per
 int64_t sds_uns_workspace_index(int z, int m, int n, int row, int col) {
     return uns_workspace_index(z, m, n, row, col);
 }
+int sds_uns_x_chunk_row(int chunk, int core) { return uns_x_chunk_row(chunk, core != 0); }
+int sds_uns_x_chunk_col8(int chunk, int core) { return uns_x_chunk_col8(chunk, core != 0); }
+int sds_uns_core_fill_row(int rb, int lane) { return uns_core_fill_row(rb, lane); }
+int sds_uns_core_fill_pair(int c, int lane) { return uns_core_fill_pair(c, lane); }
 uint64_t sds_uns_below_mask(int lane) { return uns_below_mask(lane); }
 
 int sds_attn_key_index(int t, int j, int lane, int e) { return attn_key_index(t, j, lane, e); }

@@ -28,6 +28,8 @@ unsafe extern "C" {
     pub safe fn sds_sp24_v2_a_chunk(step: i32, lane: i32) -> i32;
     pub safe fn sds_sp24_v2_b_row(warp_t: i32, warp_tokens: i32, j: i32, lane: i32) -> i32;
     pub safe fn sds_sp24_v2_b_chunk(step: i32, lane: i32) -> i32;
+    pub safe fn sds_sp24_v2_warp_live(n0: i32, warp_n: i32, n_pad: i32) -> i32;
+    pub safe fn sds_sp24_v3_wg_live(n0: i32, cw: i32, n_pad: i32) -> i32;
     pub safe fn sds_sp24_v2_meta_smem_word(warp_n: i32, i: i32, lane: i32) -> i32;
     pub safe fn sds_wgmma_desc(addr: u32, lbo: u32, sbo: u32) -> u64;
     pub safe fn sds_sp24_v3_stage_bytes() -> i32;
@@ -49,6 +51,10 @@ unsafe extern "C" {
     pub safe fn sds_uns_split_begin(z: i32, per: i32) -> i32;
     pub safe fn sds_uns_split_end(z: i32, per: i32, tiles_k: i32) -> i32;
     pub safe fn sds_uns_workspace_index(z: i32, m: i32, n: i32, row: i32, col: i32) -> i64;
+    pub safe fn sds_uns_x_chunk_row(chunk: i32, core: i32) -> i32;
+    pub safe fn sds_uns_x_chunk_col8(chunk: i32, core: i32) -> i32;
+    pub safe fn sds_uns_core_fill_row(rb: i32, lane: i32) -> i32;
+    pub safe fn sds_uns_core_fill_pair(c: i32, lane: i32) -> i32;
     pub safe fn sds_uns_below_mask(lane: i32) -> u64;
     pub safe fn sds_attn_key_index(t: i32, j: i32, lane: i32, e: i32) -> i32;
     pub safe fn sds_attn_p_reg(j: i32, r: i32) -> i32;
