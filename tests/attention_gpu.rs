@@ -142,7 +142,10 @@ fn reference_attention_sanity() {
 
 /// The variants `SDSPARSE_GPU_VARIANTS` selects, oracle first.
 fn variants() -> Vec<AttentionVariant> {
-    [AttentionVariant::Naive, AttentionVariant::Flash].into_iter().filter(|v| variant_selected(&format!("{v:?}"))).collect()
+    [AttentionVariant::Naive, AttentionVariant::Flash]
+        .into_iter()
+        .filter(|v| variant_selected(&format!("{v:?}")))
+        .collect()
 }
 
 fn check(out: &[f32], reference: &[f32]) -> Result<f64, String> {
@@ -163,11 +166,15 @@ fn check_variants(
 ) {
     let mut reference = vec![0.0; q.len()];
     reference_attention(shape, q, &lq, k, &lk, v, &lk, &mut reference, &lq);
-    let (dq, dk, dv) =
-        (stream.clone_htod(&bits(q)).unwrap(), stream.clone_htod(&bits(k)).unwrap(), stream.clone_htod(&bits(v)).unwrap());
+    let (dq, dk, dv) = (
+        stream.clone_htod(&bits(q)).unwrap(),
+        stream.clone_htod(&bits(k)).unwrap(),
+        stream.clone_htod(&bits(v)).unwrap(),
+    );
     for variant in variants() {
         let mut dout = stream.clone_htod(&vec![0x7e00u16; q.len()]).unwrap(); // f16 NaN
-        attn.forward(stream, variant, shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq)).expect("launch");
+        attn.forward(stream, variant, shape, (&dq, lq), (&dk, lk), (&dv, lk), (&mut dout, lq))
+            .expect("launch");
         let out = unbits(&stream.clone_dtoh(&dout).unwrap());
         let err = check(&out, &reference).unwrap_or_else(|e| panic!("{variant:?} {label}: {e}"));
         println!("{variant:?} {label}: rel err {err:.2e}");
@@ -299,7 +306,8 @@ fn gpu_attention_adversarial_mask() {
             let shape = AttentionShape { batch: 1, heads: 1, seq_q: sq, seq_kv: skv, scale: SCALE };
             let (lq, lk) = (HeadLayout::bhsd(1, sq), HeadLayout::bhsd(1, skv));
             let dir = rng.vec_f16(HEAD_DIM, 1.0);
-            let q: Vec<f32> = (0..sq * HEAD_DIM).map(|i| if zero_q { 0.0 } else { dir[i % HEAD_DIM] }).collect();
+            let q: Vec<f32> =
+                (0..sq * HEAD_DIM).map(|i| if zero_q { 0.0 } else { dir[i % HEAD_DIM] }).collect();
             let k: Vec<f32> =
                 (0..skv * HEAD_DIM).map(|i| half::f16::from_f32(-3.0 * dir[i % HEAD_DIM]).to_f32()).collect();
             let v = rng.vec_f16(skv * HEAD_DIM, 1.0);

@@ -17,11 +17,17 @@
 //!
 //! Not covered (GPU only, see docs/CUDA.md): barriers, mbarrier phases, async-proxy fences.
 
+// The transcriptions keep the kernels' index loops (`for j in 0..8`), so that they read like the
+// .cu code they mirror.
+#![allow(clippy::needless_range_loop)]
+
 mod ptx_emu;
 
 use half::f16;
 use ptx_emu::*;
-use sdsparse::backend::cuda::sparse24::{canonical_to_dense, geglu_interleave, meta_position, Sparse24Packed};
+use sdsparse::backend::cuda::sparse24::{
+    canonical_to_dense, geglu_interleave, meta_position, Sparse24Packed,
+};
 use sdsparse::backend::cuda::unstructured::{bitmap_from_dense, erf, TiledBitmapWeight};
 use sdsparse::backend::test_util::{random_sparse24, TestRng};
 use sdsparse::format::DType;
@@ -180,7 +186,17 @@ impl Sp24 {
     }
 
     /// epilogue_tile<BN, BT>: cs[token][feature] (None = never staged) to Y.
-    fn epilogue_tile(&self, y: &mut [Option<f32>], ub: &mut Vec<String>, cs: &[Option<f32>], bn: usize, bt: usize, n0: usize, t0: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn epilogue_tile(
+        &self,
+        y: &mut [Option<f32>],
+        ub: &mut Vec<String>,
+        cs: &[Option<f32>],
+        bn: usize,
+        bt: usize,
+        n0: usize,
+        t0: usize,
+    ) {
         let cs_ld = u(ix::sds_sp24_cs_ld());
         let mut get = |idx: usize| {
             cs[idx].unwrap_or_else(|| {
@@ -263,7 +279,8 @@ fn sp24_v1(p: &Sp24, all: bool, mutant: Mutant) -> (Run, Vec<usize>) {
             let mut acc = zero_acc();
             for kb in 0..kblocks {
                 let meta: [u32; 32] = std::array::from_fn(|lane| {
-                    p.meta[ix::sds_sp24_meta_word(i(row0 / 16), i(kblocks), i(kb), i(meta_lane(lane, mutant))) as usize]
+                    p.meta[ix::sds_sp24_meta_word(i(row0 / 16), i(kblocks), i(kb), i(meta_lane(lane, mutant)))
+                        as usize]
                 });
                 for step in 0..2 {
                     let (kc, kl) = (kb * 32 + step * 16, kb * 64 + step * 32);
@@ -341,21 +358,30 @@ fn sp24_v2(p: &Sp24, bt: usize, all: bool, mutant: Mutant) -> (Run, Vec<usize>) 
             let gr = n0 + row;
             let src = gr * (p.k_pad / 2) + kt * 32 + ch * 8;
             let ok = gr < p.n_pad;
-            cp_async16(emu, w_s + u(ix::sds_sp24_v2_w_chunk_off(i(row), i(ch))), ok.then(|| &p.values[src..src + 8]));
+            cp_async16(
+                emu,
+                w_s + u(ix::sds_sp24_v2_w_chunk_off(i(row), i(ch))),
+                ok.then(|| &p.values[src..src + 8]),
+            );
         }
         for c in 0..bt * 8 {
             let (row, ch) = (c / 8, c % 8);
             let (gt, gk) = (t0 + row, kt * 64 + ch * 8);
             let ok = gt < p.m && gk < p.k;
             let src = gt * p.k + gk;
-            cp_async16(emu, x_s + u(ix::sds_sp24_v2_x_chunk_off(i(row), i(ch))), ok.then(|| &p.x[src..src + 8]));
+            cp_async16(
+                emu,
+                x_s + u(ix::sds_sp24_v2_x_chunk_off(i(row), i(ch))),
+                ok.then(|| &p.x[src..src + 8]),
+            );
         }
         for c in 0..64 {
             let (rb, q) = (c / 8, c % 8);
             let grb = n0 / 16 + rb;
             if grb < p.n_pad / 16 {
                 let w0 = ix::sds_sp24_meta_word(i(grb), i(p.k_pad / 64), i(kt), i(q * 4)) as usize;
-                let cells16: Vec<u16> = p.meta[w0..w0 + 4].iter().flat_map(|&w| [w as u16, (w >> 16) as u16]).collect();
+                let cells16: Vec<u16> =
+                    p.meta[w0..w0 + 4].iter().flat_map(|&w| [w as u16, (w >> 16) as u16]).collect();
                 cp_async16(emu, m_s + c * 16, Some(&cells16));
             } else {
                 for e in 0..4 {
@@ -389,7 +415,8 @@ fn sp24_v2(p: &Sp24, bt: usize, all: bool, mutant: Mutant) -> (Run, Vec<usize>) 
                 let meta: Vec<[u32; 32]> = (0..2)
                     .map(|ti| {
                         std::array::from_fn(|lane| {
-                            let wd = ix::sds_sp24_v2_meta_smem_word(i(warp_n), i(ti), i(meta_lane(lane, mutant)));
+                            let wd =
+                                ix::sds_sp24_v2_meta_smem_word(i(warp_n), i(ti), i(meta_lane(lane, mutant)));
                             emu.r32(m_s + 4 * u(wd), "v2 meta")
                         })
                     })
@@ -399,7 +426,10 @@ fn sp24_v2(p: &Sp24, bt: usize, all: bool, mutant: Mutant) -> (Run, Vec<usize>) 
                         .map(|ti| {
                             let addrs = std::array::from_fn(|lane| {
                                 let row = ix::sds_sp24_v2_a_row(i(warp_n), i(ti), i(lane));
-                                w_s + u(ix::sds_sp24_v2_w_chunk_off(row, ix::sds_sp24_v2_a_chunk(i(step), i(lane))))
+                                w_s + u(ix::sds_sp24_v2_w_chunk_off(
+                                    row,
+                                    ix::sds_sp24_v2_a_chunk(i(step), i(lane)),
+                                ))
                             });
                             ldmatrix_x4(&mut emu, &addrs, false, "v2 A")
                         })
@@ -408,14 +438,25 @@ fn sp24_v2(p: &Sp24, bt: usize, all: bool, mutant: Mutant) -> (Run, Vec<usize>) 
                         .map(|j| {
                             let addrs = std::array::from_fn(|lane| {
                                 let row = ix::sds_sp24_v2_b_row(i(warp_t), i(warp_t_tokens), i(j), i(lane));
-                                x_s + u(ix::sds_sp24_v2_x_chunk_off(row, ix::sds_sp24_v2_b_chunk(i(step), i(lane))))
+                                x_s + u(ix::sds_sp24_v2_x_chunk_off(
+                                    row,
+                                    ix::sds_sp24_v2_b_chunk(i(step), i(lane)),
+                                ))
                             });
                             ldmatrix_x4(&mut emu, &addrs, false, "v2 B")
                         })
                         .collect();
                     for ti in 0..2 {
                         for j in 0..nj {
-                            mma_sp_16832(&mut emu, &a[ti], &b[j], &mut accw[ti][j], &meta[ti], selector(step, mutant), "v2");
+                            mma_sp_16832(
+                                &mut emu,
+                                &a[ti],
+                                &b[j],
+                                &mut accw[ti][j],
+                                &meta[ti],
+                                selector(step, mutant),
+                                "v2",
+                            );
                         }
                     }
                 }
@@ -483,7 +524,8 @@ fn sp24_v3(p: &Sp24, all: bool, mutant: Mutant) -> (Run, Vec<usize>) {
                     let (warp, lane) = (t / 32, t % 32);
                     let rb = ix::sds_sp24_v3_meta_row_block(i(n0), i(cw), i(warp));
                     if u(rb) < p.n_pad / 16 {
-                        p.meta[ix::sds_sp24_meta_word(rb, i(ktiles), i(kt), i(meta_lane(lane, mutant))) as usize]
+                        p.meta[ix::sds_sp24_meta_word(rb, i(ktiles), i(kt), i(meta_lane(lane, mutant)))
+                            as usize]
                     } else {
                         neutral
                     }
@@ -548,7 +590,11 @@ fn sparse24_header_matches_the_packer() {
                 let (r, gi) = (row % 16, group % 16);
                 let lane = ix::sds_sp24_meta_lane(i(r), i(gi));
                 let hw = ix::sds_sp24_meta_word(i(row / 16), i(k_pad / 64), i(group / 16), lane);
-                assert_eq!((word, shift), (hw as usize, ix::sds_sp24_meta_shift(i(r), i(gi)) as u32), "row {row} group {group}");
+                assert_eq!(
+                    (word, shift),
+                    (hw as usize, ix::sds_sp24_meta_shift(i(r), i(gi)) as u32),
+                    "row {row} group {group}"
+                );
             }
         }
     }
@@ -558,10 +604,15 @@ fn sparse24_header_matches_the_packer() {
 fn sparse24_small_and_awkward_shapes() {
     // (m, n, k): K off the 64 pad, minimum N/K, n_pad % 128 == 64 (SD2's N = 320: review S1),
     // ragged token tiles.
-    for (idx, &(m, n, k, epi)) in
-        [(9, 72, 136, true), (3, 8, 8, false), (20, 200, 72, false), (33, 320, 64, true), (130, 136, 40, false)]
-            .iter()
-            .enumerate()
+    for (idx, &(m, n, k, epi)) in [
+        (9, 72, 136, true),
+        (3, 8, 8, false),
+        (20, 200, 72, false),
+        (33, 320, 64, true),
+        (130, 136, 40, false),
+    ]
+    .iter()
+    .enumerate()
     {
         let p = Sp24::new(m, n, k, 100 + idx as u64, epi, false);
         for kernel in SP24_ALL {
@@ -616,9 +667,8 @@ struct Uns {
 impl Uns {
     fn new(m: usize, n: usize, k: usize, sparsity: f32, seed: u64) -> Uns {
         let mut rng = TestRng::new(seed);
-        let dense: Vec<f32> = (0..n * k)
-            .map(|_| if rng.uniform() < sparsity { 0.0 } else { rnd16(rng.nonzero()) })
-            .collect();
+        let dense: Vec<f32> =
+            (0..n * k).map(|_| if rng.uniform() < sparsity { 0.0 } else { rnd16(rng.nonzero()) }).collect();
         let w = TiledBitmapWeight::from_bitmap(&bitmap_from_dense(&dense, n, k)).expect("tiles");
         let values = w.values.iter().map(|v| v.to_bits()).collect();
         let x = rng.vec(m * k).iter().map(|&v| f2h(v)).collect();
@@ -631,7 +681,9 @@ impl Uns {
         v + h2f(self.residual[row * self.n + col])
     }
     fn reference(&self, row: usize, col: usize) -> f64 {
-        let s: f64 = (0..self.k).map(|kk| h2f(self.x[row * self.k + kk]) as f64 * self.dense[col * self.k + kk] as f64).sum();
+        let s: f64 = (0..self.k)
+            .map(|kk| h2f(self.x[row * self.k + kk]) as f64 * self.dense[col * self.k + kk] as f64)
+            .sum();
         gelu(s + self.bias[col] as f64) + h2f(self.residual[row * self.n + col]) as f64
     }
 }
@@ -639,9 +691,24 @@ impl Uns {
 /// load_stage<C, CORE>: X tile, bitmap, packed values of k-tile kt into stage buffers (offsets
 /// in halves for xs / vs, bytes for bm).
 #[allow(clippy::too_many_arguments)]
-fn uns_load_stage(emu: &mut Emu, p: &Uns, bm_rows: usize, lds: usize, core: bool, m0: usize, tn: usize, kt: usize, xs: usize, bm: usize, vs: usize) {
+fn uns_load_stage(
+    emu: &mut Emu,
+    p: &Uns,
+    bm_rows: usize,
+    lds: usize,
+    core: bool,
+    m0: usize,
+    tn: usize,
+    kt: usize,
+    xs: usize,
+    bm: usize,
+    vs: usize,
+) {
     for chunk in 0..bm_rows * 8 {
-        let (r, c8) = (u(ix::sds_uns_x_chunk_row(i(chunk), i32::from(core))), u(ix::sds_uns_x_chunk_col8(i(chunk), i32::from(core))));
+        let (r, c8) = (
+            u(ix::sds_uns_x_chunk_row(i(chunk), i32::from(core))),
+            u(ix::sds_uns_x_chunk_col8(i(chunk), i32::from(core))),
+        );
         let (gm, gk) = (m0 + r, kt * 64 + c8 * 8);
         let valid = gm < p.m && gk < p.k;
         let src = gm * p.k + gk;
@@ -651,7 +718,8 @@ fn uns_load_stage(emu: &mut Emu, p: &Uns, bm_rows: usize, lds: usize, core: bool
     let tile = tn * p.w.tiles_k + kt;
     for tid in 0..32 {
         let words = &p.w.bitmap[tile * 64 + tid * 2..tile * 64 + tid * 2 + 2];
-        let cells: Vec<u16> = words.iter().flat_map(|&w| (0..4).map(move |s| (w >> (16 * s)) as u16)).collect();
+        let cells: Vec<u16> =
+            words.iter().flat_map(|&w| (0..4).map(move |s| (w >> (16 * s)) as u16)).collect();
         cp_async16(emu, bm + tid * 16, Some(&cells));
     }
     let (begin, end) = (p.w.tile_offsets[tile] as usize, p.w.tile_offsets[tile + 1] as usize);
@@ -663,8 +731,9 @@ fn uns_load_stage(emu: &mut Emu, p: &Uns, bm_rows: usize, lds: usize, core: bool
 
 /// expand_tile<C, CORE>: the warp-scan decode of one compressed tile into the dense tile `ws`.
 fn uns_expand(emu: &mut Emu, warps: usize, lds: usize, core: bool, bm: usize, vs: usize, ws: usize) {
-    let words: Vec<u64> =
-        (0..64).map(|r| (0..4).map(|s| u64::from(emu.r16(bm + 8 * r + 2 * s, "bitmap")) << (16 * s)).sum()).collect();
+    let words: Vec<u64> = (0..64)
+        .map(|r| (0..4).map(|s| u64::from(emu.r16(bm + 8 * r + 2 * s, "bitmap")) << (16 * s)).sum())
+        .collect();
     let c0: Vec<u32> = (0..32).map(|l| words[2 * l].count_ones()).collect();
     let pair: Vec<u32> = (0..32).map(|l| c0[l] + words[2 * l + 1].count_ones()).collect();
     let mut incl = pair.clone();
@@ -688,7 +757,8 @@ fn uns_expand(emu: &mut Emu, warps: usize, lds: usize, core: bool, bm: usize, vs
                     for c in 0..8 {
                         let cp = u(ix::sds_uns_core_fill_pair(i(c), i(lane)));
                         let bits = (word >> (2 * cp)) & 3;
-                        let mut idx = (row_start + (word & ix::sds_uns_below_mask(i(cp))).count_ones()) as usize;
+                        let mut idx =
+                            (row_start + (word & ix::sds_uns_below_mask(i(cp))).count_ones()) as usize;
                         let lo = if bits & 1 == 1 { emu.r16(2 * (vs + idx), "values") } else { 0 };
                         idx += (bits & 1) as usize;
                         let hi = if bits & 2 == 2 { emu.r16(2 * (vs + idx), "values") } else { 0 };
@@ -779,7 +849,19 @@ fn run_uns(p: &Uns, kernel: UnsKernel, splits_req: usize, all: bool, mutant: Mut
                 let s = (kt - kb) & 1;
                 if kt + 1 < ke {
                     let o = s ^ 1;
-                    uns_load_stage(&mut emu, p, bm_rows, lds, core, m0, tn, kt + 1, xs + o * bm_rows * lds, bm + o * 512, vs + o * 4096);
+                    uns_load_stage(
+                        &mut emu,
+                        p,
+                        bm_rows,
+                        lds,
+                        core,
+                        m0,
+                        tn,
+                        kt + 1,
+                        xs + o * bm_rows * lds,
+                        bm + o * 512,
+                        vs + o * 4096,
+                    );
                 }
                 uns_expand(&mut emu, warps, lds, core, bm + s * 512, vs + s * 4096, ws);
                 let xst = xs + s * bm_rows * lds;
@@ -829,8 +911,19 @@ fn run_uns(p: &Uns, kernel: UnsKernel, splits_req: usize, all: bool, mutant: Mut
                             for h in 0..2 {
                                 let row = wg * 64 + u(ix::sds_wgmma_d_row(i(warp), i(lane), i(2 * h)));
                                 let col = u(ix::sds_wgmma_d_col(i(lane), i(j), 0));
-                                assert_eq!(wgmma_d_coord(t, 4 * j + 2 * h), (row - wg * 64, col), "wgmma D layout");
-                                store_pair(&mut y, z, m0 + row, n0 + col, dt[4 * j + 2 * h], dt[4 * j + 2 * h + 1]);
+                                assert_eq!(
+                                    wgmma_d_coord(t, 4 * j + 2 * h),
+                                    (row - wg * 64, col),
+                                    "wgmma D layout"
+                                );
+                                store_pair(
+                                    &mut y,
+                                    z,
+                                    m0 + row,
+                                    n0 + col,
+                                    dt[4 * j + 2 * h],
+                                    dt[4 * j + 2 * h + 1],
+                                );
                             }
                         }
                     }
@@ -842,7 +935,8 @@ fn run_uns(p: &Uns, kernel: UnsKernel, splits_req: usize, all: bool, mutant: Mut
                         for (j, accj) in acci.iter().enumerate() {
                             for (lane, al) in accj.iter().enumerate() {
                                 for h in 0..2 {
-                                    let row = m0 + warp_m * wm + ti * 16 + u(ix::sds_frag_c_row(i(lane), i(2 * h)));
+                                    let row =
+                                        m0 + warp_m * wm + ti * 16 + u(ix::sds_frag_c_row(i(lane), i(2 * h)));
                                     let col = n0 + warp_n * wn + j * 8 + u(ix::sds_frag_c_col(i(lane), 0));
                                     store_pair(&mut y, z, row, col, al[2 * h], al[2 * h + 1]);
                                 }
@@ -935,7 +1029,8 @@ struct Attn {
 impl Attn {
     fn new(b: usize, h: usize, sq: usize, skv: usize, layout: Layout, seed: u64) -> Attn {
         let mut rng = TestRng::new(seed);
-        let mut halves = |n: usize, amp: f32| (0..n).map(|_| f2h(amp * (2.0 * rng.uniform() - 1.0))).collect::<Vec<u16>>();
+        let mut halves =
+            |n: usize, amp: f32| (0..n).map(|_| f2h(amp * (2.0 * rng.uniform() - 1.0))).collect::<Vec<u16>>();
         let q = halves(b * h * sq * D, 2.0);
         let k = halves(b * h * skv * D, 2.0);
         let v = halves(b * h * skv * D, 1.0);
@@ -953,7 +1048,8 @@ impl Attn {
         let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
         let sum: f64 = e.iter().sum();
-        (0..self.skv).map(|j| e[j] * h2f(self.v[bb * ks.0 + j * ks.1 + hh * ks.2 + d]) as f64).sum::<f64>() / sum
+        (0..self.skv).map(|j| e[j] * h2f(self.v[bb * ks.0 + j * ks.1 + hh * ks.2 + d]) as f64).sum::<f64>()
+            / sum
     }
 }
 
@@ -964,14 +1060,15 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
     let mut ub = Vec::new();
     let mut cells = Vec::new();
     let scale_log2 = 0.125f32 * std::f32::consts::LOG2_E;
-    let load_rows = |emu: &mut Emu, dst: usize, g: &[u16], base: usize, stride_s: usize, s0: usize, seq: usize| {
-        for chunk in 0..64 * D / 8 {
-            let (r, c8) = (chunk / 8, chunk % 8);
-            let valid = s0 + r < seq;
-            let src = base + (s0 + r) * stride_s + c8 * 8;
-            cp_async16(emu, 2 * (dst + r * LDS + c8 * 8), valid.then(|| &g[src..src + 8]));
-        }
-    };
+    let load_rows =
+        |emu: &mut Emu, dst: usize, g: &[u16], base: usize, stride_s: usize, s0: usize, seq: usize| {
+            for chunk in 0..64 * D / 8 {
+                let (r, c8) = (chunk / 8, chunk % 8);
+                let valid = s0 + r < seq;
+                let src = base + (s0 + r) * stride_s + c8 * 8;
+                cp_async16(emu, 2 * (dst + r * LDS + c8 * 8), valid.then(|| &g[src..src + 8]));
+            }
+        };
     for bh in 0..p.b * p.h {
         let (bb, hh) = (bh / p.h, bh % p.h);
         for &bx in qblocks {
@@ -998,7 +1095,10 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
                         qa[warp] = (0..4)
                             .map(|kk| {
                                 let addrs = std::array::from_fn(|l| {
-                                    2 * (qsm + (warp * 16 + u(ix::sds_ldm_a_row(i(l)))) * LDS + kk * 16 + u(ix::sds_ldm_a_col(i(l))))
+                                    2 * (qsm
+                                        + (warp * 16 + u(ix::sds_ldm_a_row(i(l)))) * LDS
+                                        + kk * 16
+                                        + u(ix::sds_ldm_a_col(i(l))))
                                 });
                                 ldmatrix_x4(&mut emu, &addrs, false, "Q")
                             })
@@ -1100,9 +1200,11 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
             }
         }
     }
-    let flat: Vec<usize> = cells.iter().map(|&(bb, hh, row, d)| bb * qs.0 + row * qs.1 + hh * qs.2 + d).collect();
+    let flat: Vec<usize> =
+        cells.iter().map(|&(bb, hh, row, d)| bb * qs.0 + row * qs.1 + hh * qs.2 + d).collect();
     let name = format!("attention B={} H={} Sq={} Skv={} {:?}", p.b, p.h, p.sq, p.skv, p.layout);
-    let lookup: std::collections::HashMap<usize, (usize, usize, usize, usize)> = flat.iter().copied().zip(cells).collect();
+    let lookup: std::collections::HashMap<usize, (usize, usize, usize, usize)> =
+        flat.iter().copied().zip(cells).collect();
     check(&name, &Run { y: o, ub }, &flat, |c| {
         let (bb, hh, row, d) = lookup[&c];
         p.reference(bb, hh, row, d)
@@ -1191,7 +1293,8 @@ fn conflict_ways(addrs: &[usize], bytes: usize) -> usize {
     addrs
         .chunks(lanes_per_phase)
         .map(|phase| {
-            let mut words: Vec<usize> = phase.iter().flat_map(|&a| (a / 4..(a + bytes) / 4).collect::<Vec<_>>()).collect();
+            let mut words: Vec<usize> =
+                phase.iter().flat_map(|&a| (a / 4..(a + bytes) / 4).collect::<Vec<_>>()).collect();
             words.sort_unstable();
             words.dedup();
             (0..32).map(|bank| words.iter().filter(|&&w| w % 32 == bank).count()).max().unwrap_or(0)
@@ -1222,7 +1325,10 @@ fn shared_memory_fills_and_fragment_loads_are_conflict_free() {
         let addrs: Vec<usize> = (0..32)
             .map(|l| {
                 let chunk = i(32 * warp + l);
-                2 * u(ix::sds_uns_core_offset(ix::sds_uns_x_chunk_row(chunk, 1), 8 * ix::sds_uns_x_chunk_col8(chunk, 1)))
+                2 * u(ix::sds_uns_core_offset(
+                    ix::sds_uns_x_chunk_row(chunk, 1),
+                    8 * ix::sds_uns_x_chunk_col8(chunk, 1),
+                ))
             })
             .collect();
         assert_eq!(conflict_ways(&addrs, 16), 1, "X fill warp {warp}");
@@ -1233,8 +1339,14 @@ fn shared_memory_fills_and_fragment_loads_are_conflict_free() {
     // (8 rows of 16 B) is one conflict-free phase.
     for lane_group in 0..4 {
         let lanes = 8 * lane_group..8 * lane_group + 8;
-        let uns_a: Vec<usize> = lanes.clone().map(|l| 2 * (u(ix::sds_ldm_a_row(i(l))) * 72 + u(ix::sds_ldm_a_col(i(l))))).collect();
-        let uns_b: Vec<usize> = lanes.clone().map(|l| 2 * (u(ix::sds_ldm_b_row(i(l))) * 72 + u(ix::sds_ldm_b_col(i(l))))).collect();
+        let uns_a: Vec<usize> = lanes
+            .clone()
+            .map(|l| 2 * (u(ix::sds_ldm_a_row(i(l))) * 72 + u(ix::sds_ldm_a_col(i(l)))))
+            .collect();
+        let uns_b: Vec<usize> = lanes
+            .clone()
+            .map(|l| 2 * (u(ix::sds_ldm_b_row(i(l))) * 72 + u(ix::sds_ldm_b_col(i(l)))))
+            .collect();
         assert_eq!((conflict_ways(&uns_a, 16), conflict_ways(&uns_b, 16)), (1, 1));
         for step in 0..2 {
             for warp_n in 0..4 {

@@ -278,7 +278,13 @@ mod gpu {
                     word % 32
                 );
             }
-            assert!(bad.is_empty(), "{} identity probe N {n} K {k}: {} of {} outputs differ", variant.name(), bad.len(), m * n);
+            assert!(
+                bad.is_empty(),
+                "{} identity probe N {n} K {k}: {} of {} outputs differ",
+                variant.name(),
+                bad.len(),
+                m * n
+            );
             eprintln!("{} identity probe N {n} K {k}: exact", variant.name());
         }
     }

@@ -328,7 +328,8 @@ fn gpu_gemm_small_for_sanitizer() {
         let epi = Epilogue { bias: Some(&dbias), gelu: true, residual: Some(&dres) };
         gemm.forward_plan(&stream, plan, &dx, m, &dw, &epi, &mut dy).expect("launch");
         let y = from_f16_bits(&stream.clone_dtoh(&dy).unwrap());
-        let err = check_close(&y, &reference, GPU_NORM_TOL, GPU_ELEM_TOL).unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+        let err = check_close(&y, &reference, GPU_NORM_TOL, GPU_ELEM_TOL)
+            .unwrap_or_else(|e| panic!("{plan:?}: {e}"));
         println!("{plan:?}: rel err {err:.2e}");
     }
 }
@@ -354,8 +355,10 @@ fn gpu_identity_probe() {
             let mut dy = stream.clone_htod(&vec![0x7e00u16; m * n]).unwrap();
             gemm.forward_plan(&stream, plan, &dx, m, &dw, &Epilogue::default(), &mut dy).expect("launch");
             let y = from_f16_bits(&stream.clone_dtoh(&dy).unwrap());
-            let bad: Vec<(usize, usize)> =
-                (0..m * n).filter(|&i| y[i].to_bits() != w[(i % n) * k + i / n].to_bits()).map(|i| (i / n, i % n)).collect();
+            let bad: Vec<(usize, usize)> = (0..m * n)
+                .filter(|&i| y[i].to_bits() != w[(i % n) * k + i / n].to_bits())
+                .map(|i| (i / n, i % n))
+                .collect();
             for &(t, j) in bad.iter().take(8) {
                 println!(
                     "{plan:?}: Y[{t}][{j}] = {} want W[{j}][{t}] = {} (row tile {}, n8 tile {}, k core {})",

@@ -153,7 +153,9 @@ pub fn variant_selected(name: &str) -> bool {
     match std::env::var("SDSPARSE_GPU_VARIANTS") {
         Ok(list) if !list.trim().is_empty() => {
             let name = name.to_ascii_lowercase();
-            list.split(',').map(|s| s.trim().to_ascii_lowercase()).any(|s| !s.is_empty() && name.starts_with(&s))
+            list.split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .any(|s| !s.is_empty() && name.starts_with(&s))
         }
         _ => true,
     }
@@ -177,7 +179,9 @@ pub fn check_close(out: &[f32], reference: &[f32], norm_tol: f64, elem_tol: f64)
     for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
         let (o, r) = (o as f64, r as f64);
         if o.is_nan() || (o - r).abs() > elem_tol * (r.abs() + rms) {
-            return Err(format!("element {i}: {o} vs reference {r} (bound {elem_tol} x (|ref| + rms {rms:.3e}))"));
+            return Err(format!(
+                "element {i}: {o} vs reference {r} (bound {elem_tol} x (|ref| + rms {rms:.3e}))"
+            ));
         }
     }
     let err = rel_error(out, reference);

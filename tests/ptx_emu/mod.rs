@@ -65,11 +65,14 @@ impl Emu {
         }
     }
     pub fn w16(&mut self, addr: usize, bits: u16) {
-        assert!(addr % 2 == 0 && addr / 2 < self.cells.len(), "smem write out of range: {addr}");
+        assert!(addr.is_multiple_of(2) && addr / 2 < self.cells.len(), "smem write out of range: {addr}");
         self.cells[addr / 2] = Some(bits);
     }
     pub fn r16(&mut self, addr: usize, what: &str) -> u16 {
-        assert!(addr % 2 == 0 && addr / 2 < self.cells.len(), "smem read out of range: {addr} ({what})");
+        assert!(
+            addr.is_multiple_of(2) && addr / 2 < self.cells.len(),
+            "smem read out of range: {addr} ({what})"
+        );
         match self.cells[addr / 2] {
             Some(v) => v,
             None => {
@@ -83,7 +86,7 @@ impl Emu {
         self.w16(addr + 2, (v >> 16) as u16);
     }
     pub fn r32(&mut self, addr: usize, what: &str) -> u32 {
-        assert!(addr % 4 == 0, "misaligned 32-bit shared load at {addr}");
+        assert!(addr.is_multiple_of(4), "misaligned 32-bit shared load at {addr}");
         u32::from(self.r16(addr, what)) | (u32::from(self.r16(addr + 2, what)) << 16)
     }
     pub fn rf(&mut self, addr: usize, what: &str) -> f32 {
@@ -93,7 +96,7 @@ impl Emu {
 
 /// cp.async.cg 16 B [CPA]: `src = None` is src-size 0, which zero-fills the destination.
 pub fn cp_async16(emu: &mut Emu, dst: usize, src: Option<&[u16]>) {
-    if dst % 16 != 0 {
+    if !dst.is_multiple_of(16) {
         emu.note(format!("cp.async destination {dst} not 16 B aligned"));
     }
     for j in 0..8 {
@@ -109,7 +112,7 @@ pub fn ldmatrix_x4(emu: &mut Emu, addrs: &[usize; 32], trans: bool, what: &str) 
         let mut m = [[0f32; 8]; 8];
         for (i, row) in m.iter_mut().enumerate() {
             let a = addrs[8 * q + i];
-            if a % 16 != 0 {
+            if !a.is_multiple_of(16) {
                 emu.note(format!("{what}: ldmatrix row address {a} not 16 B aligned"));
             }
             for (j, v) in row.iter_mut().enumerate() {
@@ -150,7 +153,13 @@ pub fn ordered_nibble_ok(nib: u32) -> bool {
 }
 
 /// Expands a compressed 16x16 A to the logical 16x32 with the metadata of one warp [SPF][SPS].
-fn sparse_rows(emu: &mut Emu, ac: &[[f32; 16]; 16], meta: &[u32; 32], sel: u32, what: &str) -> [[f32; 32]; 16] {
+fn sparse_rows(
+    emu: &mut Emu,
+    ac: &[[f32; 16]; 16],
+    meta: &[u32; 32],
+    sel: u32,
+    what: &str,
+) -> [[f32; 32]; 16] {
     let mut al = [[0f32; 32]; 16];
     for (r, row) in al.iter_mut().enumerate() {
         for grp in 0..8 {
@@ -239,12 +248,10 @@ pub fn wgmma_d_coord(t: usize, v: usize) -> (usize, usize) {
 /// Dense wgmma.mma_async m64nNk16 f16 -> f32, both operands K-major from descriptors:
 /// `d[t][v] += sum_k A[m][k] B[n][k]`.
 pub fn wgmma_dense(emu: &mut Emu, d: &mut [Vec<f32>], desc_a: u64, desc_b: u64, n: usize) {
-    let a: Vec<[f32; 16]> = (0..64)
-        .map(|r| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_a, r, k), "wgmma A")))
-        .collect();
-    let b: Vec<[f32; 16]> = (0..n)
-        .map(|c| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_b, c, k), "wgmma B")))
-        .collect();
+    let a: Vec<[f32; 16]> =
+        (0..64).map(|r| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_a, r, k), "wgmma A"))).collect();
+    let b: Vec<[f32; 16]> =
+        (0..n).map(|c| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_b, c, k), "wgmma B"))).collect();
     for (t, dt) in d.iter_mut().enumerate() {
         for (v, dv) in dt.iter_mut().enumerate().take(n / 2) {
             let (m, c) = wgmma_d_coord(t, v);
@@ -255,17 +262,25 @@ pub fn wgmma_dense(emu: &mut Emu, d: &mut [Vec<f32>], desc_a: u64, desc_b: u64, 
 
 /// Sparse wgmma.mma_async.sp m64nNk32 f16 -> f32 [WSP]: A is the compressed 64x16 from its
 /// descriptor, `meta[t]` the metadata register of thread t, `sel` the sparsity selector.
-pub fn wgmma_sparse_k32(emu: &mut Emu, d: &mut [Vec<f32>], desc_a: u64, desc_b: u64, meta: &[u32; 128], sel: u32, n: usize) {
+pub fn wgmma_sparse_k32(
+    emu: &mut Emu,
+    d: &mut [Vec<f32>],
+    desc_a: u64,
+    desc_b: u64,
+    meta: &[u32; 128],
+    sel: u32,
+    n: usize,
+) {
     let mut al = Vec::with_capacity(64);
     for w in 0..4 {
-        let ac: [[f32; 16]; 16] =
-            std::array::from_fn(|r| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_a, 16 * w + r, k), "wgmma.sp A")));
+        let ac: [[f32; 16]; 16] = std::array::from_fn(|r| {
+            std::array::from_fn(|k| emu.rf(kmajor_addr(desc_a, 16 * w + r, k), "wgmma.sp A"))
+        });
         let mw: [u32; 32] = std::array::from_fn(|l| meta[32 * w + l]);
         al.extend(sparse_rows(emu, &ac, &mw, sel, "wgmma.sp"));
     }
-    let b: Vec<[f32; 32]> = (0..n)
-        .map(|c| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_b, c, k), "wgmma.sp B")))
-        .collect();
+    let b: Vec<[f32; 32]> =
+        (0..n).map(|c| std::array::from_fn(|k| emu.rf(kmajor_addr(desc_b, c, k), "wgmma.sp B"))).collect();
     for (t, dt) in d.iter_mut().enumerate() {
         for (v, dv) in dt.iter_mut().enumerate().take(n / 2) {
             let (m, c) = wgmma_d_coord(t, v);
@@ -288,7 +303,7 @@ pub fn tma_box_2d(
     box_c: usize,
     box_r: usize,
 ) {
-    if dst % 128 != 0 {
+    if !dst.is_multiple_of(128) {
         emu.note(format!("TMA destination {dst} not 128 B aligned"));
     }
     for r in 0..box_r {
