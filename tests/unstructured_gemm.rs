@@ -383,6 +383,9 @@ fn gpu_split_k_on_two_streams() {
         println!("no GPU: skipped");
         return;
     };
+    if !variant_selected("Bm32") {
+        return;
+    }
     let gemm = UnstructuredGemm::load(&ctx).expect("kernel image");
     let streams = [ctx.new_stream().expect("stream"), ctx.new_stream().expect("stream")];
     let mut rng = Rng::fresh("two streams");
