@@ -96,6 +96,7 @@ fi
 
 {
     echo "sdsparse $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty tree)'), staged $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "bundle.tgz built $(date -u -r "$stage_dir/bundle.tgz" +%Y-%m-%dT%H:%MZ)$( ((build)) || echo ' (earlier run: --no-build)')"
     echo "nvcc $("$NVCC" --version | tail -1)"
     (cd "$stage_dir" && find . -type f -printf '%8s B  %p\n' | sort -k3)
 } >"$stage_dir/manifest.txt"
