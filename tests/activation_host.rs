@@ -74,7 +74,13 @@ fn run<P>(l: &Launch<P>) {
     // SAFETY: the plan checked every buffer's length against the sizes in `params`, and the
     // pointers were filled in from those buffers, which outlive the call.
     let rc = unsafe {
-        sdsparse_kernel_index::sds_host_launch(name.as_ptr(), &l.params as *const P as *const c_void, g.0, g.1, b.0)
+        sdsparse_kernel_index::sds_host_launch(
+            name.as_ptr(),
+            &l.params as *const P as *const c_void,
+            g.0,
+            g.1,
+            b.0,
+        )
     };
     assert_eq!(rc, 0, "{} is not among the host kernels", l.kernel);
 }
@@ -110,8 +116,12 @@ fn host_unary_geglu_add_cfg() {
             run(&l);
             check(&l.kernel, &y, &rounded(&cpu::elementwise::geglu(&x.values(), half), dtype));
         }
-        let shapes: [(&[usize], &[usize]); 4] =
-            [(&[2, 3, 5, 7], &[2, 3, 5, 7]), (&[2, 32, 9, 9], &[2, 32, 1, 1]), (&[2, 7, 64], &[64]), (&[3, 5], &[1])];
+        let shapes: [(&[usize], &[usize]); 4] = [
+            (&[2, 3, 5, 7], &[2, 3, 5, 7]),
+            (&[2, 32, 9, 9], &[2, 32, 1, 1]),
+            (&[2, 7, 64], &[64]),
+            (&[3, 5], &[1]),
+        ];
         for (a_shape, b_shape) in shapes {
             let na: usize = a_shape.iter().product();
             let (a, b) = (Buf::of(&rng.vec(na), dtype), Buf::of(&rng.vec(b_shape.iter().product()), dtype));
@@ -121,7 +131,8 @@ fn host_unary_geglu_add_cfg() {
             run(&l);
             let mut b_full = vec![1; a_shape.len() - b_shape.len()];
             b_full.extend_from_slice(b_shape);
-            let reference = cpu::elementwise::broadcast_binary(&a.values(), a_shape, &b.values(), &b_full, |p, q| p + q);
+            let reference =
+                cpu::elementwise::broadcast_binary(&a.values(), a_shape, &b.values(), &b_full, |p, q| p + q);
             check(&format!("{} {a_shape:?} + {b_shape:?}", l.kernel), &y, &rounded(&reference, dtype));
         }
         let n = 4 * 9 * 9;
@@ -140,7 +151,9 @@ fn host_unary_geglu_add_cfg() {
 fn host_upsample_concat_timestep() {
     let mut rng = TestRng::fresh("host_upsample_concat_timestep");
     for dtype in DTYPES {
-        for (planes, hw, out) in [(6, (5, 7), (10, 14)), (4, (5, 7), (11, 13)), (3, (3, 3), (7, 5)), (2, (9, 9), (4, 6))] {
+        for (planes, hw, out) in
+            [(6, (5, 7), (10, 14)), (4, (5, 7), (11, 13)), (3, (3, 3), (7, 5)), (2, (9, 9), (4, 6))]
+        {
             let x = Buf::of(&rng.vec(planes * hw.0 * hw.1), dtype);
             let y = Buf::poisoned(planes * out.0 * out.1, dtype);
             let mut l = plan_upsample_nearest(planes, hw, out, x.op(), y.op()).unwrap();
@@ -155,7 +168,12 @@ fn host_upsample_concat_timestep() {
         let mut l = plan_concat_channels(&a_shape, &b_shape, a.op(), b.op(), y.op()).unwrap();
         (l.params.a, l.params.b, l.params.y) = (a.ptr(), b.ptr(), y.ptr());
         run(&l);
-        assert_eq!(y.values(), cpu::layout::cat(&[(&a.values(), 3), (&b.values(), 6)], 2, 20), "{}", l.kernel);
+        assert_eq!(
+            y.values(),
+            cpu::layout::cat(&[(&a.values(), 3), (&b.values(), 6)], 2, 20),
+            "{}",
+            l.kernel
+        );
         for (count, dim, flip, shift) in [(2, 320, true, 0.0), (3, 321, true, 0.0), (2, 256, false, 1.0)] {
             let t: Vec<f32> = (0..count).map(|_| (1000.0 * rng.uniform()).floor()).collect();
             let tb = Buf::of(&t, DType::F32);
@@ -197,8 +215,17 @@ fn host_group_norm_and_layer_norm() {
             let beta = rng.vec(channels);
             let (gb, bb) = (Buf::of(&gamma, DType::F32), Buf::of(&beta, DType::F32));
             let y = Buf::poisoned(n, dtype);
-            let mut plan =
-                plan_group_norm((batch, channels, spatial), groups, 1e-5, silu, x.op(), gb.op(), bb.op(), y.op()).unwrap();
+            let mut plan = plan_group_norm(
+                (batch, channels, spatial),
+                groups,
+                1e-5,
+                silu,
+                x.op(),
+                gb.op(),
+                bb.op(),
+                y.op(),
+            )
+            .unwrap();
             if let Some(splits) = forced {
                 plan.stats.cfg.grid_dim.0 = splits;
                 (plan.stats.params.splits, plan.apply.params.splits) = (splits as i32, splits as i32);
@@ -212,8 +239,12 @@ fn host_group_norm_and_layer_norm() {
             run(&plan.stats);
             assert!(partials.iter().all(|v| v.is_finite()), "{}: every slice written", plan.stats.kernel);
             run(&plan.apply);
-            let reference = cpu::norm::group_norm(&x.values(), channels, spatial, groups, &gamma, &beta, 1e-5, silu);
-            let what = format!("{} [{batch}, {channels}, {spatial}] {} slices", plan.apply.kernel, plan.stats.params.splits);
+            let reference =
+                cpu::norm::group_norm(&x.values(), channels, spatial, groups, &gamma, &beta, 1e-5, silu);
+            let what = format!(
+                "{} [{batch}, {channels}, {spatial}] {} slices",
+                plan.apply.kernel, plan.stats.params.splits
+            );
             check(&what, &y, &rounded(&reference, dtype));
         }
         for (rows, dim) in [(1, 1), (7, 33), (20, 1024), (9, 320)] {

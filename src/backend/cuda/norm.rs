@@ -9,7 +9,9 @@
 use super::decompress::DeviceValues;
 use super::device::CudaDevice;
 use super::params::{GroupNormParams, LayerNormParams, NORM_FLAG_SILU, NORM_MAX_SPLITS};
-use super::pointwise::{check_operand, elements, grid_1d, kernel_name, run, to_i32, Launch, Operand, THREADS};
+use super::pointwise::{
+    check_operand, elements, grid_1d, kernel_name, run, to_i32, Launch, Operand, THREADS,
+};
 use crate::error::{Error, Result};
 use crate::format::DType;
 use cudarc::driver::LaunchConfig;
@@ -81,7 +83,11 @@ pub fn plan_group_norm(
     Ok(GroupNormPlan {
         stats: Launch {
             kernel: kernel_name("groupnorm_stats", x.dtype),
-            cfg: LaunchConfig { grid_dim: (splits as u32, (batch * groups) as u32, 1), block_dim: block, shared_mem_bytes: 0 },
+            cfg: LaunchConfig {
+                grid_dim: (splits as u32, (batch * groups) as u32, 1),
+                block_dim: block,
+                shared_mem_bytes: 0,
+            },
             params,
         },
         apply: Launch {
@@ -143,8 +149,16 @@ pub fn group_norm(
     beta: &DeviceValues,
     y: &mut DeviceValues,
 ) -> Result<()> {
-    let mut plan =
-        plan_group_norm(shape, groups, eps, silu, Operand::of(x), Operand::of(gamma), Operand::of(beta), Operand::of(y))?;
+    let mut plan = plan_group_norm(
+        shape,
+        groups,
+        eps,
+        silu,
+        Operand::of(x),
+        Operand::of(gamma),
+        Operand::of(beta),
+        Operand::of(y),
+    )?;
     // A fresh workspace per call (a few KiB); a pooled one comes with the GPU pipeline.
     let partials = device.alloc_zeros::<f32>(plan.partials_len)?;
     for l in [&mut plan.stats, &mut plan.apply] {
@@ -173,7 +187,15 @@ pub fn layer_norm(
     beta: &DeviceValues,
     y: &mut DeviceValues,
 ) -> Result<()> {
-    let mut l = plan_layer_norm(rows, dim, eps, Operand::of(x), Operand::of(gamma), Operand::of(beta), Operand::of(y))?;
+    let mut l = plan_layer_norm(
+        rows,
+        dim,
+        eps,
+        Operand::of(x),
+        Operand::of(gamma),
+        Operand::of(beta),
+        Operand::of(y),
+    )?;
     l.params.x = x.device_ptr(device);
     l.params.gamma = gamma.device_ptr(device);
     l.params.beta = beta.device_ptr(device);
@@ -220,8 +242,10 @@ mod tests {
                 let gamma: Vec<f32> = (0..channels).map(|_| rng.nonzero() * 2.0).collect();
                 let beta = rng.vec(channels);
                 let eps = 1e-5;
-                let expected =
-                    rounded(&cpu::norm::group_norm(&x, channels, spatial, groups, &gamma, &beta, eps, silu), dtype);
+                let expected = rounded(
+                    &cpu::norm::group_norm(&x, channels, spatial, groups, &gamma, &beta, eps, silu),
+                    dtype,
+                );
                 let plan = plan_group_norm(
                     (batch, channels, spatial),
                     groups,
@@ -237,7 +261,17 @@ mod tests {
                     Device::Cuda(dev) => {
                         let mut y = output(dev, dtype, n)?;
                         let (g, b) = (upload(dev, &gamma, DType::F32)?, upload(dev, &beta, DType::F32)?);
-                        group_norm(dev, (batch, channels, spatial), groups, eps, silu, &upload(dev, &x, dtype)?, &g, &b, &mut y)?;
+                        group_norm(
+                            dev,
+                            (batch, channels, spatial),
+                            groups,
+                            eps,
+                            silu,
+                            &upload(dev, &x, dtype)?,
+                            &g,
+                            &b,
+                            &mut y,
+                        )?;
                         download(dev, &y)?
                     }
                 };
@@ -262,7 +296,15 @@ mod tests {
                 let beta = rng.vec(dim);
                 let eps = 1e-5;
                 let expected = rounded(&cpu::norm::layer_norm(&x, dim, &gamma, &beta, eps), dtype);
-                let plan = plan_layer_norm(rows, dim, eps, op(dtype, n), op(DType::F32, dim), op(DType::F32, dim), op(dtype, n))?;
+                let plan = plan_layer_norm(
+                    rows,
+                    dim,
+                    eps,
+                    op(dtype, n),
+                    op(DType::F32, dim),
+                    op(DType::F32, dim),
+                    op(dtype, n),
+                )?;
                 let got = match device {
                     Device::Cpu => expected.clone(),
                     Device::Cuda(dev) => {
@@ -298,11 +340,22 @@ mod tests {
             op(DType::F32, 128),
             op(DType::F16, n),
         )?;
-        assert_eq!((p.stats.kernel.as_str(), p.apply.kernel.as_str()), ("sdsparse_groupnorm_stats_f16", "sdsparse_groupnorm_apply_f16"));
+        assert_eq!(
+            (p.stats.kernel.as_str(), p.apply.kernel.as_str()),
+            ("sdsparse_groupnorm_stats_f16", "sdsparse_groupnorm_apply_f16")
+        );
         assert_eq!(p.stats.cfg.grid_dim, (64, 32, 1));
         assert_eq!(p.apply.cfg.grid_dim, (1024, 128, 1));
         assert_eq!((p.partials_len, p.apply.params.flags), (32 * 64 * 2, NORM_FLAG_SILU));
-        let l = plan_layer_norm(4097, 320, 1e-5, op(DType::BF16, 4097 * 320), op(DType::F32, 320), op(DType::F32, 320), op(DType::BF16, 4097 * 320))?;
+        let l = plan_layer_norm(
+            4097,
+            320,
+            1e-5,
+            op(DType::BF16, 4097 * 320),
+            op(DType::F32, 320),
+            op(DType::F32, 320),
+            op(DType::BF16, 4097 * 320),
+        )?;
         assert_eq!((l.kernel.as_str(), l.cfg.grid_dim.0), ("sdsparse_layernorm_bf16", 513));
         Ok(())
     }
@@ -312,7 +365,8 @@ mod tests {
         let f16 = |len| op(DType::F16, len);
         let f32 = |len| op(DType::F32, len);
         let big = usize::MAX / 4;
-        let gn = |shape, groups, eps, x, gamma, y| plan_group_norm(shape, groups, eps, false, x, gamma, gamma, y);
+        let gn =
+            |shape, groups, eps, x, gamma, y| plan_group_norm(shape, groups, eps, false, x, gamma, gamma, y);
         assert!(gn((2, 320, 64), 32, 1e-5, f16(40960), f32(320), f16(40960)).is_ok());
         assert!(gn((2, 320, 64), 30, 1e-5, f16(40960), f32(320), f16(40960)).is_err(), "320 % 30");
         assert!(gn((2, 320, 64), 0, 1e-5, f16(40960), f32(320), f16(40960)).is_err());
@@ -336,7 +390,8 @@ mod tests {
     #[test]
     fn header_constants_agree() {
         let header =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda/include/sdsparse_params.h")).unwrap();
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda/include/sdsparse_params.h"))
+                .unwrap();
         assert!(header.contains(&format!("#define SDS_NORM_MAX_SPLITS {NORM_MAX_SPLITS}\n")));
         assert!(header.contains(&format!("#define SDS_NORM_FLAG_SILU {NORM_FLAG_SILU}u\n")));
     }
@@ -348,7 +403,8 @@ mod tests {
     fn checks_catch_planted_bugs() {
         let mut rng = TestRng::new(13);
         let (c, s, g) = (64, 49, 32);
-        let x: Vec<f32> = rng.vec(2 * c * s).iter().enumerate().map(|(i, v)| v + (i / s % 7) as f32).collect();
+        let x: Vec<f32> =
+            rng.vec(2 * c * s).iter().enumerate().map(|(i, v)| v + (i / s % 7) as f32).collect();
         let gamma: Vec<f32> = (0..c).map(|_| rng.nonzero()).collect();
         let beta = rng.vec(c);
         let good = cpu::norm::group_norm(&x, c, s, g, &gamma, &beta, 1e-5, true);
@@ -374,9 +430,12 @@ mod tests {
         }
         assert!(check("group map", &bad, &good).is_err());
         // Statistics of the first half of each group only (a slice merge that drops slices).
-        assert!(check("slices", &cpu::norm::group_norm(&x, c, s, 2 * g, &gamma, &beta, 1e-5, true), &good).is_err());
+        assert!(check("slices", &cpu::norm::group_norm(&x, c, s, 2 * g, &gamma, &beta, 1e-5, true), &good)
+            .is_err());
         // SiLU forgotten.
-        assert!(check("silu", &cpu::norm::group_norm(&x, c, s, g, &gamma, &beta, 1e-5, false), &good).is_err());
+        assert!(
+            check("silu", &cpu::norm::group_norm(&x, c, s, g, &gamma, &beta, 1e-5, false), &good).is_err()
+        );
         // Layer norm with the unbiased variance (n - 1), on rows of 33.
         let x = rng.vec(7 * 33);
         let (gamma, beta) = (vec![1.0; 33], vec![0.0; 33]);

@@ -336,13 +336,35 @@ mod tests {
                 flags,
                 reserved
             })),
-            "SdsGroupNormParams" => Some(layout_of!(GroupNormParams { x, gamma, beta, y, partials, batch, channels, spatial, groups, splits, flags, eps, reserved })),
-            "SdsLayerNormParams" => Some(layout_of!(LayerNormParams { x, gamma, beta, y, rows, dim, eps, reserved })),
+            "SdsGroupNormParams" => Some(layout_of!(GroupNormParams {
+                x,
+                gamma,
+                beta,
+                y,
+                partials,
+                batch,
+                channels,
+                spatial,
+                groups,
+                splits,
+                flags,
+                eps,
+                reserved
+            })),
+            "SdsLayerNormParams" => {
+                Some(layout_of!(LayerNormParams { x, gamma, beta, y, rows, dim, eps, reserved }))
+            }
             "SdsEltwiseParams" => Some(layout_of!(EltwiseParams { a, b, y, n, b_div, b_len, alpha })),
             "SdsGegluParams" => Some(layout_of!(GegluParams { x, y, rows, half })),
-            "SdsUpsampleParams" => Some(layout_of!(UpsampleParams { x, y, planes, h, w, out_h, out_w, reserved })),
-            "SdsConcatParams" => Some(layout_of!(ConcatParams { a, b, y, outer, a_inner, b_inner, reserved })),
-            "SdsTimestepParams" => Some(layout_of!(TimestepParams { timesteps, y, count, dim, flip_sin_to_cos, freq_shift })),
+            "SdsUpsampleParams" => {
+                Some(layout_of!(UpsampleParams { x, y, planes, h, w, out_h, out_w, reserved }))
+            }
+            "SdsConcatParams" => {
+                Some(layout_of!(ConcatParams { a, b, y, outer, a_inner, b_inner, reserved }))
+            }
+            "SdsTimestepParams" => {
+                Some(layout_of!(TimestepParams { timesteps, y, count, dim, flip_sin_to_cos, freq_shift }))
+            }
             _ => None,
         }
     }

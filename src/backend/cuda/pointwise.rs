@@ -167,7 +167,13 @@ pub fn broadcast_run(a_shape: &[usize], b_shape: &[usize]) -> Result<(usize, usi
 }
 
 /// `y = a + b` with `b` broadcast to `a_shape` (see [`broadcast_run`]).
-pub fn plan_add(a_shape: &[usize], b_shape: &[usize], a: Operand, b: Operand, y: Operand) -> Result<Launch<EltwiseParams>> {
+pub fn plan_add(
+    a_shape: &[usize],
+    b_shape: &[usize],
+    a: Operand,
+    b: Operand,
+    y: Operand,
+) -> Result<Launch<EltwiseParams>> {
     let n = elements("add", "a", a_shape)?;
     let (b_div, b_len) = broadcast_run(a_shape, b_shape)?;
     check_operand("add", "a", a, a.dtype, n as usize)?;
@@ -251,7 +257,14 @@ pub fn plan_upsample_nearest(
 }
 
 /// Concatenation of `a[outer, a_inner]` and `b[outer, b_inner]` → `[outer, a_inner + b_inner]`.
-pub fn plan_concat(outer: usize, a_inner: usize, b_inner: usize, a: Operand, b: Operand, y: Operand) -> Result<Launch<ConcatParams>> {
+pub fn plan_concat(
+    outer: usize,
+    a_inner: usize,
+    b_inner: usize,
+    a: Operand,
+    b: Operand,
+    y: Operand,
+) -> Result<Launch<ConcatParams>> {
     let op = "concat";
     let row = a_inner
         .checked_add(b_inner)
@@ -276,8 +289,18 @@ pub fn plan_concat(outer: usize, a_inner: usize, b_inner: usize, a: Operand, b: 
 
 /// Concatenation along channels of `a[B, Ca, ...]` and `b[B, Cb, ...]` (the UNet's skip
 /// connections): the shapes must agree except in dim 1.
-pub fn plan_concat_channels(a_shape: &[usize], b_shape: &[usize], a: Operand, b: Operand, y: Operand) -> Result<Launch<ConcatParams>> {
-    if a_shape.len() < 2 || a_shape.len() != b_shape.len() || a_shape[0] != b_shape[0] || a_shape[2..] != b_shape[2..] {
+pub fn plan_concat_channels(
+    a_shape: &[usize],
+    b_shape: &[usize],
+    a: Operand,
+    b: Operand,
+    y: Operand,
+) -> Result<Launch<ConcatParams>> {
+    if a_shape.len() < 2
+        || a_shape.len() != b_shape.len()
+        || a_shape[0] != b_shape[0]
+        || a_shape[2..] != b_shape[2..]
+    {
         return Err(Error::Shape(format!("concat along channels: {a_shape:?} and {b_shape:?} do not match")));
     }
     let inner: usize = a_shape[2..].iter().product();
@@ -300,7 +323,9 @@ pub fn plan_timestep_embedding(
 ) -> Result<Launch<TimestepParams>> {
     let op = "timestep_embedding";
     if dim / 2 == 0 || (dim / 2) as f32 == freq_shift || !freq_shift.is_finite() {
-        return Err(Error::Invalid(format!("{op}: dim {dim} with frequency shift {freq_shift} has no frequencies")));
+        return Err(Error::Invalid(format!(
+            "{op}: dim {dim} with frequency shift {freq_shift} has no frequencies"
+        )));
     }
     let n = elements(op, "output", &[count, dim])?;
     check_operand(op, "timesteps", timesteps, DType::F32, count)?;
@@ -332,7 +357,14 @@ pub fn unary(device: &CudaDevice, op: Unary, n: usize, x: &DeviceValues, y: &mut
 }
 
 /// `y = a + b`, `b` broadcast to `a_shape` (see [`broadcast_run`]).
-pub fn add(device: &CudaDevice, a_shape: &[usize], b_shape: &[usize], a: &DeviceValues, b: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn add(
+    device: &CudaDevice,
+    a_shape: &[usize],
+    b_shape: &[usize],
+    a: &DeviceValues,
+    b: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let mut l = plan_add(a_shape, b_shape, Operand::of(a), Operand::of(b), Operand::of(y))?;
     l.params.a = a.device_ptr(device);
     l.params.b = b.device_ptr(device);
@@ -341,7 +373,13 @@ pub fn add(device: &CudaDevice, a_shape: &[usize], b_shape: &[usize], a: &Device
 }
 
 /// `y[..n] = uncond + guidance * (cond - uncond)` for `pred = [uncond (n), cond (n)]`.
-pub fn cfg_combine(device: &CudaDevice, n: usize, guidance: f32, pred: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn cfg_combine(
+    device: &CudaDevice,
+    n: usize,
+    guidance: f32,
+    pred: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let mut l = plan_cfg(n, guidance, Operand::of(pred), Operand::of(y))?;
     l.params.a = ptr_at(device, pred, 0);
     l.params.b = ptr_at(device, pred, n);
@@ -350,7 +388,13 @@ pub fn cfg_combine(device: &CudaDevice, n: usize, guidance: f32, pred: &DeviceVa
 }
 
 /// GEGLU of `x[rows, 2 * half]` into `y[rows, half]`.
-pub fn geglu(device: &CudaDevice, rows: usize, half: usize, x: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn geglu(
+    device: &CudaDevice,
+    rows: usize,
+    half: usize,
+    x: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let mut l = plan_geglu(rows, half, Operand::of(x), Operand::of(y))?;
     l.params.x = x.device_ptr(device);
     l.params.y = y.device_ptr(device);
@@ -373,7 +417,13 @@ pub fn upsample_nearest(
 }
 
 /// Nearest 2x upsampling of `x[planes, h, w]`.
-pub fn upsample_nearest2x(device: &CudaDevice, planes: usize, (h, w): (usize, usize), x: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn upsample_nearest2x(
+    device: &CudaDevice,
+    planes: usize,
+    (h, w): (usize, usize),
+    x: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let out = (h.checked_mul(2), w.checked_mul(2));
     let (Some(oh), Some(ow)) = out else {
         return Err(Error::Invalid(format!("upsample_nearest2x: {h}x{w} overflows")));
@@ -382,7 +432,14 @@ pub fn upsample_nearest2x(device: &CudaDevice, planes: usize, (h, w): (usize, us
 }
 
 /// `y = cat([a, b], dim = 1)` for `a[B, Ca, ...]`, `b[B, Cb, ...]`.
-pub fn concat_channels(device: &CudaDevice, a_shape: &[usize], b_shape: &[usize], a: &DeviceValues, b: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn concat_channels(
+    device: &CudaDevice,
+    a_shape: &[usize],
+    b_shape: &[usize],
+    a: &DeviceValues,
+    b: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let mut l = plan_concat_channels(a_shape, b_shape, Operand::of(a), Operand::of(b), Operand::of(y))?;
     l.params.a = a.device_ptr(device);
     l.params.b = b.device_ptr(device);
@@ -400,7 +457,14 @@ pub fn timestep_embedding(
     timesteps: &DeviceValues,
     y: &mut DeviceValues,
 ) -> Result<()> {
-    let mut l = plan_timestep_embedding(count, dim, flip_sin_to_cos, freq_shift, Operand::of(timesteps), Operand::of(y))?;
+    let mut l = plan_timestep_embedding(
+        count,
+        dim,
+        flip_sin_to_cos,
+        freq_shift,
+        Operand::of(timesteps),
+        Operand::of(y),
+    )?;
     l.params.timesteps = timesteps.device_ptr(device);
     l.params.y = y.device_ptr(device);
     run(device, &l)
@@ -435,7 +499,8 @@ pub(super) mod test_support {
     /// The kernel tests' bound (`check_close`: norm-wise AND element-wise, NaN never passes)
     /// between a kernel's output and its CPU twin's, both in the storage dtype.
     pub fn check(what: &str, got: &[f32], expected: &[f32]) -> Result<f64> {
-        check_close(got, expected, GPU_NORM_TOL, GPU_ELEM_TOL).map_err(|e| Error::Invalid(format!("{what}: {e}")))
+        check_close(got, expected, GPU_NORM_TOL, GPU_ELEM_TOL)
+            .map_err(|e| Error::Invalid(format!("{what}: {e}")))
     }
 }
 
@@ -507,8 +572,10 @@ mod tests {
                 let b = rounded(&rng.vec(nb), dtype);
                 let mut b_full = vec![1; a_shape.len() - b_shape.len()];
                 b_full.extend_from_slice(b_shape);
-                let expected =
-                    rounded(&cpu::elementwise::broadcast_binary(&a, a_shape, &b, &b_full, |x, y| x + y), dtype);
+                let expected = rounded(
+                    &cpu::elementwise::broadcast_binary(&a, a_shape, &b, &b_full, |x, y| x + y),
+                    dtype,
+                );
                 let plan = plan_add(a_shape, b_shape, op(dtype, na), op(dtype, nb), op(dtype, na))?;
                 let got = match device {
                     Device::Cpu => expected.clone(),
@@ -605,15 +672,19 @@ mod tests {
 
     fn concat_matches_cpu(device: &Device) -> Result<()> {
         let mut rng = TestRng::fresh("concat");
-        let cases: [(&[usize], &[usize]); 3] =
-            [(&[2, 3, 4, 5], &[2, 6, 4, 5]), (&[1, 1, 1, 1], &[1, 2, 1, 1]), (&[2, 640, 16, 16], &[2, 320, 16, 16])];
+        let cases: [(&[usize], &[usize]); 3] = [
+            (&[2, 3, 4, 5], &[2, 6, 4, 5]),
+            (&[1, 1, 1, 1], &[1, 2, 1, 1]),
+            (&[2, 640, 16, 16], &[2, 320, 16, 16]),
+        ];
         for dtype in DTYPES {
             for (a_shape, b_shape) in cases {
                 let (na, nb) = (a_shape.iter().product::<usize>(), b_shape.iter().product::<usize>());
                 let (a, b) = (rounded(&rng.vec(na), dtype), rounded(&rng.vec(nb), dtype));
                 let inner: usize = a_shape[2..].iter().product();
                 let expected = cpu::layout::cat(&[(&a, a_shape[1]), (&b, b_shape[1])], a_shape[0], inner);
-                let plan = plan_concat_channels(a_shape, b_shape, op(dtype, na), op(dtype, nb), op(dtype, na + nb))?;
+                let plan =
+                    plan_concat_channels(a_shape, b_shape, op(dtype, na), op(dtype, nb), op(dtype, na + nb))?;
                 let got = match device {
                     Device::Cpu => expected.clone(),
                     Device::Cuda(dev) => {
@@ -639,16 +710,35 @@ mod tests {
             for (count, dim, flip, shift) in cases {
                 let t: Vec<f32> = (0..count).map(|_| (1000.0 * rng.uniform()).floor()).collect();
                 let expected = rounded(&cpu::embed::timestep_embedding(&t, dim, flip, shift), dtype);
-                let plan = plan_timestep_embedding(count, dim, flip, shift, op(DType::F32, count), op(dtype, count * dim))?;
+                let plan = plan_timestep_embedding(
+                    count,
+                    dim,
+                    flip,
+                    shift,
+                    op(DType::F32, count),
+                    op(dtype, count * dim),
+                )?;
                 let got = match device {
                     Device::Cpu => expected.clone(),
                     Device::Cuda(dev) => {
                         let mut y = output(dev, dtype, count * dim)?;
-                        timestep_embedding(dev, count, dim, flip, shift, &upload(dev, &t, DType::F32)?, &mut y)?;
+                        timestep_embedding(
+                            dev,
+                            count,
+                            dim,
+                            flip,
+                            shift,
+                            &upload(dev, &t, DType::F32)?,
+                            &mut y,
+                        )?;
                         download(dev, &y)?
                     }
                 };
-                check(&format!("{} t {t:?} dim {dim} flip {flip} shift {shift}", plan.kernel), &got, &expected)?;
+                check(
+                    &format!("{} t {t:?} dim {dim} flip {flip} shift {shift}", plan.kernel),
+                    &got,
+                    &expected,
+                )?;
             }
         }
         Ok(())
@@ -660,12 +750,24 @@ mod tests {
         let l = plan_unary(Unary::Silu, 1000, op(DType::F16, 1000), op(DType::F16, 1000))?;
         assert_eq!(l.kernel, "sdsparse_eltwise_silu_f16");
         assert_eq!((l.cfg.grid_dim, l.cfg.block_dim), ((4, 1, 1), (256, 1, 1)));
-        let l = plan_add(&[2, 320, 64, 64], &[2, 320, 1, 1], op(DType::BF16, 2 * 320 * 4096), op(DType::BF16, 640), op(DType::BF16, 2 * 320 * 4096))?;
+        let l = plan_add(
+            &[2, 320, 64, 64],
+            &[2, 320, 1, 1],
+            op(DType::BF16, 2 * 320 * 4096),
+            op(DType::BF16, 640),
+            op(DType::BF16, 2 * 320 * 4096),
+        )?;
         assert_eq!(l.kernel, "sdsparse_eltwise_add_bf16");
         assert_eq!((l.params.n, l.params.b_div, l.params.b_len), (2 * 320 * 4096, 4096, 640));
         let l = plan_cfg(100, 7.5, op(DType::F32, 200), op(DType::F32, 100))?;
         assert_eq!((l.kernel.as_str(), l.params.alpha), ("sdsparse_eltwise_cfg_f32", 7.5));
-        let l = plan_upsample_nearest(640, (8, 8), (16, 16), op(DType::F16, 640 * 64), op(DType::F16, 640 * 256))?;
+        let l = plan_upsample_nearest(
+            640,
+            (8, 8),
+            (16, 16),
+            op(DType::F16, 640 * 64),
+            op(DType::F16, 640 * 256),
+        )?;
         assert_eq!((l.params.out_h, l.cfg.grid_dim.0), (16, 640));
         let l = plan_timestep_embedding(2, 320, true, 0.0, op(DType::F32, 2), op(DType::F16, 640))?;
         assert_eq!((l.kernel.as_str(), l.params.flip_sin_to_cos), ("sdsparse_timestep_embedding_f16", 1));
@@ -733,12 +835,18 @@ mod tests {
     fn upsample_reference_follows_pytorch() {
         // F.interpolate(torch.arange(3.).view(1, 1, 1, 3), size=(1, 7), mode="nearest"):
         // [0, 0, 0, 1, 1, 2, 2]; (1, 9) -> (1, 4): [0, 2, 4, 6].
-        assert_eq!(cpu::layout::upsample_nearest(&[0.0, 1.0, 2.0], 1, (1, 3), (1, 7)), [0., 0., 0., 1., 1., 2., 2.]);
+        assert_eq!(
+            cpu::layout::upsample_nearest(&[0.0, 1.0, 2.0], 1, (1, 3), (1, 7)),
+            [0., 0., 0., 1., 1., 2., 2.]
+        );
         let x: Vec<f32> = (0..9).map(|v| v as f32).collect();
         assert_eq!(cpu::layout::upsample_nearest(&x, 1, (1, 9), (1, 4)), [0., 2., 4., 6.]);
         // For 2x it is the existing reference.
         let x = TestRng::new(5).vec(3 * 5 * 7);
-        assert_eq!(cpu::layout::upsample_nearest(&x, 3, (5, 7), (10, 14)), cpu::layout::upsample_nearest2x(&x, 3, 5, 7));
+        assert_eq!(
+            cpu::layout::upsample_nearest(&x, 3, (5, 7), (10, 14)),
+            cpu::layout::upsample_nearest2x(&x, 3, 5, 7)
+        );
     }
 
     /// The check of the GPU tests fails on the bugs these kernels could plausibly have (each a
@@ -756,13 +864,21 @@ mod tests {
         assert!(check("add", &bad, &good).is_err());
         // CFG with uncond and cond swapped.
         let (u, c) = x.split_at(x.len() / 2);
-        assert!(check("cfg", &cpu::elementwise::cfg_combine(c, u, 7.5), &cpu::elementwise::cfg_combine(u, c, 7.5)).is_err());
+        assert!(check(
+            "cfg",
+            &cpu::elementwise::cfg_combine(c, u, 7.5),
+            &cpu::elementwise::cfg_combine(u, c, 7.5)
+        )
+        .is_err());
         // GEGLU with hidden and gate swapped.
         let swapped: Vec<f32> = x.chunks(10).flat_map(|r| [&r[5..], &r[..5]].concat()).collect();
-        assert!(check("geglu", &cpu::elementwise::geglu(&swapped, 5), &cpu::elementwise::geglu(&x, 5)).is_err());
+        assert!(
+            check("geglu", &cpu::elementwise::geglu(&swapped, 5), &cpu::elementwise::geglu(&x, 5)).is_err()
+        );
         // Upsampling rounding the source index instead of flooring it.
         let good = cpu::layout::upsample_nearest(&x, 6, (5, 7), (11, 13));
-        let src = |d: usize, i: usize, o: usize| ((d as f32 * i as f32 / o as f32).round() as usize).min(i - 1);
+        let src =
+            |d: usize, i: usize, o: usize| ((d as f32 * i as f32 / o as f32).round() as usize).min(i - 1);
         let bad: Vec<f32> = (0..6 * 11 * 13)
             .map(|k| {
                 let (p, oy, ox) = (k / 143, k / 13 % 11, k % 13);
@@ -772,7 +888,12 @@ mod tests {
         assert!(check("upsample", &bad, &good).is_err());
         // Concatenation in the wrong order.
         let (a, b) = x.split_at(2 * 3 * 7);
-        assert!(check("concat", &cpu::layout::cat(&[(b, 2), (a, 3)], 2, 7), &cpu::layout::cat(&[(a, 3), (b, 2)], 2, 7)).is_err());
+        assert!(check(
+            "concat",
+            &cpu::layout::cat(&[(b, 2), (a, 3)], 2, 7),
+            &cpu::layout::cat(&[(a, 3), (b, 2)], 2, 7)
+        )
+        .is_err());
         // Timestep embedding without the sin/cos flip, or with SD1's frequency shift.
         let t = [981.0, 1.0];
         let good = cpu::embed::timestep_embedding(&t, 320, true, 0.0);
