@@ -594,7 +594,7 @@ pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
     crate::output::write_file(path, &encode_png(image)?)
 }
 
-/// Reads tensor `latents` from a safetensors file (f32, f16 or bf16).
+/// Reads tensor `latents` from a safetensors file (f64, f32, f16 or bf16).
 pub fn load_latents(path: &Path) -> Result<Tensor> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -617,9 +617,14 @@ pub fn load_latents(path: &Path) -> Result<Tensor> {
         safetensors::Dtype::BF16 => {
             t.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
         }
+        safetensors::Dtype::F64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
         other => {
             return Err(Error::Invalid(format!(
-                "{}: tensor \"latents\" has dtype {other:?}; expected f32, f16 or bf16",
+                "{}: tensor \"latents\" has dtype {other:?}; expected f64, f32, f16 or bf16",
                 path.display()
             )))
         }

@@ -111,6 +111,24 @@ fn old_scheduler_config_is_corrected_as_diffusers_does() {
     assert!(current.apply_pipeline_corrections().is_empty());
 }
 
+/// diffusers' other load-time correction: a UNet config from diffusers < 0.9 with
+/// `sample_size` below 64 gets 64 (the default image size follows), with a note.
+#[test]
+fn old_unet_sample_size_is_corrected_as_diffusers_does() {
+    let (_t, model) = model_copy();
+    let path = model.join("unet/config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["_diffusers_version"] = "0.8.1".into();
+    write_json(&path, &cfg);
+    let sd = StableDiffusion::load(&model, &Device::Cpu).unwrap();
+    assert_eq!(sd.default_size(), (128, 128), "sample_size 32 -> 64, VAE factor 2");
+    assert!(sd.notes().iter().any(|n| n.contains("sample_size 32")), "{:?}", sd.notes());
+    // From diffusers 0.9 on, the value is taken as written.
+    cfg["_diffusers_version"] = "0.9.0".into();
+    write_json(&path, &cfg);
+    assert_eq!(StableDiffusion::load(&model, &Device::Cpu).unwrap().default_size(), (64, 64));
+}
+
 // ---- 2. Degenerate schedules ----------------------------------------------------------
 
 /// Every scheduler x spacing x edge step count (1, 2, 3, 4, half, all-but-one, all training
@@ -165,7 +183,8 @@ fn degenerate_schedules_match_diffusers_or_refuse() {
                     .iter()
                     .map(|v| v.as_f64().unwrap() as f32)
                     .collect();
-                if !(e < 1e-4)
+                if e.is_nan()
+                    || e >= 1e-4
                     || sched.timesteps().len() != calls
                     || sched.timesteps()[..head.len()] != head[..]
                 {
@@ -346,7 +365,8 @@ fn tokenizer_json_folder_converts_and_convert_validates_everything() {
     StableDiffusion::load(&out, &Device::Cpu).unwrap();
 
     // Broken pieces generate would trip on: convert refuses, nothing written.
-    let breakages: [(&str, fn(&Path)); 3] = [
+    type Breakage = (&'static str, fn(&Path));
+    let breakages: [Breakage; 3] = [
         ("merges.txt", |m| std::fs::remove_file(m.join("tokenizer/merges.txt")).unwrap()),
         ("scheduler_config.json", |m| {
             std::fs::write(m.join("scheduler/scheduler_config.json"), "{").unwrap()
