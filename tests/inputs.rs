@@ -681,3 +681,48 @@ fn closed_stdout_is_not_a_panic() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("standard output"), "{err}");
 }
+
+/// Every UNet depth (2, 3, 4 levels; SD2 has 4) runs any latent size, including sizes odd at
+/// every level: without the skip-size upsampling the concatenation with the skip connection
+/// fails. (The 4-level case was also checked against diffusers: issue 11's Q05, 2.3e-6.)
+#[test]
+fn every_unet_depth_runs_any_latent_size() {
+    use sdsparse::checkpoint::{ComponentStore, VarBuilder};
+    use sdsparse::model::config::UNetConfig;
+    use sdsparse::model::unet::UNet2DConditionModel;
+    let text = std::fs::read_to_string(fixture().join("unet/config.json")).unwrap();
+    for levels in [2usize, 3, 4] {
+        let mut cfg: Value = serde_json::from_str(&text).unwrap();
+        cfg["block_out_channels"] = serde_json::json!(vec![32; levels]);
+        cfg["attention_head_dim"] = serde_json::json!(vec![2; levels]);
+        let mut down = vec!["CrossAttnDownBlock2D"; levels - 1];
+        down.push("DownBlock2D");
+        let mut up = vec!["UpBlock2D"];
+        up.extend(vec!["CrossAttnUpBlock2D"; levels - 1]);
+        cfg["down_block_types"] = serde_json::json!(down);
+        cfg["up_block_types"] = serde_json::json!(up);
+        let tensors = sdsparse::checkpoint::expected::unet(&cfg, "synthetic")
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let n: usize = shape.iter().product();
+                let v = (0..n).map(|j| ((i * 31 + j) as f32 * 0.37).sin() * 0.2).collect();
+                (name, Tensor::from_vec(v, &shape).unwrap())
+            })
+            .collect();
+        let vb = VarBuilder::new(std::sync::Arc::new(ComponentStore::from_tensors("synthetic", tensors)));
+        let unet =
+            UNet2DConditionModel::load(&vb, &UNetConfig::from_json_str(&cfg.to_string()).unwrap()).unwrap();
+        let ctx =
+            Tensor::from_vec((0..77 * 32).map(|j| (j as f32 * 0.1).cos()).collect(), &[1, 77, 32]).unwrap();
+        for (h, w) in [(7, 5), (9, 12), (8, 8), (1, 3)] {
+            let x = Tensor::from_vec((0..4 * h * w).map(|j| (j as f32 * 0.7).sin()).collect(), &[1, 4, h, w])
+                .unwrap();
+            let out =
+                unet.forward(&x, 500.0, &ctx).unwrap_or_else(|e| panic!("{levels} levels, {h}x{w}: {e}"));
+            assert_eq!(out.shape(), [1, 4, h, w]);
+            assert!(out.to_vec().unwrap().iter().all(|v| v.is_finite()), "{levels} levels, {h}x{w}");
+        }
+    }
+}
