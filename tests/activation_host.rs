@@ -19,6 +19,9 @@ use std::ffi::{c_void, CString};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
+/// A CPU reference of a unary op.
+type Reference = fn(&[f32]) -> Vec<f32>;
+
 /// A host buffer in a storage dtype (f16 / bf16 as bit patterns, as on the device).
 enum Buf {
     F32(Vec<f32>),
@@ -98,7 +101,7 @@ fn host_unary_geglu_add_cfg() {
     for dtype in DTYPES {
         for n in [1, 300, 5000] {
             let x = Buf::of(&rng.vec(n).iter().map(|v| 5.0 * v).collect::<Vec<_>>(), dtype);
-            let refs: [(Unary, fn(&[f32]) -> Vec<f32>); 2] =
+            let refs: [(Unary, Reference); 2] =
                 [(Unary::Gelu, cpu::elementwise::gelu), (Unary::Silu, cpu::elementwise::silu)];
             for (u, reference) in refs {
                 let y = Buf::poisoned(n, dtype);
@@ -159,7 +162,7 @@ fn host_upsample_concat_timestep() {
             let mut l = plan_upsample_nearest(planes, hw, out, x.op(), y.op()).unwrap();
             (l.params.x, l.params.y) = (x.ptr(), y.ptr());
             run(&l);
-            let reference = cpu::layout::upsample_nearest(&x.values(), planes, hw, out);
+            let reference = cpu::layout::upsample_nearest_to(&x.values(), planes, hw, out);
             assert_eq!(y.values(), reference, "{} {hw:?} -> {out:?}", l.kernel);
         }
         let (a_shape, b_shape) = ([2, 3, 4, 5], [2, 6, 4, 5]);

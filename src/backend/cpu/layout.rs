@@ -215,28 +215,3 @@ pub fn embedding(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
     }
     out
 }
-
-/// Nearest upsampling of `planes` images of `h x w` to `out_h x out_w` with PyTorch's
-/// `F.interpolate(mode="nearest")` index rule, `src = min(floor(dst * (in / out)), in - 1)`
-/// with the scale in f32 (diffusers' `Upsample2D` with an explicit `output_size`). For
-/// `out = 2 * in` this is [`upsample_nearest2x`].
-pub fn upsample_nearest(
-    x: &[f32],
-    planes: usize,
-    (h, w): (usize, usize),
-    (out_h, out_w): (usize, usize),
-) -> Vec<f32> {
-    let src = |dst: usize, n_in: usize, n_out: usize| {
-        let scale = n_in as f32 / n_out as f32;
-        ((dst as f32 * scale).floor() as usize).min(n_in - 1)
-    };
-    let cols: Vec<usize> = (0..out_w).map(|ox| src(ox, w, out_w)).collect();
-    let mut out = Vec::with_capacity(planes * out_h * out_w);
-    for p in 0..planes {
-        for oy in 0..out_h {
-            let row = &x[(p * h + src(oy, h, out_h)) * w..][..w];
-            out.extend(cols.iter().map(|&c| row[c]));
-        }
-    }
-    out
-}

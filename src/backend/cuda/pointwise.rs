@@ -229,7 +229,6 @@ pub fn plan_geglu(rows: usize, half: usize, x: Operand, y: Operand) -> Result<La
 /// Nearest upsampling of `x[planes, h, w]` to `[planes, out_h, out_w]` (`planes` = B·C), with
 /// PyTorch's index rule (2x when `out = 2 * in`; diffusers passes an explicit size when the skip
 /// connection's size is odd).
-#[allow(clippy::too_many_arguments)]
 pub fn plan_upsample_nearest(
     planes: usize,
     (h, w): (usize, usize),
@@ -519,9 +518,14 @@ mod tests {
     //   eltwise_add           cpu::elementwise::broadcast_binary(+)
     //   eltwise_cfg           cpu::elementwise::cfg_combine (also what the pipeline runs)
     //   geglu                 cpu::elementwise::geglu
-    //   upsample_nearest      cpu::layout::upsample_nearest (== upsample_nearest2x for 2x)
+    //   upsample_nearest      cpu::layout::upsample_nearest_to (== upsample_nearest2x for 2x)
     //   concat                cpu::layout::cat
     //   timestep_embedding    cpu::embed::timestep_embedding
+
+    /// A CPU reference of a unary op.
+    type Reference = fn(&[f32]) -> Vec<f32>;
+    /// (planes, input size, output size).
+    type UpsampleCase = (usize, (usize, usize), (usize, usize));
 
     fn op(dtype: DType, len: usize) -> Operand {
         Operand::new(dtype, len)
@@ -532,7 +536,7 @@ mod tests {
         for dtype in DTYPES {
             for n in [1, 257, 5000, 70_001] {
                 let x = rounded(&rng.vec(n).iter().map(|v| 5.0 * v).collect::<Vec<_>>(), dtype);
-                let cases: [(Unary, fn(&[f32]) -> Vec<f32>); 2] =
+                let cases: [(Unary, Reference); 2] =
                     [(Unary::Gelu, cpu::elementwise::gelu), (Unary::Silu, cpu::elementwise::silu)];
                 for (u, reference) in cases {
                     let expected = rounded(&reference(&x), dtype);
@@ -631,7 +635,7 @@ mod tests {
     test_device!(geglu_matches_cpu);
 
     /// (planes, in, out): 2x (even and odd sizes), explicit odd sizes up and down, identity.
-    const UPSAMPLE_CASES: &[(usize, (usize, usize), (usize, usize))] = &[
+    const UPSAMPLE_CASES: &[UpsampleCase] = &[
         (6, (5, 7), (10, 14)),
         (640, (8, 8), (16, 16)),
         (4, (5, 7), (11, 13)),
@@ -645,7 +649,7 @@ mod tests {
         for dtype in DTYPES {
             for &(planes, (h, w), (oh, ow)) in UPSAMPLE_CASES {
                 let x = rounded(&rng.vec(planes * h * w), dtype);
-                let expected = cpu::layout::upsample_nearest(&x, planes, (h, w), (oh, ow));
+                let expected = cpu::layout::upsample_nearest_to(&x, planes, (h, w), (oh, ow));
                 let n = planes * oh * ow;
                 let plan = plan_upsample_nearest(planes, (h, w), (oh, ow), op(dtype, x.len()), op(dtype, n))?;
                 let got = match device {
@@ -836,15 +840,15 @@ mod tests {
         // F.interpolate(torch.arange(3.).view(1, 1, 1, 3), size=(1, 7), mode="nearest"):
         // [0, 0, 0, 1, 1, 2, 2]; (1, 9) -> (1, 4): [0, 2, 4, 6].
         assert_eq!(
-            cpu::layout::upsample_nearest(&[0.0, 1.0, 2.0], 1, (1, 3), (1, 7)),
+            cpu::layout::upsample_nearest_to(&[0.0, 1.0, 2.0], 1, (1, 3), (1, 7)),
             [0., 0., 0., 1., 1., 2., 2.]
         );
         let x: Vec<f32> = (0..9).map(|v| v as f32).collect();
-        assert_eq!(cpu::layout::upsample_nearest(&x, 1, (1, 9), (1, 4)), [0., 2., 4., 6.]);
+        assert_eq!(cpu::layout::upsample_nearest_to(&x, 1, (1, 9), (1, 4)), [0., 2., 4., 6.]);
         // For 2x it is the existing reference.
         let x = TestRng::new(5).vec(3 * 5 * 7);
         assert_eq!(
-            cpu::layout::upsample_nearest(&x, 3, (5, 7), (10, 14)),
+            cpu::layout::upsample_nearest_to(&x, 3, (5, 7), (10, 14)),
             cpu::layout::upsample_nearest2x(&x, 3, 5, 7)
         );
     }
@@ -876,7 +880,7 @@ mod tests {
             check("geglu", &cpu::elementwise::geglu(&swapped, 5), &cpu::elementwise::geglu(&x, 5)).is_err()
         );
         // Upsampling rounding the source index instead of flooring it.
-        let good = cpu::layout::upsample_nearest(&x, 6, (5, 7), (11, 13));
+        let good = cpu::layout::upsample_nearest_to(&x, 6, (5, 7), (11, 13));
         let src =
             |d: usize, i: usize, o: usize| ((d as f32 * i as f32 / o as f32).round() as usize).min(i - 1);
         let bad: Vec<f32> = (0..6 * 11 * 13)
