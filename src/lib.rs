@@ -5,6 +5,7 @@
 //! `docs/ARCHITECTURE.md` for who may touch what.
 
 pub mod backend;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod convert;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod format;
 pub mod model;
 pub mod pipeline;
 pub mod prune;
+pub mod prune_model;
 pub mod scheduler;
 pub mod synth;
 
