@@ -55,6 +55,9 @@ pub struct ConvertOptions {
     pub owl: OwlParams,
     /// Calibration of the activation-aware methods (`wanda`, `owl`).
     pub calibration: CalibrationOptions,
+    /// A per-layer plan from `sdsparse plan` (`convert --plan`): it sets every listed
+    /// layer's pattern and sparsity (magnitude, layer scope); unlisted layers stay dense.
+    pub mixed_plan: Option<Arc<crate::plan::MixedPlan>>,
 }
 
 impl Default for ConvertOptions {
@@ -73,6 +76,7 @@ impl Default for ConvertOptions {
             force: false,
             owl: OwlParams::default(),
             calibration: CalibrationOptions::default(),
+            mixed_plan: None,
         }
     }
 }
@@ -129,6 +133,13 @@ impl ConvertOptions {
         if self.method.needs_calibration() {
             self.owl.validate()?;
             self.calibration.captions()?;
+        }
+        if self.mixed_plan.is_some() && (self.method != Method::Magnitude || self.scope != Scope::Layer) {
+            return Err(Error::Invalid(
+                "--plan prunes each layer by magnitude to its own target; it cannot be combined with \
+                 --method or --scope global"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -629,6 +640,33 @@ fn convert_component(
         let out_dtype = float.map(|d| opts.dtype.unwrap_or(d));
         let numel: usize = shape.iter().product();
         let mut action = Action::Dense;
+        if let (Some(mp), Some(_)) = (&opts.mixed_plan, float) {
+            if opts.selection.is_prunable(kind, &tname, &shape) {
+                if let Some(lp) = mp.choice(name, &tname) {
+                    let (rows, cols) = matrix_dims(&shape);
+                    if [rows, cols] != lp.shape {
+                        return Err(Error::Invalid(format!(
+                            "{name}: {tname} is {shape:?} but the plan has {:?} (a plan for another model?)",
+                            lp.shape
+                        )));
+                    }
+                    action = match lp.chosen {
+                        crate::plan::Choice::Dense => Action::Dense,
+                        crate::plan::Choice::Sparse24 if !cols.is_multiple_of(4) => {
+                            return Err(Error::Invalid(format!("{tname}: the plan says 2:4 but {cols} columns")))
+                        }
+                        crate::plan::Choice::Sparse24 => {
+                            Action::Prune { pattern: Pattern::Sparse24, k: numel / 2, cut: None }
+                        }
+                        crate::plan::Choice::Unstructured(s) => Action::Prune {
+                            pattern: Pattern::Unstructured,
+                            k: prune::prune_count(s, numel),
+                            cut: None,
+                        },
+                    };
+                }
+            }
+        }
         if let (Some(p), Some(_)) = (plan, float) {
             if opts.selection.is_prunable(kind, &tname, &shape) {
                 let (_, cols) = matrix_dims(&shape);
@@ -953,7 +991,8 @@ pub fn convert(
         progress(Progress::Component { name: c.clone() });
         let store = ComponentStore::open(&model.join(c))?;
         let kind = ComponentKind::from_folder(c);
-        let plan = opts.plan(kind)?;
+        // A mixed plan decides per layer (in convert_component) instead of per component.
+        let plan = if opts.mixed_plan.is_some() { None } else { opts.plan(kind)? };
         let file = tmp.tmp.join(c).join(weight_file_name(c));
         let stats = calibration.component(c);
         components.push(convert_component(&store, c, kind, plan, opts, stats, &source, &file, progress)?);
@@ -1003,9 +1042,19 @@ fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions, cal: &Cal
             "owl_lambda": opts.owl.lambda,
         })
     });
+    let mixed_plan = opts.mixed_plan.as_ref().map(|p| {
+        serde_json::json!({
+            "source_model": p.model,
+            "budget": p.budget,
+            "predicted_deviation": p.predicted_deviation,
+            "measured_deviation": p.measured_deviation,
+            "cost_vs_dense": p.cost / p.dense_cost.max(f64::MIN_POSITIVE),
+        })
+    });
     let v = serde_json::json!({
         "format": "sdsparse",
         "calibration": calibration,
+        "mixed_plan": mixed_plan,
         "format_version": FORMAT_VERSION,
         "method": opts.method.name(),
         "scope": opts.scope.name(),

@@ -12,6 +12,7 @@ pub mod error;
 pub mod format;
 pub mod model;
 pub mod pipeline;
+pub mod plan;
 pub mod prune;
 pub mod prune_model;
 pub mod scheduler;

@@ -71,6 +71,10 @@ pub struct ConvertArgs {
     /// Never prune tensors whose name matches this glob; repeatable.
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// A per-layer plan from `sdsparse plan` (sets each layer's pattern and sparsity; the
+    /// sparsity / pattern flags then do not apply).
+    #[arg(long, value_name = "PLAN.json")]
+    pub plan: Option<PathBuf>,
     /// Replace the output folder if it exists.
     #[arg(long)]
     pub force: bool,
@@ -92,6 +96,23 @@ fn parse_dtype(s: &str) -> anyhow::Result<Option<DType>> {
 impl ConvertArgs {
     pub fn options(&self) -> anyhow::Result<ConvertOptions> {
         let pat = |s: &str| s.parse::<Pattern>();
+        let mixed_plan = match &self.plan {
+            Some(p) => {
+                let uniform = self.text_encoder_sparsity.is_some()
+                    || self.unet_sparsity.is_some()
+                    || self.pattern != "unstructured"
+                    || self.text_encoder_pattern.is_some()
+                    || self.unet_pattern.is_some();
+                if uniform {
+                    anyhow::bail!(
+                        "invalid argument: --plan sets every layer's pattern and sparsity; drop the \
+                         --*-sparsity / --*-pattern flags"
+                    );
+                }
+                Some(std::sync::Arc::new(sdsparse::plan::MixedPlan::load(p)?))
+            }
+            None => None,
+        };
         Ok(ConvertOptions {
             text_encoder_sparsity: self.text_encoder_sparsity,
             unet_sparsity: self.unet_sparsity,
@@ -116,6 +137,7 @@ impl ConvertArgs {
                 seed: self.seed,
                 ..CalibrationOptions::default()
             },
+            mixed_plan,
         })
     }
 }
@@ -163,7 +185,11 @@ pub fn print_report(r: &ConvertReport) {
         "component", "pattern", "prunable", "zeros", "sparsity", "before", "after", "time"
     );
     for c in &r.components {
-        let pattern = c.plan.map(|p| p.pattern.name()).unwrap_or("dense");
+        let pattern = match c.plan {
+            Some(p) => p.pattern.name(),
+            None if c.pruned > 0 => "mixed",
+            None => "dense",
+        };
         println!(
             "{:<14} {:>12} {:>14} {:>14} {:>8.2}% {:>12} {:>12} {:>7.1}s",
             c.name,

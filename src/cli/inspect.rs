@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Flags of `sdsparse inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A diffusers pipeline folder (dense or sparse) or one component folder.
+    /// A diffusers pipeline folder (dense or sparse), one component folder, or a plan file
+    /// written by `sdsparse plan`.
     pub path: PathBuf,
     /// Only the per-component totals.
     #[arg(long)]
@@ -15,6 +16,11 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    if args.path.is_file() && args.path.extension().is_some_and(|e| e == "json") {
+        let plan = sdsparse::plan::MixedPlan::load(&args.path)?;
+        super::plan::print_plan(&plan, args.summary);
+        return Ok(());
+    }
     let comps = inspect(&args.path)?;
     for c in &comps {
         let kind = match &c.header {
