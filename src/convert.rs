@@ -653,7 +653,9 @@ fn convert_component(
                     action = match lp.chosen {
                         crate::plan::Choice::Dense => Action::Dense,
                         crate::plan::Choice::Sparse24 if !cols.is_multiple_of(4) => {
-                            return Err(Error::Invalid(format!("{tname}: the plan says 2:4 but {cols} columns")))
+                            return Err(Error::Invalid(format!(
+                                "{tname}: the plan says 2:4 but {cols} columns"
+                            )))
                         }
                         crate::plan::Choice::Sparse24 => {
                             Action::Prune { pattern: Pattern::Sparse24, k: numel / 2, cut: None }

@@ -81,7 +81,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 pub fn print_plan(plan: &MixedPlan, summary: bool) {
     println!("plan for {} ({} pruning, budget {:.3e})", plan.model, plan.method, plan.budget);
     if !summary {
-        println!("{:<14} {:<64} {:>12} {:>18} {:>11} {:>8}", "component", "layer", "shape", "choice", "deviation", "cost");
+        println!(
+            "{:<14} {:<64} {:>12} {:>18} {:>11} {:>8}",
+            "component", "layer", "shape", "choice", "deviation", "cost"
+        );
         for l in &plan.layers {
             let o = l.options.iter().find(|o| o.choice == l.chosen);
             println!(
