@@ -4,7 +4,7 @@
 //!
 //! - Text encoder: the captions are encoded (padded to 77 tokens, as the pipeline does), in
 //!   batches of [`TEXT_BATCH`]; every token of every caption counts.
-//! - UNet: for caption `i`, one DDIM run of `steps` steps (default 4: timesteps 751, 501, 251
+//! - UNet: for each of the first `unet_samples` captions `i`, one DDIM run of `steps` steps (default 4: timesteps 751, 501, 251
 //!   and 1 with SD2's leading spacing) at the model's default size with classifier-free
 //!   guidance 7.5 and an empty negative prompt, from the pipeline's seeded noise with seed
 //!   `seed + i` ([`crate::pipeline::GaussianNoise`]): the UNet sees exactly the inputs of
@@ -32,8 +32,10 @@ pub const TEXT_BATCH: usize = 8;
 pub struct CalibrationOptions {
     /// A text file with one caption per line; `None`: the embedded captions.
     pub prompts: Option<PathBuf>,
-    /// How many captions (the first N of the file) are used, for both components.
+    /// How many captions (the first N of the file) the text encoder encodes.
     pub samples: usize,
+    /// How many of those (the first M) drive a UNet run each (UNet calls cost far more).
+    pub unet_samples: usize,
     /// DDIM steps of each UNet calibration run.
     pub steps: usize,
     /// Caption `i`'s initial latents come from seed `seed + i`.
@@ -44,7 +46,7 @@ pub struct CalibrationOptions {
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        CalibrationOptions { prompts: None, samples: 128, steps: 4, seed: 0, guidance: 7.5 }
+        CalibrationOptions { prompts: None, samples: 128, unet_samples: 16, steps: 4, seed: 0, guidance: 7.5 }
     }
 }
 
@@ -53,6 +55,9 @@ impl CalibrationOptions {
     pub fn captions(&self) -> Result<Vec<String>> {
         if self.samples == 0 {
             return Err(Error::Invalid("--calibration-samples must be at least 1".into()));
+        }
+        if self.unet_samples == 0 {
+            return Err(Error::Invalid("--calibration-unet-samples must be at least 1".into()));
         }
         if self.steps == 0 {
             return Err(Error::Invalid("--calibration-steps must be at least 1".into()));
@@ -178,8 +183,10 @@ pub fn unet_stats(
 pub struct Calibration {
     pub text_encoder: Option<ActivationStats>,
     pub unet: Option<ActivationStats>,
-    /// Captions used.
+    /// Captions the text encoder encoded.
     pub captions: usize,
+    /// Captions that drove UNet runs.
+    pub unet_captions: usize,
 }
 
 impl Calibration {
@@ -206,12 +213,14 @@ pub fn calibrate(
         return Err(Error::Invalid(format!("calibration guidance {} is not finite", opts.guidance)));
     }
     let mut sd = StableDiffusion::load(model, &crate::backend::Device::Cpu)?;
-    let mut out = Calibration { captions: captions.len(), ..Default::default() };
+    let unet_captions = &captions[..opts.unet_samples.min(captions.len())];
+    let mut out =
+        Calibration { captions: captions.len(), unet_captions: unet_captions.len(), ..Default::default() };
     if text_encoder {
         out.text_encoder = Some(text_encoder_stats(&mut sd, &captions, progress)?);
     }
     if unet {
-        out.unet = Some(unet_stats(&mut sd, &captions, opts, progress)?);
+        out.unet = Some(unet_stats(&mut sd, unet_captions, opts, progress)?);
     }
     Ok(out)
 }

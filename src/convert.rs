@@ -1037,6 +1037,7 @@ fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions, cal: &Cal
         serde_json::json!({
             "prompts": opts.calibration.prompts.as_ref().map(|p| p.display().to_string()),
             "captions": cal.captions,
+            "unet_captions": cal.unet_captions,
             "unet_ddim_steps": opts.calibration.steps,
             "seed": opts.calibration.seed,
             "guidance": opts.calibration.guidance,

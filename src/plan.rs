@@ -425,9 +425,35 @@ pub fn make_plan(model: &Path, opts: &PlanOptions, progress: PlanProgress<'_>) -
     })
 }
 
-/// Applies a plan's choices to a loaded pipeline in memory (to measure combinations).
-pub fn apply_in_memory(sd: &mut StableDiffusion, layers: &[(String, String, Choice)]) -> Result<()> {
-    apply_choices(sd, layers)
+/// The measured deviation of the final latents (same evaluation run as [`make_plan`])
+/// when every layer of `plan` takes its `chosen` option at once, in the dense pipeline
+/// `model`. Used to check how well the additive prediction holds for other budgets.
+pub fn measure(model: &Path, plan: &MixedPlan) -> Result<f64> {
+    let opts =
+        PlanOptions { captions: plan.captions, steps: plan.steps, seed: plan.seed, ..PlanOptions::default() };
+    let captions = crate::calibrate::CalibrationOptions {
+        samples: opts.captions,
+        ..crate::calibrate::CalibrationOptions::default()
+    }
+    .captions()?;
+    let mut sd = StableDiffusion::load(model, &crate::backend::Device::Cpu)?;
+    let reference = evaluate(&sd, &captions, &opts)?;
+    let chosen: Vec<_> =
+        plan.layers.iter().map(|l| (l.component.clone(), l.name.clone(), l.chosen)).collect();
+    apply_choices(&mut sd, &chosen)?;
+    Ok(deviation(&evaluate(&sd, &captions, &opts)?, &reference))
+}
+
+impl MixedPlan {
+    /// Re-chooses the layers for another budget from the measured sensitivities (the
+    /// `measured_deviation` field is left as it was; see [`measure`]).
+    pub fn rechoose(&mut self, budget: f64) {
+        choose(&mut self.layers, budget);
+        self.budget = budget;
+        let pick = |l: &LayerPlan| l.option(l.chosen).copied();
+        self.cost = self.layers.iter().filter_map(pick).map(|o| o.cost).sum();
+        self.predicted_deviation = self.layers.iter().filter_map(pick).map(|o| o.deviation).sum();
+    }
 }
 
 #[cfg(test)]

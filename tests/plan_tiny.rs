@@ -6,7 +6,7 @@ mod reference_util;
 
 use reference_util::fixture;
 use sdsparse::convert::{convert, ConvertOptions};
-use sdsparse::plan::{make_plan, Choice, MixedPlan, PlanOptions};
+use sdsparse::plan::{make_plan, measure, Choice, MixedPlan, PlanOptions};
 use std::sync::Arc;
 
 #[test]
@@ -69,4 +69,24 @@ fn plan_keeps_its_budget_and_convert_applies_it() {
     let bad = ConvertOptions { scope: sdsparse::prune::Scope::Global, ..copts };
     let err = convert(&model, &tmp.path().join("x"), &bad, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("--plan"), "{err}");
+}
+
+/// How well additivity holds over a range of budgets, both components (about 3 minutes on
+/// two loaded cores: `cargo test --test plan_tiny -- --ignored --nocapture`). Figures in
+/// docs/PRUNING.md.
+#[test]
+#[ignore]
+fn additivity_across_budgets() {
+    let model = fixture("tiny-sd2-eps");
+    let mut plan = make_plan(&model, &PlanOptions::default(), &mut |_, _| {}).unwrap();
+    for budget in [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] {
+        plan.rechoose(budget);
+        let measured = measure(&model, &plan).unwrap();
+        eprintln!(
+            "budget {budget:.0e}: cost {:.3} of dense, predicted {:.3e}, measured {measured:.3e} (ratio {:.2})",
+            plan.cost / plan.dense_cost,
+            plan.predicted_deviation,
+            measured / plan.predicted_deviation
+        );
+    }
 }

@@ -68,6 +68,7 @@ fn calibrated() -> &'static Calibrated {
         let r = reference();
         let opts = CalibrationOptions {
             samples: r.meta["captions"].as_u64().unwrap() as usize,
+            unet_samples: r.meta["captions"].as_u64().unwrap() as usize,
             steps: r.meta["unet_steps"].as_u64().unwrap() as usize,
             seed: r.meta["seed"].as_u64().unwrap(),
             guidance: r.meta["guidance"].as_f64().unwrap() as f32,

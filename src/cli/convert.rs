@@ -47,9 +47,12 @@ pub struct ConvertArgs {
     /// Wanda / OWL: calibration captions, one per line (default: 128 built-in captions).
     #[arg(long, value_name = "FILE")]
     pub calibration_prompts: Option<PathBuf>,
-    /// Wanda / OWL: how many captions calibrate (the first N).
+    /// Wanda / OWL: how many captions calibrate the text encoder (the first N).
     #[arg(long, default_value_t = 128)]
     pub calibration_samples: usize,
+    /// Wanda / OWL: how many of those drive a UNet calibration run (the first M).
+    #[arg(long, default_value_t = 16)]
+    pub calibration_unet_samples: usize,
     /// Wanda / OWL: DDIM steps of each caption's UNet calibration run.
     #[arg(long, default_value_t = 4)]
     pub calibration_steps: usize,
@@ -133,6 +136,7 @@ impl ConvertArgs {
             calibration: CalibrationOptions {
                 prompts: self.calibration_prompts.clone(),
                 samples: self.calibration_samples,
+                unet_samples: self.calibration_unet_samples,
                 steps: self.calibration_steps,
                 seed: self.seed,
                 ..CalibrationOptions::default()
