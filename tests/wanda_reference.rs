@@ -55,11 +55,14 @@ fn reference() -> &'static Reference {
     })
 }
 
+/// (name, rows, cols, values) of one dense Linear weight.
+type DenseLayer = (String, usize, usize, Vec<f32>);
+
 /// The tiny pipeline, calibrated as the reference was; the weights of both components.
 struct Calibrated {
     stats: HashMap<&'static str, ActivationStats>,
     /// component -> [(name, rows, cols, values)] in the model's layer order
-    weights: HashMap<&'static str, Vec<(String, usize, usize, Vec<f32>)>>,
+    weights: HashMap<&'static str, Vec<DenseLayer>>,
 }
 
 fn calibrated() -> &'static Calibrated {

@@ -268,8 +268,7 @@ pub fn decide(
             count[group_of[i]] += layers[i].numel();
         }
         let mut above = vec![0usize; n];
-        for i in 0..layers.len() {
-            let g = group_of[i];
+        for (i, &g) in group_of.iter().enumerate() {
             let threshold = sum[g] / count[g].max(1) as f64 * spec.owl.m;
             above[g] += keys_of(i)?.into_iter().filter(|&k| f32::from_bits(k) as f64 > threshold).count();
         }
