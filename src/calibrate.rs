@@ -63,7 +63,11 @@ impl CalibrationOptions {
             return Err(Error::Invalid("--calibration-steps must be at least 1".into()));
         }
         let (text, source) = match &self.prompts {
-            Some(p) => (std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?, p.display().to_string()),
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .map_err(|e| Error::Invalid(format!("--calibration-prompts {}: {e}", p.display())))?,
+                p.display().to_string(),
+            ),
             None => (DEFAULT_PROMPTS.to_string(), "the default captions".to_string()),
         };
         let lines: Vec<String> =
@@ -223,4 +227,39 @@ pub fn calibrate(
         out.unet = Some(unet_stats(&mut sd, unet_captions, opts, progress)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_captions_are_128_distinct_lines() {
+        let c = CalibrationOptions::default().captions().unwrap();
+        assert_eq!(c.len(), 128);
+        let mut d = c.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), 128);
+    }
+
+    #[test]
+    fn caption_files_are_checked() {
+        let dir = std::env::temp_dir().join(format!("sdsparse-captions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.txt");
+        std::fs::write(&f, "a cat\n\n  a dog  \n").unwrap();
+        let opts = |samples| CalibrationOptions {
+            prompts: Some(f.clone()),
+            samples,
+            ..CalibrationOptions::default()
+        };
+        assert_eq!(opts(2).captions().unwrap(), vec!["a cat", "a dog"]);
+        assert!(opts(3).captions().unwrap_err().to_string().contains("more captions than"));
+        assert!(opts(0).captions().is_err());
+        let missing =
+            CalibrationOptions { prompts: Some(dir.join("none.txt")), ..CalibrationOptions::default() };
+        assert!(missing.captions().unwrap_err().to_string().contains("--calibration-prompts"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -81,7 +81,10 @@ pub fn layer_keys(
 /// Prunes every dense layer of `linears` in place (one component: global scope and OWL work
 /// across all of them). Wanda and OWL need `stats` with every layer's inputs. Layers that
 /// are already compressed, or cannot take 2:4 (`in_features % 4 != 0`), stay as they are
-/// and are listed in `kept_dense`.
+/// and are listed in `kept_dense`. Pass the layers `convert` would prune: a text encoder's
+/// and a UNet's `linears_mut()` match its defaults, except that a UNet stored with
+/// `use_linear_projection: false` also lists its 1x1-convolution `proj_in` / `proj_out`,
+/// which `convert` treats as convolutions (filter them out by name to match).
 pub fn prune_linears(
     mut linears: Vec<&mut Linear>,
     opts: &PruneOptions,
