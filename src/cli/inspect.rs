@@ -22,6 +22,29 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let comps = inspect(&args.path)?;
+    // How the folder was made, when `convert` wrote a summary (mixed plan, calibration).
+    let summary: Option<serde_json::Value> =
+        std::fs::read_to_string(args.path.join(sdsparse::convert::SUMMARY_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(v) = &summary {
+        if let Some(p) = v.get("mixed_plan").filter(|p| !p.is_null()) {
+            let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "mixed plan: budget {:.3e}, predicted deviation {:.3e}, measured {:.3e}, cost {:.3} of dense",
+                f("budget"),
+                f("predicted_deviation"),
+                f("measured_deviation"),
+                f("cost_vs_dense")
+            );
+        }
+        if let Some(c) = v.get("calibration").filter(|c| !c.is_null()) {
+            println!(
+                "calibration: {} captions (UNet {}), {} DDIM steps, seed {}",
+                c["captions"], c["unet_captions"], c["unet_ddim_steps"], c["seed"]
+            );
+        }
+    }
     for c in &comps {
         let kind = match &c.header {
             Some(h) => {
