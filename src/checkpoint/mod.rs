@@ -1,5 +1,7 @@
 //! Reading checkpoints: diffusers folders, safetensors by memory map, and tensor-name
-//! normalisation so that the names users' (older) checkpoints use are accepted.
+//! normalisation so that the names users' (older) checkpoints use are accepted; single-file
+//! checkpoints (original layout, `.safetensors` or PyTorch `.ckpt`) mapped to diffusers
+//! components ([`single_file`], [`pickle`]); [`ModelSource`] hides which of the two a path is.
 //!
 //! [`VarBuilder`] is how models get their weights, candle-style: `vb.pp("down_blocks.0")`
 //! narrows the name prefix, `vb.get("weight", &[..])` returns an f32 [`Tensor`] checked
@@ -7,9 +9,15 @@
 //! compressed, as stored).
 
 pub mod expected;
+mod ldm_yaml;
+pub mod pickle;
+pub mod single_file;
+pub mod source;
 mod store;
 
-pub use store::{aliases, find_weight_files, ComponentStore, RawTensor, SafetensorsFile};
+pub use single_file::{SingleFileModel, SingleFileOptions};
+pub use source::ModelSource;
+pub use store::{aliases, find_weight_files, Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile};
 
 use crate::backend::Tensor;
 use crate::error::{Error, Result};

@@ -10,9 +10,12 @@ use std::path::PathBuf;
 /// Flags of `sdsparse convert`.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// Dense diffusers folder (model_index.json, text_encoder/, unet/, vae/, ...).
+    /// Dense diffusers folder (model_index.json, text_encoder/, unet/, vae/, ...) or
+    /// single-file checkpoint (.safetensors / .ckpt in the original SD2 layout).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// Output folder (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
@@ -89,6 +92,7 @@ impl ConvertArgs {
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
             },
             force: self.force,
+            single_file: self.single_file.options(),
         })
     }
 }

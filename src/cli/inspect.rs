@@ -1,21 +1,39 @@
 //! `sdsparse inspect` (per-layer format, shape, sparsity and bytes of a dense or sparse
 //! folder) and `sdsparse export` (sparse folder → dense diffusers folder).
 
-use sdsparse::convert::{export, inspect};
+use sdsparse::checkpoint::{ModelSource, SingleFileOptions};
+use sdsparse::convert::{export_single_file, export_with, inspect_with};
 use std::path::PathBuf;
 
 /// Flags of `sdsparse inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A diffusers pipeline folder (dense or sparse) or one component folder.
+    /// A diffusers pipeline folder (dense or sparse), one component folder, or a single-file
+    /// checkpoint (.safetensors / .ckpt in the original SD2 layout).
     pub path: PathBuf,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// Only the per-component totals.
     #[arg(long)]
     pub summary: bool,
 }
 
+/// What was inferred about a single file, one line each.
+fn print_single_file_notes(path: &std::path::Path, opts: &SingleFileOptions) -> anyhow::Result<()> {
+    if let ModelSource::SingleFile(s) = ModelSource::open(path, opts)? {
+        for n in &s.notes {
+            println!("note: {n}");
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let comps = inspect(&args.path)?;
+    let opts = args.single_file.options();
+    if args.path.is_file() {
+        print_single_file_notes(&args.path, &opts)?;
+    }
+    let comps = inspect_with(&args.path, &opts)?;
     for c in &comps {
         let kind = match &c.header {
             Some(h) => {
@@ -60,12 +78,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
 /// Flags of `sdsparse export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// A sparse folder written by `sdsparse convert`.
+    /// A sparse folder written by `sdsparse convert` (or any dense folder or single file).
     #[arg(long)]
     pub model: PathBuf,
-    /// Output dense diffusers folder (must not exist unless --force).
+    /// Output: a dense diffusers folder, or with --format single-file one .safetensors file
+    /// (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// diffusers (a folder) or single-file (one .safetensors in the original SD2 layout, for
+    /// A1111 / ComfyUI / stable-diffusion.cpp).
+    #[arg(long, default_value = "diffusers", value_name = "FORMAT")]
+    pub format: String,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// Replace the output folder if it exists.
     #[arg(long)]
     pub force: bool,
@@ -76,10 +101,24 @@ pub struct ExportArgs {
 
 pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let (_bar, mut progress) = super::convert::progress_bar(args.quiet);
-    let r = export(&args.model, &args.out, args.force, &mut progress)?;
+    let opts = args.single_file.options();
+    let single = match args.format.as_str() {
+        "diffusers" => false,
+        "single-file" | "single_file" | "safetensors" => true,
+        other => anyhow::bail!("invalid argument: --format must be diffusers or single-file, got {other:?}"),
+    };
+    let r = if single {
+        export_single_file(&args.model, &args.out, args.force, &opts, &mut progress)?
+    } else {
+        export_with(&args.model, &args.out, args.force, &opts, &mut progress)?
+    };
     for (c, bytes) in &r.components {
         println!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
     }
-    println!("wrote dense diffusers folder {}", r.out.display());
+    if single {
+        println!("wrote single-file checkpoint {}", r.out.display());
+    } else {
+        println!("wrote dense diffusers folder {}", r.out.display());
+    }
     Ok(())
 }
