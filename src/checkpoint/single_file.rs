@@ -557,10 +557,19 @@ fn read_file_tensors(path: &Path) -> Result<FileTensors> {
         return read_torch_zip(path, backing);
     }
     if head.first() == Some(&0x80) {
-        return Err(Error::Checkpoint(format!(
-            "{}: a legacy (pre-zip, torch < 1.6) PyTorch file; re-save it with a current torch.save or as .safetensors",
-            path.display()
-        )));
+        // torch < 1.6 wrote a pickled magic number first; anything else is a bare pickle,
+        // which is run through the restricted reader only to say what it would do.
+        const LEGACY_MAGIC: [u8; 12] = [0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+        let what = if head.get(2..14) == Some(&LEGACY_MAGIC[..]) {
+            "a legacy (torch < 1.6, not zip) PyTorch file; re-save it with a current torch.save or as .safetensors"
+                .to_string()
+        } else {
+            match pickle::load(backing.bytes()) {
+                Err(e) => e.to_string(),
+                Ok(_) => "a bare pickle, not a PyTorch zip checkpoint (no tensor storages)".to_string(),
+            }
+        };
+        return Err(Error::Checkpoint(format!("{}: {what}", path.display())));
     }
     read_safetensors(path, backing)
 }
@@ -716,21 +725,22 @@ impl SingleFileModel {
 
         // The variant: the flag, else diffusers' rule.
         let prediction = opts.prediction_type.as_deref().map(normalize_prediction).transpose()?;
+        let mut variant_notes = Vec::new();
         let variant = match (prediction, file.global_step) {
             (Some("epsilon"), _) => {
-                notes.push("512-base (epsilon) configs: --prediction-type epsilon".into());
+                variant_notes.push("512-base (epsilon) configs: --prediction-type epsilon".into());
                 Sd2Variant::Base512
             }
             (Some(_), _) => {
-                notes.push("768-v configs: --prediction-type v_prediction".into());
+                variant_notes.push("768-v configs: --prediction-type v_prediction".into());
                 Sd2Variant::V768
             }
             (None, Some(875000)) => {
-                notes.push("512-base (epsilon) configs: global_step 875000 is SD2-base's (diffusers' rule)".into());
+                variant_notes.push("512-base (epsilon) configs: global_step 875000 is SD2-base's (diffusers' rule)".into());
                 Sd2Variant::Base512
             }
             (None, _) => {
-                notes.push(
+                variant_notes.push(
                     "768-v (v_prediction) configs assumed, as diffusers does for every SD2 file; a 512-base model \
                      needs --prediction-type epsilon"
                         .into(),
@@ -739,14 +749,20 @@ impl SingleFileModel {
             }
         };
         let (mut configs, tokenizer_dir, standard) = match &opts.config {
-            None => (
-                variant.configs().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-                None,
-                true,
-            ),
+            None => {
+                notes.append(&mut variant_notes);
+                (
+                    variant.configs().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                    None,
+                    true,
+                )
+            }
             Some(c) if c.is_dir() => {
                 let tok = c.join("tokenizer");
                 notes.push(format!("configs from --config {}", c.display()));
+                if !c.join("scheduler/scheduler_config.json").is_file() {
+                    notes.push(format!("no scheduler/ in --config: the SD2.1 {} scheduler", variant.name()));
+                }
                 (configs_from_folder(c, variant)?, tok.is_dir().then_some(tok), false)
             }
             Some(c) if c.extension().is_some_and(|e| e == "yaml" || e == "yml") => {
