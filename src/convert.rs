@@ -1084,10 +1084,7 @@ pub fn inspect_with(path: &Path, single_file: &SingleFileOptions) -> Result<Vec<
         let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         vec![(name, ComponentStore::open(path)?)]
     } else {
-        return Err(Error::Checkpoint(format!(
-            "{}: not a diffusers folder, component folder or single-file checkpoint",
-            path.display()
-        )));
+        return Err(Error::Checkpoint(format!("{}: not found", path.display())));
     };
     let mut out = Vec::new();
     for (name, store) in stores {
