@@ -971,7 +971,10 @@ pub fn export_single_file(
         return Err(Error::Invalid(format!("{} already exists (use --force to replace it)", out.display())));
     }
     if out.is_dir() {
-        return Err(Error::Invalid(format!("{}: a folder; --format single-file writes one file", out.display())));
+        return Err(Error::Invalid(format!(
+            "{}: a folder; --format single-file writes one file",
+            out.display()
+        )));
     }
     let src = ModelSource::open(model, single_file)?;
     let cfg = |rel: &str| -> Result<serde_json::Value> {
@@ -1002,7 +1005,8 @@ pub fn export_single_file(
                 None => {
                     // VAE attention Linear weights are 1x1 convolutions in the original.
                     let mut shape = shape;
-                    if *c == "vae" && n.contains(".attentions.") && n.ends_with(".weight") && shape.len() == 2 {
+                    if *c == "vae" && n.contains(".attentions.") && n.ends_with(".weight") && shape.len() == 2
+                    {
                         shape.extend([1, 1]);
                     }
                     plan.push(Planned { entry: Entry { name: oname, dtype, shape }, parts: (ci, vec![n]) });
@@ -1023,7 +1027,11 @@ pub fn export_single_file(
         }
     }
     if let Some(p) = plan.iter().find(|p| p.parts.1.iter().any(String::is_empty)) {
-        return Err(Error::Checkpoint(format!("{}: q, k or v of {} is missing", model.display(), p.entry.name)));
+        return Err(Error::Checkpoint(format!(
+            "{}: q, k or v of {} is missing",
+            model.display(),
+            p.entry.name
+        )));
     }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let base = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
@@ -1079,7 +1087,10 @@ pub fn inspect(path: &Path) -> Result<Vec<InspectComponent>> {
 pub fn inspect_with(path: &Path, single_file: &SingleFileOptions) -> Result<Vec<InspectComponent>> {
     let stores: Vec<(String, ComponentStore)> = if path.is_file() || path.join("model_index.json").is_file() {
         let src = ModelSource::open(path, single_file)?;
-        src.weight_components()?.into_iter().map(|c| Ok((c.clone(), src.store(&c)?))).collect::<Result<_>>()?
+        src.weight_components()?
+            .into_iter()
+            .map(|c| Ok((c.clone(), src.store(&c)?)))
+            .collect::<Result<_>>()?
     } else if path.is_dir() {
         let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         vec![(name, ComponentStore::open(path)?)]

@@ -14,18 +14,18 @@
 
 use crate::backend::{ops, Device, Tensor};
 use crate::checkpoint::{ComponentStore, ModelSource, SingleFileOptions, VarBuilder};
-use crate::model::clip_text::ClipTextConfig;
-use crate::model::config::UNetConfig;
-use crate::model::vae::VaeConfig;
-use std::sync::Arc;
 use crate::error::{Error, Result};
+use crate::model::clip_text::ClipTextConfig;
 use crate::model::clip_text::ClipTextModel;
+use crate::model::config::UNetConfig;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::VaeConfig;
 use crate::model::vae::VaeDecoder;
 use crate::scheduler::{self, SchedulerConfig, SchedulerKind};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -206,7 +206,8 @@ impl StableDiffusion {
             ),
             ModelSource::SingleFile(s) => {
                 let vb = |c: &str| -> Result<VarBuilder> { Ok(VarBuilder::new(Arc::new(s.store(c)?))) };
-                let label = |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
+                let label =
+                    |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
                 let cfg = |rel: &str| s.config_text(rel);
                 (
                     src.tokenizer()?,
@@ -222,7 +223,8 @@ impl StableDiffusion {
                     )?,
                     VaeDecoder::new(
                         &vb("vae")?,
-                        &VaeConfig::from_json(cfg("vae/config.json")?).map_err(|e| label(e, "vae/config.json"))?,
+                        &VaeConfig::from_json(cfg("vae/config.json")?)
+                            .map_err(|e| label(e, "vae/config.json"))?,
                     )?,
                     SchedulerConfig::from_json(cfg("scheduler/scheduler_config.json")?)
                         .map_err(|e| label(e, "scheduler/scheduler_config.json"))?,

@@ -110,7 +110,10 @@ fn converted_single_file_generates_exactly_like_the_converted_folder() {
         let opts = ConvertOptions { single_file: tiny_opts(), ..Default::default() };
         let r = convert(&path, &out, &opts, &mut |_| {}).unwrap();
         assert!(r.components.iter().any(|c| c.name == "unet" && c.pruned > 0));
-        assert!(out.join("tokenizer/vocab.json").is_file() && out.join("scheduler/scheduler_config.json").is_file());
+        assert!(
+            out.join("tokenizer/vocab.json").is_file()
+                && out.join("scheduler/scheduler_config.json").is_file()
+        );
         let got = generate(&out);
         assert!(got == reference, "{name}: generation differs from the folder's");
     }
@@ -142,10 +145,17 @@ fn export_single_file_round_trips() {
     for c in ["text_encoder", "unet"] {
         let (a, b) = (src.store(c).unwrap(), back.store(c).unwrap());
         for n in b.names() {
-            assert_eq!(a.tensor_f32(&n).unwrap().to_vec().unwrap(), b.tensor_f32(&n).unwrap().to_vec().unwrap(), "{c} {n}");
+            assert_eq!(
+                a.tensor_f32(&n).unwrap().to_vec().unwrap(),
+                b.tensor_f32(&n).unwrap().to_vec().unwrap(),
+                "{c} {n}"
+            );
         }
     }
-    let names: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert!(names.iter().all(|n| !n.contains("sdsparse-tmp")), "{names:?}");
 }
 
@@ -164,7 +174,11 @@ fn rewrite(path: &Path, f: impl Fn(&str, &Raw) -> Vec<(String, Raw)>) {
 fn same_tensors(a: &SingleFileModel, b: &SingleFileModel, c: &str) {
     let (sa, sb) = (a.store(c).unwrap(), b.store(c).unwrap());
     for n in sa.names() {
-        assert_eq!(sa.tensor_f32(&n).unwrap().to_vec().unwrap(), sb.tensor_f32(&n).unwrap().to_vec().unwrap(), "{c} {n}");
+        assert_eq!(
+            sa.tensor_f32(&n).unwrap().to_vec().unwrap(),
+            sb.tensor_f32(&n).unwrap().to_vec().unwrap(),
+            "{c} {n}"
+        );
     }
 }
 
@@ -234,7 +248,11 @@ fn hf_clip_text_layout_loads() {
     let folder = sdsparse::checkpoint::ComponentStore::open(&fixture().join("text_encoder")).unwrap();
     let s = m.store("text_encoder").unwrap();
     for n in folder.names() {
-        assert_eq!(s.tensor_f32(&n).unwrap().to_vec().unwrap(), folder.tensor_f32(&n).unwrap().to_vec().unwrap(), "{n}");
+        assert_eq!(
+            s.tensor_f32(&n).unwrap().to_vec().unwrap(),
+            folder.tensor_f32(&n).unwrap().to_vec().unwrap(),
+            "{n}"
+        );
     }
 }
 
@@ -243,14 +261,22 @@ fn hf_clip_text_layout_loads() {
 fn prediction_type_and_upcast_overrides() {
     let m = open(
         &st_fixture(),
-        &SingleFileOptions { prediction_type: Some("v_prediction".into()), upcast_attention: Some(true), ..tiny_opts() },
+        &SingleFileOptions {
+            prediction_type: Some("v_prediction".into()),
+            upcast_attention: Some(true),
+            ..tiny_opts()
+        },
     );
-    let s: serde_json::Value = serde_json::from_str(m.config_text("scheduler/scheduler_config.json").unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(m.config_text("scheduler/scheduler_config.json").unwrap()).unwrap();
     assert_eq!(s["prediction_type"], "v_prediction");
     let u: serde_json::Value = serde_json::from_str(m.config_text("unet/config.json").unwrap()).unwrap();
     assert_eq!(u["upcast_attention"], true);
-    assert!(SingleFileModel::open(&st_fixture(), &SingleFileOptions { prediction_type: Some("x".into()), ..tiny_opts() })
-        .is_err());
+    assert!(SingleFileModel::open(
+        &st_fixture(),
+        &SingleFileOptions { prediction_type: Some("x".into()), ..tiny_opts() }
+    )
+    .is_err());
 }
 
 /// Runs the binary expecting one `error:` line containing `needle` and no output.
@@ -313,7 +339,13 @@ fn wrong_shapes_and_missing_tensors_are_refused() {
     });
     inspect_refuses(&p, "time_embed.0.weight has shape");
     let p = tmp.path().join("missing.safetensors");
-    rewrite(&p, |k, v| if k.contains("resblocks.3.attn.in_proj_weight") { vec![] } else { vec![(k.to_string(), v.clone())] });
+    rewrite(&p, |k, v| {
+        if k.contains("resblocks.3.attn.in_proj_weight") {
+            vec![]
+        } else {
+            vec![(k.to_string(), v.clone())]
+        }
+    });
     inspect_refuses(&p, "resblocks.3.attn.in_proj_weight");
     let p = tmp.path().join("qkv.safetensors");
     rewrite(&p, |k, v| {
@@ -331,7 +363,11 @@ fn wrong_shapes_and_missing_tensors_are_refused() {
 #[test]
 fn other_families_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = |shape: Vec<usize>| Raw { dtype: safetensors::Dtype::F16, bytes: vec![0; 2 * shape.iter().product::<usize>()], shape };
+    let t = |shape: Vec<usize>| Raw {
+        dtype: safetensors::Dtype::F16,
+        bytes: vec![0; 2 * shape.iter().product::<usize>()],
+        shape,
+    };
     let write = |name: &str, tensors: Vec<(&str, Vec<usize>)>| {
         let p = tmp.path().join(name);
         write_file(&p, &tensors.into_iter().map(|(k, s)| (k.to_string(), t(s))).collect(), None);
@@ -348,14 +384,20 @@ fn other_families_are_refused_by_name() {
     refuses(&["inspect", &p], "SD1.x checkpoint");
     let sdxl = write(
         "sdxl.safetensors",
-        vec![("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", vec![8]), ("model.diffusion_model.out.2.bias", vec![4])],
+        vec![
+            ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", vec![8]),
+            ("model.diffusion_model.out.2.bias", vec![4]),
+        ],
     );
     refuses(&["inspect", &sdxl.display().to_string()], "SDXL");
     let other = write("other.safetensors", vec![("conv_in.weight", vec![4, 4, 3, 3])]);
     refuses(&["inspect", &other.display().to_string()], "diffusers component");
     let inpaint = write(
         "inpaint.safetensors",
-        vec![("model.diffusion_model.input_blocks.0.0.weight", vec![320, 9, 3, 3]), ("cond_stage_model.model.token_embedding.weight", vec![8, 8])],
+        vec![
+            ("model.diffusion_model.input_blocks.0.0.weight", vec![320, 9, 3, 3]),
+            ("cond_stage_model.model.token_embedding.weight", vec![8, 8]),
+        ],
     );
     refuses(&["inspect", &inpaint.display().to_string()], "inpainting");
 }
@@ -366,7 +408,10 @@ fn other_families_are_refused_by_name() {
 fn non_standard_file_without_config_names_the_flag() {
     let st = st_fixture().display().to_string();
     refuses(&["inspect", &st], "--config PATH");
-    refuses(&["generate", "--model", &st, "--prompt", "x", "--steps", "1", "--out", "/tmp/sdsparse-never.png"], "--config PATH");
+    refuses(
+        &["generate", "--model", &st, "--prompt", "x", "--steps", "1", "--out", "/tmp/sdsparse-never.png"],
+        "--config PATH",
+    );
     let dir = fixture().display().to_string();
     refuses(&["inspect", &dir, "--config", &dir], "apply to single-file checkpoints");
     refuses(&["inspect", &st, "--config", "/nonexistent/x"], "--config /nonexistent/x");
@@ -383,14 +428,18 @@ fn cli_accepts_single_files() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("note: single-file checkpoint (safetensors)") && out.contains("== unet"), "{out}");
     let png = tmp.path().join("a.png").display().to_string();
-    let (code, _, err) = run_bin(&["generate", "--model", &st, "--config", &cfg, "--prompt", "a cat", "--steps", "1", "--out", &png, "--device", "cpu"]);
+    let (code, _, err) = run_bin(&[
+        "generate", "--model", &st, "--config", &cfg, "--prompt", "a cat", "--steps", "1", "--out", &png,
+        "--device", "cpu",
+    ]);
     assert_eq!(code, 0, "{err}");
     let sparse = tmp.path().join("s").display().to_string();
     let ck = ckpt_fixture().display().to_string();
     let (code, _, err) = run_bin(&["convert", "--model", &ck, "--config", &cfg, "--out", &sparse, "-q"]);
     assert_eq!(code, 0, "{err}");
     let single = tmp.path().join("s.safetensors").display().to_string();
-    let (code, out, err) = run_bin(&["export", "--model", &sparse, "--out", &single, "--format", "single-file", "-q"]);
+    let (code, out, err) =
+        run_bin(&["export", "--model", &sparse, "--out", &single, "--format", "single-file", "-q"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("wrote single-file checkpoint"), "{out}");
 }

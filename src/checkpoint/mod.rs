@@ -17,7 +17,9 @@ mod store;
 
 pub use single_file::{SingleFileModel, SingleFileOptions};
 pub use source::ModelSource;
-pub use store::{aliases, find_weight_files, Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile};
+pub use store::{
+    aliases, find_weight_files, Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile,
+};
 
 use crate::backend::Tensor;
 use crate::error::{Error, Result};

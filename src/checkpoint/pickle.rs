@@ -183,7 +183,7 @@ pub fn load(data: &[u8]) -> Result<Value> {
     }
     fn set_items(target: &mut Value, items: Vec<Value>) -> Result<()> {
         let Value::Dict(d) = target else { return Err(bad("SETITEM(S) on a non-dict")) };
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(bad("odd number of dict items"));
         }
         let mut it = items.into_iter();
@@ -492,7 +492,9 @@ fn call(callable: Value, args: Value) -> Result<Value> {
     if !allowed_call(module, name) {
         return Err(refuse(format!("it calls {module}.{name}, which is not a tensor-rebuild call")));
     }
-    let Value::Tuple(args) = args else { return Err(bad(format!("{module}.{name}: arguments are not a tuple"))) };
+    let Value::Tuple(args) = args else {
+        return Err(bad(format!("{module}.{name}: arguments are not a tuple")));
+    };
     match name {
         "OrderedDict" => match args.as_slice() {
             [] => Ok(Value::Dict(Vec::new())),
@@ -500,7 +502,9 @@ fn call(callable: Value, args: Value) -> Result<Value> {
                 let mut d = Vec::new();
                 for p in pairs {
                     match p {
-                        Value::Tuple(kv) | Value::List(kv) if kv.len() == 2 => d.push((kv[0].clone(), kv[1].clone())),
+                        Value::Tuple(kv) | Value::List(kv) if kv.len() == 2 => {
+                            d.push((kv[0].clone(), kv[1].clone()))
+                        }
                         _ => return Err(bad("OrderedDict item is not a pair")),
                     }
                 }
@@ -551,7 +555,9 @@ mod tests {
     fn reads_a_dict_of_tensors() {
         // {'w': _rebuild_tensor_v2(storage('0', FloatStorage, 6), 0, (2, 3), (3, 1), False, OrderedDict())}
         let mut p = Vec::new();
-        p.extend_from_slice(b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02(");
+        p.extend_from_slice(
+            b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02(",
+        );
         p.extend_from_slice(b"(X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000q\x05X\x03\x00\x00\x00cpuq\x06K\x06tq\x07Q");
         p.extend_from_slice(b"K\x00K\x02K\x03\x86q\x08K\x03K\x01\x86q\x09\x89ccollections\nOrderedDict\nq\x0a)Rq\x0btq\x0cRq\x0ds.");
         let v = load(&p).unwrap();

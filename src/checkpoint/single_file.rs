@@ -73,7 +73,8 @@ impl Sd2Variant {
             Sd2Variant::V768 => "768-v (v_prediction, upcast attention)",
         }
     }
-    fn configs(self) -> &'static [(&'static str, &'static str); 5] {
+    /// The bundled SD2.1 config files of this variant (relative path, text).
+    pub fn configs(self) -> &'static [(&'static str, &'static str); 5] {
         match self {
             Sd2Variant::Base512 => &crate::synth::embedded::SD21_BASE_CONFIGS,
             Sd2Variant::V768 => &crate::synth::embedded::SD21_CONFIGS,
@@ -242,7 +243,8 @@ impl NameMap {
             let x = rest.strip_prefix("upsamplers.0.conv.")?;
             let b = i * l + self.unet_layers_per_block;
             // After the resnet (.0) and, in an attention block, the attention (.1).
-            let (first, second) = if self.unet_up_attention.get(i).copied().unwrap_or(true) { (2, 1) } else { (1, 2) };
+            let (first, second) =
+                if self.unet_up_attention.get(i).copied().unwrap_or(true) { (2, 1) } else { (1, 2) };
             return Some(vec![
                 format!("{p}output_blocks.{b}.{first}.conv.{x}"),
                 format!("{p}output_blocks.{b}.{second}.conv.{x}"),
@@ -317,7 +319,12 @@ impl NameMap {
             let x = s.strip_prefix("out_proj.")?;
             return one(format!("{b}.attn.out_proj.{x}"));
         }
-        for (d, o) in [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")] {
+        for (d, o) in [
+            ("layer_norm1.", "ln_1."),
+            ("layer_norm2.", "ln_2."),
+            ("mlp.fc1.", "mlp.c_fc."),
+            ("mlp.fc2.", "mlp.c_proj."),
+        ] {
             if let Some(x) = rest.strip_prefix(d) {
                 return one(format!("{b}.{o}{x}"));
             }
@@ -350,9 +357,8 @@ fn map_file(path: &Path) -> Result<Arc<Backing>> {
 
 fn read_safetensors(path: &Path, backing: Arc<Backing>) -> Result<FileTensors> {
     let bytes = backing.bytes();
-    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
-        Error::Checkpoint(format!("{}: not a valid safetensors file ({e})", path.display()))
-    })?;
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::Checkpoint(format!("{}: not a valid safetensors file ({e})", path.display())))?;
     let start = 8 + n;
     let mut tensors = HashMap::new();
     for (name, info) in meta.tensors() {
@@ -433,7 +439,8 @@ fn read_torch_zip(path: &Path, backing: Arc<Backing>) -> Result<FileTensors> {
             let need = (t.storage.numel as usize)
                 .checked_mul(es)
                 .ok_or_else(|| ctx(format!("tensor {name}: storage size overflows")))?;
-            let s = storage_bytes(&mut zip, &backing, &entry, need).map_err(|e| ctx(format!("tensor {name}: {e}")))?;
+            let s = storage_bytes(&mut zip, &backing, &entry, need)
+                .map_err(|e| ctx(format!("tensor {name}: {e}")))?;
             storages.insert(t.storage.key.clone(), s);
         }
         let (sb, srange) = &storages[&t.storage.key];
@@ -559,7 +566,8 @@ fn read_file_tensors(path: &Path) -> Result<FileTensors> {
     if head.first() == Some(&0x80) {
         // torch < 1.6 wrote a pickled magic number first; anything else is a bare pickle,
         // which is run through the restricted reader only to say what it would do.
-        const LEGACY_MAGIC: [u8; 12] = [0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+        const LEGACY_MAGIC: [u8; 12] =
+            [0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
         let what = if head.get(2..14) == Some(&LEGACY_MAGIC[..]) {
             "a legacy (torch < 1.6, not zip) PyTorch file; re-save it with a current torch.save or as .safetensors"
                 .to_string()
@@ -627,7 +635,8 @@ fn check_family(path: &Path, t: &HashMap<String, MappedTensor>, text: Option<Tex
         )));
     }
     if !t.keys().any(|k| k.starts_with(UNET_PREFIX)) {
-        let hint = if t.contains_key("conv_in.weight") || t.contains_key("text_model.embeddings.token_embedding.weight")
+        let hint = if t.contains_key("conv_in.weight")
+            || t.contains_key("text_model.embeddings.token_embedding.weight")
         {
             " (it looks like one diffusers component; pass the whole diffusers folder instead)"
         } else {
@@ -686,8 +695,13 @@ fn normalize_prediction(p: &str) -> Result<&'static str> {
 fn configs_from_folder(dir: &Path, variant_fallback: Sd2Variant) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let bundled: BTreeMap<&str, &str> = variant_fallback.configs().iter().copied().collect();
-    for rel in ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"]
-    {
+    for rel in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+    ] {
         let p = dir.join(rel);
         if p.is_file() {
             out.insert(rel.to_string(), std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?);
@@ -718,10 +732,14 @@ impl SingleFileModel {
         };
         check_family(path, t, text)?;
         let text = text.unwrap_or(TextLayout::OpenClip);
-        let mut notes = vec![format!("single-file checkpoint ({}), text encoder in {} layout", file.format, match text {
-            TextLayout::OpenClip => "OpenCLIP (cond_stage_model.model.*)",
-            TextLayout::HfClip => "transformers CLIP (cond_stage_model.transformer.*)",
-        })];
+        let mut notes = vec![format!(
+            "single-file checkpoint ({}), text encoder in {} layout",
+            file.format,
+            match text {
+                TextLayout::OpenClip => "OpenCLIP (cond_stage_model.model.*)",
+                TextLayout::HfClip => "transformers CLIP (cond_stage_model.transformer.*)",
+            }
+        )];
 
         // The variant: the flag, else diffusers' rule.
         let prediction = opts.prediction_type.as_deref().map(normalize_prediction).transpose()?;
@@ -736,7 +754,9 @@ impl SingleFileModel {
                 Sd2Variant::V768
             }
             (None, Some(875000)) => {
-                variant_notes.push("512-base (epsilon) configs: global_step 875000 is SD2-base's (diffusers' rule)".into());
+                variant_notes.push(
+                    "512-base (epsilon) configs: global_step 875000 is SD2-base's (diffusers' rule)".into(),
+                );
                 Sd2Variant::Base512
             }
             (None, _) => {
@@ -748,11 +768,26 @@ impl SingleFileModel {
                 Sd2Variant::V768
             }
         };
-        let (mut configs, tokenizer_dir, standard) = match &opts.config {
+        // A1111's convention: `model.yaml` beside `model.ckpt` gives its config.
+        let beside = path.with_extension("yaml");
+        let config = match &opts.config {
+            Some(c) => Some(c.clone()),
+            None if beside.is_file() => {
+                notes
+                    .push(format!("{} beside the file used as its config (as A1111 does)", beside.display()));
+                Some(beside)
+            }
+            None => None,
+        };
+        let (mut configs, tokenizer_dir, standard) = match &config {
             None => {
                 notes.append(&mut variant_notes);
                 (
-                    variant.configs().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                    variant
+                        .configs()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect::<BTreeMap<_, _>>(),
                     None,
                     true,
                 )
@@ -767,7 +802,7 @@ impl SingleFileModel {
             }
             Some(c) if c.extension().is_some_and(|e| e == "yaml" || e == "yml") => {
                 notes.push(format!("configs from --config {}", c.display()));
-                (super::ldm_yaml::configs_from_yaml(c, variant, t)?, None, false)
+                (super::ldm_yaml::configs_from_yaml(c)?, None, false)
             }
             Some(c) => {
                 return Err(Error::Invalid(format!(
@@ -778,16 +813,23 @@ impl SingleFileModel {
         };
         if let Some(p) = prediction {
             let s = configs["scheduler/scheduler_config.json"].clone();
-            configs.insert("scheduler/scheduler_config.json".into(), patch_json(&s, "scheduler config", "prediction_type", p.into())?);
+            configs.insert(
+                "scheduler/scheduler_config.json".into(),
+                patch_json(&s, "scheduler config", "prediction_type", p.into())?,
+            );
         }
         if let Some(u) = opts.upcast_attention {
             let s = configs["unet/config.json"].clone();
-            configs.insert("unet/config.json".into(), patch_json(&s, "unet config", "upcast_attention", u.into())?);
+            configs.insert(
+                "unet/config.json".into(),
+                patch_json(&s, "unet config", "upcast_attention", u.into())?,
+            );
             notes.push(format!("upcast_attention {u}: --upcast-attention"));
         }
 
         let cfg = |rel: &str| json(&configs[rel], rel);
-        let (unet_cfg, vae_cfg, te_cfg) = (cfg("unet/config.json")?, cfg("vae/config.json")?, cfg("text_encoder/config.json")?);
+        let (unet_cfg, vae_cfg, te_cfg) =
+            (cfg("unet/config.json")?, cfg("vae/config.json")?, cfg("text_encoder/config.json")?);
         // diffusers' conversion script numbers decoder levels as if the VAE had 4.
         let vae_levels = vae_cfg.get("block_out_channels").and_then(Json::as_array).map_or(4, |a| a.len());
         let vae_up_offset = if vae_levels < 4
@@ -829,8 +871,13 @@ impl SingleFileModel {
                 })?;
                 let found = orig.names.iter().find(|n| t.contains_key(*n));
                 let Some(oname) = found else {
-                    let problem = format!("{component} tensor {} (diffusers {name}) is missing", orig.names[0]);
-                    return Err(if standard { config_error(path, &problem) } else { mismatch(path, opts, &problem) });
+                    let problem =
+                        format!("{component} tensor {} (diffusers {name}) is missing", orig.names[0]);
+                    return Err(if standard {
+                        config_error(path, &problem)
+                    } else {
+                        mismatch(path, &config, &problem)
+                    });
                 };
                 let mut src = t[oname].clone();
                 if use_ema && component == "unet" {
@@ -850,7 +897,11 @@ impl SingleFileModel {
                                 if standard { "SD2.x has" } else { "the configs imply" },
                                 shape
                             );
-                            return Err(if standard { config_error(path, &problem) } else { mismatch(path, opts, &problem) });
+                            return Err(if standard {
+                                config_error(path, &problem)
+                            } else {
+                                mismatch(path, &config, &problem)
+                            });
                         }
                         MappedTensor { shape: shape.clone(), ..src }
                     }
@@ -863,7 +914,11 @@ impl SingleFileModel {
                                 "{component} tensor {} has shape {:?}, {:?} expected (q, k, v of {name})",
                                 src.original, src.shape, fused
                             );
-                            return Err(if standard { config_error(path, &problem) } else { mismatch(path, opts, &problem) });
+                            return Err(if standard {
+                                config_error(path, &problem)
+                            } else {
+                                mismatch(path, &config, &problem)
+                            });
                         }
                         let third = src.range.len() / 3;
                         let a = src.range.start + i * third;
@@ -932,7 +987,10 @@ impl SingleFileModel {
                 }
                 Ok(out)
             }
-            None => Ok(crate::synth::embedded::TOKENIZER.iter().map(|(n, t)| (n.to_string(), t.as_bytes().to_vec())).collect()),
+            None => Ok(crate::synth::embedded::TOKENIZER
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.as_bytes().to_vec()))
+                .collect()),
         }
     }
 
@@ -952,11 +1010,11 @@ impl SingleFileModel {
     }
 }
 
-fn mismatch(path: &Path, opts: &SingleFileOptions, problem: &str) -> Error {
+fn mismatch(path: &Path, config: &Option<PathBuf>, problem: &str) -> Error {
     Error::Checkpoint(format!(
-        "{}: does not match the configs of --config {}: {problem}",
+        "{}: does not match the configs of {}: {problem}",
         path.display(),
-        opts.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        config.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
     ))
 }
 
@@ -971,30 +1029,59 @@ mod tests {
 
     fn sd21_map() -> NameMap {
         let c: BTreeMap<&str, &str> = Sd2Variant::V768.configs().iter().copied().collect();
-        NameMap::new(&json(c["unet/config.json"], "u").unwrap(), &json(c["vae/config.json"], "v").unwrap(), TextLayout::OpenClip, 0)
-            .unwrap()
+        NameMap::new(
+            &json(c["unet/config.json"], "u").unwrap(),
+            &json(c["vae/config.json"], "v").unwrap(),
+            TextLayout::OpenClip,
+            0,
+        )
+        .unwrap()
     }
 
     #[test]
     fn names_follow_diffusers_for_sd21() {
         let m = sd21_map();
         let o = |c: &str, n: &str| m.original(c, n).unwrap().names[0].clone();
-        assert_eq!(o("unet", "down_blocks.1.resnets.0.conv_shortcut.weight"), "model.diffusion_model.input_blocks.4.0.skip_connection.weight");
-        assert_eq!(o("unet", "down_blocks.2.downsamplers.0.conv.bias"), "model.diffusion_model.input_blocks.9.0.op.bias");
+        assert_eq!(
+            o("unet", "down_blocks.1.resnets.0.conv_shortcut.weight"),
+            "model.diffusion_model.input_blocks.4.0.skip_connection.weight"
+        );
+        assert_eq!(
+            o("unet", "down_blocks.2.downsamplers.0.conv.bias"),
+            "model.diffusion_model.input_blocks.9.0.op.bias"
+        );
         assert_eq!(
             o("unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"),
             "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"
         );
-        assert_eq!(o("unet", "up_blocks.0.upsamplers.0.conv.weight"), "model.diffusion_model.output_blocks.2.1.conv.weight");
-        assert_eq!(o("unet", "up_blocks.1.upsamplers.0.conv.weight"), "model.diffusion_model.output_blocks.5.2.conv.weight");
-        assert_eq!(o("unet", "mid_block.resnets.1.time_emb_proj.weight"), "model.diffusion_model.middle_block.2.emb_layers.1.weight");
-        assert_eq!(o("vae", "decoder.up_blocks.0.resnets.2.conv_shortcut.bias"), "first_stage_model.decoder.up.3.block.2.nin_shortcut.bias");
-        assert_eq!(o("vae", "encoder.mid_block.attentions.0.to_out.0.weight"), "first_stage_model.encoder.mid.attn_1.proj_out.weight");
+        assert_eq!(
+            o("unet", "up_blocks.0.upsamplers.0.conv.weight"),
+            "model.diffusion_model.output_blocks.2.1.conv.weight"
+        );
+        assert_eq!(
+            o("unet", "up_blocks.1.upsamplers.0.conv.weight"),
+            "model.diffusion_model.output_blocks.5.2.conv.weight"
+        );
+        assert_eq!(
+            o("unet", "mid_block.resnets.1.time_emb_proj.weight"),
+            "model.diffusion_model.middle_block.2.emb_layers.1.weight"
+        );
+        assert_eq!(
+            o("vae", "decoder.up_blocks.0.resnets.2.conv_shortcut.bias"),
+            "first_stage_model.decoder.up.3.block.2.nin_shortcut.bias"
+        );
+        assert_eq!(
+            o("vae", "encoder.mid_block.attentions.0.to_out.0.weight"),
+            "first_stage_model.encoder.mid.attn_1.proj_out.weight"
+        );
         assert_eq!(o("vae", "decoder.conv_norm_out.weight"), "first_stage_model.decoder.norm_out.weight");
         let q = m.original("text_encoder", "encoder.layers.22.self_attn.v_proj.bias").unwrap();
         assert_eq!(q.names[0], "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_bias");
         assert_eq!(q.third, Some(2));
-        assert_eq!(o("text_encoder", "embeddings.position_embedding.weight"), "cond_stage_model.model.positional_embedding");
+        assert_eq!(
+            o("text_encoder", "embeddings.position_embedding.weight"),
+            "cond_stage_model.model.positional_embedding"
+        );
     }
 
     #[test]
@@ -1005,7 +1092,10 @@ mod tests {
         for (comp, list) in [
             ("unet", expected::unet(&json(c["unet/config.json"], "u").unwrap(), "u").unwrap()),
             ("vae", expected::vae(&json(c["vae/config.json"], "v").unwrap(), "v").unwrap()),
-            ("text_encoder", expected::clip_text(&json(c["text_encoder/config.json"], "t").unwrap(), "t").unwrap()),
+            (
+                "text_encoder",
+                expected::clip_text(&json(c["text_encoder/config.json"], "t").unwrap(), "t").unwrap(),
+            ),
         ] {
             for (n, _) in list {
                 let o = m.original(comp, &n).unwrap_or_else(|| panic!("{comp} {n}"));

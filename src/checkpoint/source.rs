@@ -50,7 +50,9 @@ impl ModelSource {
             ModelSource::Folder(dir) => {
                 Ok(listed_components(dir)?.into_iter().filter(|c| has_weights(&dir.join(c))).collect())
             }
-            ModelSource::SingleFile(_) => Ok(super::single_file::COMPONENTS.iter().map(|s| s.to_string()).collect()),
+            ModelSource::SingleFile(_) => {
+                Ok(super::single_file::COMPONENTS.iter().map(|s| s.to_string()).collect())
+            }
         }
     }
 
@@ -87,7 +89,8 @@ impl ModelSource {
         let files: std::collections::BTreeMap<&str, &str> =
             crate::synth::embedded::TOKENIZER.iter().copied().collect();
         let parse = |name: &str| -> Result<serde_json::Value> {
-            serde_json::from_str(files[name]).map_err(|e| Error::Msg(format!("bundled tokenizer {name}: {e}")))
+            serde_json::from_str(files[name])
+                .map_err(|e| Error::Msg(format!("bundled tokenizer {name}: {e}")))
         };
         ClipTokenizer::from_parts(
             &parse("vocab.json")?,

@@ -253,8 +253,9 @@ impl ComponentStore {
 
     /// The stored name for a requested name (itself or a legacy alias).
     pub fn resolve(&self, name: &str) -> Option<String> {
-        let has =
-            |n: &str| self.index.contains_key(n) || self.mapped.contains_key(n) || self.memory.contains_key(n);
+        let has = |n: &str| {
+            self.index.contains_key(n) || self.mapped.contains_key(n) || self.memory.contains_key(n)
+        };
         if has(name) {
             return Some(name.to_string());
         }
