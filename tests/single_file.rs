@@ -182,25 +182,41 @@ fn same_tensors(a: &SingleFileModel, b: &SingleFileModel, c: &str) {
     }
 }
 
-/// diffusers' conversion script numbers VAE decoder levels as if there were 4
-/// (`up.{3-i}`); such a file of a 2-level VAE loads the same tensors.
+/// What diffusers' `convert_diffusers_to_original_stable_diffusion.py` writes for the tiny
+/// model (checked against the script's real output by hand, see docs/SINGLE_FILE.md): VAE
+/// decoder levels numbered as if there were 4 (`up.{3-i}`), and, for a text encoder saved by
+/// transformers 5 (no `text_model.` prefix), OpenCLIP names its renames miss
+/// (`transformer.encoder.layers.N.attn.in_proj_weight`, `transformer.embeddings.*`,
+/// `transformer.final_layer_norm.*`). Such a file loads the same tensors.
 #[test]
-fn script_numbered_vae_levels_load() {
+fn diffusers_script_layout_loads() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("script.safetensors");
     rewrite(&p, |k, v| {
-        let nk = match k.strip_prefix("first_stage_model.decoder.up.") {
+        let mut nk = match k.strip_prefix("first_stage_model.decoder.up.") {
             Some(rest) => {
                 let (i, r) = rest.split_once('.').unwrap();
                 format!("first_stage_model.decoder.up.{}.{r}", i.parse::<usize>().unwrap() + 2)
             }
             None => k.to_string(),
         };
+        for (a, b) in [
+            ("model.transformer.resblocks.", "model.transformer.encoder.layers."),
+            ("model.token_embedding.", "model.transformer.embeddings.token_embedding."),
+            ("model.positional_embedding", "model.transformer.embeddings.position_embedding.weight"),
+            ("model.ln_final.", "model.transformer.final_layer_norm."),
+        ] {
+            nk = nk.replace(a, b);
+        }
         vec![(nk, v.clone())]
     });
     let m = open(&p, &tiny_opts());
     assert!(m.notes.iter().any(|n| n.contains("numbered from 2")), "{:?}", m.notes);
-    same_tensors(&m, &open(&st_fixture(), &tiny_opts()), "vae");
+    assert!(m.ignored.is_empty(), "{:?}", m.ignored);
+    let reference = open(&st_fixture(), &tiny_opts());
+    for c in ["vae", "text_encoder", "unet"] {
+        same_tensors(&m, &reference, c);
+    }
 }
 
 /// EMA weights (`model_ema.` + the UNet name without dots, diffusers' rule) are used when

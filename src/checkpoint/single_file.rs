@@ -182,12 +182,18 @@ impl NameMap {
     /// The original location of a diffusers tensor of `component`, or `None` for a name
     /// outside the SD2 layout.
     pub fn original(&self, component: &str, name: &str) -> Option<Original> {
-        let one = |n: String| Some(Original { names: vec![n], third: None });
         match component {
             "unet" => self.unet(name).map(|names| Original { names, third: None }),
             "vae" => self.vae(name).map(|names| Original { names, third: None }),
             "text_encoder" => match self.text {
-                TextLayout::HfClip => one(format!("{HF_CLIP_PREFIX}text_model.{name}")),
+                // transformers < 5 saved `text_model.*`; 5 saves the names without it.
+                TextLayout::HfClip => Some(Original {
+                    names: vec![
+                        format!("{HF_CLIP_PREFIX}text_model.{name}"),
+                        format!("{HF_CLIP_PREFIX}{name}"),
+                    ],
+                    third: None,
+                }),
                 TextLayout::OpenClip => self.open_clip(name),
             },
             _ => None,
@@ -297,27 +303,42 @@ impl NameMap {
         None
     }
 
+    /// OpenCLIP names; the alternates are what diffusers' conversion script writes for a text
+    /// encoder saved by transformers 5 (no `text_model.` prefix, so its renames miss:
+    /// `transformer.encoder.layers.N.attn.in_proj_weight`, `transformer.embeddings.*`,
+    /// `transformer.final_layer_norm.*`).
     fn open_clip(&self, name: &str) -> Option<Original> {
         let p = OPEN_CLIP_PREFIX;
-        let one = |n: String| Some(Original { names: vec![n], third: None });
+        let some = |names: Vec<String>| Some(Original { names, third: None });
         match name {
-            "embeddings.token_embedding.weight" => return one(format!("{p}token_embedding.weight")),
-            "embeddings.position_embedding.weight" => return one(format!("{p}positional_embedding")),
+            "embeddings.token_embedding.weight" => {
+                return some(vec![
+                    format!("{p}token_embedding.weight"),
+                    format!("{p}transformer.embeddings.token_embedding.weight"),
+                ])
+            }
+            "embeddings.position_embedding.weight" => {
+                return some(vec![
+                    format!("{p}positional_embedding"),
+                    format!("{p}transformer.embeddings.position_embedding.weight"),
+                ])
+            }
             _ => {}
         }
         if let Some(x) = name.strip_prefix("final_layer_norm.") {
-            return one(format!("{p}ln_final.{x}"));
+            return some(vec![format!("{p}ln_final.{x}"), format!("{p}transformer.final_layer_norm.{x}")]);
         }
         let (l, rest) = index_prefix(name.strip_prefix("encoder.layers.")?)?;
-        let b = format!("{p}transformer.resblocks.{l}");
+        let blocks = [format!("{p}transformer.resblocks.{l}"), format!("{p}transformer.encoder.layers.{l}")];
+        let names = |sub: String| blocks.iter().map(|b| format!("{b}.{sub}")).collect::<Vec<_>>();
         if let Some(s) = rest.strip_prefix("self_attn.") {
             for (i, q) in ["q_proj.", "k_proj.", "v_proj."].iter().enumerate() {
                 if let Some(x) = s.strip_prefix(q) {
-                    return Some(Original { names: vec![format!("{b}.attn.in_proj_{x}")], third: Some(i) });
+                    return Some(Original { names: names(format!("attn.in_proj_{x}")), third: Some(i) });
                 }
             }
             let x = s.strip_prefix("out_proj.")?;
-            return one(format!("{b}.attn.out_proj.{x}"));
+            return some(names(format!("attn.out_proj.{x}")));
         }
         for (d, o) in [
             ("layer_norm1.", "ln_1."),
@@ -326,7 +347,7 @@ impl NameMap {
             ("mlp.fc2.", "mlp.c_proj."),
         ] {
             if let Some(x) = rest.strip_prefix(d) {
-                return one(format!("{b}.{o}{x}"));
+                return some(names(format!("{o}{x}")));
             }
         }
         None
@@ -627,7 +648,12 @@ fn context_dim(t: &HashMap<String, MappedTensor>) -> Option<usize> {
 }
 
 /// Refuses files that are not SD2 text-to-image, naming what they are.
-fn check_family(path: &Path, t: &HashMap<String, MappedTensor>, text: Option<TextLayout>) -> Result<()> {
+fn check_family(
+    path: &Path,
+    t: &HashMap<String, MappedTensor>,
+    text: Option<TextLayout>,
+    configured: bool,
+) -> Result<()> {
     let p = path.display();
     if t.keys().any(|k| k.starts_with("conditioner.embedders.")) {
         return Err(Error::Checkpoint(format!(
@@ -647,7 +673,7 @@ fn check_family(path: &Path, t: &HashMap<String, MappedTensor>, text: Option<Tex
         )));
     }
     let ctx = context_dim(t);
-    if text == Some(TextLayout::HfClip) && ctx == Some(768) {
+    if text == Some(TextLayout::HfClip) && ctx == Some(768) && !configured {
         return Err(Error::Checkpoint(format!(
             "{p}: an SD1.x checkpoint (CLIP ViT-L text encoder, 768-wide cross-attention), not SD2; sdsparse runs SD2.x only"
         )));
@@ -730,7 +756,8 @@ impl SingleFileModel {
         } else {
             None
         };
-        check_family(path, t, text)?;
+        let beside = path.with_extension("yaml");
+        check_family(path, t, text, opts.config.is_some() || beside.is_file())?;
         let text = text.unwrap_or(TextLayout::OpenClip);
         let mut notes = vec![format!(
             "single-file checkpoint ({}), text encoder in {} layout",
@@ -769,7 +796,6 @@ impl SingleFileModel {
             }
         };
         // A1111's convention: `model.yaml` beside `model.ckpt` gives its config.
-        let beside = path.with_extension("yaml");
         let config = match &opts.config {
             Some(c) => Some(c.clone()),
             None if beside.is_file() => {
