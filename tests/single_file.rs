@@ -459,3 +459,19 @@ fn cli_accepts_single_files() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("wrote single-file checkpoint"), "{out}");
 }
+
+/// `--config` takes an original LDM yaml too, and a `model.yaml` beside the file is used as
+/// A1111 does; the tiny file does not match SD2's yaml, which is said plainly.
+#[test]
+fn ldm_yaml_configs_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = "model:\n  params:\n    parameterization: \"v\"\n    scale_factor: 0.18215\n    unet_config:\n      params:\n        in_channels: 4\n        out_channels: 4\n        model_channels: 320\n        attention_resolutions: [4, 2, 1]\n        num_res_blocks: 2\n        channel_mult: [1, 2, 4, 4]\n        num_head_channels: 64\n        use_linear_in_transformer: True\n        context_dim: 1024\n    first_stage_config:\n      params:\n        ddconfig:\n          z_channels: 4\n          in_channels: 3\n          out_ch: 3\n          ch: 128\n          ch_mult: [1, 2, 4, 4]\n          num_res_blocks: 2\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n      params:\n        layer: \"penultimate\"\n";
+    let y = tmp.path().join("v2-inference-v.yaml");
+    std::fs::write(&y, yaml).unwrap();
+    let st = st_fixture().display().to_string();
+    refuses(&["inspect", &st, "--config", &y.display().to_string()], "does not match the configs of");
+    let copy = tmp.path().join("model.safetensors");
+    std::fs::copy(st_fixture(), &copy).unwrap();
+    std::fs::write(tmp.path().join("model.yaml"), yaml).unwrap();
+    refuses(&["inspect", &copy.display().to_string()], "model.yaml: text_encoder tensor");
+}

@@ -700,6 +700,27 @@ fn check_family(
     Ok(())
 }
 
+/// 512-base or 768-v for an SD2 file without configs, and why (`docs/SINGLE_FILE.md`):
+/// `--prediction-type` decides; else diffusers' rules: a checkpoint whose `global_step` is
+/// 875000 (SD2-base's) is epsilon, every other SD2 file is taken as
+/// `stabilityai/stable-diffusion-2-1` (768-v), the config `from_single_file` fetches.
+pub fn choose_variant(prediction: Option<&str>, global_step: Option<i64>) -> (Sd2Variant, String) {
+    match (prediction, global_step) {
+        (Some("epsilon"), _) => (Sd2Variant::Base512, "512-base (epsilon) configs: --prediction-type epsilon".into()),
+        (Some(_), _) => (Sd2Variant::V768, "768-v configs: --prediction-type v_prediction".into()),
+        (None, Some(875000)) => (
+            Sd2Variant::Base512,
+            "512-base (epsilon) configs: global_step 875000 is SD2-base's (diffusers' rule)".into(),
+        ),
+        (None, _) => (
+            Sd2Variant::V768,
+            "768-v (v_prediction) configs assumed, as diffusers does for every SD2 file; a 512-base model needs \
+             --prediction-type epsilon"
+                .into(),
+        ),
+    }
+}
+
 /// Sets `key` in a JSON object text.
 fn patch_json(text: &str, what: &str, key: &str, value: Json) -> Result<String> {
     let mut v = json(text, what)?;
@@ -770,31 +791,8 @@ impl SingleFileModel {
 
         // The variant: the flag, else diffusers' rule.
         let prediction = opts.prediction_type.as_deref().map(normalize_prediction).transpose()?;
-        let mut variant_notes = Vec::new();
-        let variant = match (prediction, file.global_step) {
-            (Some("epsilon"), _) => {
-                variant_notes.push("512-base (epsilon) configs: --prediction-type epsilon".into());
-                Sd2Variant::Base512
-            }
-            (Some(_), _) => {
-                variant_notes.push("768-v configs: --prediction-type v_prediction".into());
-                Sd2Variant::V768
-            }
-            (None, Some(875000)) => {
-                variant_notes.push(
-                    "512-base (epsilon) configs: global_step 875000 is SD2-base's (diffusers' rule)".into(),
-                );
-                Sd2Variant::Base512
-            }
-            (None, _) => {
-                variant_notes.push(
-                    "768-v (v_prediction) configs assumed, as diffusers does for every SD2 file; a 512-base model \
-                     needs --prediction-type epsilon"
-                        .into(),
-                );
-                Sd2Variant::V768
-            }
-        };
+        let (variant, variant_note) = choose_variant(prediction, file.global_step);
+        let mut variant_notes = vec![variant_note];
         // A1111's convention: `model.yaml` beside `model.ckpt` gives its config.
         let config = match &opts.config {
             Some(c) => Some(c.clone()),
@@ -1062,6 +1060,15 @@ mod tests {
             0,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn variant_rule() {
+        assert_eq!(choose_variant(None, None).0, Sd2Variant::V768);
+        assert_eq!(choose_variant(None, Some(110000)).0, Sd2Variant::V768);
+        assert_eq!(choose_variant(None, Some(875000)).0, Sd2Variant::Base512);
+        assert_eq!(choose_variant(Some("epsilon"), Some(110000)).0, Sd2Variant::Base512);
+        assert_eq!(choose_variant(Some("v_prediction"), Some(875000)).0, Sd2Variant::V768);
     }
 
     #[test]
