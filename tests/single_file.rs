@@ -475,3 +475,36 @@ fn ldm_yaml_configs_are_read() {
     std::fs::write(tmp.path().join("model.yaml"), yaml).unwrap();
     refuses(&["inspect", &copy.display().to_string()], "model.yaml: text_encoder tensor");
 }
+
+/// An original Stability file holds one more OpenCLIP block than diffusers uses (SD2
+/// conditions on the penultimate one), `text_projection` and `logit_scale`: all ignored, and
+/// listed as such.
+#[test]
+fn extra_open_clip_block_and_projection_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("24.safetensors");
+    rewrite(&p, |k, v| {
+        let mut out = vec![(k.to_string(), v.clone())];
+        if let Some(rest) = k.strip_prefix("cond_stage_model.model.transformer.resblocks.4.") {
+            out.push((format!("cond_stage_model.model.transformer.resblocks.5.{rest}"), v.clone()));
+        }
+        if k == "cond_stage_model.model.ln_final.weight" {
+            out.push((
+                "cond_stage_model.model.text_projection".into(),
+                Raw { shape: vec![32, 32], bytes: vec![0; 2048], ..v.clone() },
+            ));
+            out.push((
+                "cond_stage_model.model.logit_scale".into(),
+                Raw { shape: vec![], bytes: vec![0; 2], ..v.clone() },
+            ));
+        }
+        out
+    });
+    let m = open(&p, &tiny_opts());
+    assert_eq!(m.ignored.len(), 12 + 2, "{:?}", m.ignored);
+    assert!(m
+        .ignored
+        .iter()
+        .all(|n| n.contains("resblocks.5.") || n.ends_with("text_projection") || n.ends_with("logit_scale")));
+    same_tensors(&m, &open(&st_fixture(), &tiny_opts()), "text_encoder");
+}
