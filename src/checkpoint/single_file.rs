@@ -480,7 +480,8 @@ fn read_entry(zip: &mut Zip<'_>, name: &str, limit: u64) -> std::result::Result<
     if f.size() > limit {
         return Err(format!("{name} is implausibly large ({} bytes)", f.size()));
     }
-    let mut out = Vec::with_capacity(f.size() as usize);
+    // The declared size is only a hint: a hostile zip may claim anything.
+    let mut out = Vec::with_capacity(f.size().min(64 << 20) as usize);
     f.take(limit).read_to_end(&mut out).map_err(|e| format!("{name}: {e}"))?;
     Ok(out)
 }
