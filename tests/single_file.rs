@@ -433,6 +433,23 @@ fn non_standard_file_without_config_names_the_flag() {
     refuses(&["inspect", &st, "--config", "/nonexistent/x"], "--config /nonexistent/x");
     refuses(&["inspect", &st, "--config", &dir, "--prediction-type", "sample"], "--prediction-type");
     refuses(&["inspect", "/nonexistent.safetensors"], "not found");
+    // A config folder lacking a component's config falls back to SD2.1's (the tiny text
+    // encoder then does not match); one with none is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    for c in ["unet", "vae"] {
+        std::fs::create_dir_all(tmp.path().join(c)).unwrap();
+        std::fs::copy(fixture().join(c).join("config.json"), tmp.path().join(c).join("config.json")).unwrap();
+    }
+    let partial = tmp.path().display().to_string();
+    refuses(
+        &["inspect", &st, "--config", &partial],
+        "text_encoder tensor cond_stage_model.model.token_embedding.weight has shape",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    refuses(
+        &["inspect", &st, "--config", &empty.path().display().to_string()],
+        "no unet/, vae/ or text_encoder/ config.json",
+    );
 }
 
 /// The CLI runs the whole path on a single file: inspect, convert, generate, export.

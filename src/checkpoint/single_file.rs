@@ -739,10 +739,17 @@ fn normalize_prediction(p: &str) -> Result<&'static str> {
     }
 }
 
-/// Configs from a `--config` diffusers folder.
-fn configs_from_folder(dir: &Path, variant_fallback: Sd2Variant) -> Result<BTreeMap<String, String>> {
+/// Configs from a `--config` diffusers folder; a file it lacks is taken from the bundled
+/// SD2.1 configs of `variant_fallback` (named in `notes`; the shape check then tells whether
+/// that fits).
+fn configs_from_folder(
+    dir: &Path,
+    variant_fallback: Sd2Variant,
+    notes: &mut Vec<String>,
+) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let bundled: BTreeMap<&str, &str> = variant_fallback.configs().iter().copied().collect();
+    let mut fallback = Vec::new();
     for rel in [
         "model_index.json",
         "scheduler/scheduler_config.json",
@@ -753,14 +760,25 @@ fn configs_from_folder(dir: &Path, variant_fallback: Sd2Variant) -> Result<BTree
         let p = dir.join(rel);
         if p.is_file() {
             out.insert(rel.to_string(), std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?);
-        } else if rel.ends_with("config.json") && !rel.starts_with("scheduler") {
-            return Err(Error::Checkpoint(format!(
-                "--config {}: {rel} not found (a diffusers folder holds unet/, vae/ and text_encoder/ config.json)",
-                dir.display()
-            )));
         } else {
             out.insert(rel.to_string(), bundled[rel].to_string());
+            if rel != "model_index.json" {
+                fallback.push(rel);
+            }
         }
+    }
+    if fallback.len() == 4 {
+        return Err(Error::Checkpoint(format!(
+            "--config {}: no unet/, vae/ or text_encoder/ config.json (a diffusers folder's configs are expected)",
+            dir.display()
+        )));
+    }
+    if !fallback.is_empty() {
+        notes.push(format!(
+            "not in --config, so the SD2.1 {} ones: {}",
+            variant_fallback.name(),
+            fallback.join(", ")
+        ));
     }
     Ok(out)
 }
@@ -820,10 +838,7 @@ impl SingleFileModel {
             Some(c) if c.is_dir() => {
                 let tok = c.join("tokenizer");
                 notes.push(format!("configs from --config {}", c.display()));
-                if !c.join("scheduler/scheduler_config.json").is_file() {
-                    notes.push(format!("no scheduler/ in --config: the SD2.1 {} scheduler", variant.name()));
-                }
-                (configs_from_folder(c, variant)?, tok.is_dir().then_some(tok), false)
+                (configs_from_folder(c, variant, &mut notes)?, tok.is_dir().then_some(tok), false)
             }
             Some(c) if c.extension().is_some_and(|e| e == "yaml" || e == "yml") => {
                 notes.push(format!("configs from --config {}", c.display()));

@@ -159,6 +159,9 @@ pub fn print_report(r: &ConvertReport) {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
+    if !args.quiet {
+        args.single_file.print_notes(&args.model)?;
+    }
     let (_bar, mut progress) = progress_bar(args.quiet);
     let report = convert(&args.model, &args.out, &opts, &mut progress)?;
     print_report(&report);

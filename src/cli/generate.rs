@@ -106,6 +106,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
     let device = select_device(&args.device)?;
 
+    args.single_file.print_notes(&args.model)?;
     let sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
     let req = GenerateRequest {
         prompt: args.prompt,

@@ -1,7 +1,6 @@
 //! `sdsparse inspect` (per-layer format, shape, sparsity and bytes of a dense or sparse
 //! folder) and `sdsparse export` (sparse folder → dense diffusers folder).
 
-use sdsparse::checkpoint::{ModelSource, SingleFileOptions};
 use sdsparse::convert::{export_single_file, export_with, inspect_with};
 use std::path::PathBuf;
 
@@ -18,20 +17,10 @@ pub struct InspectArgs {
     pub summary: bool,
 }
 
-/// What was inferred about a single file, one line each.
-fn print_single_file_notes(path: &std::path::Path, opts: &SingleFileOptions) -> anyhow::Result<()> {
-    if let ModelSource::SingleFile(s) = ModelSource::open(path, opts)? {
-        for n in &s.notes {
-            println!("note: {n}");
-        }
-    }
-    Ok(())
-}
-
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let opts = args.single_file.options();
-    if args.path.is_file() {
-        print_single_file_notes(&args.path, &opts)?;
+    for n in args.single_file.notes(&args.path)? {
+        println!("note: {n}");
     }
     let comps = inspect_with(&args.path, &opts)?;
     for c in &comps {

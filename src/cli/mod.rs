@@ -28,6 +28,26 @@ pub struct SingleFileArgs {
 }
 
 impl SingleFileArgs {
+    /// For a single file: what was inferred when opening it (empty for a folder), so the
+    /// user sees, e.g., that a 768-v model was assumed.
+    pub fn notes(&self, path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+        if path.is_file() {
+            let src = sdsparse::checkpoint::ModelSource::open(path, &self.options())?;
+            if let sdsparse::checkpoint::ModelSource::SingleFile(s) = src {
+                return Ok(s.notes.clone());
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// [`Self::notes`] as `note:` lines on stderr.
+    pub fn print_notes(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        for n in self.notes(path)? {
+            eprintln!("note: {n}");
+        }
+        Ok(())
+    }
+
     pub fn options(&self) -> SingleFileOptions {
         SingleFileOptions {
             config: self.config.clone(),
