@@ -1078,6 +1078,36 @@ mod tests {
         .unwrap()
     }
 
+    /// Strided torch views become the row-major values they denote.
+    #[test]
+    fn strided_views_are_gathered() {
+        use super::pickle::StorageRef;
+        // A 6x5 f32 storage holding 0..30.
+        let bytes: Vec<u8> = (0..30).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let sb = Arc::new(Backing::Owned(bytes));
+        let storage = StorageRef { class: "FloatStorage".into(), key: "0".into(), numel: 30 };
+        let view = |offset: u64, size: Vec<u64>, stride: Vec<u64>| {
+            let t = TensorRef { storage: storage.clone(), offset, size, stride };
+            let m = tensor_view(&t, 4, &sb, 0..120).unwrap();
+            m.backing.bytes()[m.range.clone()]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(view(0, vec![6, 5], vec![5, 1]), (0..30).map(|i| i as f32).collect::<Vec<_>>());
+        // base.t(): [5, 6] with strides (1, 5).
+        let t: Vec<f32> = (0..5).flat_map(|c| (0..6).map(move |r| (r * 5 + c) as f32)).collect();
+        assert_eq!(view(0, vec![5, 6], vec![1, 5]), t);
+        assert_eq!(view(10, vec![5], vec![1]), vec![10.0, 11.0, 12.0, 13.0, 14.0]); // base[2]
+        assert_eq!(view(3, vec![6], vec![5]), vec![3.0, 8.0, 13.0, 18.0, 23.0, 28.0]); // base[:, 3]
+        assert_eq!(view(1, vec![3, 2], vec![10, 2]), vec![1.0, 3.0, 11.0, 13.0, 21.0, 23.0]); // base[::2, 1::2]
+        assert!(view(0, vec![0, 3], vec![3, 1]).is_empty());
+        assert_eq!(view(7, vec![], vec![]), vec![7.0]); // a scalar
+                                                        // A view past the storage is an error, not a panic.
+        let t = TensorRef { storage, offset: 25, size: vec![2, 5], stride: vec![5, 1] };
+        assert!(tensor_view(&t, 4, &sb, 0..120).is_err());
+    }
+
     #[test]
     fn variant_rule() {
         assert_eq!(choose_variant(None, None).0, Sd2Variant::V768);
