@@ -1035,9 +1035,29 @@ impl SingleFileModel {
     }
 
     /// Writes configs and tokenizer as a diffusers folder holds them (no weights).
+    /// `model_index.json` lists only the components written (a `--config` folder's may name
+    /// a safety checker or feature extractor this folder will not have).
     pub fn write_configs(&self, dir: &Path) -> Result<()> {
-        let mut files: Vec<(String, Vec<u8>)> =
-            self.configs.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        for (k, v) in &self.configs {
+            let text = if k == "model_index.json" {
+                let mut idx = json(v, "model_index.json")?;
+                if let Some(o) = idx.as_object_mut() {
+                    for (name, entry) in o.iter_mut() {
+                        let kept = ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+                            .contains(&name.as_str());
+                        if !name.starts_with('_') && entry.is_array() && !kept {
+                            *entry = serde_json::json!([null, null]);
+                        }
+                    }
+                }
+                serde_json::to_string_pretty(&idx)
+                    .map_err(|e| Error::Checkpoint(format!("model_index.json: {e}")))?
+            } else {
+                v.clone()
+            };
+            files.push((k.clone(), text.into_bytes()));
+        }
         files.extend(self.tokenizer_files()?.into_iter().map(|(n, b)| (format!("tokenizer/{n}"), b)));
         for (rel, bytes) in files {
             let p = dir.join(&rel);
