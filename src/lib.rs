@@ -10,6 +10,7 @@ pub mod convert;
 pub mod error;
 pub mod format;
 pub mod model;
+pub mod output;
 pub mod pipeline;
 pub mod prune;
 pub mod scheduler;

@@ -20,7 +20,7 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let opts = args.single_file.options();
     for n in args.single_file.notes(&args.path)? {
-        println!("note: {n}");
+        outln!("note: {n}");
     }
     let comps = inspect_with(&args.path, &opts)?;
     for c in &comps {
@@ -30,21 +30,31 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
             None => "dense".to_string(),
         };
-        println!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
+        outln!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
         if !args.summary {
-            println!(
+            outln!(
                 "{:<72} {:>13} {:>20} {:>5} {:>9} {:>12}",
-                "tensor", "format", "shape", "dtype", "sparsity", "bytes"
+                "tensor",
+                "format",
+                "shape",
+                "dtype",
+                "sparsity",
+                "bytes"
             );
             for t in &c.tensors {
                 let shape = format!("{:?}", t.shape);
                 let sp = if t.numel == 0 { 0.0 } else { 100.0 * t.zeros as f64 / t.numel as f64 };
-                println!(
+                outln!(
                     "{:<72} {:>13} {:>20} {:>5} {:>8.2}% {:>12}",
-                    t.name, t.format, shape, t.dtype, sp, t.bytes
+                    t.name,
+                    t.format,
+                    shape,
+                    t.dtype,
+                    sp,
+                    t.bytes
                 );
                 if let Some(n) = &t.note {
-                    println!("    kept dense: {n}");
+                    outln!("    kept dense: {n}");
                 }
             }
         }
@@ -52,7 +62,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         let numel: usize = sparse.iter().map(|t| t.numel).sum();
         let zeros: usize = sparse.iter().map(|t| t.zeros).sum();
         let bytes: u64 = c.tensors.iter().map(|t| t.bytes).sum();
-        println!(
+        outln!(
             "   {} tensors, {} compressed ({} params, {:.2}% pruned), {:.1} MB of tensor data",
             c.tensors.len(),
             sparse.len(),
@@ -102,12 +112,12 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         export_with(&args.model, &args.out, args.force, &opts, &mut progress)?
     };
     for (c, bytes) in &r.components {
-        println!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
+        outln!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
     }
     if single {
-        println!("wrote single-file checkpoint {}", r.out.display());
+        outln!("wrote single-file checkpoint {}", r.out.display());
     } else {
-        println!("wrote dense diffusers folder {}", r.out.display());
+        outln!("wrote dense diffusers folder {}", r.out.display());
     }
     Ok(())
 }
