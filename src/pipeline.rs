@@ -293,10 +293,12 @@ impl StableDiffusion {
                 let cfg = |rel: &str| s.config_text(rel);
                 let unet = UNet2DConditionModel::load(
                     &vb("unet")?,
-                    &UNetConfig::from_json_str(cfg("unet/config.json")?).map_err(|e| label(e, "unet/config.json"))?,
+                    &UNetConfig::from_json_str(cfg("unet/config.json")?)
+                        .map_err(|e| label(e, "unet/config.json"))?,
                 )?;
-                let mut scheduler_config = SchedulerConfig::from_json(cfg("scheduler/scheduler_config.json")?)
-                    .map_err(|e| label(e, "scheduler/scheduler_config.json"))?;
+                let mut scheduler_config =
+                    SchedulerConfig::from_json(cfg("scheduler/scheduler_config.json")?)
+                        .map_err(|e| label(e, "scheduler/scheduler_config.json"))?;
                 let fixed = scheduler_config.apply_pipeline_corrections();
                 let notes = if fixed.is_empty() {
                     Vec::new()
@@ -317,7 +319,8 @@ impl StableDiffusion {
                     unet,
                     VaeDecoder::new(
                         &vb("vae")?,
-                        &VaeConfig::from_json(cfg("vae/config.json")?).map_err(|e| label(e, "vae/config.json"))?,
+                        &VaeConfig::from_json(cfg("vae/config.json")?)
+                            .map_err(|e| label(e, "vae/config.json"))?,
                     )?,
                     scheduler_config,
                     sample_size,

@@ -18,8 +18,8 @@ mod store;
 pub use single_file::{SingleFileModel, SingleFileOptions};
 pub use source::ModelSource;
 pub use store::{
-    aliases, count_nonfinite_bytes, find_weight_files, is_float_dtype, nonfinite_error, unsupported_dtype, Backing,
-    ComponentStore, MappedTensor, RawTensor, SafetensorsFile,
+    aliases, count_nonfinite_bytes, find_weight_files, is_float_dtype, nonfinite_error, unsupported_dtype,
+    Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile,
 };
 
 use crate::backend::Tensor;
