@@ -14,6 +14,7 @@ pub mod convert;
 pub mod demo;
 pub mod generate;
 pub mod inspect;
+pub mod plan;
 
 use sdsparse::checkpoint::SingleFileOptions;
 use std::path::PathBuf;
