@@ -552,9 +552,7 @@ impl StableDiffusion {
                 let out = self.unet.forward(&ops::cat(&[&x_in, &x_in], 0)?, t, &context)?;
                 let all = out.to_vec()?;
                 let (u, c) = all.split_at(all.len() / 2);
-                let g = req.guidance;
-                let v: Vec<f32> = u.iter().zip(c).map(|(&u, &c)| u + g * (c - u)).collect();
-                Tensor::from_vec(v, &shape)?
+                Tensor::from_vec(crate::backend::cpu::elementwise::cfg_combine(u, c, req.guidance), &shape)?
             } else {
                 self.unet.forward(&x_in, t, &context)?
             };

@@ -10,8 +10,8 @@
 # Steps, each in its own process under `timeout`, oracle variants first and each risky variant
 # in a process of its own (a sticky CUDA fault in one cannot hide the others, kernel review T2):
 #   1 probe     identity probes (X = I so Y = W^T exactly) for every GEMM variant
-#   2 tests     every GPU test with SDSPARSE_REQUIRE_GPU=1 (lib decompress tests, 2:4, unstructured,
-#               attention), split by variant
+#   2 tests     every GPU test with SDSPARSE_REQUIRE_GPU=1 (lib decompress tests, the activation
+#               kernels' norm and pointwise families, 2:4, unstructured, attention), split by variant
 #   3 sanitizer compute-sanitizer memcheck on the small cases of every kernel
 #   4 pipeline  the GPU pipeline checks: a slot, "not yet" (there is no GPU pipeline)
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
@@ -127,7 +127,10 @@ for v in naive bm32 bm64 bm128 wgmma; do
 done
 
 # 2. Every GPU test (SDSPARSE_REQUIRE_GPU=1: a missing GPU fails instead of skipping).
-step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --test-threads=1 --nocapture
+step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --skip cuda::norm:: --skip cuda::pointwise:: --test-threads=1 --nocapture
+# The activation kernels (norm.cu, pointwise.cu) against their CPU twins, one family per process.
+step tests tests-lib-norm 90 -- "$(exe test-sdsparse)" cuda::norm::tests:: --test-threads=1 --nocapture
+step tests tests-lib-pointwise 90 -- "$(exe test-sdsparse)" cuda::pointwise::tests:: --test-threads=1 --nocapture
 for v in v1 v2 v3; do
     step tests "tests-sp24-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_ --test-threads=1 --nocapture
 done
@@ -160,9 +163,12 @@ if [[ -z "$san" ]]; then
     fi
 else
     for t in "test-sparse24_gemm gpu_small_for_sanitizer" "test-unstructured_gemm gpu_gemm_small_for_sanitizer" \
-        "test-attention_gpu gpu_attention_small_for_sanitizer" "test-sdsparse decompress_matches_reference::cuda"; do
+        "test-attention_gpu gpu_attention_small_for_sanitizer" "test-sdsparse decompress_matches_reference::cuda" \
+        "test-sdsparse cuda::norm::tests::layer_norm_matches_cpu::cuda" "test-sdsparse cuda::pointwise::tests::upsample_matches_cpu::cuda" \
+        "test-sdsparse cuda::pointwise::tests::add_and_cfg_match_cpu::cuda" "test-sdsparse cuda::norm::tests::group_norm_matches_cpu::cuda"; do
         read -r e filter <<<"$t"
-        step sanitizer "memcheck-${e#test-}" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
+        label="${filter%::cuda}" && label="${label##*::}" # one log per case, not per executable
+        step sanitizer "memcheck-${e#test-}-$label" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
     done
 fi
 

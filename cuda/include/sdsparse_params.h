@@ -96,3 +96,159 @@ SDS_CHECK_OFFSET(SdsSp24GemmParams, ldy, 72);
 SDS_CHECK_OFFSET(SdsSp24GemmParams, ldr, 76);
 SDS_CHECK_OFFSET(SdsSp24GemmParams, flags, 80);
 SDS_CHECK_OFFSET(SdsSp24GemmParams, reserved, 84);
+
+// ---------------------------------------------------------------------------------------------
+// Activation kernels (cuda/norm.cu, cuda/pointwise.cu; launchers src/backend/cuda/norm.rs and
+// pointwise.rs). Storage type T (f32, f16, bf16) is fixed by the kernel name's suffix; all
+// arithmetic is f32. Element counts are int32: the launchers reject tensors of 2^31 or more
+// elements, so every flat index fits an unsigned 32-bit value (no 64-bit division in the kernels).
+
+// Group norm over x[batch][channels][spatial], `groups` groups of channels / groups channels,
+// y = (x - mean) * rstd * gamma[c] + beta[c], then SiLU when flags & SDS_NORM_FLAG_SILU.
+// Two kernels: ..._stats writes each group's statistics in `splits` slices to `partials`
+// (f32 [batch * groups][splits][2]: slice mean, slice sum of squared deviations), ..._apply merges
+// them (Chan et al.) and normalises.
+#define SDS_NORM_FLAG_SILU 1u
+typedef struct SdsGroupNormParams {
+    const void* x;       // T [batch][channels][spatial]
+    const float* gamma;  // f32 [channels]
+    const float* beta;   // f32 [channels]
+    void* y;             // T, the shape of x
+    float* partials;     // f32 [batch * groups][splits][2]
+    int32_t batch, channels, spatial, groups;
+    int32_t splits;      // slices per group in the stats kernel (its grid.x), 1..SDS_NORM_MAX_SPLITS
+    uint32_t flags;      // SDS_NORM_FLAG_*
+    float eps;
+    int32_t reserved;
+} SdsGroupNormParams;
+#define SDS_NORM_MAX_SPLITS 64
+
+SDS_CHECK_SIZE(SdsGroupNormParams, 72);
+SDS_CHECK_OFFSET(SdsGroupNormParams, x, 0);
+SDS_CHECK_OFFSET(SdsGroupNormParams, gamma, 8);
+SDS_CHECK_OFFSET(SdsGroupNormParams, beta, 16);
+SDS_CHECK_OFFSET(SdsGroupNormParams, y, 24);
+SDS_CHECK_OFFSET(SdsGroupNormParams, partials, 32);
+SDS_CHECK_OFFSET(SdsGroupNormParams, batch, 40);
+SDS_CHECK_OFFSET(SdsGroupNormParams, channels, 44);
+SDS_CHECK_OFFSET(SdsGroupNormParams, spatial, 48);
+SDS_CHECK_OFFSET(SdsGroupNormParams, groups, 52);
+SDS_CHECK_OFFSET(SdsGroupNormParams, splits, 56);
+SDS_CHECK_OFFSET(SdsGroupNormParams, flags, 60);
+SDS_CHECK_OFFSET(SdsGroupNormParams, eps, 64);
+SDS_CHECK_OFFSET(SdsGroupNormParams, reserved, 68);
+
+// Layer norm over rows of x[rows][dim]: y = (x - mean) * rstd * gamma + beta.
+typedef struct SdsLayerNormParams {
+    const void* x;       // T [rows][dim]
+    const float* gamma;  // f32 [dim]
+    const float* beta;   // f32 [dim]
+    void* y;             // T [rows][dim]
+    int32_t rows, dim;
+    float eps;
+    int32_t reserved;
+} SdsLayerNormParams;
+
+SDS_CHECK_SIZE(SdsLayerNormParams, 48);
+SDS_CHECK_OFFSET(SdsLayerNormParams, x, 0);
+SDS_CHECK_OFFSET(SdsLayerNormParams, gamma, 8);
+SDS_CHECK_OFFSET(SdsLayerNormParams, beta, 16);
+SDS_CHECK_OFFSET(SdsLayerNormParams, y, 24);
+SDS_CHECK_OFFSET(SdsLayerNormParams, rows, 32);
+SDS_CHECK_OFFSET(SdsLayerNormParams, dim, 36);
+SDS_CHECK_OFFSET(SdsLayerNormParams, eps, 40);
+SDS_CHECK_OFFSET(SdsLayerNormParams, reserved, 44);
+
+// Element-wise ops over y[n] (sdsparse_eltwise_{gelu,silu,add,cfg}_<T>):
+//   gelu, silu: y[i] = f(a[i])                       (b unused)
+//   add:        y[i] = a[i] + b[(i / b_div) % b_len]  (b broadcast: same shape, [B, C, 1, 1], [C])
+//   cfg:        y[i] = a[i] + alpha * (b[i] - a[i])   (a uncond, b cond, alpha the guidance scale)
+typedef struct SdsEltwiseParams {
+    const void* a;  // T [n]
+    const void* b;  // T [b_len] (add) or [n] (cfg)
+    void* y;        // T [n]
+    int32_t n;
+    int32_t b_div, b_len;
+    float alpha;
+} SdsEltwiseParams;
+
+SDS_CHECK_SIZE(SdsEltwiseParams, 40);
+SDS_CHECK_OFFSET(SdsEltwiseParams, a, 0);
+SDS_CHECK_OFFSET(SdsEltwiseParams, b, 8);
+SDS_CHECK_OFFSET(SdsEltwiseParams, y, 16);
+SDS_CHECK_OFFSET(SdsEltwiseParams, n, 24);
+SDS_CHECK_OFFSET(SdsEltwiseParams, b_div, 28);
+SDS_CHECK_OFFSET(SdsEltwiseParams, b_len, 32);
+SDS_CHECK_OFFSET(SdsEltwiseParams, alpha, 36);
+
+// GEGLU over rows of x[rows][2 * half]: y[r][j] = x[r][j] * gelu(x[r][half + j]) (diffusers'
+// `hidden, gate = proj(x).chunk(2, dim=-1); hidden * gelu(gate)`).
+typedef struct SdsGegluParams {
+    const void* x;  // T [rows][2 * half]
+    void* y;        // T [rows][half]
+    int32_t rows, half;
+} SdsGegluParams;
+
+SDS_CHECK_SIZE(SdsGegluParams, 24);
+SDS_CHECK_OFFSET(SdsGegluParams, x, 0);
+SDS_CHECK_OFFSET(SdsGegluParams, y, 8);
+SDS_CHECK_OFFSET(SdsGegluParams, rows, 16);
+SDS_CHECK_OFFSET(SdsGegluParams, half, 20);
+
+// Nearest upsampling of `planes` images x[planes][h][w] to y[planes][out_h][out_w], PyTorch's
+// `F.interpolate(mode="nearest")` index rule: src = min(floor(dst * (in / out)), in - 1) in f32
+// (exactly dst / 2 for 2x).
+typedef struct SdsUpsampleParams {
+    const void* x;  // T [planes][h][w]
+    void* y;        // T [planes][out_h][out_w]
+    int32_t planes, h, w, out_h, out_w;
+    int32_t reserved;
+} SdsUpsampleParams;
+
+SDS_CHECK_SIZE(SdsUpsampleParams, 40);
+SDS_CHECK_OFFSET(SdsUpsampleParams, x, 0);
+SDS_CHECK_OFFSET(SdsUpsampleParams, y, 8);
+SDS_CHECK_OFFSET(SdsUpsampleParams, planes, 16);
+SDS_CHECK_OFFSET(SdsUpsampleParams, h, 20);
+SDS_CHECK_OFFSET(SdsUpsampleParams, w, 24);
+SDS_CHECK_OFFSET(SdsUpsampleParams, out_h, 28);
+SDS_CHECK_OFFSET(SdsUpsampleParams, out_w, 32);
+SDS_CHECK_OFFSET(SdsUpsampleParams, reserved, 36);
+
+// Concatenation of a[outer][a_inner] and b[outer][b_inner] into y[outer][a_inner + b_inner]
+// (along channels of [B, C, H, W]: outer = B, a_inner = Ca * H * W, b_inner = Cb * H * W).
+typedef struct SdsConcatParams {
+    const void* a;  // T [outer][a_inner]
+    const void* b;  // T [outer][b_inner]
+    void* y;        // T [outer][a_inner + b_inner]
+    int32_t outer, a_inner, b_inner;
+    int32_t reserved;
+} SdsConcatParams;
+
+SDS_CHECK_SIZE(SdsConcatParams, 40);
+SDS_CHECK_OFFSET(SdsConcatParams, a, 0);
+SDS_CHECK_OFFSET(SdsConcatParams, b, 8);
+SDS_CHECK_OFFSET(SdsConcatParams, y, 16);
+SDS_CHECK_OFFSET(SdsConcatParams, outer, 24);
+SDS_CHECK_OFFSET(SdsConcatParams, a_inner, 28);
+SDS_CHECK_OFFSET(SdsConcatParams, b_inner, 32);
+SDS_CHECK_OFFSET(SdsConcatParams, reserved, 36);
+
+// diffusers' get_timestep_embedding (max period 10000): half = dim / 2,
+// freq_i = exp(-ln(10000) * i / (half - freq_shift)), row = [sin(t freq), cos(t freq)] or
+// [cos, sin] with flip_sin_to_cos, a zero column appended when dim is odd.
+typedef struct SdsTimestepParams {
+    const float* timesteps;  // f32 [count]
+    void* y;                 // T [count][dim]
+    int32_t count, dim;
+    uint32_t flip_sin_to_cos;
+    float freq_shift;
+} SdsTimestepParams;
+
+SDS_CHECK_SIZE(SdsTimestepParams, 32);
+SDS_CHECK_OFFSET(SdsTimestepParams, timesteps, 0);
+SDS_CHECK_OFFSET(SdsTimestepParams, y, 8);
+SDS_CHECK_OFFSET(SdsTimestepParams, count, 16);
+SDS_CHECK_OFFSET(SdsTimestepParams, dim, 20);
+SDS_CHECK_OFFSET(SdsTimestepParams, flip_sin_to_cos, 24);
+SDS_CHECK_OFFSET(SdsTimestepParams, freq_shift, 28);

@@ -47,6 +47,12 @@ pub fn affine(x: &[f32], mul: f32, add: f32) -> Vec<f32> {
     map(x, |v| v * mul + add)
 }
 
+/// Classifier-free guidance: `uncond + guidance * (cond - uncond)` elementwise, in the order
+/// diffusers writes it.
+pub fn cfg_combine(uncond: &[f32], cond: &[f32], guidance: f32) -> Vec<f32> {
+    uncond.iter().zip(cond).map(|(&u, &c)| u + guidance * (c - u)).collect()
+}
+
 /// GEGLU over rows of length `2·half`: `h · gelu(g)` for the halves `[h, g]` of each row.
 pub fn geglu(x: &[f32], half: usize) -> Vec<f32> {
     let rows = if half == 0 { 0 } else { x.len() / (2 * half) };

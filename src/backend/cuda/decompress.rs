@@ -84,7 +84,7 @@ impl DeviceValues {
 }
 
 /// The short type name used in kernel names.
-fn kernel_type(dtype: DType) -> &'static str {
+pub(super) fn kernel_type(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "f16",
         DType::BF16 => "bf16",

@@ -5,6 +5,9 @@
 //! - [`CudaStorage`] is the f32 data of a GPU tensor.
 //! - [`params`] mirrors the kernel parameter structs of `cuda/include/sdsparse_params.h`.
 //! - [`decompress`] holds sparse weights on the GPU and expands them to dense.
+//! - [`norm`] (group norm + SiLU, layer norm) and [`pointwise`] (GELU, SiLU, GEGLU, broadcast
+//!   add, CFG combine, nearest upsampling, concatenation, timestep embedding): the activation
+//!   kernels for f32 / f16 / bf16 storage, with host-checked launch plans.
 //!
 //! A kernel family is a `cuda/<name>.cu` file (compiled by build.rs into the one fatbin), a
 //! parameter struct in the header mirrored in `params.rs`, and a launcher file here. In a build
@@ -14,7 +17,9 @@
 pub mod decompress;
 mod device;
 pub mod kernels;
+pub mod norm;
 pub mod params;
+pub mod pointwise;
 pub mod sparse24;
 
 pub mod attention;

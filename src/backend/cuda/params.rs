@@ -95,6 +95,203 @@ assert_layout!(Sp24GemmParams, size = 88, {
     reserved = 84,
 });
 
+/// `SDS_NORM_FLAG_SILU`: apply SiLU after the group norm.
+pub const NORM_FLAG_SILU: u32 = 1;
+/// `SDS_NORM_MAX_SPLITS`: most statistics slices per group.
+pub const NORM_MAX_SPLITS: usize = 64;
+
+/// `SdsGroupNormParams`: Group norm (`cuda/norm.cu`, launcher `norm.rs`): statistics in `splits` slices per group
+/// into `partials`, then the normalisation (+ SiLU with `NORM_FLAG_SILU`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupNormParams {
+    pub x: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub y: u64,
+    pub partials: u64,
+    pub batch: i32,
+    pub channels: i32,
+    pub spatial: i32,
+    pub groups: i32,
+    pub splits: i32,
+    pub flags: u32,
+    pub eps: f32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for GroupNormParams {}
+
+assert_layout!(GroupNormParams, size = 72, {
+    x = 0,
+    gamma = 8,
+    beta = 16,
+    y = 24,
+    partials = 32,
+    batch = 40,
+    channels = 44,
+    spatial = 48,
+    groups = 52,
+    splits = 56,
+    flags = 60,
+    eps = 64,
+    reserved = 68,
+});
+
+/// `SdsLayerNormParams`: Layer norm over rows (`cuda/norm.cu`, launcher `norm.rs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerNormParams {
+    pub x: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub y: u64,
+    pub rows: i32,
+    pub dim: i32,
+    pub eps: f32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for LayerNormParams {}
+
+assert_layout!(LayerNormParams, size = 48, {
+    x = 0,
+    gamma = 8,
+    beta = 16,
+    y = 24,
+    rows = 32,
+    dim = 36,
+    eps = 40,
+    reserved = 44,
+});
+
+/// `SdsEltwiseParams`: Element-wise GELU / SiLU / broadcast add / CFG combine (`cuda/pointwise.cu`, launcher
+/// `pointwise.rs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EltwiseParams {
+    pub a: u64,
+    pub b: u64,
+    pub y: u64,
+    pub n: i32,
+    pub b_div: i32,
+    pub b_len: i32,
+    pub alpha: f32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for EltwiseParams {}
+
+assert_layout!(EltwiseParams, size = 40, {
+    a = 0,
+    b = 8,
+    y = 16,
+    n = 24,
+    b_div = 28,
+    b_len = 32,
+    alpha = 36,
+});
+
+/// `SdsGegluParams`: GEGLU over rows (`cuda/pointwise.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GegluParams {
+    pub x: u64,
+    pub y: u64,
+    pub rows: i32,
+    pub half: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for GegluParams {}
+
+assert_layout!(GegluParams, size = 24, {
+    x = 0,
+    y = 8,
+    rows = 16,
+    half = 20,
+});
+
+/// `SdsUpsampleParams`: Nearest upsampling to an explicit size (`cuda/pointwise.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpsampleParams {
+    pub x: u64,
+    pub y: u64,
+    pub planes: i32,
+    pub h: i32,
+    pub w: i32,
+    pub out_h: i32,
+    pub out_w: i32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for UpsampleParams {}
+
+assert_layout!(UpsampleParams, size = 40, {
+    x = 0,
+    y = 8,
+    planes = 16,
+    h = 20,
+    w = 24,
+    out_h = 28,
+    out_w = 32,
+    reserved = 36,
+});
+
+/// `SdsConcatParams`: Concatenation of two operands (`cuda/pointwise.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConcatParams {
+    pub a: u64,
+    pub b: u64,
+    pub y: u64,
+    pub outer: i32,
+    pub a_inner: i32,
+    pub b_inner: i32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for ConcatParams {}
+
+assert_layout!(ConcatParams, size = 40, {
+    a = 0,
+    b = 8,
+    y = 16,
+    outer = 24,
+    a_inner = 28,
+    b_inner = 32,
+    reserved = 36,
+});
+
+/// `SdsTimestepParams`: Sinusoidal timestep embedding (`cuda/pointwise.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimestepParams {
+    pub timesteps: u64,
+    pub y: u64,
+    pub count: i32,
+    pub dim: i32,
+    pub flip_sin_to_cos: u32,
+    pub freq_shift: f32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for TimestepParams {}
+
+assert_layout!(TimestepParams, size = 32, {
+    timesteps = 0,
+    y = 8,
+    count = 16,
+    dim = 20,
+    flip_sin_to_cos = 24,
+    freq_shift = 28,
+});
+
 /// `(size, [(field, offset)])` of a mirrored struct, for the header cross-check below.
 #[cfg(test)]
 macro_rules! layout_of {
@@ -139,6 +336,35 @@ mod tests {
                 flags,
                 reserved
             })),
+            "SdsGroupNormParams" => Some(layout_of!(GroupNormParams {
+                x,
+                gamma,
+                beta,
+                y,
+                partials,
+                batch,
+                channels,
+                spatial,
+                groups,
+                splits,
+                flags,
+                eps,
+                reserved
+            })),
+            "SdsLayerNormParams" => {
+                Some(layout_of!(LayerNormParams { x, gamma, beta, y, rows, dim, eps, reserved }))
+            }
+            "SdsEltwiseParams" => Some(layout_of!(EltwiseParams { a, b, y, n, b_div, b_len, alpha })),
+            "SdsGegluParams" => Some(layout_of!(GegluParams { x, y, rows, half })),
+            "SdsUpsampleParams" => {
+                Some(layout_of!(UpsampleParams { x, y, planes, h, w, out_h, out_w, reserved }))
+            }
+            "SdsConcatParams" => {
+                Some(layout_of!(ConcatParams { a, b, y, outer, a_inner, b_inner, reserved }))
+            }
+            "SdsTimestepParams" => {
+                Some(layout_of!(TimestepParams { timesteps, y, count, dim, flip_sin_to_cos, freq_shift }))
+            }
             _ => None,
         }
     }

@@ -59,3 +59,15 @@ unsafe extern "C" {
     pub safe fn sds_attn_key_index(t: i32, j: i32, lane: i32, e: i32) -> i32;
     pub safe fn sds_attn_p_reg(j: i32, r: i32) -> i32;
 }
+
+unsafe extern "C" {
+    /// Runs the activation kernel `name` (NUL-terminated, its name in the fatbin, e.g.
+    /// `sdsparse_layernorm_f16`) from `cuda/norm.cu` / `cuda/pointwise.cu`, compiled for the host
+    /// on the CUDA stand-in of `cuda_shim/sds_cuda_host.h`, over grid `(gx, gy)` of `bx` threads.
+    /// Returns 0, or -1 for an unknown kernel.
+    ///
+    /// # Safety
+    /// `params` must point to the kernel's parameter struct, whose pointers address host buffers
+    /// large enough for what the kernel reads and writes with those sizes.
+    pub fn sds_host_launch(name: *const std::ffi::c_char, params: *const std::ffi::c_void, gx: u32, gy: u32, bx: u32) -> i32;
+}
