@@ -82,6 +82,23 @@ pub struct Generated {
     pub prompt_truncated: bool,
 }
 
+/// An 8-bit RGB image: `pixels` holds `3 * width * height` bytes, row-major, channels
+/// interleaved (R, G, B), no padding between rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+impl Generated {
+    /// The image as 8-bit RGB, `round(x * 255)` (the bytes [`save_png`] writes).
+    pub fn to_rgb8(&self) -> Result<RgbImage> {
+        let (width, height, pixels) = image_to_rgb8(&self.image)?;
+        Ok(RgbImage { width, height, pixels })
+    }
+}
+
 /// Bytes and tensor counts of the loaded weights, by storage format.
 #[derive(Debug, Clone, Default)]
 pub struct WeightMemory {
