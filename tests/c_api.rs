@@ -256,11 +256,12 @@ fn a_planted_header_mismatch_is_caught() {
 
 // ---------------------------------------------------------------- building and running C
 
-/// The folder holding the cdylib cargo built for these tests (`target/<profile>`).
+/// The folder holding the cdylib cargo built for these tests: `target/<profile>/deps`, beside
+/// the test executable (`cargo test` does not copy it up to `target/<profile>`, where a copy
+/// from an older `cargo build` may lie).
 fn cdylib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps folder");
-    let dir = deps.parent().expect("profile folder").to_path_buf();
+    let dir = exe.parent().expect("deps folder").to_path_buf();
     let name = format!("{}sdsparse{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
     assert!(dir.join(&name).is_file(), "{name} not found in {}", dir.display());
     dir
@@ -310,6 +311,17 @@ fn build_c(source: &Path, dir: &Path) -> PathBuf {
     exe
 }
 
+/// A command running a C program built by [`build_c`]. The loader path points at this build's
+/// cdylib only: cargo's `LD_LIBRARY_PATH` also lists `target/<profile>`, where a stale copy
+/// from an older `cargo build` would win over the executable's run path.
+fn c_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    for var in ["LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "DYLD_FALLBACK_LIBRARY_PATH"] {
+        cmd.env(var, cdylib_dir());
+    }
+    cmd
+}
+
 /// The pixels of a binary PPM (`P6 W H 255`).
 fn read_ppm(path: &Path) -> (usize, usize, Vec<u8>) {
     let bytes = std::fs::read(path).expect("PPM written");
@@ -338,7 +350,7 @@ fn the_c_example_gives_the_rust_apis_image_bit_for_bit() {
     let model = fixture("tiny-sd2-eps");
     let ppm = tmp.path().join("c.ppm");
     let (prompt, steps, seed) = ("a red cube on a table", 3, 7);
-    let out = Command::new(&exe)
+    let out = c_command(&exe)
         .arg(&model)
         .arg(&ppm)
         .arg(prompt)
@@ -368,7 +380,7 @@ fn the_c_example_gives_the_rust_apis_image_bit_for_bit() {
 fn c_api_misuse_gives_error_codes_and_messages() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let exe = build_c(&root().join("tests/c/errors.c"), tmp.path());
-    let out = Command::new(&exe).arg(fixture("tiny-sd2-eps")).arg(tmp.path()).output().expect("run errors.c");
+    let out = c_command(&exe).arg(fixture("tiny-sd2-eps")).arg(tmp.path()).output().expect("run errors.c");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("0 failure(s)"),
