@@ -178,7 +178,11 @@ pub extern "C" fn sdsparse_last_error() -> *const c_char {
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `out` is NULL or points to writable storage.
 #[no_mangle]
-pub unsafe extern "C" fn sdsparse_open(path: *const c_char, device: c_int, out: *mut *mut SdsparseModel) -> c_int {
+pub unsafe extern "C" fn sdsparse_open(
+    path: *const c_char,
+    device: c_int,
+    out: *mut *mut SdsparseModel,
+) -> c_int {
     guard(|| {
         let out = non_null_mut(out, "out")?;
         *out = std::ptr::null_mut();
@@ -186,7 +190,11 @@ pub unsafe extern "C" fn sdsparse_open(path: *const c_char, device: c_int, out: 
         let device = match device {
             SDSPARSE_DEVICE_CPU => Device::Cpu,
             SDSPARSE_DEVICE_CUDA => Device::Cuda(CudaDevice::new(0)?),
-            other => return Err(invalid(format!("device must be SDSPARSE_DEVICE_CPU or SDSPARSE_DEVICE_CUDA, got {other}"))),
+            other => {
+                return Err(invalid(format!(
+                    "device must be SDSPARSE_DEVICE_CPU or SDSPARSE_DEVICE_CUDA, got {other}"
+                )))
+            }
         };
         let sd = StableDiffusion::load(&path, &device)?;
         *out = Box::into_raw(Box::new(SdsparseModel { sd }));
@@ -237,7 +245,8 @@ pub unsafe extern "C" fn sdsparse_generate_params_init(params: *mut SdsparseGene
 fn request(p: &SdsparseGenerateParams) -> Result<GenerateRequest, Failure> {
     let mut req = GenerateRequest::new(&req_str(p.prompt, "params.prompt")?);
     req.negative_prompt = opt_str(p.negative_prompt, "params.negative_prompt")?.unwrap_or_default();
-    req.scheduler = opt_str(p.scheduler, "params.scheduler")?.map(|s| SchedulerKind::from_cli_name(&s)).transpose()?;
+    req.scheduler =
+        opt_str(p.scheduler, "params.scheduler")?.map(|s| SchedulerKind::from_cli_name(&s)).transpose()?;
     if p.steps == 0 {
         return Err(invalid("params.steps must be at least 1"));
     }
@@ -344,13 +353,16 @@ pub unsafe extern "C" fn sdsparse_convert_options_init(options: *mut SdsparseCon
 fn convert_options(o: &SdsparseConvertOptions) -> Result<ConvertOptions, Failure> {
     let d = ConvertOptions::default();
     let sparsity = |v: f64| (v >= 0.0).then_some(v);
-    let parse_pattern = |p, what| opt_str(p, what)?.map(|s| s.parse::<Pattern>()).transpose().map_err(Failure::from);
+    let parse_pattern =
+        |p, what| opt_str(p, what)?.map(|s| s.parse::<Pattern>()).transpose().map_err(Failure::from);
     let dtype = match opt_str(o.dtype, "options.dtype")?.as_deref() {
         None | Some("keep") => None,
         Some("f32") => Some(DType::F32),
         Some("f16") => Some(DType::F16),
         Some("bf16") => Some(DType::BF16),
-        Some(other) => return Err(invalid(format!("unknown dtype '{other}' (expected keep, f16, bf16 or f32)"))),
+        Some(other) => {
+            return Err(invalid(format!("unknown dtype '{other}' (expected keep, f16, bf16 or f32)")))
+        }
     };
     let mut opts = ConvertOptions {
         text_encoder_sparsity: sparsity(o.text_encoder_sparsity),

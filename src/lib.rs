@@ -77,7 +77,9 @@ mod sparse_linear;
 // The stable API (docs/API.md).
 pub use backend::cuda::CudaDevice;
 pub use backend::{Device, Tensor};
-pub use convert::{convert, ComponentPlan, ComponentReport, ConvertOptions, ConvertReport, LayerReport, Progress};
+pub use convert::{
+    convert, ComponentPlan, ComponentReport, ConvertOptions, ConvertReport, LayerReport, Progress,
+};
 pub use error::{Error, Result};
 pub use format::{BitmapWeight, DType, HostData, Sparse24Weight, Weight};
 pub use pipeline::{GenerateRequest, Generated, RgbImage, StableDiffusion, Timings, WeightMemory};

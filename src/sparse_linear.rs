@@ -91,14 +91,14 @@ impl SparseLinear {
                     }
                     Weight::Bitmap(w) => {
                         let gemm = UnstructuredGemm::load(dev.context())?;
-                        let weight = DeviceTiledWeight::upload(dev.stream(), &TiledBitmapWeight::from_bitmap(w)?)?;
+                        let weight =
+                            DeviceTiledWeight::upload(dev.stream(), &TiledBitmapWeight::from_bitmap(w)?)?;
                         Imp::CudaBitmap { device: dev.clone(), gemm, weight }
                     }
-                    Weight::Dense(_) => {
-                        return Err(Error::Invalid(
-                            "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU".into(),
-                        ))
-                    }
+                    Weight::Dense(_) => return Err(Error::Invalid(
+                        "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU"
+                            .into(),
+                    )),
                 }
             }
         };
@@ -127,7 +127,10 @@ impl SparseLinear {
         }
         if let Some(b) = bias {
             if b.shape() != [n] {
-                return Err(Error::Shape(format!("SparseLinear: bias {:?} for {n} output features", b.shape())));
+                return Err(Error::Shape(format!(
+                    "SparseLinear: bias {:?} for {n} output features",
+                    b.shape()
+                )));
             }
         }
         let mut out_shape = x.shape().to_vec();

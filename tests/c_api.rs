@@ -202,7 +202,10 @@ fn mismatches(header: &Api, rust: &Api) -> Vec<String> {
     }
     for (name, fields) in &header.structs {
         if rust.structs.get(&rust_struct(name)) != Some(fields) {
-            out.push(format!("struct {name} {fields:?}: Rust has {:?}", rust.structs.get(&rust_struct(name))));
+            out.push(format!(
+                "struct {name} {fields:?}: Rust has {:?}",
+                rust.structs.get(&rust_struct(name))
+            ));
         }
     }
     if header.structs.len() != rust.structs.len() {
@@ -239,13 +242,13 @@ fn header_matches_the_rust_side() {
 fn a_planted_header_mismatch_is_caught() {
     let r = parse_rust(&rust_text());
     for (from, to) in [
-        ("uint32_t steps;", "int32_t steps;"),                    // field type
-        ("float guidance;", "double guidance;"),                  // field type
-        ("uint64_t seed;", "uint32_t seed;"),                      // field size
+        ("uint32_t steps;", "int32_t steps;"),   // field type
+        ("float guidance;", "double guidance;"), // field type
+        ("uint64_t seed;", "uint32_t seed;"),    // field size
         ("uint8_t *rgb, size_t rgb_len", "size_t rgb_len, uint8_t *rgb"), // argument order
         ("int sdsparse_open(const char *path, int device", "int sdsparse_open(char *path, int device"), // const
-        ("#define SDSPARSE_ERR_PANIC 7", "#define SDSPARSE_ERR_PANIC 9"),    // constant
-        ("void sdsparse_free(sdsparse_model *model);", ""),                 // missing function
+        ("#define SDSPARSE_ERR_PANIC 7", "#define SDSPARSE_ERR_PANIC 9"), // constant
+        ("void sdsparse_free(sdsparse_model *model);", ""),               // missing function
     ] {
         let text = header_text();
         assert!(text.contains(from), "planted bug {from:?} no longer applies");

@@ -10,7 +10,13 @@ use sdsparse::{test_device, DType, Device, HostData, Result, SparseLinear, Tenso
 /// `(y, scale)`: the f64 product of `x[m, k]` and the dense-with-zeros `w[n, k]` (+ bias), and
 /// per output `Σ |x w|`, the size an element-wise error bound scales with. With `f16`, the
 /// operands are rounded to f16 first, as the CUDA kernels see them.
-fn reference(x: &[f32], w: &Weight, m: usize, bias: Option<&[f32]>, f16_operands: bool) -> (Vec<f32>, Vec<f64>) {
+fn reference(
+    x: &[f32],
+    w: &Weight,
+    m: usize,
+    bias: Option<&[f32]>,
+    f16_operands: bool,
+) -> (Vec<f32>, Vec<f64>) {
     let (n, k) = w.dims2().unwrap();
     let round = |v: f32| if f16_operands { f16::from_f32(v).to_f32() } else { v };
     let dense: Vec<f32> = w.to_dense_host().unwrap().to_f32().into_iter().map(round).collect();
@@ -31,7 +37,14 @@ fn reference(x: &[f32], w: &Weight, m: usize, bias: Option<&[f32]>, f16_operands
 }
 
 /// One product on `device` checked against the reference.
-fn check(device: &Device, w: Weight, x_shape: &[usize], with_bias: bool, rng: &mut TestRng, seed: u64) -> Result<()> {
+fn check(
+    device: &Device,
+    w: Weight,
+    x_shape: &[usize],
+    with_bias: bool,
+    rng: &mut TestRng,
+    seed: u64,
+) -> Result<()> {
     let (n, k) = w.dims2()?;
     let m: usize = x_shape[..x_shape.len() - 1].iter().product();
     let x = rng.vec(m * k);
@@ -54,7 +67,10 @@ fn check(device: &Device, w: Weight, x_shape: &[usize], with_bias: bool, rng: &m
     assert!(err < norm_tol, "{what}: relative error {err:e}");
     for (i, ((&g, &r), &s)) in got.iter().zip(&want).zip(&scale).enumerate() {
         let bound = elem_tol * s + 1e-6;
-        assert!((g as f64 - r as f64).abs() <= bound, "{what}: element {i} is {g}, want {r} (bound {bound:e})");
+        assert!(
+            (g as f64 - r as f64).abs() <= bound,
+            "{what}: element {i} is {g}, want {r} (bound {bound:e})"
+        );
     }
     Ok(())
 }
