@@ -170,7 +170,8 @@ pub extern "C" fn sdsparse_abi_version() -> u32 {
 /// failing call on this thread.
 #[no_mangle]
 pub extern "C" fn sdsparse_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    // During thread teardown the thread-local may be gone: then there is no message.
+    catch_unwind(|| LAST_ERROR.try_with(|e| e.borrow().as_ptr()).ok()).ok().flatten().unwrap_or(c"".as_ptr())
 }
 
 /// Loads a pipeline folder on a device; `*out` receives the model (NULL on failure).
@@ -419,4 +420,25 @@ pub unsafe extern "C" fn sdsparse_convert(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: sdsparse_last_error returns a NUL-terminated string that lives until the next
+        // failing call on this thread.
+        unsafe { CStr::from_ptr(sdsparse_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_code_and_message() {
+        assert_eq!(guard(|| panic!("planted panic")), SDSPARSE_ERR_PANIC);
+        assert!(last_error().contains("planted panic"), "{}", last_error());
+        let code = guard(|| Err(Error::Invalid("bad thing".into()).into()));
+        assert_eq!(code, SDSPARSE_ERR_INVALID_ARGUMENT);
+        assert_eq!(last_error(), "invalid argument: bad thing");
+        assert_eq!(guard(|| Ok(())), SDSPARSE_OK);
+    }
 }
