@@ -11,7 +11,7 @@
  * - Strings are NUL-terminated UTF-8. Pointers marked "may be NULL" are optional; a NULL
  *   required pointer is SDSPARSE_ERR_NULL_ARGUMENT, never a crash.
  * - No Rust panic crosses this boundary: an internal error is SDSPARSE_ERR_PANIC.
- * - A model is used by one thread at a time; different models may run in parallel.
+ * - A model may be used from any thread, also from several at once (calls only read it).
  */
 #ifndef SDSPARSE_H
 #define SDSPARSE_H

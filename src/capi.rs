@@ -422,6 +422,13 @@ pub unsafe extern "C" fn sdsparse_convert(
     })
 }
 
+// A model may be used from any thread, also from several at once (header contract): every
+// entry point takes it read-only, so `Send + Sync` is what that needs.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<SdsparseModel>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
