@@ -301,6 +301,7 @@ fn build_c(source: &Path, dir: &Path, lib_dir: &Path) -> PathBuf {
         .std("c99")
         .warnings(true)
         .extra_warnings(true)
+        .warnings_into_errors(true)
         .get_compiler();
     let exe = dir.join(source.file_stem().expect("file name"));
     let mut cmd = compiler.to_command();
