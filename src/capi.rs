@@ -259,6 +259,14 @@ fn request(p: &SdsparseGenerateParams) -> Result<GenerateRequest, Failure> {
     Ok(req)
 }
 
+/// Bytes of a `w x h` RGB image, or an error when that does not fit in memory's address space.
+fn rgb_bytes(w: usize, h: usize) -> Result<usize, Failure> {
+    w.checked_mul(h)
+        .and_then(|p| p.checked_mul(3))
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| invalid(format!("a {w}x{h} image is too large")))
+}
+
 /// `(width, height)` of the image a request gives, after checking it.
 fn image_size(sd: &StableDiffusion, req: &GenerateRequest) -> Result<(usize, usize), Failure> {
     let shape = sd.latent_shape(req)?;
@@ -310,7 +318,7 @@ pub unsafe extern "C" fn sdsparse_generate(
         }
         // Check the buffer before any work.
         let (w, h) = image_size(&m.sd, &req)?;
-        let need = 3 * w * h;
+        let need = rgb_bytes(w, h)?;
         if rgb_len < need {
             return Err(Failure(
                 SDSPARSE_ERR_BUFFER_TOO_SMALL,

@@ -5,6 +5,7 @@
  */
 #include "sdsparse.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -62,7 +63,10 @@ int main(int argc, char **argv) {
     params.width = 33; /* not a multiple of the VAE scale factor */
     expect("generate bad width", sdsparse_generate(model, &params, rgb, sizeof rgb), SDSPARSE_ERR_INVALID_ARGUMENT,
            "width 33");
-    params.width = 0;
+    params.width = params.height = 0x80000000u; /* 3 * w * h overflows 64 bits */
+    expect("generate huge size", sdsparse_generate(model, &params, rgb, SIZE_MAX), SDSPARSE_ERR_INVALID_ARGUMENT,
+           "too large");
+    params.width = params.height = 0;
     params.steps = 0;
     expect("generate zero steps", sdsparse_generate(model, &params, rgb, sizeof rgb), SDSPARSE_ERR_INVALID_ARGUMENT,
            "steps");
