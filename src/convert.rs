@@ -13,6 +13,7 @@ use crate::format::codec::{
 };
 use crate::format::writer::{Entry, StreamWriter};
 use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, DType, HostData, Weight};
+use crate::output::{copy_file, TempDir};
 use crate::prune::{self, ComponentKind, Cut, Method, Pattern, Scope, Selection};
 use rayon::prelude::*;
 use safetensors::Dtype as StDtype;
@@ -282,77 +283,33 @@ fn copy_non_weights(from: &Path, to: &Path) -> Result<()> {
         if src.is_dir() {
             copy_non_weights(&src, &to.join(&name))?;
         } else if !is_weight_file(&name) {
-            std::fs::copy(&src, to.join(&name)).map_err(|e| Error::io(&src, e))?;
+            copy_file(&src, &to.join(&name))?;
         }
     }
     Ok(())
 }
 
-/// A temporary sibling of the output folder, removed on drop unless committed.
-struct TempOut {
-    tmp: PathBuf,
-    out: PathBuf,
-    committed: bool,
-}
-
-impl TempOut {
-    fn new(input: &Path, out: &Path, force: bool) -> Result<TempOut> {
-        if out.exists() && !force {
-            return Err(Error::Invalid(format!(
-                "{} already exists (use --force to replace it)",
-                out.display()
-            )));
-        }
-        let abs = |p: &Path| -> Result<PathBuf> {
-            let p = if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
-            };
-            Ok(std::fs::canonicalize(&p).unwrap_or(p))
+/// The output folder of `convert` / `export`, checked before any work (absent unless
+/// `force`, not the input nor inside it, its parent writable), as a temporary sibling that is
+/// renamed into place when complete.
+fn output_folder(input: &Path, out: &Path, force: bool) -> Result<TempDir> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
         };
-        let (ain, aout) = (abs(input)?, abs(out)?);
-        if aout.starts_with(&ain) || ain.starts_with(&aout) {
-            return Err(Error::Invalid(format!(
-                "the output {} must not be the input {} or inside it (the input is never modified)",
-                out.display(),
-                input.display()
-            )));
-        }
-        let parent = aout.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        if !parent.is_dir() {
-            return Err(Error::Invalid(format!("{}: parent folder does not exist", out.display())));
-        }
-        let base = aout.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".{base}.sdsparse-tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(TempOut { tmp, out: out.to_path_buf(), committed: false })
+        Ok(std::fs::canonicalize(&p).unwrap_or(p))
+    };
+    let (ain, aout) = (abs(input)?, abs(out)?);
+    if aout.starts_with(&ain) || ain.starts_with(&aout) {
+        return Err(Error::Invalid(format!(
+            "the output {} must not be the input {} or inside it (the input is never modified)",
+            out.display(),
+            input.display()
+        )));
     }
-
-    fn commit(mut self) -> Result<()> {
-        if self.out.exists() {
-            let meta = std::fs::symlink_metadata(&self.out).map_err(|e| Error::io(&self.out, e))?;
-            if meta.is_dir() {
-                std::fs::remove_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
-            } else {
-                std::fs::remove_file(&self.out).map_err(|e| Error::io(&self.out, e))?;
-            }
-        }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempOut {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
+    TempDir::new(out, force, "--out")
 }
 
 /// The weight file name diffusers / transformers look for in a component folder.
@@ -440,11 +397,25 @@ impl Job {
     }
 }
 
-/// The values of a float tensor in the job's output dtype.
+/// The values of a float tensor in the job's output dtype (f64 is read as f32). A cast that
+/// overflows (a finite value beyond f16's range) is an error naming the tensor.
 fn load_values(raw: &RawTensor<'_>, out: Option<DType>) -> Result<HostData> {
     let v = raw.host_data()?;
     Ok(match out {
-        Some(d) if d != v.dtype() => v.to_dtype(d),
+        Some(d) if d != v.dtype() => {
+            let cast = v.to_dtype(d);
+            let bad = crate::checkpoint::count_nonfinite_bytes(cast.as_bytes(), st_dtype(d));
+            if bad > 0 {
+                return Err(Error::Invalid(format!(
+                    "tensor {}: {bad} value(s) overflow {} (its largest magnitude is {:e}); use --dtype bf16, \
+                     f32 or keep",
+                    raw.name,
+                    d.name(),
+                    v.to_f32().iter().fold(0f32, |m, x| m.max(x.abs()))
+                )));
+            }
+            cast
+        }
         _ => v,
     })
 }
@@ -464,6 +435,10 @@ fn run_job<'a>(
     seed: u64,
 ) -> Result<(Parts<'a>, usize)> {
     let raw = store.raw(&job.name)?;
+    let bad = raw.count_nonfinite();
+    if bad > 0 {
+        return Err(crate::checkpoint::nonfinite_error(&store.describe(), &job.name, bad, job.numel()));
+    }
     let (rows, cols) = matrix_dims(&job.shape);
     match &job.action {
         Action::Dense => {
@@ -476,13 +451,12 @@ fn run_job<'a>(
             Ok((vec![(job.name.clone(), bytes)], 0))
         }
         Action::Prune { pattern, k, cut } => {
-            // Work on the mapped bytes directly unless a dtype cast is asked for.
-            let in_dtype = raw
-                .float_dtype()
-                .ok_or_else(|| Error::Format(format!("{}: not a float tensor", job.name)))?;
-            let out_dtype = job.out_dtype.unwrap_or(in_dtype);
+            // Work on the mapped bytes directly unless a dtype cast is needed (asked for, or
+            // f64 input, which is stored as f32).
+            let out_dtype =
+                job.out_dtype.ok_or_else(|| Error::Format(format!("{}: not a float tensor", job.name)))?;
             let cast;
-            let bytes: &[u8] = if out_dtype == in_dtype {
+            let bytes: &[u8] = if raw.float_dtype() == Some(out_dtype) {
                 raw.bytes
             } else {
                 cast = load_values(&raw, Some(out_dtype))?;
@@ -571,7 +545,16 @@ fn convert_component(
     for tname in store.names() {
         let raw = store.raw(&tname)?;
         let shape = raw.shape.to_vec();
-        let float = raw.float_dtype();
+        // f64 is read (and, with --dtype keep, stored) as f32; other float widths (float8)
+        // cannot be read and are refused rather than copied as opaque bytes.
+        let float = raw.load_dtype();
+        if float.is_none() && raw.is_float() {
+            return Err(Error::Checkpoint(format!(
+                "{}: {}",
+                store.describe(),
+                crate::checkpoint::unsupported_dtype(&tname, raw.dtype)
+            )));
+        }
         let out_dtype = float.map(|d| opts.dtype.unwrap_or(d));
         let numel: usize = shape.iter().product();
         let mut action = Action::Dense;
@@ -645,6 +628,26 @@ fn convert_component(
             for (&i, (cut, pruned)) in idx.iter().zip(cuts) {
                 jobs[i].action = Action::Prune { pattern: Pattern::Unstructured, k: pruned, cut: Some(cut) };
             }
+        }
+    }
+
+    // Sparsity asked for a component none of whose layers can take it: an error, not a
+    // silent dense copy reported as a conversion.
+    if let Some(p) = plan {
+        if !jobs.iter().any(|j| matches!(j.action, Action::Prune { .. })) {
+            let why = if kept_dense.is_empty() {
+                "no tensor matches the layer selection (Linear weights, --include-conv, --include, --exclude)"
+                    .to_string()
+            } else {
+                format!("all {} selected layers must stay dense ({})", kept_dense.len(), kept_dense[0].1)
+            };
+            return Err(Error::Invalid(format!(
+                "{}: {} {} sparsity was asked for, but {why}; give a sparsity of 0 for this component to keep \
+                 it dense",
+                store.describe(),
+                p.pattern.name(),
+                p.sparsity
+            )));
         }
     }
 
@@ -802,36 +805,50 @@ pub fn convert(
             )));
         }
     }
-    // Open every component first: bad files fail before anything is written.
+    // The output location and the whole input are checked before anything is written:
+    // every component generate needs must load (tokenizer, configs, scheduler, tensor names,
+    // shapes and dtypes), so convert never succeeds on a folder generate would refuse.
+    let tmp = output_folder(model, out, opts.force)?;
     let mut total = 0u64;
     for c in &weight_components {
         let store = ComponentStore::open(&model.join(c))?;
+        if store.sparse_header().is_some() {
+            return Err(Error::Invalid(format!(
+                "{}: already an sdsparse checkpoint (convert takes a dense one)",
+                store.describe()
+            )));
+        }
+        crate::checkpoint::expected::validate_component(&store, c)?;
         total += store
             .names()
             .iter()
             .map(|n| store.raw(n).map(|r| r.bytes.len() as u64).unwrap_or(0))
             .sum::<u64>();
     }
-    let tmp = TempOut::new(model, out, opts.force)?;
-    copy_non_weights(model, &tmp.tmp)?;
-    progress(Progress::Begin { total_bytes: total });
-    let source = model.display().to_string();
-    let mut components = Vec::new();
-    for c in &weight_components {
-        progress(Progress::Component { name: c.clone() });
-        let store = ComponentStore::open(&model.join(c))?;
-        let kind = ComponentKind::from_folder(c);
-        let plan = opts.plan(kind)?;
-        let file = tmp.tmp.join(c).join(weight_file_name(c));
-        components.push(convert_component(&store, c, kind, plan, opts, &source, &file, progress)?);
-    }
-    let report = ConvertReport {
-        out: out.to_path_buf(),
-        components,
-        include_conv: opts.selection.include_conv,
-        seconds: 0.0,
-    };
-    write_summary(&tmp.tmp, &report, opts)?;
+    crate::pipeline::check_folder(model)?;
+    let result = (|| -> Result<ConvertReport> {
+        copy_non_weights(model, tmp.path())?;
+        progress(Progress::Begin { total_bytes: total });
+        let source = model.display().to_string();
+        let mut components = Vec::new();
+        for c in &weight_components {
+            progress(Progress::Component { name: c.clone() });
+            let store = ComponentStore::open(&model.join(c))?;
+            let kind = ComponentKind::from_folder(c);
+            let plan = opts.plan(kind)?;
+            let file = tmp.path().join(c).join(weight_file_name(c));
+            components.push(convert_component(&store, c, kind, plan, opts, &source, &file, progress)?);
+        }
+        let report = ConvertReport {
+            out: out.to_path_buf(),
+            components,
+            include_conv: opts.selection.include_conv,
+            seconds: 0.0,
+        };
+        write_summary(tmp.path(), &report, opts)?;
+        Ok(report)
+    })();
+    let report = result.map_err(|e| tmp.name_output(e))?;
     tmp.commit()?;
     progress(Progress::Finish);
     Ok(ConvertReport { seconds: t0.elapsed().as_secs_f64(), ..report })
@@ -894,51 +911,55 @@ pub fn export(
         let store = ComponentStore::open(&sparse.join(c))?;
         total += store.files.iter().map(|f| f.metadata.data_len() as u64).sum::<u64>();
     }
-    let tmp = TempOut::new(sparse, out, force)?;
-    copy_non_weights(sparse, &tmp.tmp)?;
-    progress(Progress::Begin { total_bytes: total });
-    let mut written = Vec::new();
-    for c in &comps {
-        progress(Progress::Component { name: c.clone() });
-        let store = ComponentStore::open(&sparse.join(c))?;
-        let names = store.logical_names();
-        let mut entries = Vec::new();
-        for n in &names {
-            let (dtype, shape) = match store.sparse_header().and_then(|h| h.layers.get(n)) {
-                Some(rec) => {
-                    let d = dtype_from_name(&rec.dtype)
-                        .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
-                    (st_dtype(d), rec.shape.clone())
-                }
-                None => {
-                    let raw = store.raw(n)?;
-                    (raw.dtype, raw.shape.to_vec())
-                }
-            };
-            entries.push(Entry { name: n.clone(), dtype, shape });
-        }
-        let file = tmp.tmp.join(c).join(weight_file_name(c));
-        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        let mut w = StreamWriter::create(&file, entries, &meta)?;
-        for n in &names {
-            if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
-                let weight = crate::format::codec::load_compressed(&store, n)?;
-                let dense = weight.to_dense_host()?;
-                w.write(n, dense.as_bytes())?;
-                let b = match &weight {
-                    Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
-                    Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
-                    Weight::Dense(_) => 0,
+    let tmp = output_folder(sparse, out, force)?;
+    let result = (|| -> Result<Vec<(String, u64)>> {
+        copy_non_weights(sparse, tmp.path())?;
+        progress(Progress::Begin { total_bytes: total });
+        let mut written = Vec::new();
+        for c in &comps {
+            progress(Progress::Component { name: c.clone() });
+            let store = ComponentStore::open(&sparse.join(c))?;
+            let names = store.logical_names();
+            let mut entries = Vec::new();
+            for n in &names {
+                let (dtype, shape) = match store.sparse_header().and_then(|h| h.layers.get(n)) {
+                    Some(rec) => {
+                        let d = dtype_from_name(&rec.dtype)
+                            .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
+                        (st_dtype(d), rec.shape.clone())
+                    }
+                    None => {
+                        let raw = store.raw(n)?;
+                        (raw.dtype, raw.shape.to_vec())
+                    }
                 };
-                progress(Progress::Advance { bytes: b as u64 });
-            } else {
-                let raw = store.raw(n)?;
-                w.write(n, raw.bytes)?;
-                progress(Progress::Advance { bytes: raw.bytes.len() as u64 });
+                entries.push(Entry { name: n.clone(), dtype, shape });
             }
+            let file = tmp.path().join(c).join(weight_file_name(c));
+            let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+            let mut w = StreamWriter::create(&file, entries, &meta)?;
+            for n in &names {
+                if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
+                    let weight = crate::format::codec::load_compressed(&store, n)?;
+                    let dense = weight.to_dense_host()?;
+                    w.write(n, dense.as_bytes())?;
+                    let b = match &weight {
+                        Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
+                        Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
+                        Weight::Dense(_) => 0,
+                    };
+                    progress(Progress::Advance { bytes: b as u64 });
+                } else {
+                    let raw = store.raw(n)?;
+                    w.write(n, raw.bytes)?;
+                    progress(Progress::Advance { bytes: raw.bytes.len() as u64 });
+                }
+            }
+            written.push((c.clone(), w.finish(&meta)?));
         }
-        written.push((c.clone(), w.finish(&meta)?));
-    }
+        Ok(written)
+    })();
+    let written = result.map_err(|e| tmp.name_output(e))?;
     tmp.commit()?;
     progress(Progress::Finish);
     Ok(ExportReport { out: out.to_path_buf(), components: written })

@@ -63,6 +63,8 @@ pub mod format;
 #[doc(hidden)]
 pub mod model;
 #[doc(hidden)]
+pub mod output;
+#[doc(hidden)]
 pub mod pipeline;
 #[doc(hidden)]
 pub mod prune;

@@ -118,14 +118,21 @@ fn mb(b: u64) -> String {
 }
 
 /// The summary table printed after a conversion.
-pub fn print_report(r: &ConvertReport) {
-    println!(
+pub fn print_report(r: &ConvertReport) -> anyhow::Result<()> {
+    outln!(
         "{:<14} {:>12} {:>14} {:>14} {:>9} {:>12} {:>12} {:>8}",
-        "component", "pattern", "prunable", "zeros", "sparsity", "before", "after", "time"
+        "component",
+        "pattern",
+        "prunable",
+        "zeros",
+        "sparsity",
+        "before",
+        "after",
+        "time"
     );
     for c in &r.components {
         let pattern = c.plan.map(|p| p.pattern.name()).unwrap_or("dense");
-        println!(
+        outln!(
             "{:<14} {:>12} {:>14} {:>14} {:>8.2}% {:>12} {:>12} {:>7.1}s",
             c.name,
             pattern,
@@ -137,7 +144,7 @@ pub fn print_report(r: &ConvertReport) {
             c.seconds
         );
         for (name, why) in &c.kept_dense {
-            println!("  kept dense: {name}: {why}");
+            outln!("  kept dense: {name}: {why}");
         }
     }
     let (this, other) = if r.include_conv {
@@ -145,18 +152,18 @@ pub fn print_report(r: &ConvertReport) {
     } else {
         ("Linear layers only", "with --include-conv")
     };
-    println!(
+    outln!(
         "text encoder + UNet stored size: {:.3}x of dense ({this}); {:.3}x {other} (estimate)",
         r.te_unet_ratio(),
         r.te_unet_ratio_other_conv()
     );
-    println!("wrote {} in {:.1}s", r.out.display(), r.seconds);
+    outln!("wrote {} in {:.1}s", r.out.display(), r.seconds);
+    Ok(())
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
     let (_bar, mut progress) = progress_bar(args.quiet);
     let report = convert(&args.model, &args.out, &opts, &mut progress)?;
-    print_report(&report);
-    Ok(())
+    print_report(&report)
 }

@@ -47,22 +47,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.out.display()))?;
 
-    println!("== 1/3 synthesise the embedded tiny SD2 model (seeded random weights, the real SD2 tokenizer)");
+    outln!("== 1/3 synthesise the embedded tiny SD2 model (seeded random weights, the real SD2 tokenizer)");
     let opts = SynthOptions { preset: SynthPreset::Tiny, dtype: DType::F32, seed: args.seed, force: true };
     let report = write_checkpoint(&opts, &dense, |_, _, _| {})?;
     let params: usize = report.components.iter().map(|c| c.1).sum();
-    println!("wrote {} ({params} parameters)\n", dense.display());
+    outln!("wrote {} ({params} parameters)\n", dense.display());
 
-    println!(
+    outln!(
         "== 2/3 sdsparse convert at the study's targets (text encoder 47.5%, UNet 35%, magnitude, per layer)"
     );
     let s = |x: &std::path::Path| x.display().to_string();
     let flags = ["--model", &s(&dense), "--out", &s(&sparse), "--pattern", &args.pattern, "--force"];
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     super::convert::run(parse_args("convert", &flags)?)?;
-    println!();
+    outln!();
 
-    println!("== 3/3 sdsparse generate on the sparse checkpoint");
+    outln!("== 3/3 sdsparse generate on the sparse checkpoint");
     let flags = [
         "--model",
         &s(&sparse),
@@ -79,7 +79,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     ];
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     super::generate::run(parse_args("generate", &flags)?)?;
-    println!("\ndemo finished in {:.1} s: {}", start.elapsed().as_secs_f64(), image.display());
+    outln!("\ndemo finished in {:.1} s: {}", start.elapsed().as_secs_f64(), image.display());
     Ok(())
 }
 
@@ -127,7 +127,7 @@ pub fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
     bar.set_message("synthesising");
     let report = write_checkpoint(&opts, &args.out, |_, done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "wrote {} ({} preset, {}, seed {}) in {:.1} s",
         report.out.display(),
         preset.name(),
@@ -136,7 +136,7 @@ pub fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     for (component, params, bytes) in &report.components {
-        println!("  {component:<13} {params:>12} parameters  {:>10.1} MB", *bytes as f64 / 1e6);
+        outln!("  {component:<13} {params:>12} parameters  {:>10.1} MB", *bytes as f64 / 1e6);
     }
     Ok(())
 }

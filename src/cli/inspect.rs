@@ -23,21 +23,31 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
             None => "dense".to_string(),
         };
-        println!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
+        outln!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
         if !args.summary {
-            println!(
+            outln!(
                 "{:<72} {:>13} {:>20} {:>5} {:>9} {:>12}",
-                "tensor", "format", "shape", "dtype", "sparsity", "bytes"
+                "tensor",
+                "format",
+                "shape",
+                "dtype",
+                "sparsity",
+                "bytes"
             );
             for t in &c.tensors {
                 let shape = format!("{:?}", t.shape);
                 let sp = if t.numel == 0 { 0.0 } else { 100.0 * t.zeros as f64 / t.numel as f64 };
-                println!(
+                outln!(
                     "{:<72} {:>13} {:>20} {:>5} {:>8.2}% {:>12}",
-                    t.name, t.format, shape, t.dtype, sp, t.bytes
+                    t.name,
+                    t.format,
+                    shape,
+                    t.dtype,
+                    sp,
+                    t.bytes
                 );
                 if let Some(n) = &t.note {
-                    println!("    kept dense: {n}");
+                    outln!("    kept dense: {n}");
                 }
             }
         }
@@ -45,7 +55,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         let numel: usize = sparse.iter().map(|t| t.numel).sum();
         let zeros: usize = sparse.iter().map(|t| t.zeros).sum();
         let bytes: u64 = c.tensors.iter().map(|t| t.bytes).sum();
-        println!(
+        outln!(
             "   {} tensors, {} compressed ({} params, {:.2}% pruned), {:.1} MB of tensor data",
             c.tensors.len(),
             sparse.len(),
@@ -78,8 +88,8 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let (_bar, mut progress) = super::convert::progress_bar(args.quiet);
     let r = export(&args.model, &args.out, args.force, &mut progress)?;
     for (c, bytes) in &r.components {
-        println!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
+        outln!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
     }
-    println!("wrote dense diffusers folder {}", r.out.display());
+    outln!("wrote dense diffusers folder {}", r.out.display());
     Ok(())
 }

@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
            "width 33");
     params.width = params.height = 0x80000000u; /* 3 * w * h overflows 64 bits */
     expect("generate huge size", sdsparse_generate(model, &params, rgb, SIZE_MAX), SDSPARSE_ERR_INVALID_ARGUMENT,
-           "too large");
+           "2147483648x2147483648");
     params.width = params.height = 0;
     params.steps = 0;
     expect("generate zero steps", sdsparse_generate(model, &params, rgb, sizeof rgb), SDSPARSE_ERR_INVALID_ARGUMENT,
