@@ -62,7 +62,7 @@ typedef struct sdsparse_convert_options {
     const char *pattern;              /* may be NULL: "unstructured"; or "2:4" */
     const char *text_encoder_pattern; /* may be NULL: pattern */
     const char *unet_pattern;         /* may be NULL: pattern */
-    const char *method;               /* may be NULL: "magnitude"; or "random" */
+    const char *method;               /* may be NULL: "magnitude"; or another `convert --method` name */
     const char *scope;                /* may be NULL: "layer"; or "global" */
     const char *dtype;                /* may be NULL: "keep"; or "f16", "bf16", "f32" */
     uint64_t seed;                    /* seed of the random method */

@@ -6,6 +6,7 @@
 //! the end, so a failure leaves no partial output; the input folder is only read (by
 //! memory map), one component at a time, one batch of tensors at a time.
 
+use crate::calibrate::{Calibration, CalibrationOptions};
 use crate::checkpoint::{ComponentStore, RawTensor};
 use crate::error::{Error, Result};
 use crate::format::codec::{
@@ -14,12 +15,14 @@ use crate::format::codec::{
 use crate::format::writer::{Entry, StreamWriter};
 use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, DType, HostData, Weight};
 use crate::output::{copy_file, TempDir};
+use crate::prune::wanda::{self, ActivationStats, OwlGroup, OwlParams, Rule};
 use crate::prune::{self, ComponentKind, Cut, Method, Pattern, Scope, Selection};
 use rayon::prelude::*;
 use safetensors::Dtype as StDtype;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The study's text-encoder target.
@@ -49,6 +52,13 @@ pub struct ConvertOptions {
     pub selection: Selection,
     /// Replace an existing output folder.
     pub force: bool,
+    /// OWL's `M` and `λ` (method `owl`).
+    pub owl: OwlParams,
+    /// Calibration of the activation-aware methods (`wanda`, `owl`).
+    pub calibration: CalibrationOptions,
+    /// A per-layer plan from `sdsparse plan` (`convert --plan`): it sets every listed
+    /// layer's pattern and sparsity (magnitude, layer scope); unlisted layers stay dense.
+    pub mixed_plan: Option<Arc<crate::plan::MixedPlan>>,
 }
 
 impl Default for ConvertOptions {
@@ -65,6 +75,9 @@ impl Default for ConvertOptions {
             dtype: None,
             selection: Selection::default(),
             force: false,
+            owl: OwlParams::default(),
+            calibration: CalibrationOptions::default(),
+            mixed_plan: None,
         }
     }
 }
@@ -118,6 +131,17 @@ impl ConvertOptions {
     pub fn validate(&self) -> Result<()> {
         self.plan(ComponentKind::TextEncoder)?;
         self.plan(ComponentKind::Unet)?;
+        if self.method.needs_calibration() {
+            self.owl.validate()?;
+            self.calibration.captions()?;
+        }
+        if self.mixed_plan.is_some() && (self.method != Method::Magnitude || self.scope != Scope::Layer) {
+            return Err(Error::Invalid(
+                "--plan prunes each layer by magnitude to its own target; it cannot be combined with \
+                 --method or --scope global"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -136,6 +160,13 @@ pub enum Progress {
     /// Another `bytes` processed.
     Advance {
         bytes: u64,
+    },
+    /// Calibration (methods `wanda`, `owl`) before any writing: `done` of `total` units of
+    /// `stage` (`text_encoder`: captions; `unet`: UNet calls).
+    Calibration {
+        stage: &'static str,
+        done: usize,
+        total: usize,
     },
     Finish,
 }
@@ -180,6 +211,8 @@ pub struct ComponentReport {
     pub layers: Vec<LayerReport>,
     /// Layers selected for pruning that stayed dense, with the reason.
     pub kept_dense: Vec<(String, String)>,
+    /// OWL's layer groups with their outlier ratios and sparsities (method `owl`).
+    pub owl_groups: Vec<OwlGroup>,
 }
 
 impl ComponentReport {
@@ -347,6 +380,8 @@ struct Job {
     out_dtype: Option<DType>,
     in_bytes: usize,
     action: Action,
+    /// Wanda / OWL: the per-feature activation RMS and how the scores are cut.
+    wanda: Option<(Arc<Vec<f32>>, Rule)>,
 }
 
 impl Job {
@@ -463,8 +498,37 @@ fn run_job<'a>(
                 cast.as_bytes()
             };
             let es = out_dtype.size_in_bytes();
-            let keys = prune::Keys::new(method, seed, &job.name, out_dtype, bytes);
             let entries = job.entries();
+            if let Some((rms, rule)) = &job.wanda {
+                let values = load_values(&raw, Some(out_dtype))?.to_f32();
+                let keys = wanda::score_keys(&wanda::scores(&values, cols, rms));
+                let (mask, pruned) = wanda::apply(*rule, &keys, rows, cols);
+                if pruned != *k {
+                    return Err(Error::Format(format!(
+                        "{}: pruned {pruned} elements, planned {k}",
+                        job.name
+                    )));
+                }
+                let parts = match pattern {
+                    Pattern::Sparse24 => {
+                        let (values, meta) =
+                            crate::format::codec::encode_sparse24_bytes(bytes, es, rows, cols, &mask)?;
+                        vec![
+                            (entries[0].name.clone(), Cow::Owned(values)),
+                            (entries[1].name.clone(), Cow::Owned(meta)),
+                        ]
+                    }
+                    Pattern::Unstructured => {
+                        let values = crate::format::codec::gather_kept_bytes(bytes, es, rows, cols, &mask);
+                        vec![
+                            (entries[0].name.clone(), Cow::Owned(mask)),
+                            (entries[1].name.clone(), Cow::Owned(values)),
+                        ]
+                    }
+                };
+                return Ok((parts, pruned));
+            }
+            let keys = prune::Keys::new(method, seed, &job.name, out_dtype, bytes);
             match pattern {
                 Pattern::Sparse24 => {
                     let mask = prune::sparse24_mask(keys, rows, cols);
@@ -527,6 +591,7 @@ fn convert_component(
     kind: ComponentKind,
     plan: Option<ComponentPlan>,
     opts: &ConvertOptions,
+    stats: Option<&ActivationStats>,
     source: &str,
     out_file: &Path,
     progress: &mut dyn FnMut(Progress),
@@ -558,6 +623,35 @@ fn convert_component(
         let out_dtype = float.map(|d| opts.dtype.unwrap_or(d));
         let numel: usize = shape.iter().product();
         let mut action = Action::Dense;
+        if let (Some(mp), Some(_)) = (&opts.mixed_plan, float) {
+            if opts.selection.is_prunable(kind, &tname, &shape) {
+                if let Some(lp) = mp.choice(name, &tname) {
+                    let (rows, cols) = matrix_dims(&shape);
+                    if [rows, cols] != lp.shape {
+                        return Err(Error::Invalid(format!(
+                            "{name}: {tname} is {shape:?} but the plan has {:?} (a plan for another model?)",
+                            lp.shape
+                        )));
+                    }
+                    action = match lp.chosen {
+                        crate::plan::Choice::Dense => Action::Dense,
+                        crate::plan::Choice::Sparse24 if !cols.is_multiple_of(4) => {
+                            return Err(Error::Invalid(format!(
+                                "{tname}: the plan says 2:4 but {cols} columns"
+                            )))
+                        }
+                        crate::plan::Choice::Sparse24 => {
+                            Action::Prune { pattern: Pattern::Sparse24, k: numel / 2, cut: None }
+                        }
+                        crate::plan::Choice::Unstructured(s) => Action::Prune {
+                            pattern: Pattern::Unstructured,
+                            k: prune::prune_count(s, numel),
+                            cut: None,
+                        },
+                    };
+                }
+            }
+        }
         if let (Some(p), Some(_)) = (plan, float) {
             if opts.selection.is_prunable(kind, &tname, &shape) {
                 let (_, cols) = matrix_dims(&shape);
@@ -594,11 +688,18 @@ fn convert_component(
             out_dtype,
             in_bytes: raw.bytes.len(),
             action,
+            wanda: None,
         });
     }
 
+    // Wanda / OWL: scores from the calibration statistics, decided over the whole component.
+    let mut owl_groups = Vec::new();
+    if let (true, Some(p)) = (opts.method.needs_calibration(), plan) {
+        owl_groups = plan_activation_aware(store, &mut jobs, p, opts, stats)?;
+    }
+
     // Global scope: one exact cut over every unstructured layer of the component.
-    if let (Scope::Global, Some(p)) = (opts.scope, plan) {
+    if let (Scope::Global, Some(p), false) = (opts.scope, plan, opts.method.needs_calibration()) {
         if p.pattern == Pattern::Unstructured {
             let idx: Vec<usize> = jobs
                 .iter()
@@ -773,7 +874,68 @@ fn convert_component(
         seconds: t0.elapsed().as_secs_f64(),
         layers,
         kept_dense,
+        owl_groups,
     })
+}
+
+/// Decides the Wanda / OWL cut of every pruned job of a component (see
+/// [`wanda::decide`]) and records it in the jobs. Returns OWL's groups.
+fn plan_activation_aware(
+    store: &ComponentStore,
+    jobs: &mut [Job],
+    p: ComponentPlan,
+    opts: &ConvertOptions,
+    stats: Option<&ActivationStats>,
+) -> Result<Vec<OwlGroup>> {
+    let idx: Vec<usize> = jobs
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| matches!(j.action, Action::Prune { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let mut layers = Vec::with_capacity(idx.len());
+    let mut rms = Vec::with_capacity(idx.len());
+    for &i in &idx {
+        let j = &jobs[i];
+        let (rows, cols) = matrix_dims(&j.shape);
+        let s = stats.and_then(|s| wanda::lookup(s, &j.name)).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: --method {} needs the layer's input activations, but calibration saw none \
+                 (it prunes Linear layers only: drop --include-conv / --include for it, or --exclude it)",
+                j.name,
+                opts.method.name()
+            ))
+        })?;
+        if s.sum_sq.len() != cols || j.shape.len() != 2 {
+            return Err(Error::Shape(format!(
+                "{}: calibration saw {} input features, the weight is {:?}",
+                j.name,
+                s.sum_sq.len(),
+                j.shape
+            )));
+        }
+        layers.push(wanda::Layer { name: j.name.clone(), rows, cols });
+        rms.push(Arc::new(s.rms()));
+    }
+    let spec = wanda::Spec {
+        method: opts.method,
+        pattern: p.pattern,
+        scope: opts.scope,
+        sparsity: p.sparsity,
+        owl: opts.owl,
+    };
+    let jobs_ro: &[Job] = jobs;
+    let mut keys_of = |n: usize| -> Result<Vec<u32>> {
+        let j = &jobs_ro[idx[n]];
+        let values = load_values(&store.raw(&j.name)?, j.out_dtype)?.to_f32();
+        Ok(wanda::score_keys(&wanda::scores(&values, layers[n].cols, &rms[n])))
+    };
+    let (decisions, groups) = wanda::decide(&layers, &spec, &mut keys_of)?;
+    for ((&i, d), r) in idx.iter().zip(decisions).zip(rms) {
+        jobs[i].action = Action::Prune { pattern: p.pattern, k: d.pruned, cut: None };
+        jobs[i].wanda = Some((r, d.rule));
+    }
+    Ok(groups)
 }
 
 /// Converts the dense diffusers folder `model` into a sparse folder `out`.
@@ -826,6 +988,16 @@ pub fn convert(
             .sum::<u64>();
     }
     crate::pipeline::check_folder(model)?;
+    // Wanda / OWL: calibrate on the dense model (after validation, before anything is written).
+    let calibration = if opts.method.needs_calibration() {
+        let te = opts.plan(ComponentKind::TextEncoder)?.is_some();
+        let unet = opts.plan(ComponentKind::Unet)?.is_some();
+        crate::calibrate::calibrate(model, &opts.calibration, te, unet, &mut |c| {
+            progress(Progress::Calibration { stage: c.stage, done: c.done, total: c.total })
+        })?
+    } else {
+        Calibration::default()
+    };
     let result = (|| -> Result<ConvertReport> {
         copy_non_weights(model, tmp.path())?;
         progress(Progress::Begin { total_bytes: total });
@@ -835,9 +1007,11 @@ pub fn convert(
             progress(Progress::Component { name: c.clone() });
             let store = ComponentStore::open(&model.join(c))?;
             let kind = ComponentKind::from_folder(c);
-            let plan = opts.plan(kind)?;
+            // A mixed plan decides per layer (in convert_component) instead of per component.
+            let plan = if opts.mixed_plan.is_some() { None } else { opts.plan(kind)? };
             let file = tmp.path().join(c).join(weight_file_name(c));
-            components.push(convert_component(&store, c, kind, plan, opts, &source, &file, progress)?);
+            let stats = calibration.component(c);
+            components.push(convert_component(&store, c, kind, plan, opts, stats, &source, &file, progress)?);
         }
         let report = ConvertReport {
             out: out.to_path_buf(),
@@ -845,7 +1019,7 @@ pub fn convert(
             include_conv: opts.selection.include_conv,
             seconds: 0.0,
         };
-        write_summary(tmp.path(), &report, opts)?;
+        write_summary(tmp.path(), &report, opts, &calibration)?;
         Ok(report)
     })();
     let report = result.map_err(|e| tmp.name_output(e))?;
@@ -855,7 +1029,7 @@ pub fn convert(
 }
 
 /// `sdsparse.json`: how the folder was made, for people and for `inspect`.
-fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions) -> Result<()> {
+fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions, cal: &Calibration) -> Result<()> {
     let comps: Vec<serde_json::Value> = r
         .components
         .iter()
@@ -870,11 +1044,37 @@ fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions) -> Result
                 "bytes_before": c.bytes_before,
                 "bytes_after": c.bytes_after,
                 "kept_dense": c.kept_dense.iter().map(|(n, why)| serde_json::json!({"name": n, "reason": why})).collect::<Vec<_>>(),
+                "owl_groups": c.owl_groups.iter().map(|g| serde_json::json!({
+                    "name": g.name, "params": g.params, "outlier_ratio": g.outlier_ratio, "sparsity": g.sparsity,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
+    let calibration = opts.method.needs_calibration().then(|| {
+        serde_json::json!({
+            "prompts": opts.calibration.prompts.as_ref().map(|p| p.display().to_string()),
+            "captions": cal.captions,
+            "unet_captions": cal.unet_captions,
+            "unet_ddim_steps": opts.calibration.steps,
+            "seed": opts.calibration.seed,
+            "guidance": opts.calibration.guidance,
+            "owl_m": opts.owl.m,
+            "owl_lambda": opts.owl.lambda,
+        })
+    });
+    let mixed_plan = opts.mixed_plan.as_ref().map(|p| {
+        serde_json::json!({
+            "source_model": p.model,
+            "budget": p.budget,
+            "predicted_deviation": p.predicted_deviation,
+            "measured_deviation": p.measured_deviation,
+            "cost_vs_dense": p.cost / p.dense_cost.max(f64::MIN_POSITIVE),
+        })
+    });
     let v = serde_json::json!({
         "format": "sdsparse",
+        "calibration": calibration,
+        "mixed_plan": mixed_plan,
         "format_version": FORMAT_VERSION,
         "method": opts.method.name(),
         "scope": opts.scope.name(),

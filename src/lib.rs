@@ -53,6 +53,8 @@
 #[doc(hidden)]
 pub mod backend;
 #[doc(hidden)]
+pub mod calibrate;
+#[doc(hidden)]
 pub mod checkpoint;
 #[doc(hidden)]
 pub mod convert;
@@ -67,7 +69,11 @@ pub mod output;
 #[doc(hidden)]
 pub mod pipeline;
 #[doc(hidden)]
+pub mod plan;
+#[doc(hidden)]
 pub mod prune;
+#[doc(hidden)]
+pub mod prune_model;
 #[doc(hidden)]
 pub mod scheduler;
 #[doc(hidden)]

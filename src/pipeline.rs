@@ -321,6 +321,23 @@ impl StableDiffusion {
     pub fn notes(&self) -> &[String] {
         &self.notes
     }
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+    /// The text encoder, e.g. to attach observers or swap in pruned weights.
+    pub fn text_encoder_mut(&mut self) -> &mut ClipTextModel {
+        &mut self.text_encoder
+    }
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+    /// The UNet, e.g. to attach observers or swap in pruned weights.
+    pub fn unet_mut(&mut self) -> &mut UNet2DConditionModel {
+        &mut self.unet
+    }
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_config
     }
@@ -440,6 +457,29 @@ impl StableDiffusion {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
+        let d = self.denoise(req, progress)?;
+        let mut timings = d.timings;
+        let tv = Instant::now();
+        let decoded = self.vae.decode(&ops::to_device(&d.latents, &self.device)?)?;
+        check_finite(&decoded, || "the VAE decoder's output".into())?;
+        let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
+        let image =
+            Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;
+        timings.vae = tv.elapsed();
+        Ok(Generated {
+            latents: d.latents,
+            image,
+            scheduler: d.scheduler,
+            timesteps: d.timesteps,
+            timings,
+            prompt_truncated: d.prompt_truncated,
+        })
+    }
+
+    /// The pipeline up to the final latents (no VAE decode): text encoding and the
+    /// denoising loop with classifier-free guidance. `progress(done, total)` is called after
+    /// every UNet call. Calibration (`crate::calibrate`) runs this with observers attached.
+    pub fn denoise(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Denoised> {
         if !req.guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance must be a finite number, got {}", req.guidance)));
         }
@@ -488,17 +528,20 @@ impl StableDiffusion {
             timings.unet_steps.push(ts.elapsed());
             progress(i + 1, timesteps.len());
         }
-
-        let tv = Instant::now();
-        let decoded = self.vae.decode(&ops::to_device(&latents, &self.device)?)?;
-        check_finite(&decoded, || "the VAE decoder's output".into())?;
-        let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
-        let image =
-            Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;
-        timings.vae = tv.elapsed();
-
-        Ok(Generated { latents, image, scheduler: sched.name(), timesteps, timings, prompt_truncated })
+        Ok(Denoised { latents, scheduler: sched.name(), timesteps, timings, prompt_truncated })
     }
+}
+
+/// The result of [`StableDiffusion::denoise`]: what [`Generated`] holds minus the image.
+#[derive(Debug, Clone)]
+pub struct Denoised {
+    /// Final latents `[1, C, H/f, W/f]`.
+    pub latents: Tensor,
+    pub scheduler: &'static str,
+    pub timesteps: Vec<f32>,
+    /// Text encoder and UNet times (`vae` stays zero).
+    pub timings: Timings,
+    pub prompt_truncated: bool,
 }
 
 /// Errors when `t` holds NaN or an infinite value; `what` says where it was produced.

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Flags of `sdsparse inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A diffusers pipeline folder (dense or sparse) or one component folder.
+    /// A diffusers pipeline folder (dense or sparse), one component folder, or a plan file
+    /// written by `sdsparse plan`.
     pub path: PathBuf,
     /// Only the per-component totals.
     #[arg(long)]
@@ -15,7 +16,38 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    if args.path.is_file() && args.path.extension().is_some_and(|e| e == "json") {
+        let plan = sdsparse::plan::MixedPlan::load(&args.path)?;
+        super::plan::print_plan(&plan, args.summary)?;
+        return Ok(());
+    }
     let comps = inspect(&args.path)?;
+    // How the folder was made, when `convert` wrote a summary (mixed plan, calibration).
+    let summary: Option<serde_json::Value> =
+        std::fs::read_to_string(args.path.join(sdsparse::convert::SUMMARY_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(v) = &summary {
+        if let Some(p) = v.get("mixed_plan").filter(|p| !p.is_null()) {
+            let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+            outln!(
+                "mixed plan: budget {:.3e}, predicted deviation {:.3e}, measured {:.3e}, cost {:.3} of dense",
+                f("budget"),
+                f("predicted_deviation"),
+                f("measured_deviation"),
+                f("cost_vs_dense")
+            );
+        }
+        if let Some(c) = v.get("calibration").filter(|c| !c.is_null()) {
+            outln!(
+                "calibration: {} captions (UNet {}), {} DDIM steps, seed {}",
+                c["captions"],
+                c["unet_captions"],
+                c["unet_ddim_steps"],
+                c["seed"]
+            );
+        }
+    }
     for c in &comps {
         let kind = match &c.header {
             Some(h) => {
