@@ -85,6 +85,7 @@ mod sparse_linear;
 // The stable API (docs/API.md).
 pub use backend::cuda::CudaDevice;
 pub use backend::{Device, Tensor};
+pub use checkpoint::SingleFileOptions;
 pub use convert::{
     convert, ComponentPlan, ComponentReport, ConvertOptions, ConvertReport, LayerReport, Progress,
 };
