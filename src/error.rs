@@ -30,7 +30,8 @@ impl Error {
     }
 }
 
-/// `bail!`-style early return with a formatted [`Error::Msg`].
+/// `bail!`-style early return with a formatted [`Error::Msg`] (internal).
+#[doc(hidden)]
 #[macro_export]
 macro_rules! bail {
     ($($arg:tt)*) => { return Err($crate::error::Error::Msg(format!($($arg)*))) };

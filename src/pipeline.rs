@@ -31,12 +31,17 @@ use std::time::{Duration, Instant};
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
+    /// The text prompt (tokenized to the text encoder's 77 tokens; longer ones are cut).
     pub prompt: String,
+    /// The unconditional side of classifier-free guidance (`""`: diffusers' default).
     pub negative_prompt: String,
+    /// Denoising steps (at least 1; PNDM makes more UNet calls than steps).
     pub steps: usize,
+    /// Classifier-free guidance scale `g` in `u + g * (c - u)`; 1 or less turns guidance off.
     pub guidance: f32,
     /// `None`: the checkpoint's own scheduler (`scheduler_config.json`'s `_class_name`).
     pub scheduler: Option<SchedulerKind>,
+    /// Seed of the initial noise ([`GaussianNoise`], not torch's generator).
     pub seed: u64,
     /// Image size in pixels; `None`: the UNet's `sample_size` x the VAE scale factor (or the
     /// size `init_latents` implies).
@@ -66,8 +71,11 @@ impl GenerateRequest {
 /// Wall-clock time of each stage of one generation.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
+    /// Tokenizing and encoding the prompt and the negative prompt.
     pub text_encoder: Duration,
+    /// Each UNet call with guidance and the scheduler step, in order.
     pub unet_steps: Vec<Duration>,
+    /// VAE decode and conversion to `[0, 1]`.
     pub vae: Duration,
 }
 
@@ -78,12 +86,30 @@ pub struct Generated {
     pub latents: Tensor,
     /// The image `[1, 3, H, W]` in `[0, 1]`.
     pub image: Tensor,
+    /// The scheduler that ran (`ddim`, `euler`, `dpm++2m`, `pndm`).
     pub scheduler: &'static str,
     /// Timesteps the UNet was called at.
     pub timesteps: Vec<f32>,
     pub timings: Timings,
     /// Set when the prompt was longer than the text encoder's 77 tokens and was cut.
     pub prompt_truncated: bool,
+}
+
+/// An 8-bit RGB image: `pixels` holds `3 * width * height` bytes, row-major, channels
+/// interleaved (R, G, B), no padding between rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+impl Generated {
+    /// The image as 8-bit RGB, `round(x * 255)` (the bytes [`save_png`] writes).
+    pub fn to_rgb8(&self) -> Result<RgbImage> {
+        let (width, height, pixels) = image_to_rgb8(&self.image)?;
+        Ok(RgbImage { width, height, pixels })
+    }
 }
 
 /// Bytes and tensor counts of the loaded weights, by storage format.

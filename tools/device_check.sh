@@ -137,6 +137,8 @@ done
 for v in naive bm32,bm64,bm128 wgmma; do
     step tests "tests-uns-${v//,/-}" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-unstructured_gemm)" gpu_ --test-threads=1 --nocapture
 done
+# The library's SparseLinear (2:4 and bitmap kernels through the public API) against the CPU.
+step tests tests-sparse-linear 90 -- "$(exe test-sparse_linear)" ::cuda --test-threads=1 --nocapture
 for v in naive flash; do
     step tests "tests-attn-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-attention_gpu)" gpu_ --test-threads=1 --nocapture
 done
@@ -165,7 +167,8 @@ else
     for t in "test-sparse24_gemm gpu_small_for_sanitizer" "test-unstructured_gemm gpu_gemm_small_for_sanitizer" \
         "test-attention_gpu gpu_attention_small_for_sanitizer" "test-sdsparse decompress_matches_reference::cuda" \
         "test-sdsparse cuda::norm::tests::layer_norm_matches_cpu::cuda" "test-sdsparse cuda::pointwise::tests::upsample_matches_cpu::cuda" \
-        "test-sdsparse cuda::pointwise::tests::add_and_cfg_match_cpu::cuda" "test-sdsparse cuda::norm::tests::group_norm_matches_cpu::cuda"; do
+        "test-sdsparse cuda::pointwise::tests::add_and_cfg_match_cpu::cuda" "test-sdsparse cuda::norm::tests::group_norm_matches_cpu::cuda" \
+        "test-sparse_linear sparse_linear_matches_the_reference::cuda"; do
         read -r e filter <<<"$t"
         label="${filter%::cuda}" && label="${label##*::}" # one log per case, not per executable
         step sanitizer "memcheck-${e#test-}-$label" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture

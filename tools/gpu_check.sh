@@ -67,10 +67,10 @@ for line in sys.stdin:
 ' "$bins"
     }
     nice -n 19 cargo test --release --no-run --message-format=json-render-diagnostics \
-        --lib --test sparse24_gemm --test unstructured_gemm --test attention_gpu | collect
+        --lib --test sparse24_gemm --test unstructured_gemm --test attention_gpu --test sparse_linear | collect
     nice -n 19 cargo bench --no-run --message-format=json-render-diagnostics \
         --bench gemm_sparse24 --bench gemm_unstructured --bench attention | collect
-    for e in test-sdsparse test-sparse24_gemm test-unstructured_gemm test-attention_gpu \
+    for e in test-sdsparse test-sparse24_gemm test-unstructured_gemm test-attention_gpu test-sparse_linear \
         bench-gemm_sparse24 bench-gemm_unstructured bench-attention; do
         [[ -x "$bins/$e" ]] || { echo "gpu_check: $e was not built" >&2; exit 1; }
     done

@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 /// fn softmax_rows_sum_to_one(device: &Device) -> Result<()> { ... }
 /// test_device!(softmax_rows_sum_to_one);
 /// ```
+#[doc(hidden)]
 #[macro_export]
 macro_rules! test_device {
     ($name:ident) => {

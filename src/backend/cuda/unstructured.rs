@@ -62,7 +62,7 @@ impl WeightBytes {
 
 /// Checks that a canonical bitmap weight is self-consistent, so a corrupt file fails with a
 /// clear error instead of an out-of-bounds read.
-fn validate(w: &BitmapWeight) -> Result<()> {
+pub(crate) fn validate(w: &BitmapWeight) -> Result<()> {
     let row_bytes = bitmap_row_bytes(w.cols);
     let bad = |what: String| Err(Error::Format(format!("bitmap weight [{}, {}]: {what}", w.rows, w.cols)));
     if w.bitmap.len() != w.rows * row_bytes {

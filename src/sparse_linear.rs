@@ -1,0 +1,184 @@
+//! The sparse GEMM ops on their own, for engines that want only the kernels: a pruned Linear
+//! weight ([`Sparse24Weight`] or [`BitmapWeight`] in the canonical layouts of `docs/FORMAT.md`)
+//! is placed on a device once, then multiplied by activations as often as needed.
+//!
+//! On the CPU the product runs the reference path of [`crate::backend::ops::linear`] (the one
+//! layer expanded into a scratch buffer, then the dense f32 GEMM): exactly the dense-with-zeros
+//! result. On CUDA the weight is packed into the kernel layouts at [`SparseLinear::new`] (2:4
+//! `mma.sp` metadata order, tiled bitmaps) and uploaded; each [`SparseLinear::forward`] rounds
+//! the activations to f16, runs the kernel the dispatcher picks (f32 accumulation) and returns
+//! f16-rounded results widened to f32. The CUDA path has not yet run on a GPU (see
+//! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
+
+use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
+use crate::backend::cuda::unstructured::{DeviceTiledWeight, Epilogue, TiledBitmapWeight, UnstructuredGemm};
+use crate::backend::cuda::{kernels, CudaDevice};
+use crate::backend::{ops, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::format::{BitmapWeight, Sparse24Weight, Weight};
+use half::f16;
+
+/// A Linear layer's weight `W[out_features, in_features]` placed on a device:
+/// `y[.., N] = x[.., K] · W^T (+ bias[N])`.
+///
+/// Accepts dense, 2:4 and bitmap weights on the CPU; 2:4 (`in_features % 8 == 0`) and bitmap
+/// (`in_features % 8 == 0`) weights on CUDA.
+///
+/// ```
+/// use sdsparse::{BitmapWeight, Device, HostData, SparseLinear, Tensor};
+///
+/// // W = [[1, 0, 2], [0, 0, 3]] as an unstructured bitmap weight: bit c of row r's mask byte
+/// // is set when W[r][c] is kept.
+/// let dense = HostData::F32(vec![1.0, 0.0, 2.0, 0.0, 0.0, 3.0]);
+/// let w = BitmapWeight::from_dense(&dense, 2, 3, &[0b101, 0b100])?;
+/// let layer = SparseLinear::new(w.into(), &Device::Cpu)?;
+/// let x = Tensor::from_vec(vec![1.0, 1.0, 1.0], &[1, 3])?;
+/// let y = layer.forward(&x, None)?;
+/// assert_eq!(y.to_vec()?, vec![3.0, 3.0]);
+/// # Ok::<(), sdsparse::Error>(())
+/// ```
+pub struct SparseLinear {
+    out_features: usize,
+    in_features: usize,
+    imp: Imp,
+}
+
+enum Imp {
+    Cpu(Weight),
+    Cuda24 { device: CudaDevice, kernels: Sp24Kernels, weight: Sparse24Gpu },
+    CudaBitmap { device: CudaDevice, gemm: UnstructuredGemm, weight: DeviceTiledWeight },
+}
+
+impl From<Sparse24Weight> for Weight {
+    fn from(w: Sparse24Weight) -> Weight {
+        Weight::Sparse24(w)
+    }
+}
+
+impl From<BitmapWeight> for Weight {
+    fn from(w: BitmapWeight) -> Weight {
+        Weight::Bitmap(w)
+    }
+}
+
+impl SparseLinear {
+    /// Places `weight` on `device`: kept as it is for the CPU; packed into the kernel layout,
+    /// uploaded, and the kernel module loaded for CUDA (once per layer: build layers once and
+    /// reuse them).
+    ///
+    /// Errors: a malformed weight (sizes, metadata, bitmap and offsets that disagree), a dense
+    /// weight or `in_features % 8 != 0` on CUDA, CUDA driver failures.
+    pub fn new(weight: Weight, device: &Device) -> Result<SparseLinear> {
+        let (out_features, in_features) = weight.dims2()?;
+        let imp = match device {
+            Device::Cpu => {
+                validate_host(&weight)?;
+                Imp::Cpu(weight)
+            }
+            Device::Cuda(dev) => {
+                if !in_features.is_multiple_of(8) {
+                    return Err(Error::Invalid(format!(
+                        "the CUDA sparse kernels need in_features % 8 == 0, got {in_features}"
+                    )));
+                }
+                match &weight {
+                    Weight::Sparse24(w) => {
+                        let fatbin = kernels::fatbin()
+                            .ok_or_else(|| Error::Cuda("this build has no CUDA kernels".into()))?;
+                        let kernels = Sp24Kernels::load(dev.context(), fatbin)?;
+                        let weight = Sparse24Gpu::upload(dev.stream(), &Sparse24Packed::pack(w)?)?;
+                        Imp::Cuda24 { device: dev.clone(), kernels, weight }
+                    }
+                    Weight::Bitmap(w) => {
+                        let gemm = UnstructuredGemm::load(dev.context())?;
+                        let weight =
+                            DeviceTiledWeight::upload(dev.stream(), &TiledBitmapWeight::from_bitmap(w)?)?;
+                        Imp::CudaBitmap { device: dev.clone(), gemm, weight }
+                    }
+                    Weight::Dense(_) => return Err(Error::Invalid(
+                        "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU"
+                            .into(),
+                    )),
+                }
+            }
+        };
+        Ok(SparseLinear { out_features, in_features, imp })
+    }
+
+    /// `N`, the rows of the weight.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `K`, the columns of the weight (the activations' last dimension).
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// `y[.., N] = x[.., K] · W^T (+ bias[N])` for host tensors `x` and `bias`; the result is a
+    /// host tensor. Errors on shapes that do not fit the weight and on CUDA failures.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (n, k) = (self.out_features, self.in_features);
+        if x.rank() == 0 || x.shape().last() != Some(&k) {
+            return Err(Error::Shape(format!(
+                "SparseLinear: input {:?} does not end in the weight's {k} input features",
+                x.shape()
+            )));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [n] {
+                return Err(Error::Shape(format!(
+                    "SparseLinear: bias {:?} for {n} output features",
+                    b.shape()
+                )));
+            }
+        }
+        let mut out_shape = x.shape().to_vec();
+        *out_shape.last_mut().expect("rank checked above") = n;
+        let m = x.numel() / k.max(1);
+        match &self.imp {
+            Imp::Cpu(w) => ops::linear(x, w, bias),
+            _ if m == 0 => Ok(Tensor::zeros(&out_shape)),
+            Imp::Cuda24 { device, kernels, weight } => {
+                let (xd, bd) = upload_operands(device, x, bias)?;
+                let mut yd = device.alloc_zeros::<u16>(m * n)?;
+                let epi = Sp24Epilogue { bias: bd.as_ref(), ..Default::default() };
+                kernels.gemm(device.stream(), kernels.choose(m, n, k), &xd, m, weight, &epi, &mut yd)?;
+                download(device, &yd, &out_shape)
+            }
+            Imp::CudaBitmap { device, gemm, weight } => {
+                let (xd, bd) = upload_operands(device, x, bias)?;
+                let mut yd = device.alloc_zeros::<u16>(m * n)?;
+                let epi = Epilogue { bias: bd.as_ref(), ..Default::default() };
+                gemm.forward(device.stream(), &xd, m, weight, &epi, &mut yd)?;
+                download(device, &yd, &out_shape)
+            }
+        }
+    }
+}
+
+/// The CPU path checks a compressed weight's internal sizes up front (the CUDA path's packing
+/// does the same), so a malformed weight fails at `new`, not inside the first product.
+fn validate_host(w: &Weight) -> Result<()> {
+    match w {
+        Weight::Dense(t) => t.dims2().map(drop),
+        Weight::Sparse24(s) => s.validate(),
+        Weight::Bitmap(b) => crate::backend::cuda::unstructured::validate(b),
+    }
+}
+
+type Operands = (cudarc::driver::CudaSlice<u16>, Option<cudarc::driver::CudaSlice<f32>>);
+
+/// `x` as f16 bits and `bias` as f32 on the GPU.
+fn upload_operands(device: &CudaDevice, x: &Tensor, bias: Option<&Tensor>) -> Result<Operands> {
+    let x16: Vec<u16> = x.to_vec()?.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+    let xd = device.htod(&x16)?;
+    let bd = bias.map(|b| device.htod(&b.to_vec()?)).transpose()?;
+    Ok((xd, bd))
+}
+
+/// The f16 result as a host f32 tensor (waits for the kernel; reports its errors).
+fn download(device: &CudaDevice, yd: &cudarc::driver::CudaSlice<u16>, shape: &[usize]) -> Result<Tensor> {
+    let y = device.dtoh(yd)?;
+    Tensor::from_vec(y.into_iter().map(|b| f16::from_bits(b).to_f32()).collect(), shape)
+}
