@@ -12,7 +12,9 @@ pub mod format;
 pub mod model;
 pub mod pipeline;
 pub mod prune;
+pub mod quality;
 pub mod scheduler;
+pub mod sweep;
 pub mod synth;
 
 pub use backend::{Device, Tensor};

@@ -4,3 +4,4 @@ pub mod convert;
 pub mod demo;
 pub mod generate;
 pub mod inspect;
+pub mod sweep;
