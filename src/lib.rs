@@ -16,6 +16,7 @@ pub mod quality;
 pub mod scheduler;
 pub mod sweep;
 pub mod synth;
+pub mod toy;
 
 pub use backend::{Device, Tensor};
 pub use error::{Error, Result};

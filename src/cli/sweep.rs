@@ -58,10 +58,6 @@ fn list<T: std::str::FromStr<Err = sdsparse::Error>>(s: &str) -> anyhow::Result<
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<()> {
-    let device = super::generate::select_device(&args.device)?;
-    if !device.is_cpu() {
-        anyhow::bail!("--device {}: the sweep runs the pipeline on the CPU in this build (use --device cpu)", args.device);
-    }
     let prompts = match &args.prompts {
         None => None,
         Some(p) => {
@@ -85,6 +81,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         prune_seed: args.prune_seed,
     };
     let points = opts.plan()?;
+    let device = super::generate::select_device(&args.device)?;
+    if !device.is_cpu() {
+        anyhow::bail!("--device {}: the sweep runs the pipeline on the CPU in this build (use --device cpu)", args.device);
+    }
     println!(
         "sweep of {}: {} points x {} seeds, {} steps -> {}",
         args.model.display(),

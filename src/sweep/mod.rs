@@ -416,7 +416,8 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
         points.into_iter().filter(|p| !results.points.iter().any(|r| r.key() == opts.key(p))).collect();
 
     let per_point = prompts.len() * opts.seeds;
-    let total = per_point * (todo.len() + 1);
+    // Points at sparsity 0 are the dense model: measured once, by the dense run.
+    let total = per_point * (todo.iter().filter(|p| p.sparsity > 0.0).count() + 1);
     let mut done = 0usize;
     let mut sd = StableDiffusion::load(&opts.model, &crate::Device::Cpu)?;
     let te_dir = opts.model.join("text_encoder");
@@ -434,7 +435,7 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
     }
     let dense_result = measure(opts, None, None, 0.0, (0.0, 0.0), &reference, &reference, &spec, &scenes, t0, "images/dense")?;
     results.points.retain(|p| p.target.is_some());
-    results.points.insert(0, dense_result);
+    results.points.insert(0, dense_result.clone());
     save_results(&opts.out, &results)?;
 
     if !todo.is_empty() {
@@ -444,6 +445,17 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
         let unet_config = UNetConfig::from_file(&unet_dir)?;
         let selection = Selection { include_conv: opts.include_conv, ..Selection::default() };
         for p in &todo {
+            if p.sparsity == 0.0 {
+                let mut r = dense_result.clone();
+                r.target = Some(p.target);
+                r.method = p.method.name().to_string();
+                r.scope = opts.scope.name().to_string();
+                r.pattern = opts.pattern.name().to_string();
+                r.include_conv = opts.include_conv;
+                r.seconds = 0.0;
+                results.points.push(r);
+                continue;
+            }
             let label = format!("{} {} {:.3}", p.target.name(), p.method.name(), p.sparsity);
             progress(done, total, &label);
             let t0 = std::time::Instant::now();

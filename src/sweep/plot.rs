@@ -94,7 +94,8 @@ pub fn curves(results: &SweepResults, path: &Path) -> Result<()> {
         measures.push(("task score (colour, shape, background right)", |p| p.task_score));
     }
     measures.push(("SSIM vs dense", |p| Some(p.ssim)));
-    measures.push(("PSNR vs dense (dB, capped at 100)", |p| Some(p.psnr_db)));
+    // Identical images (the dense point, sparsity 0) have no finite PSNR: left out of the plot.
+    measures.push(("PSNR vs dense (dB)", |p| (p.psnr_db < super::PSNR_CAP_DB).then_some(p.psnr_db)));
     measures.push(("latent relative error vs dense", |p| Some(p.latent_rel_err)));
     let (w, h) = (1200u32, 900u32);
     let mut buf = image::RgbImage::new(w, h);
@@ -213,4 +214,74 @@ pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
         root.present().map_err(perr(path))?;
     }
     save_png(&buf, path)
+}
+
+/// The demo's picture: `rows` of images (each row the same prompts), each image scaled up to
+/// at least 192 pixels (nearest neighbour, so the pixels stay visible), a label left of each
+/// row, the prompt above each column and `marks[row][col]` (e.g. the task verdict) below each
+/// image. Without a font the same layout is drawn without text.
+pub fn side_by_side(
+    rows: &[Vec<image::RgbImage>],
+    row_labels: &[String],
+    prompts: &[String],
+    marks: &[Vec<String>],
+) -> Result<image::RgbImage> {
+    let text = fonts_available();
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let side = rows.iter().flatten().map(|i| i.width().max(i.height())).max().unwrap_or(64);
+    let scale = 192u32.div_ceil(side).max(1);
+    let cell = side * scale;
+    let (label_w, head_h, foot_h, gap) = if text { (150u32, 40u32, 22u32, 10u32) } else { (0, 0, 0, 10) };
+    let w = label_w + cols as u32 * (cell + gap) + gap;
+    let h = head_h + rows.len() as u32 * (cell + foot_h + gap) + gap;
+    let mut buf = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let x_of = |c: usize| label_w + gap + c as u32 * (cell + gap);
+    let y_of = |r: usize| head_h + gap + r as u32 * (cell + foot_h + gap);
+    for (r, row) in rows.iter().enumerate() {
+        for (c, img) in row.iter().enumerate() {
+            let big = image::imageops::resize(img, img.width() * scale, img.height() * scale, image::imageops::FilterType::Nearest);
+            image::imageops::replace(&mut buf, &big, x_of(c) as i64, y_of(r) as i64);
+        }
+    }
+    if text {
+        let raw: &mut [u8] = &mut buf;
+        let root = BitMapBackend::with_buffer(raw, (w, h)).into_drawing_area();
+        let err = |e: DrawingAreaErrorKind<_>| Error::Msg(format!("demo picture: cannot draw: {e}"));
+        for (c, p) in prompts.iter().enumerate().take(cols) {
+            // Two lines: "a red circle" / "on a blue background".
+            let (a, b) = match p.find(" on ") {
+                Some(i) => (&p[..i], &p[i + 1..]),
+                None => (p.as_str(), ""),
+            };
+            for (k, line) in [a, b].iter().enumerate() {
+                root.draw(&Text::new(line.to_string(), (x_of(c) as i32, 4 + 17 * k as i32), ("sans-serif", 14)))
+                    .map_err(err)?;
+            }
+        }
+        for (r, label) in row_labels.iter().enumerate() {
+            // Wrapped at spaces into lines of about 20 characters.
+            let mut lines = vec![String::new()];
+            for word in label.split(' ') {
+                if lines.last().is_some_and(|l| l.len() + word.len() > 20) {
+                    lines.push(String::new());
+                }
+                let l = lines.last_mut().expect("one line");
+                if !l.is_empty() {
+                    l.push(' ');
+                }
+                l.push_str(word);
+            }
+            for (k, line) in lines.iter().enumerate() {
+                let y = (y_of(r) + cell / 2) as i32 - 10 + 17 * k as i32;
+                root.draw(&Text::new(line.clone(), (6, y), ("sans-serif", 15))).map_err(err)?;
+            }
+            for (c, m) in marks.get(r).into_iter().flatten().enumerate() {
+                let colour = if m == "right" { RGBColor(0, 120, 0) } else { RGBColor(190, 0, 0) };
+                let style = TextStyle::from(("sans-serif", 14).into_font()).color(&colour);
+                root.draw(&Text::new(m.clone(), (x_of(c) as i32, (y_of(r) + cell + 3) as i32), style)).map_err(err)?;
+            }
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(buf)
 }
