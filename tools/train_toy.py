@@ -306,6 +306,10 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=1e9, help="safety stop for the whole run (wall clock)")
     ap.add_argument("--vae-max-minutes", type=float, default=1e9, help="safety stop for the VAE phase")
     ap.add_argument("--save-every-min", type=float, default=5.0)
+    ap.add_argument("--resume", metavar="DIR", default=None,
+                    help="continue UNet + text encoder training from a saved folder (VAE phase skipped)")
+    ap.add_argument("--high-t-fraction", type=float, default=0.0,
+                    help="fraction of each UNet batch with timesteps drawn from [600, 1000)")
     ap.add_argument("--finetune-decoder", metavar="DIR", default=None,
                     help="phase 4 only: fine-tune the VAE decoder of the folder DIR in place (encoder frozen)")
     ap.add_argument("--decoder-steps", type=int, default=2000)
@@ -337,29 +341,42 @@ def main():
     info = {"seed": args.seed, "threads": args.threads, "params": n_params, "args": vars(args),
             "torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
 
-    # ---- 1. VAE --------------------------------------------------------------------------------------------
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    vae.train()
-    vae_done = 0
-    for step in range(args.vae_steps):
-        if elapsed_min() > min(args.vae_max_minutes, args.max_minutes):
-            log(f"VAE: time budget reached after {step} steps")
-            break
-        # 32x32 crops of the 64x64 images (the VAE is convolutional; a quarter of the cost per sample).
-        x, _ = make_dataset(rng, args.vae_batch)
-        oy, ox = (int(v) for v in rng.integers(0, 33, size=2))
-        x = x[:, :, oy:oy + 32, ox:ox + 32]
-        post = vae.encode(x).latent_dist
-        z = post.sample(generator=None)
-        rec = vae.decode(z).sample
-        kl = post.kl().mean() / z[0].numel()
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-5 * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        vae_done = step + 1
-        if step % 50 == 0:
-            log(f"VAE step {step}: loss {loss.item():.4f} (kl {kl.item():.2f})")
+    if args.resume:
+        # Continue from a saved folder: its text encoder, UNet and VAE (the VAE, and so the latent space, is kept).
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.resume, "text_encoder")).float()
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.resume, "unet")).float()
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.resume, "vae")).float()
+        with open(os.path.join(args.resume, "train_info.json")) as f:
+            info["resumed_from"] = json.load(f)
+        vae_done = 0
+        log(f"resumed from {args.resume}")
+    else:
+        # ---- 1. VAE --------------------------------------------------------------------------------------------
+        opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+        vae.train()
+        vae_done = 0
+        for step in range(args.vae_steps):
+            if elapsed_min() > min(args.vae_max_minutes, args.max_minutes):
+                log(f"VAE: time budget reached after {step} steps")
+                break
+            # 32x32 crops of the 64x64 images (the VAE is convolutional; a quarter of the cost per sample).
+            x, _ = make_dataset(rng, args.vae_batch)
+            oy, ox = (int(v) for v in rng.integers(0, 33, size=2))
+            x = x[:, :, oy:oy + 32, ox:ox + 32]
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=None)
+            rec = vae.decode(z).sample
+            kl = post.kl().mean() / z[0].numel()
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-5 * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            vae_done = step + 1
+            if step % 50 == 0:
+                log(f"VAE step {step}: loss {loss.item():.4f} (kl {kl.item():.2f})")
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -375,8 +392,11 @@ def main():
             stds.append(post.std)
         rec = vae.decode(means[0][:8]).sample
     mean, std = torch.cat(means), torch.cat(stds)
-    scaling = float(1.0 / mean.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if args.resume:
+        scaling = float(vae.config.scaling_factor)
+    else:
+        scaling = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=scaling)
     rec_err = float((rec - xs[:8]).abs().mean())
     log(f"latents: {tuple(mean.shape)}, std {mean.std():.3f} -> scaling_factor {scaling:.4f}; "
         f"VAE mean abs reconstruction error {rec_err:.4f} (of 2)")
@@ -423,6 +443,10 @@ def main():
         text_rows = [n_scenes if rng.random() < 0.1 else c for c in chosen]  # 10% empty: guidance
         ids = token_ids[torch.tensor(text_rows)]
         t = torch.from_numpy(rng.integers(0, 1000, size=len(idx)))
+        # The caption decides the image only at high noise (below it the noisy latents already show the
+        # background colour), so the text is learnt from few timesteps: oversample them on request.
+        high = torch.from_numpy(rng.random(len(idx)) < args.high_t_fraction)
+        t = torch.where(high, torch.from_numpy(rng.integers(600, 1000, size=len(idx))), t)
         noise = torch.randn_like(z0)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
