@@ -428,7 +428,7 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
     let mut reference = Vec::with_capacity(per_point);
     let dense_dir = opts.out.join("images").join("dense");
     let t0 = std::time::Instant::now();
-    let dense = generate_all(&sd, opts, &prompts, &dense_dir, &mut |n| progress(done + n, total, "dense"))?;
+    let dense = generate_all(&sd, opts, &prompts, Some(&dense_dir), &mut |n| progress(done + n, total, "dense"))?;
     done += per_point;
     for g in dense {
         reference.push(g);
@@ -485,7 +485,7 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
                 if opts.include_conv { "-conv" } else { "" },
                 p.sparsity
             );
-            let gens = generate_all(&sd, opts, &prompts, &opts.out.join(&rel), &mut |n| progress(done + n, total, &label))?;
+            let gens = generate_all(&sd, opts, &prompts, Some(&opts.out.join(&rel)), &mut |n| progress(done + n, total, &label))?;
             done += per_point;
             if let Some(m) = old_te {
                 sd.replace_text_encoder(m);
@@ -509,10 +509,12 @@ fn generate_all(
     sd: &StableDiffusion,
     opts: &SweepOptions,
     prompts: &[String],
-    dir: &Path,
+    dir: Option<&Path>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Reference>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let mut out = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         for seed in 0..opts.seeds {
@@ -522,13 +524,48 @@ fn generate_all(
             req.seed = seed as u64;
             let g = sd.generate(&req, &mut |_, _| {})?;
             let (width, height, rgb) = pipeline::image_to_rgb8(&g.image)?;
-            let path = dir.join(image_name(i, seed));
-            write_png(&path, width, height, &rgb)?;
+            if let Some(dir) = dir {
+                write_png(&dir.join(image_name(i, seed)), width, height, &rgb)?;
+            }
             out.push(Reference { latents: g.latents, width, height, rgb });
             progress(out.len());
         }
     }
     Ok(out)
+}
+
+/// Task score of any model folder with a `task.json` (dense, or converted by `sdsparse
+/// convert`, e.g. at the study's mixed targets): the fraction of `prompts` x seeds `0..seeds`
+/// whose image passes [`task::judge`].
+pub fn task_score_of(model: &Path, prompts: &[String], seeds: usize, steps: usize, guidance: f32) -> Result<f64> {
+    let spec = task::TaskSpec::from_model_dir(model)?
+        .ok_or_else(|| Error::Invalid(format!("{}: no task.json, so no task score", model.display())))?;
+    let scenes: Vec<task::Scene> = prompts
+        .iter()
+        .map(|p| spec.parse(p).ok_or_else(|| Error::Invalid(format!("prompt {p:?} is not in the task grammar"))))
+        .collect::<Result<_>>()?;
+    let sd = StableDiffusion::load(model, &crate::Device::Cpu)?;
+    let opts = SweepOptions {
+        model: model.to_path_buf(),
+        out: PathBuf::new(),
+        targets: vec![],
+        sparsities: vec![],
+        methods: vec![],
+        scope: Scope::Layer,
+        pattern: Pattern::Unstructured,
+        include_conv: false,
+        prompts: None,
+        seeds,
+        steps,
+        guidance,
+        prune_seed: 0,
+    };
+    let gens = generate_all(&sd, &opts, prompts, None, &mut |_| {})?;
+    let mut pass = 0;
+    for (k, g) in gens.iter().enumerate() {
+        pass += task::judge(&spec, &scenes[k / seeds], g.width, g.height, &g.rgb)?.pass() as usize;
+    }
+    Ok(pass as f64 / gens.len().max(1) as f64)
 }
 
 /// File name of prompt `i`, seed `s` inside a point's image folder.
