@@ -6,7 +6,7 @@
 //! Without a GPU (or in a build without the CUDA kernels) it prints why and exits.
 //!
 //! Run: `cargo bench --bench gemm_sparse24` on a GPU machine, or from here through
-//! `tools/sp24_gpu_run.sh` (2:4 only) / `tools/gpu_run.sh` (everything) and the device tool.
+//! `tools/gpu_check.sh` (docs/CUDA.md) and the device tool.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};

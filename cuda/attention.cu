@@ -22,11 +22,13 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "sdsparse_index.h"
 #include "sdsparse_uns_ptx.h"
 #include "sdsparse_unstructured_params.h"
 
 namespace sds_attn {
 using namespace sds_uns;
+using namespace sds_idx; // index math shared with the emulator tests (sdsparse_index.h)
 
 constexpr int D = SDS_ATTN_HEAD_DIM;
 constexpr int BQ = 64;    // query rows per CTA
@@ -95,7 +97,7 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
         if (t == 0) {
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk)
-                ldmatrix_x4(qa[kk], qs + (warp * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+                ldmatrix_x4(qa[kk], qs + (warp * 16 + ldm_a_row(lane)) * LDS + kk * 16 + ldm_a_col(lane));
         }
 
         // S[16 x 64] = Q K^T: K rows are d-contiguous = mma's "col" B operand, no transpose.
@@ -109,8 +111,8 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
 #pragma unroll
             for (int j = 0; j < BKV / 8; j += 2) {
                 uint32_t bf[4];
-                const int key = j * 8 + (lane & 7) + ((lane >> 4) << 3);
-                ldmatrix_x4(bf, ks[s] + key * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+                const int key = j * 8 + ldm_b_row(lane);
+                ldmatrix_x4(bf, ks[s] + key * LDS + kk * 16 + ldm_b_col(lane));
                 mma_16816(sc[j], qa[kk], bf[0], bf[1]);
                 mma_16816(sc[j + 1], qa[kk], bf[2], bf[3]);
             }
@@ -122,7 +124,7 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
         for (int j = 0; j < BKV / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key = t * BKV + j * 8 + 2 * (lane % 4) + (e & 1);
+                const int key = attn_key_index(t, j, lane, e);
                 float v = sc[j][e] * scale_log2;
                 if (ragged && key >= p.seq_kv) v = -INFINITY;
                 sc[j][e] = v;
@@ -133,11 +135,15 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         }
-        // Tile 0 always holds key 0, so mx is finite from the first tile on: no -inf - -inf.
-        float alpha[2];
+        // A row that has seen only masked keys has mx = -inf; exp2f(-inf - -inf) would be NaN
+        // and poison o and l for good (review A1). Today tile 0 always holds key 0, but a future
+        // key-padding mask would not: such a row subtracts 0 instead, so alpha = exp2(-inf) = 0
+        // and P = exp2(-inf) = 0, while m_run keeps the true max (-inf) for the next tile.
+        float alpha[2], m_use[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            alpha[r] = exp2f(m_run[r] - mx[r]);  // 0 on the first tile (m_run = -inf)
+            m_use[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
+            alpha[r] = exp2f(m_run[r] - m_use[r]);  // 0 on the first tile (m_run = -inf)
             m_run[r] = mx[r];
             l_run[r] *= alpha[r];
         }
@@ -157,11 +163,11 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
             float pe[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                pe[e] = exp2f(sc[j][e] - m_run[e / 2]);
+                pe[e] = exp2f(sc[j][e] - m_use[e / 2]);
                 l_run[e / 2] += pe[e];
             }
-            pa[j / 2][(j & 1) * 2 + 0] = pack_half2(pe[0], pe[1]);  // a0 / a2: row g
-            pa[j / 2][(j & 1) * 2 + 1] = pack_half2(pe[2], pe[3]);  // a1 / a3: row g+8
+            pa[j / 2][attn_p_reg(j, 0)] = pack_half2(pe[0], pe[1]);  // a0 / a2: row g
+            pa[j / 2][attn_p_reg(j, 1)] = pack_half2(pe[2], pe[3]);  // a1 / a3: row g+8
         }
 
         // O[16 x 64] += P V: V rows are keys (k) with d contiguous, so B needs ldmatrix.trans.
@@ -170,8 +176,8 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
 #pragma unroll
             for (int j = 0; j < D / 8; j += 2) {
                 uint32_t bf[4];
-                const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                ldmatrix_x4_trans(bf, vs[s] + key * LDS + j * 8 + (lane >> 4) * 8);
+                const int key = kk * 16 + ldm_bt_row(lane);
+                ldmatrix_x4_trans(bf, vs[s] + key * LDS + j * 8 + ldm_bt_col(lane));
                 mma_16816(o[j], pa[kk], bf[0], bf[1]);
                 mma_16816(o[j + 1], pa[kk], bf[2], bf[3]);
             }
@@ -186,12 +192,12 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
         float l = l_run[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = 1.0f / l;
-        const int row = q0 + warp * 16 + lane / 4 + r * 8;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row without any key: 0, not NaN
+        const int row = q0 + warp * 16 + frag_c_row(lane, 2 * r);
         if (row >= p.seq_q) continue;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
-            const int d = j * 8 + 2 * (lane % 4);
+            const int d = j * 8 + frag_c_col(lane, 0);
             *reinterpret_cast<__half2*>(ob + (int64_t)row * p.o_stride_s + d) =
                 __floats2half2_rn(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
         }

@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "sdsparse_index.h"
 #include "sparse24.cuh"
 
 // The dynamic shared memory of every kernel in this file (one declaration: all uses must
@@ -29,6 +30,7 @@ extern __shared__ __align__(1024) uint8_t sp24_smem[];
 // Everything but the extern "C" kernels lives in a namespace: build.rs compiles all of
 // cuda/*.cu as one translation unit.
 namespace sp24 {
+using namespace sds_idx; // index math shared with the emulator tests (sdsparse_index.h)
 
 // ---------------------------------------------------------------------------------------
 // Small PTX wrappers
@@ -156,19 +158,18 @@ extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sdsparse_sp24_
     using namespace sp24;
     static_assert(V1_WARPS * 16 == SP24_ROW_PAD, "a block covers one row pad unit");
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int g = lane / 4, tq = lane % 4;          // mma groupID, thread in group
     const int row0 = blockIdx.x * 64 + warp * 16;   // first weight row of this warp
     const int t0 = blockIdx.y * 8;                  // first token of this block
     const __half* x = static_cast<const __half*>(p.x);
     const __half* wv = static_cast<const __half*>(p.w_values);
     const int kc_row = p.k_pad / 2;                 // compressed values per weight row
     const int kblocks = p.k_pad / SP24_META_BLOCK_K;
-    const int tok = t0 + g;                         // token this lane feeds into B
+    const int tok = t0 + lane / 4;                  // token this lane feeds into B (column g)
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
     for (int kb = 0; kb < kblocks; ++kb) {
         // This lane's metadata word of the (16-row, 64-column) block, used by both steps.
-        const uint32_t meta = p.w_meta[((size_t)(row0 / 16) * kblocks + kb) * 32 + lane];
+        const uint32_t meta = p.w_meta[sp24_meta_word(row0 / 16, kblocks, kb, lane)];
 #pragma unroll
         for (int step = 0; step < 2; ++step) {
             const int kc = kb * 32 + step * 16;     // first compressed column of the step
@@ -177,14 +178,14 @@ extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sdsparse_sp24_
             // A (compressed 16x16): a0 row g cols 2tq..+1, a1 row g+8, a2/a3 cols + 8.
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int r = row0 + g + 8 * (i % 2);
-                const int c = kc + 2 * tq + 8 * (i / 2);
+                const int r = row0 + frag_a_row(lane, i);
+                const int c = kc + frag_a_col(lane, i);
                 a[i] = *reinterpret_cast<const uint32_t*>(wv + (size_t)r * kc_row + c);
             }
             // B (32x8, K-major = X rows): b_i holds k = kl + 2tq + 8i, +1 of token g.
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int k = kl + 2 * tq + 8 * i;
+                const int k = kl + frag_b_k32(lane, i);
                 b[i] = (tok < p.m && k < p.k) ? *reinterpret_cast<const uint32_t*>(x + (size_t)tok * p.ldx + k) : 0u;
             }
             if (step == 0) mma_sp_16832<0>(acc, a, b, meta);
@@ -194,8 +195,8 @@ extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sdsparse_sp24_
     // acc: c0/c1 row g tokens 2tq, 2tq+1; c2/c3 row g+8.
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int n = row0 + g + 8 * (i / 2);
-        const int t = t0 + 2 * tq + (i % 2);
+        const int n = row0 + frag_c_row(lane, i);
+        const int t = t0 + frag_c_col(lane, i);
         if (n < p.n && t < p.m) epilogue_one(p, t, n, acc[i]);
     }
 }
@@ -211,7 +212,8 @@ constexpr int V2_BK = 64;           // logical k per stage (one metadata block)
 constexpr int V2_BKC = V2_BK / 2;   // compressed k per stage
 constexpr int V2_STAGES = 3;
 constexpr int V2_THREADS = 256;     // 8 warps: 4 along weight rows x 2 along tokens
-constexpr int V2_CS_LD = V2_BN + 4; // f32 staging row stride (breaks bank alignment)
+constexpr int V2_CS_LD = SP24_CS_LD; // f32 staging row stride (breaks bank alignment)
+static_assert(V2_CS_LD == V2_BN + 4, "sdsparse_index.h");
 
 template <int BT>
 struct V2Smem {
@@ -224,11 +226,8 @@ struct V2Smem {
     static constexpr int TOTAL = PIPE > EPI ? PIPE : EPI;
 };
 
-// Swizzled byte offsets of 16-byte chunks. W rows are 64 B (4 chunks): XOR with bits 1..2
-// of the row so that the 8 rows an ldmatrix reads hit 8 different 16 B bank groups.
-__device__ __forceinline__ int w_chunk_off(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) * 16); }
-// X rows are 128 B (8 chunks): XOR with the row's low 3 bits.
-__device__ __forceinline__ int x_chunk_off(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) * 16); }
+// Swizzled 16-byte chunks of W (64 B rows) and X (128 B rows): sp24_v2_{w,x}_chunk_off in
+// sdsparse_index.h.
 
 template <int BT>
 __device__ __forceinline__ void v2_load_stage(const Sp24GemmParams& p, uint8_t* stage, int n0, int t0, int kt) {
@@ -242,7 +241,7 @@ __device__ __forceinline__ void v2_load_stage(const Sp24GemmParams& p, uint8_t* 
         const int gr = n0 + row;
         const bool ok = gr < p.n_pad;
         const __half* src = ok ? wv + (size_t)gr * (p.k_pad / 2) + kt * V2_BKC + ch * 8 : wv;
-        cp_async_16(w_s + w_chunk_off(row, ch), src, ok);
+        cp_async_16(w_s + sp24_v2_w_chunk_off(row, ch), src, ok);
     }
     // X: BT token rows x 8 chunks of 8 logical k (k % 8 == 0, so chunks are all in or out).
     for (int c = threadIdx.x; c < BT * 8; c += V2_THREADS) {
@@ -250,15 +249,22 @@ __device__ __forceinline__ void v2_load_stage(const Sp24GemmParams& p, uint8_t* 
         const int gt = t0 + row, gk = kt * V2_BK + ch * 8;
         const bool ok = gt < p.m && gk < p.k;
         const __half* src = ok ? x + (size_t)gt * p.ldx + gk : x;
-        cp_async_16(x_s + x_chunk_off(row, ch), src, ok);
+        cp_async_16(x_s + sp24_v2_x_chunk_off(row, ch), src, ok);
     }
     // Metadata: 8 row blocks x 32 words = 64 chunks of 4 words, no swizzle (read as words).
+    // Row blocks past n_pad (the grid covers ceil(n / 128) * 128 rows, so n_pad % 128 == 64
+    // leaves 4 of them, e.g. SD2's N = 320) get the neutral word, not zeros: 0b0000 nibbles are
+    // undefined for mma.sp::ordered_metadata (review S1). Plain stores, ordered before the MMAs
+    // by the same barrier that publishes the cp.async data.
     for (int c = threadIdx.x; c < (V2_BN / 16) * 8; c += V2_THREADS) {
         const int rb = c / 8, q = c % 8;
         const int grb = n0 / 16 + rb;
-        const bool ok = grb < p.n_pad / 16;
-        const uint32_t* src = ok ? p.w_meta + ((size_t)grb * (p.k_pad / V2_BK) + kt) * 32 + q * 4 : p.w_meta;
-        cp_async_16(m_s + c * 16, src, ok);
+        if (grb < p.n_pad / 16) {
+            cp_async_16(m_s + c * 16, p.w_meta + sp24_meta_word(grb, p.k_pad / V2_BK, kt, q * 4), true);
+        } else {
+            *reinterpret_cast<uint4*>(stage + S::W_BYTES + S::X_BYTES + c * 16) =
+                make_uint4(SP24_META_NEUTRAL, SP24_META_NEUTRAL, SP24_META_NEUTRAL, SP24_META_NEUTRAL);
+        }
     }
 }
 
@@ -278,6 +284,7 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
     const int warp_n = warp % 4, warp_t = warp / 4;
     const int n0 = blockIdx.x * V2_BN, t0 = blockIdx.y * BT;
     const int ktiles = p.k_pad / V2_BK;
+    const bool rows_live = sp24_v2_warp_live(n0, warp_n, p.n_pad); // review S2 (sdsparse_index.h)
 
     float acc[MI][NJ][4];
 #pragma unroll
@@ -301,12 +308,14 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
         if (pf < ktiles) v2_load_stage<BT>(p, smem + (pf % V2_STAGES) * S::STAGE, n0, t0, pf);
         cp_async_commit();
 
+        if (!rows_live) continue; // only padding rows: no MMA (the barriers above still run)
+
         uint8_t* st = smem + (kt % V2_STAGES) * S::STAGE;
         const uint32_t w_s = smem_u32(st), x_s = w_s + S::W_BYTES;
         const uint32_t* m_s = reinterpret_cast<const uint32_t*>(st + S::W_BYTES + S::X_BYTES);
         uint32_t meta[MI];
 #pragma unroll
-        for (int i = 0; i < MI; ++i) meta[i] = m_s[(warp_n * MI + i) * 32 + lane]; // row block of tile i
+        for (int i = 0; i < MI; ++i) meta[i] = m_s[sp24_v2_meta_smem_word(warp_n, i, lane)]; // row block of tile i
 
 #pragma unroll
         for (int step = 0; step < 2; ++step) {
@@ -315,15 +324,14 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
             for (int i = 0; i < MI; ++i) {
                 // ldmatrix.x4: lane l addresses row l % 16 of the m16 tile, compressed chunk
                 // (step * 2 + l / 16): matrices (rows 0-7|8-15) x (cols 0-7|8-15) = a0..a3.
-                const int row = warp_n * 32 + i * 16 + lane % 16;
-                ldmatrix_x4(a[i], w_s + w_chunk_off(row, step * 2 + lane / 16));
+                ldmatrix_x4(a[i], w_s + sp24_v2_w_chunk_off(sp24_v2_a_row(warp_n, i, lane), sp24_v2_a_chunk(step, lane)));
             }
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
                 // ldmatrix.x4: lane l addresses token row l % 8, k chunk (step * 4 + l / 8):
                 // matrix q gives b_q = X[token g][k = 32 step + 8q + 2tq, +1].
-                const int row = warp_t * WARP_T + j * 8 + lane % 8;
-                ldmatrix_x4(b[j], x_s + x_chunk_off(row, step * 4 + lane / 8));
+                const int row = sp24_v2_b_row(warp_t, WARP_T, j, lane);
+                ldmatrix_x4(b[j], x_s + sp24_v2_x_chunk_off(row, sp24_v2_b_chunk(step, lane)));
             }
 #pragma unroll
             for (int i = 0; i < MI; ++i)
@@ -340,15 +348,14 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
     cp_async_wait<0>();
     __syncthreads();
     float* cs = reinterpret_cast<float*>(smem);
-    const int g = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int j = 0; j < NJ; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const int nr = warp_n * 32 + i * 16 + g + 8 * (q / 2);     // c2, c3: row g + 8
-                const int tr = warp_t * WARP_T + j * 8 + 2 * tq + (q % 2); // c1, c3: token + 1
+                const int nr = warp_n * 32 + i * 16 + frag_c_row(lane, q);     // c2, c3: row g + 8
+                const int tr = warp_t * WARP_T + j * 8 + frag_c_col(lane, q);  // c1, c3: token + 1
                 cs[tr * V2_CS_LD + nr] = acc[i][j][q];
             }
     __syncthreads();
@@ -396,6 +403,9 @@ static_assert(V2Smem<128>::TOTAL == 76800 && V2Smem<64>::TOTAL == 52224 && V2Sme
 static_assert(V3_STAGE % 1024 == 0, "stages keep TMA / descriptor alignment");
 static_assert(V3_BK == SP24_META_BLOCK_K, "one metadata word per stage and row block");
 static_assert(V3_BN == 2 * 64 && V3_THREADS == 3 * 128, "producer + 2 consumer warpgroups");
+static_assert(V3_STAGE == SP24_V3_STAGE && V3_A_BYTES == SP24_V3_A_BYTES && V3_CHUNK_A == SP24_V3_CHUNK &&
+                  V3_CHUNK_B == SP24_V3_CHUNK && V3_BN == SP24_V3_ROWS,
+              "sdsparse_index.h describes this stage layout");
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SP24_HOPPER 1
@@ -430,12 +440,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
         "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
         : "memory");
 }
-// wgmma shared-memory descriptor, no swizzle: start >> 4 in bits 0..13, leading (k)
-// byte offset >> 4 in 16..29, stride (m / n) byte offset >> 4 in 32..45, layout 0.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
-           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
-}
+// wgmma shared-memory descriptors: wgmma_desc in sdsparse_index.h.
 __device__ __forceinline__ void fence_acc(float (&d)[64]) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
@@ -483,7 +488,8 @@ extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
     // Consumer state (unused by the producer warpgroup).
     const int cw = wg - 1;                      // consumer warpgroup: rows 64cw .. 64cw + 64
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const int row_block = (n0 + 64 * cw + 16 * warp) / 16; // this warp's 16-row meta block
+    const int row_block = sp24_v3_meta_row_block(n0, cw, warp); // this warp's 16-row meta block
+    const bool wg_live = sp24_v3_wg_live(n0, cw, p.n_pad);
     float d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.f;
@@ -506,29 +512,35 @@ extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
                 mbar_wait(empty0 + 8 * s, (round & 1) ^ 1);
                 const uint32_t full = full0 + 8 * s;
                 mbar_expect_tx(full, V3_STAGE);
-                const uint32_t a_dst = base + s * V3_STAGE, b_dst = a_dst + V3_A_BYTES;
 #pragma unroll
                 for (int c = 0; c < V3_BK / 2 / 8; ++c) // compressed columns kt*32 + 8c
-                    tma_load_2d(a_dst + c * V3_CHUNK_A, &tmap_w, full, kt * (V3_BK / 2) + 8 * c, n0);
+                    tma_load_2d(base + sp24_v3_tma_a_dst(s, c), &tmap_w, full, sp24_v3_tma_a_col(kt, c), n0);
 #pragma unroll
                 for (int c = 0; c < V3_BK / 8; ++c)     // logical columns kt*64 + 8c
-                    tma_load_2d(b_dst + c * V3_CHUNK_B, &tmap_x, full, kt * V3_BK + 8 * c, t0);
+                    tma_load_2d(base + sp24_v3_tma_b_dst(s, c), &tmap_x, full, sp24_v3_tma_b_col(kt, c), t0);
             }
         }
     } else {
         for (int kt = 0; kt < ktiles; ++kt) {
             const int s = kt % V3_STAGES, round = kt / V3_STAGES;
+            // Row blocks past n_pad: the neutral word (0b0000 is undefined, review S1).
             const uint32_t meta =
-                row_block < p.n_pad / 16 ? p.w_meta[((size_t)row_block * ktiles + kt) * 32 + lane] : 0x44444444u;
+                row_block < p.n_pad / 16 ? p.w_meta[sp24_meta_word(row_block, ktiles, kt, lane)] : SP24_META_NEUTRAL;
+            // Waits even when idle: arriving on `empty` ahead of the stage's phase would
+            // complete that phase early for the other warpgroup.
             mbar_wait(full0 + 8 * s, round & 1);
-            const uint32_t a0 = base + s * V3_STAGE + cw * 64 * 16; // row 64cw: 8-row cores of 128 B
-            const uint32_t b0 = base + s * V3_STAGE + V3_A_BYTES;
+            if (!wg_live) { // only padding rows (review S2): no wgmma
+                mbar_arrive(empty0 + 8 * s);
+                continue;
+            }
             fence_acc(d);
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-            // k32 step 0: compressed chunks 0-1, logical chunks 0-3; step 1: the next ones.
-            wgmma_sp_m64n128k32<0>(d, smem_desc(a0, V3_CHUNK_A, 128), smem_desc(b0, V3_CHUNK_B, 128), meta);
-            wgmma_sp_m64n128k32<1>(d, smem_desc(a0 + 2 * V3_CHUNK_A, V3_CHUNK_A, 128),
-                                   smem_desc(b0 + 4 * V3_CHUNK_B, V3_CHUNK_B, 128), meta);
+            // k32 step 0: compressed chunks 0-1, logical chunks 0-3; step 1: the next ones. Rows
+            // 64cw.. start at 8-row cores of 128 B (SBO), chunks are LBO apart.
+            wgmma_sp_m64n128k32<0>(d, wgmma_desc(base + sp24_v3_a_start(s, cw, 0), V3_CHUNK_A, SP24_V3_CORE_SBO),
+                                   wgmma_desc(base + sp24_v3_b_start(s, 0), V3_CHUNK_B, SP24_V3_CORE_SBO), meta);
+            wgmma_sp_m64n128k32<1>(d, wgmma_desc(base + sp24_v3_a_start(s, cw, 1), V3_CHUNK_A, SP24_V3_CORE_SBO),
+                                   wgmma_desc(base + sp24_v3_b_start(s, 1), V3_CHUNK_B, SP24_V3_CORE_SBO), meta);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             fence_acc(d);
@@ -538,13 +550,12 @@ extern "C" __global__ void __launch_bounds__(sp24::V3_THREADS, 1)
     __syncthreads(); // every stage consumed: the pipeline buffers become the f32 staging tile
     float* cs = reinterpret_cast<float*>(smem);
     if (wg > 0) {
-        const int g = lane / 4, tq = lane % 4;
 #pragma unroll
         for (int i = 0; i < 16; ++i)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const int nr = 64 * cw + 16 * warp + g + 8 * (q / 2); // d[4i+2], d[4i+3]: row + 8
-                const int tr = 8 * i + 2 * tq + (q % 2);              // odd q: token + 1
+                const int nr = 64 * cw + wgmma_d_row(warp, lane, q); // d[4i+2], d[4i+3]: row + 8
+                const int tr = wgmma_d_col(lane, i, q);              // odd q: token + 1
                 cs[tr * V2_CS_LD + nr] = d[4 * i + q];
             }
     }

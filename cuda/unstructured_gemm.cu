@@ -26,10 +26,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "sdsparse_index.h"
 #include "sdsparse_uns_ptx.h"
 #include "sdsparse_unstructured_params.h"
 
 namespace sds_uns {
+using namespace sds_idx; // index math shared with the emulator tests (sdsparse_index.h)
 
 constexpr int TILE_N = SDS_UNS_TILE_N;  // output features per tile (= CTA BN)
 constexpr int TILE_K = SDS_UNS_TILE_K;  // input features per tile (= CTA BK)
@@ -70,12 +72,8 @@ struct GemmConfig {
     static_assert(SMEM_BYTES <= 227 * 1024, "fits the largest sm_80+ shared memory carve-out");
 };
 
-// The no-swizzle "core matrix" smem layout that wgmma reads (sm_90a variant): a [R x 64] f16
-// tile as 8-row x 8-column (16-byte-row) core matrices of 128 contiguous bytes; core matrices
-// advance along K every 64 halves (LBO = 128 B) and along rows every 512 halves (SBO = 1024 B).
-__device__ __forceinline__ int core_offset(int r, int k) {
-    return (r >> 3) * 512 + (k >> 3) * 64 + (r & 7) * 8 + (k & 7);
-}
+// The no-swizzle "core matrix" smem layout that wgmma reads (sm_90a variant): uns_core_offset
+// in sdsparse_index.h (8x8 core matrices of 128 B, LBO = 128 B along K, SBO = 1024 B along rows).
 
 // Issues the cp.async copies of k-tile `kt` (X rows [m0, m0+BM), the compressed W tile of
 // output block `tn`) into stage buffers. Every thread takes part; nothing is waited for.
@@ -88,11 +86,12 @@ __device__ __forceinline__ void load_stage(const SdsUnstructuredGemmParams& p, i
 #pragma unroll
     for (int i = 0; i < C::BM * C::BK / 8 / C::THREADS; ++i) {
         const int chunk = tid + i * C::THREADS;
-        const int r = chunk / (C::BK / 8), c8 = chunk % (C::BK / 8);
+        static_assert(C::BK / 8 == 8, "8 chunks per row (sdsparse_index.h)");
+        const int r = uns_x_chunk_row(chunk, CORE), c8 = uns_x_chunk_col8(chunk, CORE);
         const int gm = m0 + r, gk = kt * C::BK + c8 * 8;
         const bool valid = gm < p.m && gk < p.k;
         const __half* src = valid ? x + (int64_t)gm * p.ldx + gk : x;
-        cp_async16(xs + (CORE ? core_offset(r, c8 * 8) : r * C::LDS + c8 * 8), src, valid);
+        cp_async16(xs + (CORE ? uns_core_offset(r, c8 * 8) : r * C::LDS + c8 * 8), src, valid);
     }
     const int tile = tn * p.tiles_k + kt;
     // Bitmap: 64 words = 32 chunks of 16 B.
@@ -104,7 +103,8 @@ __device__ __forceinline__ void load_stage(const SdsUnstructuredGemmParams& p, i
     for (int c = tid; c < chunks; c += C::THREADS) cp_async16(vs + c * 8, vals + c * 8, true);
 }
 
-// Expands one compressed tile (bitmap + packed values in smem) into the dense tile ws[64][LDS].
+// Expands one compressed tile (bitmap + packed values in smem) into the dense tile ws[64][LDS]
+// (or the core layout for wgmma, see the CORE branch).
 // Lane l of a warp handles columns 2l and 2l+1 of a row; a row's first value index is the
 // exclusive prefix of the popcounts of the rows above it, which every warp computes for itself
 // with one shuffle scan (lane l owns rows 2l and 2l+1), so no extra block barrier is needed.
@@ -120,7 +120,30 @@ __device__ __forceinline__ void expand_tile(const uint64_t* bm, const __half* vs
         if (lane >= d) incl += t;
     }
     const int excl = incl - pair;  // first value of row 2*lane
-    const uint64_t below_mask = (1ull << (2 * lane)) - 1;  // columns left of this lane's pair
+    if constexpr (CORE) {
+        // Core layout (wgmma): lane -> (row 8 rb + lane / 4, pair 4c + lane % 4), review U1.
+        static_assert((TILE_N / 8) % C::WARPS == 0 && TILE_K == 64, "whole 8-row blocks per warp");
+        for (int rb = warp; rb < TILE_N / 8; rb += C::WARPS) {
+            const int r = uns_core_fill_row(rb, lane), src = r / 2;
+            // Both shuffles unconditionally: the source lane differs per lane here.
+            const int e = __shfl_sync(0xffffffffu, excl, src), first = __shfl_sync(0xffffffffu, c0, src);
+            const int row_start = e + ((r & 1) ? first : 0);
+            const uint64_t word = bm[r];
+#pragma unroll
+            for (int step = 0; step < TILE_K / 8; ++step) {  // core matrix (8 columns) `step`
+                const int cp = uns_core_fill_pair(step, lane);  // column pair: columns 2cp, 2cp+1
+                const uint32_t bits = (uint32_t)(word >> (2 * cp)) & 3u;
+                int idx = row_start + __popcll(word & uns_below_mask(cp));
+                const __half zero = __float2half(0.0f);
+                const __half lo = (bits & 1u) ? vs[idx] : zero;
+                idx += bits & 1u;
+                const __half hi = (bits & 2u) ? vs[idx] : zero;
+                *reinterpret_cast<__half2*>(ws + uns_core_offset(r, 2 * cp)) = __halves2half2(lo, hi);
+            }
+        }
+        return;
+    }
+    const uint64_t below_mask = uns_below_mask(lane);  // columns left of this lane's pair
 #pragma unroll 4
     for (int r = warp; r < TILE_N; r += C::WARPS) {
         const int src = r / 2;
@@ -132,8 +155,7 @@ __device__ __forceinline__ void expand_tile(const uint64_t* bm, const __half* vs
         const __half lo = (bits & 1u) ? vs[idx] : zero;
         idx += bits & 1u;
         const __half hi = (bits & 2u) ? vs[idx] : zero;
-        *reinterpret_cast<__half2*>(ws + (CORE ? core_offset(r, 2 * lane) : r * C::LDS + 2 * lane)) =
-            __halves2half2(lo, hi);
+        *reinterpret_cast<__half2*>(ws + r * C::LDS + 2 * lane) = __halves2half2(lo, hi);
     }
 }
 
@@ -143,7 +165,7 @@ __device__ __forceinline__ void expand_tile(const uint64_t* bm, const __half* vs
 __device__ __forceinline__ void store_pair(const SdsUnstructuredGemmParams& p, int row, int col, float v0, float v1) {
     if (row >= p.m) return;
     if (p.splits > 1) {
-        float* dst = p.workspace + (int64_t)blockIdx.z * p.m * p.n + (int64_t)row * p.n + col;
+        float* dst = p.workspace + uns_workspace_index(blockIdx.z, p.m, p.n, row, col);
         if (col < p.n) dst[0] = v0;
         if (col + 1 < p.n) dst[1] = v1;
         return;
@@ -172,8 +194,8 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
     const int m0 = blockIdx.y * C::BM;    // first X row of this CTA
     const int n0 = tn * C::BN;
     // Split-K: this CTA's k-tiles are [kt_begin, kt_end) (all of them when splits == 1).
-    const int kt_begin = blockIdx.z * p.k_tiles_per_split;
-    const int kt_end = min(p.tiles_k, kt_begin + p.k_tiles_per_split);
+    const int kt_begin = uns_split_begin(blockIdx.z, p.k_tiles_per_split);
+    const int kt_end = uns_split_end(blockIdx.z, p.k_tiles_per_split, p.tiles_k);
 
     float acc[C::MT][C::NT][4];
 #pragma unroll
@@ -206,8 +228,8 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
 #pragma unroll
             for (int i = 0; i < C::MT; ++i) {
                 // A 16x16: lanes 0-15 address rows 0-15 at k 0, lanes 16-31 rows 0-15 at k 8.
-                const int row = warp_m * C::WM + i * 16 + (lane % 16);
-                const int col = ks * 16 + (lane / 16) * 8;
+                const int row = warp_m * C::WM + i * 16 + ldm_a_row(lane);
+                const int col = ks * 16 + ldm_a_col(lane);
                 ldmatrix_x4(a[i], xst + row * C::LDS + col);
             }
 #pragma unroll
@@ -215,8 +237,8 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
                 // B for two n8 tiles: matrices (n0-7,k0-7), (n0-7,k8-15), (n8-15,k0-7), (n8-15,k8-15);
                 // W rows are k-contiguous, exactly mma's "col" B fragment without a transpose.
                 uint32_t b[4];
-                const int row = warp_n * C::WN + j * 8 + (lane & 7) + ((lane >> 4) << 3);
-                const int col = ks * 16 + ((lane >> 3) & 1) * 8;
+                const int row = warp_n * C::WN + j * 8 + ldm_b_row(lane);
+                const int col = ks * 16 + ldm_b_col(lane);
                 ldmatrix_x4(b, ws + row * C::LDS + col);
 #pragma unroll
                 for (int i = 0; i < C::MT; ++i) {
@@ -236,8 +258,8 @@ __device__ __forceinline__ void gemm_tc(const SdsUnstructuredGemmParams& p) {
         for (int j = 0; j < C::NT; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                store_pair(p, m0 + warp_m * C::WM + i * 16 + lane / 4 + h * 8,
-                           n0 + warp_n * C::WN + j * 8 + 2 * (lane % 4), acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+                store_pair(p, m0 + warp_m * C::WM + i * 16 + frag_c_row(lane, 2 * h),
+                           n0 + warp_n * C::WN + j * 8 + frag_c_col(lane, 0), acc[i][j][2 * h], acc[i][j][2 * h + 1]);
 }
 
 using CfgBm32 = GemmConfig<32, 1, 4>;
@@ -269,8 +291,7 @@ static_assert(WgmmaConfig::SMEM_BYTES == 58368, "launcher mirrors this size (nee
 // Shared-memory matrix descriptor: start address, LBO (next core matrix along K) = 128 B,
 // SBO (next 8 rows) = 1024 B, no swizzle; addresses and offsets are encoded >> 4.
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
-    const uint64_t addr = smem_u32(p);
-    return ((addr & 0x3FFFF) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32);
+    return wgmma_desc(smem_u32(p), UNS_CORE_LBO, UNS_CORE_SBO);
 }
 
 // d[64 x 64] (+)= A[64 x 16] * B[16 x 64]^T, both K-major in shared memory.
@@ -301,8 +322,8 @@ __device__ __forceinline__ void gemm_wgmma(const SdsUnstructuredGemmParams& p) {
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wg = warp / 4;
     const int tn = blockIdx.x, m0 = blockIdx.y * C::BM, n0 = tn * C::BN;
-    const int kt_begin = blockIdx.z * p.k_tiles_per_split;
-    const int kt_end = min(p.tiles_k, kt_begin + p.k_tiles_per_split);
+    const int kt_begin = uns_split_begin(blockIdx.z, p.k_tiles_per_split);
+    const int kt_end = uns_split_end(blockIdx.z, p.k_tiles_per_split, p.tiles_k);
 
     float d[32];
 #pragma unroll
@@ -344,7 +365,7 @@ __device__ __forceinline__ void gemm_wgmma(const SdsUnstructuredGemmParams& p) {
     for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-            store_pair(p, m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8, n0 + j * 8 + 2 * (lane % 4),
+            store_pair(p, m0 + wg * 64 + wgmma_d_row(warp % 4, lane, 2 * h), n0 + wgmma_d_col(lane, j, 0),
                        d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
 #endif
 }

@@ -6,6 +6,7 @@
 //! the end, so a failure leaves no partial output; the input folder is only read (by
 //! memory map), one component at a time, one batch of tensors at a time.
 
+use crate::calibrate::{Calibration, CalibrationOptions};
 use crate::checkpoint::{ComponentStore, RawTensor};
 use crate::error::{Error, Result};
 use crate::format::codec::{
@@ -13,12 +14,15 @@ use crate::format::codec::{
 };
 use crate::format::writer::{Entry, StreamWriter};
 use crate::format::{bitmap_row_bytes, sparse24_meta_row_bytes, DType, HostData, Weight};
+use crate::output::{copy_file, TempDir};
+use crate::prune::wanda::{self, ActivationStats, OwlGroup, OwlParams, Rule};
 use crate::prune::{self, ComponentKind, Cut, Method, Pattern, Scope, Selection};
 use rayon::prelude::*;
 use safetensors::Dtype as StDtype;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The study's text-encoder target.
@@ -48,6 +52,13 @@ pub struct ConvertOptions {
     pub selection: Selection,
     /// Replace an existing output folder.
     pub force: bool,
+    /// OWL's `M` and `λ` (method `owl`).
+    pub owl: OwlParams,
+    /// Calibration of the activation-aware methods (`wanda`, `owl`).
+    pub calibration: CalibrationOptions,
+    /// A per-layer plan from `sdsparse plan` (`convert --plan`): it sets every listed
+    /// layer's pattern and sparsity (magnitude, layer scope); unlisted layers stay dense.
+    pub mixed_plan: Option<Arc<crate::plan::MixedPlan>>,
 }
 
 impl Default for ConvertOptions {
@@ -64,6 +75,9 @@ impl Default for ConvertOptions {
             dtype: None,
             selection: Selection::default(),
             force: false,
+            owl: OwlParams::default(),
+            calibration: CalibrationOptions::default(),
+            mixed_plan: None,
         }
     }
 }
@@ -117,6 +131,17 @@ impl ConvertOptions {
     pub fn validate(&self) -> Result<()> {
         self.plan(ComponentKind::TextEncoder)?;
         self.plan(ComponentKind::Unet)?;
+        if self.method.needs_calibration() {
+            self.owl.validate()?;
+            self.calibration.captions()?;
+        }
+        if self.mixed_plan.is_some() && (self.method != Method::Magnitude || self.scope != Scope::Layer) {
+            return Err(Error::Invalid(
+                "--plan prunes each layer by magnitude to its own target; it cannot be combined with \
+                 --method or --scope global"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -135,6 +160,13 @@ pub enum Progress {
     /// Another `bytes` processed.
     Advance {
         bytes: u64,
+    },
+    /// Calibration (methods `wanda`, `owl`) before any writing: `done` of `total` units of
+    /// `stage` (`text_encoder`: captions; `unet`: UNet calls).
+    Calibration {
+        stage: &'static str,
+        done: usize,
+        total: usize,
     },
     Finish,
 }
@@ -179,6 +211,8 @@ pub struct ComponentReport {
     pub layers: Vec<LayerReport>,
     /// Layers selected for pruning that stayed dense, with the reason.
     pub kept_dense: Vec<(String, String)>,
+    /// OWL's layer groups with their outlier ratios and sparsities (method `owl`).
+    pub owl_groups: Vec<OwlGroup>,
 }
 
 impl ComponentReport {
@@ -282,77 +316,33 @@ fn copy_non_weights(from: &Path, to: &Path) -> Result<()> {
         if src.is_dir() {
             copy_non_weights(&src, &to.join(&name))?;
         } else if !is_weight_file(&name) {
-            std::fs::copy(&src, to.join(&name)).map_err(|e| Error::io(&src, e))?;
+            copy_file(&src, &to.join(&name))?;
         }
     }
     Ok(())
 }
 
-/// A temporary sibling of the output folder, removed on drop unless committed.
-struct TempOut {
-    tmp: PathBuf,
-    out: PathBuf,
-    committed: bool,
-}
-
-impl TempOut {
-    fn new(input: &Path, out: &Path, force: bool) -> Result<TempOut> {
-        if out.exists() && !force {
-            return Err(Error::Invalid(format!(
-                "{} already exists (use --force to replace it)",
-                out.display()
-            )));
-        }
-        let abs = |p: &Path| -> Result<PathBuf> {
-            let p = if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
-            };
-            Ok(std::fs::canonicalize(&p).unwrap_or(p))
+/// The output folder of `convert` / `export`, checked before any work (absent unless
+/// `force`, not the input nor inside it, its parent writable), as a temporary sibling that is
+/// renamed into place when complete.
+fn output_folder(input: &Path, out: &Path, force: bool) -> Result<TempDir> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
         };
-        let (ain, aout) = (abs(input)?, abs(out)?);
-        if aout.starts_with(&ain) || ain.starts_with(&aout) {
-            return Err(Error::Invalid(format!(
-                "the output {} must not be the input {} or inside it (the input is never modified)",
-                out.display(),
-                input.display()
-            )));
-        }
-        let parent = aout.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        if !parent.is_dir() {
-            return Err(Error::Invalid(format!("{}: parent folder does not exist", out.display())));
-        }
-        let base = aout.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".{base}.sdsparse-tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(TempOut { tmp, out: out.to_path_buf(), committed: false })
+        Ok(std::fs::canonicalize(&p).unwrap_or(p))
+    };
+    let (ain, aout) = (abs(input)?, abs(out)?);
+    if aout.starts_with(&ain) || ain.starts_with(&aout) {
+        return Err(Error::Invalid(format!(
+            "the output {} must not be the input {} or inside it (the input is never modified)",
+            out.display(),
+            input.display()
+        )));
     }
-
-    fn commit(mut self) -> Result<()> {
-        if self.out.exists() {
-            let meta = std::fs::symlink_metadata(&self.out).map_err(|e| Error::io(&self.out, e))?;
-            if meta.is_dir() {
-                std::fs::remove_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
-            } else {
-                std::fs::remove_file(&self.out).map_err(|e| Error::io(&self.out, e))?;
-            }
-        }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempOut {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
+    TempDir::new(out, force, "--out")
 }
 
 /// The weight file name diffusers / transformers look for in a component folder.
@@ -390,6 +380,8 @@ struct Job {
     out_dtype: Option<DType>,
     in_bytes: usize,
     action: Action,
+    /// Wanda / OWL: the per-feature activation RMS and how the scores are cut.
+    wanda: Option<(Arc<Vec<f32>>, Rule)>,
 }
 
 impl Job {
@@ -440,11 +432,25 @@ impl Job {
     }
 }
 
-/// The values of a float tensor in the job's output dtype.
+/// The values of a float tensor in the job's output dtype (f64 is read as f32). A cast that
+/// overflows (a finite value beyond f16's range) is an error naming the tensor.
 fn load_values(raw: &RawTensor<'_>, out: Option<DType>) -> Result<HostData> {
     let v = raw.host_data()?;
     Ok(match out {
-        Some(d) if d != v.dtype() => v.to_dtype(d),
+        Some(d) if d != v.dtype() => {
+            let cast = v.to_dtype(d);
+            let bad = crate::checkpoint::count_nonfinite_bytes(cast.as_bytes(), st_dtype(d));
+            if bad > 0 {
+                return Err(Error::Invalid(format!(
+                    "tensor {}: {bad} value(s) overflow {} (its largest magnitude is {:e}); use --dtype bf16, \
+                     f32 or keep",
+                    raw.name,
+                    d.name(),
+                    v.to_f32().iter().fold(0f32, |m, x| m.max(x.abs()))
+                )));
+            }
+            cast
+        }
         _ => v,
     })
 }
@@ -464,6 +470,10 @@ fn run_job<'a>(
     seed: u64,
 ) -> Result<(Parts<'a>, usize)> {
     let raw = store.raw(&job.name)?;
+    let bad = raw.count_nonfinite();
+    if bad > 0 {
+        return Err(crate::checkpoint::nonfinite_error(&store.describe(), &job.name, bad, job.numel()));
+    }
     let (rows, cols) = matrix_dims(&job.shape);
     match &job.action {
         Action::Dense => {
@@ -476,21 +486,49 @@ fn run_job<'a>(
             Ok((vec![(job.name.clone(), bytes)], 0))
         }
         Action::Prune { pattern, k, cut } => {
-            // Work on the mapped bytes directly unless a dtype cast is asked for.
-            let in_dtype = raw
-                .float_dtype()
-                .ok_or_else(|| Error::Format(format!("{}: not a float tensor", job.name)))?;
-            let out_dtype = job.out_dtype.unwrap_or(in_dtype);
+            // Work on the mapped bytes directly unless a dtype cast is needed (asked for, or
+            // f64 input, which is stored as f32).
+            let out_dtype =
+                job.out_dtype.ok_or_else(|| Error::Format(format!("{}: not a float tensor", job.name)))?;
             let cast;
-            let bytes: &[u8] = if out_dtype == in_dtype {
+            let bytes: &[u8] = if raw.float_dtype() == Some(out_dtype) {
                 raw.bytes
             } else {
                 cast = load_values(&raw, Some(out_dtype))?;
                 cast.as_bytes()
             };
             let es = out_dtype.size_in_bytes();
-            let keys = prune::Keys::new(method, seed, &job.name, out_dtype, bytes);
             let entries = job.entries();
+            if let Some((rms, rule)) = &job.wanda {
+                let values = load_values(&raw, Some(out_dtype))?.to_f32();
+                let keys = wanda::score_keys(&wanda::scores(&values, cols, rms));
+                let (mask, pruned) = wanda::apply(*rule, &keys, rows, cols);
+                if pruned != *k {
+                    return Err(Error::Format(format!(
+                        "{}: pruned {pruned} elements, planned {k}",
+                        job.name
+                    )));
+                }
+                let parts = match pattern {
+                    Pattern::Sparse24 => {
+                        let (values, meta) =
+                            crate::format::codec::encode_sparse24_bytes(bytes, es, rows, cols, &mask)?;
+                        vec![
+                            (entries[0].name.clone(), Cow::Owned(values)),
+                            (entries[1].name.clone(), Cow::Owned(meta)),
+                        ]
+                    }
+                    Pattern::Unstructured => {
+                        let values = crate::format::codec::gather_kept_bytes(bytes, es, rows, cols, &mask);
+                        vec![
+                            (entries[0].name.clone(), Cow::Owned(mask)),
+                            (entries[1].name.clone(), Cow::Owned(values)),
+                        ]
+                    }
+                };
+                return Ok((parts, pruned));
+            }
+            let keys = prune::Keys::new(method, seed, &job.name, out_dtype, bytes);
             match pattern {
                 Pattern::Sparse24 => {
                     let mask = prune::sparse24_mask(keys, rows, cols);
@@ -553,6 +591,7 @@ fn convert_component(
     kind: ComponentKind,
     plan: Option<ComponentPlan>,
     opts: &ConvertOptions,
+    stats: Option<&ActivationStats>,
     source: &str,
     out_file: &Path,
     progress: &mut dyn FnMut(Progress),
@@ -571,10 +610,48 @@ fn convert_component(
     for tname in store.names() {
         let raw = store.raw(&tname)?;
         let shape = raw.shape.to_vec();
-        let float = raw.float_dtype();
+        // f64 is read (and, with --dtype keep, stored) as f32; other float widths (float8)
+        // cannot be read and are refused rather than copied as opaque bytes.
+        let float = raw.load_dtype();
+        if float.is_none() && raw.is_float() {
+            return Err(Error::Checkpoint(format!(
+                "{}: {}",
+                store.describe(),
+                crate::checkpoint::unsupported_dtype(&tname, raw.dtype)
+            )));
+        }
         let out_dtype = float.map(|d| opts.dtype.unwrap_or(d));
         let numel: usize = shape.iter().product();
         let mut action = Action::Dense;
+        if let (Some(mp), Some(_)) = (&opts.mixed_plan, float) {
+            if opts.selection.is_prunable(kind, &tname, &shape) {
+                if let Some(lp) = mp.choice(name, &tname) {
+                    let (rows, cols) = matrix_dims(&shape);
+                    if [rows, cols] != lp.shape {
+                        return Err(Error::Invalid(format!(
+                            "{name}: {tname} is {shape:?} but the plan has {:?} (a plan for another model?)",
+                            lp.shape
+                        )));
+                    }
+                    action = match lp.chosen {
+                        crate::plan::Choice::Dense => Action::Dense,
+                        crate::plan::Choice::Sparse24 if !cols.is_multiple_of(4) => {
+                            return Err(Error::Invalid(format!(
+                                "{tname}: the plan says 2:4 but {cols} columns"
+                            )))
+                        }
+                        crate::plan::Choice::Sparse24 => {
+                            Action::Prune { pattern: Pattern::Sparse24, k: numel / 2, cut: None }
+                        }
+                        crate::plan::Choice::Unstructured(s) => Action::Prune {
+                            pattern: Pattern::Unstructured,
+                            k: prune::prune_count(s, numel),
+                            cut: None,
+                        },
+                    };
+                }
+            }
+        }
         if let (Some(p), Some(_)) = (plan, float) {
             if opts.selection.is_prunable(kind, &tname, &shape) {
                 let (_, cols) = matrix_dims(&shape);
@@ -611,11 +688,18 @@ fn convert_component(
             out_dtype,
             in_bytes: raw.bytes.len(),
             action,
+            wanda: None,
         });
     }
 
+    // Wanda / OWL: scores from the calibration statistics, decided over the whole component.
+    let mut owl_groups = Vec::new();
+    if let (true, Some(p)) = (opts.method.needs_calibration(), plan) {
+        owl_groups = plan_activation_aware(store, &mut jobs, p, opts, stats)?;
+    }
+
     // Global scope: one exact cut over every unstructured layer of the component.
-    if let (Scope::Global, Some(p)) = (opts.scope, plan) {
+    if let (Scope::Global, Some(p), false) = (opts.scope, plan, opts.method.needs_calibration()) {
         if p.pattern == Pattern::Unstructured {
             let idx: Vec<usize> = jobs
                 .iter()
@@ -645,6 +729,26 @@ fn convert_component(
             for (&i, (cut, pruned)) in idx.iter().zip(cuts) {
                 jobs[i].action = Action::Prune { pattern: Pattern::Unstructured, k: pruned, cut: Some(cut) };
             }
+        }
+    }
+
+    // Sparsity asked for a component none of whose layers can take it: an error, not a
+    // silent dense copy reported as a conversion.
+    if let Some(p) = plan {
+        if !jobs.iter().any(|j| matches!(j.action, Action::Prune { .. })) {
+            let why = if kept_dense.is_empty() {
+                "no tensor matches the layer selection (Linear weights, --include-conv, --include, --exclude)"
+                    .to_string()
+            } else {
+                format!("all {} selected layers must stay dense ({})", kept_dense.len(), kept_dense[0].1)
+            };
+            return Err(Error::Invalid(format!(
+                "{}: {} {} sparsity was asked for, but {why}; give a sparsity of 0 for this component to keep \
+                 it dense",
+                store.describe(),
+                p.pattern.name(),
+                p.sparsity
+            )));
         }
     }
 
@@ -770,7 +874,68 @@ fn convert_component(
         seconds: t0.elapsed().as_secs_f64(),
         layers,
         kept_dense,
+        owl_groups,
     })
+}
+
+/// Decides the Wanda / OWL cut of every pruned job of a component (see
+/// [`wanda::decide`]) and records it in the jobs. Returns OWL's groups.
+fn plan_activation_aware(
+    store: &ComponentStore,
+    jobs: &mut [Job],
+    p: ComponentPlan,
+    opts: &ConvertOptions,
+    stats: Option<&ActivationStats>,
+) -> Result<Vec<OwlGroup>> {
+    let idx: Vec<usize> = jobs
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| matches!(j.action, Action::Prune { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let mut layers = Vec::with_capacity(idx.len());
+    let mut rms = Vec::with_capacity(idx.len());
+    for &i in &idx {
+        let j = &jobs[i];
+        let (rows, cols) = matrix_dims(&j.shape);
+        let s = stats.and_then(|s| wanda::lookup(s, &j.name)).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: --method {} needs the layer's input activations, but calibration saw none \
+                 (it prunes Linear layers only: drop --include-conv / --include for it, or --exclude it)",
+                j.name,
+                opts.method.name()
+            ))
+        })?;
+        if s.sum_sq.len() != cols || j.shape.len() != 2 {
+            return Err(Error::Shape(format!(
+                "{}: calibration saw {} input features, the weight is {:?}",
+                j.name,
+                s.sum_sq.len(),
+                j.shape
+            )));
+        }
+        layers.push(wanda::Layer { name: j.name.clone(), rows, cols });
+        rms.push(Arc::new(s.rms()));
+    }
+    let spec = wanda::Spec {
+        method: opts.method,
+        pattern: p.pattern,
+        scope: opts.scope,
+        sparsity: p.sparsity,
+        owl: opts.owl,
+    };
+    let jobs_ro: &[Job] = jobs;
+    let mut keys_of = |n: usize| -> Result<Vec<u32>> {
+        let j = &jobs_ro[idx[n]];
+        let values = load_values(&store.raw(&j.name)?, j.out_dtype)?.to_f32();
+        Ok(wanda::score_keys(&wanda::scores(&values, layers[n].cols, &rms[n])))
+    };
+    let (decisions, groups) = wanda::decide(&layers, &spec, &mut keys_of)?;
+    for ((&i, d), r) in idx.iter().zip(decisions).zip(rms) {
+        jobs[i].action = Action::Prune { pattern: p.pattern, k: d.pruned, cut: None };
+        jobs[i].wanda = Some((r, d.rule));
+    }
+    Ok(groups)
 }
 
 /// Converts the dense diffusers folder `model` into a sparse folder `out`.
@@ -802,43 +967,69 @@ pub fn convert(
             )));
         }
     }
-    // Open every component first: bad files fail before anything is written.
+    // The output location and the whole input are checked before anything is written:
+    // every component generate needs must load (tokenizer, configs, scheduler, tensor names,
+    // shapes and dtypes), so convert never succeeds on a folder generate would refuse.
+    let tmp = output_folder(model, out, opts.force)?;
     let mut total = 0u64;
     for c in &weight_components {
         let store = ComponentStore::open(&model.join(c))?;
+        if store.sparse_header().is_some() {
+            return Err(Error::Invalid(format!(
+                "{}: already an sdsparse checkpoint (convert takes a dense one)",
+                store.describe()
+            )));
+        }
+        crate::checkpoint::expected::validate_component(&store, c)?;
         total += store
             .names()
             .iter()
             .map(|n| store.raw(n).map(|r| r.bytes.len() as u64).unwrap_or(0))
             .sum::<u64>();
     }
-    let tmp = TempOut::new(model, out, opts.force)?;
-    copy_non_weights(model, &tmp.tmp)?;
-    progress(Progress::Begin { total_bytes: total });
-    let source = model.display().to_string();
-    let mut components = Vec::new();
-    for c in &weight_components {
-        progress(Progress::Component { name: c.clone() });
-        let store = ComponentStore::open(&model.join(c))?;
-        let kind = ComponentKind::from_folder(c);
-        let plan = opts.plan(kind)?;
-        let file = tmp.tmp.join(c).join(weight_file_name(c));
-        components.push(convert_component(&store, c, kind, plan, opts, &source, &file, progress)?);
-    }
-    let report = ConvertReport {
-        out: out.to_path_buf(),
-        components,
-        include_conv: opts.selection.include_conv,
-        seconds: 0.0,
+    crate::pipeline::check_folder(model)?;
+    // Wanda / OWL: calibrate on the dense model (after validation, before anything is written).
+    let calibration = if opts.method.needs_calibration() {
+        let te = opts.plan(ComponentKind::TextEncoder)?.is_some();
+        let unet = opts.plan(ComponentKind::Unet)?.is_some();
+        crate::calibrate::calibrate(model, &opts.calibration, te, unet, &mut |c| {
+            progress(Progress::Calibration { stage: c.stage, done: c.done, total: c.total })
+        })?
+    } else {
+        Calibration::default()
     };
-    write_summary(&tmp.tmp, &report, opts)?;
+    let result = (|| -> Result<ConvertReport> {
+        copy_non_weights(model, tmp.path())?;
+        progress(Progress::Begin { total_bytes: total });
+        let source = model.display().to_string();
+        let mut components = Vec::new();
+        for c in &weight_components {
+            progress(Progress::Component { name: c.clone() });
+            let store = ComponentStore::open(&model.join(c))?;
+            let kind = ComponentKind::from_folder(c);
+            // A mixed plan decides per layer (in convert_component) instead of per component.
+            let plan = if opts.mixed_plan.is_some() { None } else { opts.plan(kind)? };
+            let file = tmp.path().join(c).join(weight_file_name(c));
+            let stats = calibration.component(c);
+            components.push(convert_component(&store, c, kind, plan, opts, stats, &source, &file, progress)?);
+        }
+        let report = ConvertReport {
+            out: out.to_path_buf(),
+            components,
+            include_conv: opts.selection.include_conv,
+            seconds: 0.0,
+        };
+        write_summary(tmp.path(), &report, opts, &calibration)?;
+        Ok(report)
+    })();
+    let report = result.map_err(|e| tmp.name_output(e))?;
     tmp.commit()?;
     progress(Progress::Finish);
     Ok(ConvertReport { seconds: t0.elapsed().as_secs_f64(), ..report })
 }
 
 /// `sdsparse.json`: how the folder was made, for people and for `inspect`.
-fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions) -> Result<()> {
+fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions, cal: &Calibration) -> Result<()> {
     let comps: Vec<serde_json::Value> = r
         .components
         .iter()
@@ -853,11 +1044,37 @@ fn write_summary(dir: &Path, r: &ConvertReport, opts: &ConvertOptions) -> Result
                 "bytes_before": c.bytes_before,
                 "bytes_after": c.bytes_after,
                 "kept_dense": c.kept_dense.iter().map(|(n, why)| serde_json::json!({"name": n, "reason": why})).collect::<Vec<_>>(),
+                "owl_groups": c.owl_groups.iter().map(|g| serde_json::json!({
+                    "name": g.name, "params": g.params, "outlier_ratio": g.outlier_ratio, "sparsity": g.sparsity,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
+    let calibration = opts.method.needs_calibration().then(|| {
+        serde_json::json!({
+            "prompts": opts.calibration.prompts.as_ref().map(|p| p.display().to_string()),
+            "captions": cal.captions,
+            "unet_captions": cal.unet_captions,
+            "unet_ddim_steps": opts.calibration.steps,
+            "seed": opts.calibration.seed,
+            "guidance": opts.calibration.guidance,
+            "owl_m": opts.owl.m,
+            "owl_lambda": opts.owl.lambda,
+        })
+    });
+    let mixed_plan = opts.mixed_plan.as_ref().map(|p| {
+        serde_json::json!({
+            "source_model": p.model,
+            "budget": p.budget,
+            "predicted_deviation": p.predicted_deviation,
+            "measured_deviation": p.measured_deviation,
+            "cost_vs_dense": p.cost / p.dense_cost.max(f64::MIN_POSITIVE),
+        })
+    });
     let v = serde_json::json!({
         "format": "sdsparse",
+        "calibration": calibration,
+        "mixed_plan": mixed_plan,
         "format_version": FORMAT_VERSION,
         "method": opts.method.name(),
         "scope": opts.scope.name(),
@@ -894,51 +1111,55 @@ pub fn export(
         let store = ComponentStore::open(&sparse.join(c))?;
         total += store.files.iter().map(|f| f.metadata.data_len() as u64).sum::<u64>();
     }
-    let tmp = TempOut::new(sparse, out, force)?;
-    copy_non_weights(sparse, &tmp.tmp)?;
-    progress(Progress::Begin { total_bytes: total });
-    let mut written = Vec::new();
-    for c in &comps {
-        progress(Progress::Component { name: c.clone() });
-        let store = ComponentStore::open(&sparse.join(c))?;
-        let names = store.logical_names();
-        let mut entries = Vec::new();
-        for n in &names {
-            let (dtype, shape) = match store.sparse_header().and_then(|h| h.layers.get(n)) {
-                Some(rec) => {
-                    let d = dtype_from_name(&rec.dtype)
-                        .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
-                    (st_dtype(d), rec.shape.clone())
-                }
-                None => {
-                    let raw = store.raw(n)?;
-                    (raw.dtype, raw.shape.to_vec())
-                }
-            };
-            entries.push(Entry { name: n.clone(), dtype, shape });
-        }
-        let file = tmp.tmp.join(c).join(weight_file_name(c));
-        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        let mut w = StreamWriter::create(&file, entries, &meta)?;
-        for n in &names {
-            if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
-                let weight = crate::format::codec::load_compressed(&store, n)?;
-                let dense = weight.to_dense_host()?;
-                w.write(n, dense.as_bytes())?;
-                let b = match &weight {
-                    Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
-                    Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
-                    Weight::Dense(_) => 0,
+    let tmp = output_folder(sparse, out, force)?;
+    let result = (|| -> Result<Vec<(String, u64)>> {
+        copy_non_weights(sparse, tmp.path())?;
+        progress(Progress::Begin { total_bytes: total });
+        let mut written = Vec::new();
+        for c in &comps {
+            progress(Progress::Component { name: c.clone() });
+            let store = ComponentStore::open(&sparse.join(c))?;
+            let names = store.logical_names();
+            let mut entries = Vec::new();
+            for n in &names {
+                let (dtype, shape) = match store.sparse_header().and_then(|h| h.layers.get(n)) {
+                    Some(rec) => {
+                        let d = dtype_from_name(&rec.dtype)
+                            .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
+                        (st_dtype(d), rec.shape.clone())
+                    }
+                    None => {
+                        let raw = store.raw(n)?;
+                        (raw.dtype, raw.shape.to_vec())
+                    }
                 };
-                progress(Progress::Advance { bytes: b as u64 });
-            } else {
-                let raw = store.raw(n)?;
-                w.write(n, raw.bytes)?;
-                progress(Progress::Advance { bytes: raw.bytes.len() as u64 });
+                entries.push(Entry { name: n.clone(), dtype, shape });
             }
+            let file = tmp.path().join(c).join(weight_file_name(c));
+            let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+            let mut w = StreamWriter::create(&file, entries, &meta)?;
+            for n in &names {
+                if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
+                    let weight = crate::format::codec::load_compressed(&store, n)?;
+                    let dense = weight.to_dense_host()?;
+                    w.write(n, dense.as_bytes())?;
+                    let b = match &weight {
+                        Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
+                        Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
+                        Weight::Dense(_) => 0,
+                    };
+                    progress(Progress::Advance { bytes: b as u64 });
+                } else {
+                    let raw = store.raw(n)?;
+                    w.write(n, raw.bytes)?;
+                    progress(Progress::Advance { bytes: raw.bytes.len() as u64 });
+                }
+            }
+            written.push((c.clone(), w.finish(&meta)?));
         }
-        written.push((c.clone(), w.finish(&meta)?));
-    }
+        Ok(written)
+    })();
+    let written = result.map_err(|e| tmp.name_output(e))?;
     tmp.commit()?;
     progress(Progress::Finish);
     Ok(ExportReport { out: out.to_path_buf(), components: written })

@@ -4,12 +4,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O failure on `path`. The OS message is part of this line and deliberately NOT a
+    /// `#[source]`: error reporters that print the chain (`anyhow`'s `{:#}`) would repeat it.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{0}")]
     Checkpoint(String),
     #[error("shape mismatch: {0}")]
@@ -27,8 +25,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), err }
     }
 }
 

@@ -5,13 +5,17 @@
 //! `docs/ARCHITECTURE.md` for who may touch what.
 
 pub mod backend;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod convert;
 pub mod error;
 pub mod format;
 pub mod model;
+pub mod output;
 pub mod pipeline;
+pub mod plan;
 pub mod prune;
+pub mod prune_model;
 pub mod quality;
 pub mod scheduler;
 pub mod sweep;

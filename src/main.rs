@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "sdsparse",
     version,
-    about = "Pruned Stable Diffusion 2: convert, inspect, export, generate"
+    about = "Pruned Stable Diffusion 2: convert, plan, inspect, export, generate"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -19,7 +19,9 @@ struct Cli {
 enum Command {
     /// Prune a dense SD2 diffusers checkpoint and write a compact sparse checkpoint.
     Convert(cli::convert::ConvertArgs),
-    /// Per-layer format, shape, sparsity and bytes of a dense or sparse checkpoint.
+    /// Choose dense / 2:4 / unstructured per layer from measured sensitivity (a mixed plan).
+    Plan(cli::plan::PlanArgs),
+    /// Per-layer format, shape, sparsity and bytes of a dense or sparse checkpoint (or a plan file).
     Inspect(cli::inspect::InspectArgs),
     /// Write a dense diffusers folder (zeros in place) from a sparse checkpoint.
     Export(cli::inspect::ExportArgs),
@@ -37,6 +39,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(a) => cli::convert::run(a),
+        Command::Plan(a) => cli::plan::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Export(a) => cli::inspect::run_export(a),
         Command::Generate(a) => cli::generate::run(a),
@@ -45,7 +48,24 @@ fn main() {
         Command::Sweep(a) => cli::sweep::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each message once: a cause whose text the line
+/// already holds (an OS message a wrapper repeated) is not printed again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line += ": ";
+        }
+        line += &text;
+    }
+    line.replace('\n', " ")
 }

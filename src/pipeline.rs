@@ -119,7 +119,7 @@ impl WeightMemory {
                 }
                 None => {
                     let raw = store.raw(&name)?;
-                    if raw.float_dtype().is_none() {
+                    if raw.load_dtype().is_none() {
                         continue; // integer buffers (e.g. position_ids) are not weights
                     }
                     let n: usize = raw.shape.iter().product();
@@ -155,9 +155,87 @@ pub struct StableDiffusion {
     unet: UNet2DConditionModel,
     vae: VaeDecoder,
     scheduler_config: SchedulerConfig,
+    /// UNet `sample_size` after diffusers' load-time correction (see [`load_notes`]).
+    sample_size: usize,
     device: Device,
     memory: WeightMemory,
     load_time: Duration,
+    notes: Vec<String>,
+}
+
+/// The scheduler config of a pipeline folder with the corrections diffusers'
+/// `StableDiffusionPipeline.__init__` applies ([`SchedulerConfig::apply_pipeline_corrections`]),
+/// and the note that says what was corrected (`None` when nothing was).
+pub fn load_scheduler_config(dir: &Path) -> Result<(SchedulerConfig, Option<String>)> {
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    let mut config = SchedulerConfig::from_file(&path)?;
+    let fixed = config.apply_pipeline_corrections();
+    let note = (!fixed.is_empty()).then(|| {
+        format!(
+            "{} is outdated; corrected as diffusers' StableDiffusionPipeline does: {}",
+            path.display(),
+            fixed.join(", ")
+        )
+    });
+    Ok((config, note))
+}
+
+/// The UNet's `sample_size` (the default latent size) with diffusers' pipeline correction: a
+/// UNet config written by diffusers before 0.9 with `sample_size` below 64 gets 64 (with a
+/// deprecation warning there, a note here).
+fn corrected_sample_size(unet_dir: &Path, sample_size: Option<usize>) -> Result<(usize, Option<String>)> {
+    let path = unet_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: invalid JSON ({e})", path.display())))?;
+    let old = v.get("_diffusers_version").and_then(|v| v.as_str()).and_then(|ver| {
+        let mut parts = ver.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+        let major: u64 = parts.next()?.parse().ok()?;
+        let minor: u64 = parts.next()?.parse().ok()?;
+        Some((major, minor) < (0, 9))
+    });
+    match sample_size {
+        Some(s) if s < 64 && old == Some(true) => Ok((
+            64,
+            Some(format!(
+                "{}: sample_size {s} from a diffusers version before 0.9 -> 64, as diffusers' \
+                 StableDiffusionPipeline corrects it",
+                path.display()
+            )),
+        )),
+        Some(s) => Ok((s, None)),
+        None => Ok((64, None)),
+    }
+}
+
+/// Checks that `dir` is a pipeline folder [`StableDiffusion::load`] can load, without reading
+/// the weights' values: the tokenizer loads, every config parses and is supported, the
+/// scheduler builds, and each weight component holds every tensor its config implies, with
+/// the right shape and a float dtype. Returns the load notes (corrections) it would print.
+/// `convert` runs this before writing anything.
+pub fn check_folder(dir: &Path) -> Result<Vec<String>> {
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint(format!("{}: model folder not found", dir.display())));
+    }
+    ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+    crate::model::clip_text::ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
+    let unet = crate::model::config::UNetConfig::from_file(&dir.join("unet"))?;
+    unet.validate()?;
+    crate::model::vae::VaeConfig::from_file(&dir.join("vae").join("config.json"))?;
+    let (sched, note) = load_scheduler_config(dir)?;
+    let kind = sched.kind()?;
+    // The default step count (diffusers' 50), or all training timesteps when there are fewer.
+    scheduler::build(kind, &sched.for_kind(kind), 50.min(sched.num_train_timesteps.unwrap_or(1000)))?;
+    let mut notes: Vec<String> = note.into_iter().collect();
+    let (_, unet_note) = corrected_sample_size(&dir.join("unet"), unet.sample_size)?;
+    notes.extend(unet_note);
+    for c in ["text_encoder", "unet", "vae"] {
+        let store = ComponentStore::open(&dir.join(c))?;
+        if store.sparse_header().is_none() {
+            crate::checkpoint::expected::validate_component(&store, c)?;
+        }
+    }
+    Ok(notes)
 }
 
 impl StableDiffusion {
@@ -180,8 +258,9 @@ impl StableDiffusion {
         let text_encoder = ClipTextModel::from_dir(&dir.join("text_encoder"))?;
         let unet = UNet2DConditionModel::from_dir(&dir.join("unet"))?;
         let vae = VaeDecoder::from_dir(&dir.join("vae"))?;
-        let scheduler_config =
-            SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
+        let (sample_size, unet_note) = corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
+        let notes = scheduler_note.into_iter().chain(unet_note).collect();
         let mut memory = WeightMemory::default();
         memory.add_component("text_encoder", &dir.join("text_encoder"), None)?;
         memory.add_component("unet", &dir.join("unet"), None)?;
@@ -194,9 +273,11 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config,
+            sample_size,
             device: device.clone(),
             memory,
             load_time: start.elapsed(),
+            notes,
         })
     }
 
@@ -208,6 +289,28 @@ impl StableDiffusion {
     }
     pub fn load_time(&self) -> Duration {
         self.load_time
+    }
+    /// What loading corrected, one line each, as diffusers corrects it (outdated scheduler
+    /// config, old UNet `sample_size`); empty for an up-to-date checkpoint.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+    /// The text encoder, e.g. to attach observers or swap in pruned weights.
+    pub fn text_encoder_mut(&mut self) -> &mut ClipTextModel {
+        &mut self.text_encoder
+    }
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+    /// The UNet, e.g. to attach observers or swap in pruned weights.
+    pub fn unet_mut(&mut self) -> &mut UNet2DConditionModel {
+        &mut self.unet
     }
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_config
@@ -236,7 +339,7 @@ impl StableDiffusion {
     /// The default image size `(width, height)`: UNet `sample_size` x the VAE scale factor.
     pub fn default_size(&self) -> (usize, usize) {
         let f = self.vae_scale_factor();
-        let s = self.unet.config().sample_size.unwrap_or(64) * f;
+        let s = self.sample_size * f;
         (s, s)
     }
 
@@ -246,6 +349,18 @@ impl StableDiffusion {
             Some(k) => Ok(k),
             None => self.scheduler_config.kind(),
         }
+    }
+
+    /// The scheduler a request runs: the checkpoint's own class with the pipeline's load-time
+    /// corrections, or the `--scheduler` override built from the config as diffusers'
+    /// `from_config` builds it.
+    pub fn scheduler_for(&self, req: &GenerateRequest) -> Result<Box<dyn scheduler::Scheduler>> {
+        let kind = self.scheduler_kind(req)?;
+        let config = match req.scheduler {
+            None => self.scheduler_config.for_kind(kind),
+            Some(_) => self.scheduler_config.clone(),
+        };
+        scheduler::build(kind, &config, req.steps)
     }
 
     /// Latent shape `[1, C, H/f, W/f]` for a request, after checking sizes.
@@ -281,11 +396,31 @@ impl StableDiffusion {
         for (flag, v) in [("width", w), ("height", h)] {
             if v == 0 || v % f != 0 {
                 return Err(Error::Invalid(format!(
-                    "{flag} {v} must be a positive multiple of {f} (the VAE scale factor of this model)"
+                    "{flag} {v} must be a positive multiple of {f} pixels (the VAE scale factor of this model)"
                 )));
             }
         }
+        self.check_memory(w, h)?;
         Ok([1, c, h / f, w / f])
+    }
+
+    /// Refuses an image size whose activations cannot fit in memory, before any work: the
+    /// largest live buffers are the VAE decoder's full-resolution feature maps (about four
+    /// of them with the widest full-resolution channel count, f32).
+    fn check_memory(&self, w: usize, h: usize) -> Result<()> {
+        let ch = &self.vae.config().block_out_channels;
+        let widest = ch.iter().take(2).copied().max().unwrap_or(0);
+        let need = (w as u128) * (h as u128) * (widest as u128) * 4 * 4;
+        let available = available_memory().unwrap_or(u64::MAX) as u128;
+        if need > available {
+            return Err(Error::Invalid(format!(
+                "{w}x{h} pixels need about {:.1} GiB for the VAE decoder, more than the {:.1} GiB of memory \
+                 available; use a smaller --width / --height",
+                need as f64 / (1u64 << 30) as f64,
+                available as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(())
     }
 
     /// Text embeddings `[2, 77, C]` for `[negative, prompt]` (or `[1, 77, C]`, prompt only,
@@ -307,12 +442,34 @@ impl StableDiffusion {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
+        let d = self.denoise(req, progress)?;
+        let mut timings = d.timings;
+        let tv = Instant::now();
+        let decoded = self.vae.decode(&ops::to_device(&d.latents, &self.device)?)?;
+        check_finite(&decoded, || "the VAE decoder's output".into())?;
+        let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
+        let image =
+            Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;
+        timings.vae = tv.elapsed();
+        Ok(Generated {
+            latents: d.latents,
+            image,
+            scheduler: d.scheduler,
+            timesteps: d.timesteps,
+            timings,
+            prompt_truncated: d.prompt_truncated,
+        })
+    }
+
+    /// The pipeline up to the final latents (no VAE decode): text encoding and the
+    /// denoising loop with classifier-free guidance. `progress(done, total)` is called after
+    /// every UNet call. Calibration (`crate::calibrate`) runs this with observers attached.
+    pub fn denoise(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Denoised> {
         if !req.guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance must be a finite number, got {}", req.guidance)));
         }
         let shape = self.latent_shape(req)?;
-        let kind = self.scheduler_kind(req)?;
-        let mut sched = scheduler::build(kind, &self.scheduler_config, req.steps)?;
+        let mut sched = self.scheduler_for(req)?;
         // diffusers guides only when the scale is above 1.
         let guided = req.guidance > 1.0;
         let mut timings = Timings::default();
@@ -320,6 +477,7 @@ impl StableDiffusion {
         let t0 = Instant::now();
         let (context, prompt_truncated) = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
         timings.text_encoder = t0.elapsed();
+        check_finite(&context, || "the text encoder's output (the prompt embeddings)".into())?;
 
         let noise = match &req.init_latents {
             Some(t) => t.to_vec()?,
@@ -344,20 +502,54 @@ impl StableDiffusion {
             } else {
                 self.unet.forward(&x_in, t, &context)?
             };
+            // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
+            // run here, naming the step, instead of ending as a black image.
+            let n = timesteps.len();
+            check_finite(&guided_out, || format!("the UNet's output at step {}/{n} (timestep {t})", i + 1))?;
             latents = sched.step(&guided_out, i, &latents)?;
+            check_finite(&latents, || {
+                format!("the latents after {} step {}/{n} (timestep {t})", sched.name(), i + 1)
+            })?;
             timings.unet_steps.push(ts.elapsed());
             progress(i + 1, timesteps.len());
         }
-
-        let tv = Instant::now();
-        let decoded = self.vae.decode(&ops::to_device(&latents, &self.device)?)?;
-        let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
-        let image =
-            Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;
-        timings.vae = tv.elapsed();
-
-        Ok(Generated { latents, image, scheduler: sched.name(), timesteps, timings, prompt_truncated })
+        Ok(Denoised { latents, scheduler: sched.name(), timesteps, timings, prompt_truncated })
     }
+}
+
+/// The result of [`StableDiffusion::denoise`]: what [`Generated`] holds minus the image.
+#[derive(Debug, Clone)]
+pub struct Denoised {
+    /// Final latents `[1, C, H/f, W/f]`.
+    pub latents: Tensor,
+    pub scheduler: &'static str,
+    pub timesteps: Vec<f32>,
+    /// Text encoder and UNet times (`vae` stays zero).
+    pub timings: Timings,
+    pub prompt_truncated: bool,
+}
+
+/// Errors when `t` holds NaN or an infinite value; `what` says where it was produced.
+fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    let v = t.to_vec()?;
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::Msg(format!(
+            "{} holds {bad} NaN/infinite value(s) of {}; stopped, no image written (the checkpoint's \
+             weights or the chosen settings overflow)",
+            what(),
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux), `None` where unknown.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The UNet calls a request will make (PNDM makes more calls than steps).
@@ -439,21 +631,24 @@ pub fn image_to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
     Ok((w, h, out))
 }
 
-/// Writes an image `[1, 3, H, W]` in `[0, 1]` as an 8-bit PNG.
-pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
+/// An image `[1, 3, H, W]` in `[0, 1]` encoded as an 8-bit PNG file's bytes.
+pub fn encode_png(image: &Tensor) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
     let (w, h, rgb) = image_to_rgb8(image)?;
-    image::save_buffer_with_format(
-        path,
-        &rgb,
-        w as u32,
-        h as u32,
-        image::ExtendedColorType::Rgb8,
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Msg(format!("{}: cannot write PNG: {e}", path.display())))
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Msg(format!("cannot encode the PNG: {e}")))?;
+    Ok(out)
 }
 
-/// Reads tensor `latents` from a safetensors file (f32, f16 or bf16).
+/// Writes an image `[1, 3, H, W]` in `[0, 1]` as an 8-bit PNG (temporary file, renamed when
+/// complete: a failure leaves no partial file).
+pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
+    crate::output::write_file(path, &encode_png(image)?)
+}
+
+/// Reads tensor `latents` from a safetensors file (f64, f32, f16 or bf16).
 pub fn load_latents(path: &Path) -> Result<Tensor> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -476,9 +671,14 @@ pub fn load_latents(path: &Path) -> Result<Tensor> {
         safetensors::Dtype::BF16 => {
             t.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
         }
+        safetensors::Dtype::F64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
         other => {
             return Err(Error::Invalid(format!(
-                "{}: tensor \"latents\" has dtype {other:?}; expected f32, f16 or bf16",
+                "{}: tensor \"latents\" has dtype {other:?}; expected f64, f32, f16 or bf16",
                 path.display()
             )))
         }
@@ -492,15 +692,20 @@ pub fn load_latents(path: &Path) -> Result<Tensor> {
     Tensor::from_vec(data, t.shape())
 }
 
-/// Writes `latents` as tensor `latents` (f32) of a safetensors file.
-pub fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
+/// `latents` as tensor `latents` (f32) of a safetensors file's bytes.
+pub fn encode_latents(latents: &Tensor) -> Result<Vec<u8>> {
     let data = latents.to_vec()?;
     let bytes: &[u8] = bytemuck::cast_slice(&data);
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.shape().to_vec(), bytes)
         .map_err(|e| Error::Msg(format!("cannot serialise latents: {e}")))?;
-    let out = safetensors::serialize([("latents", view)], None)
-        .map_err(|e| Error::Msg(format!("cannot serialise latents: {e}")))?;
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    safetensors::serialize([("latents", view)], None)
+        .map_err(|e| Error::Msg(format!("cannot serialise latents: {e}")))
+}
+
+/// Writes `latents` as tensor `latents` (f32) of a safetensors file (temporary file, renamed
+/// when complete).
+pub fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
+    crate::output::write_file(path, &encode_latents(latents)?)
 }
 
 /// A short human-readable report of a generation: time per stage and weight memory.

@@ -294,28 +294,13 @@ pub fn write_checkpoint(
     out: &Path,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<SynthReport> {
-    if out.exists() && !opts.force {
-        return Err(Error::Invalid(format!("{} already exists (use --force to replace it)", out.display())));
-    }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let file_name = out.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
-    let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    let result = write_into(opts, &tmp, &mut progress);
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    // Checked (absent unless force, writable parent), written in a temporary sibling folder,
+    // renamed when complete; errors name the output, not the temporary folder.
+    let tmp = crate::output::TempDir::new(out, opts.force, "--out")?;
+    let report = write_into(opts, tmp.path(), &mut progress).map_err(|e| tmp.name_output(e))?;
+    tmp.commit()?;
     Ok(SynthReport { out: out.to_path_buf(), components: report })
 }
 

@@ -12,7 +12,10 @@ pub const FILES: [(&str, &[u8]); 13] = [
     ("model_index.json", include_bytes!("../assets/toy-shapes/model_index.json")),
     ("task.json", include_bytes!("../assets/toy-shapes/task.json")),
     ("train_info.json", include_bytes!("../assets/toy-shapes/train_info.json")),
-    ("scheduler/scheduler_config.json", include_bytes!("../assets/toy-shapes/scheduler/scheduler_config.json")),
+    (
+        "scheduler/scheduler_config.json",
+        include_bytes!("../assets/toy-shapes/scheduler/scheduler_config.json"),
+    ),
     ("text_encoder/config.json", include_bytes!("../assets/toy-shapes/text_encoder/config.json")),
     ("text_encoder/model.safetensors", include_bytes!("../assets/toy-shapes/text_encoder/model.safetensors")),
     ("unet/config.json", include_bytes!("../assets/toy-shapes/unet/config.json")),
@@ -28,12 +31,17 @@ pub const FILES: [(&str, &[u8]); 13] = [
     // The real SD2 tokenizer (the toy folder holds copies of these fixture files).
     ("tokenizer/vocab.json", include_bytes!("../tests/fixtures/sd2-tokenizer/vocab.json")),
     ("tokenizer/merges.txt", include_bytes!("../tests/fixtures/sd2-tokenizer/merges.txt")),
-    ("tokenizer/special_tokens_map.json", include_bytes!("../tests/fixtures/sd2-tokenizer/special_tokens_map.json")),
+    (
+        "tokenizer/special_tokens_map.json",
+        include_bytes!("../tests/fixtures/sd2-tokenizer/special_tokens_map.json"),
+    ),
 ];
 
 /// The tokenizer config (listed apart: the array above has a fixed length).
-const TOKENIZER_CONFIG: (&str, &[u8]) =
-    ("tokenizer/tokenizer_config.json", include_bytes!("../tests/fixtures/sd2-tokenizer/tokenizer_config.json"));
+const TOKENIZER_CONFIG: (&str, &[u8]) = (
+    "tokenizer/tokenizer_config.json",
+    include_bytes!("../tests/fixtures/sd2-tokenizer/tokenizer_config.json"),
+);
 
 /// Writes the toy model's folder to `dir` (built in a temporary sibling, then renamed; an
 /// existing `dir` is replaced only with `force`).

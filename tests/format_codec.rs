@@ -176,7 +176,11 @@ fn written_file_reads_back_identical_and_checksummed() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rng = Rng(5);
     let (rows, cols) = (8, 24);
-    let data = random_data(&mut rng, rows * cols, DType::F16);
+    // Finite values: loading through the store refuses NaN / inf weights (tests/inputs.rs);
+    // the codec's bit-exact round trip of NaN, inf and -0 is tested on the types above.
+    let data = random_data(&mut rng, rows * cols, DType::F16).to_f32();
+    let data = HostData::F32(data.into_iter().map(|v| if v.is_finite() { v } else { 0.5 }).collect())
+        .to_dtype(DType::F16);
     let keys = prune::magnitude_keys(&data);
     let s24 =
         Sparse24Weight::from_dense(&data, rows, cols, &prune::sparse24_mask(&keys, rows, cols)).unwrap();

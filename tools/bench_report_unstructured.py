@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Side-by-side markdown for docs/BENCHMARKS.md from one tools/gpu_run_unstructured.sh run.
+"""Side-by-side markdown for docs/BENCHMARKS.md from the logs of one GPU check (tools/gpu_check.sh).
 
-Reads, from the run's log folder (default .device/out/unstructured):
+Reads, from the check's OUT folder (the argument of .device/check.sh):
   env.txt                 GPU, driver, CUDA (written by the runner)
   criterion/**/new/       benchmark.json + estimates.json of benches/gemm_unstructured.rs and
                           benches/attention.rs (median time per call)
@@ -32,7 +32,7 @@ def criterion_medians(root):
 
 
 def main():
-    log = sys.argv[1] if len(sys.argv) > 1 else ".device/out/unstructured"
+    log = sys.argv[1] if len(sys.argv) > 1 else ".device/out"
     med = criterion_medians(os.path.join(log, "criterion"))
     peers = []
     if os.path.exists(os.path.join(log, "peers.jsonl")):

@@ -453,6 +453,29 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Nearest-neighbour upsampling of `[B, C, H, W]` to `[B, C, out_h, out_w]`, as torch's
+/// `F.interpolate(x, size=(out_h, out_w), mode="nearest")`: source index
+/// `min(floor(dst * (in / out)), in - 1)` with the scale in f32. diffusers' UNet upsamplers
+/// use it with the skip connection's size when the latents are not a multiple of
+/// `2^(levels-1)` (`forward_upsample_size`); for `out = 2 * in` it equals
+/// [`upsample_nearest2x`].
+pub fn upsample_nearest_to(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if out_h == 2 * h && out_w == 2 * w {
+        return upsample_nearest2x(x);
+    }
+    if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
+        return Err(Error::Shape(format!("upsample: {:?} to {out_h}x{out_w}", x.shape())));
+    }
+    match placement("upsample_nearest_to", &[x])? {
+        On::Cpu => cpu_tensor(
+            cpu::layout::upsample_nearest_to(x.as_slice()?, b * c, (h, w), (out_h, out_w)),
+            &[b, c, out_h, out_w],
+        ),
+        On::Cuda => Err(not_on_cuda("upsample_nearest_to")),
+    }
+}
+
 /// Rows of an embedding table `table[V, C]` for `ids` → `[ids.len(), C]`.
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (vocab, dim) = table.dims2()?;

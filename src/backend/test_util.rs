@@ -2,7 +2,7 @@
 //! (write a test once, run it on the CPU and on the GPU), the GPU-or-skip probe, a seeded RNG and
 //! random sparse weights in the canonical layouts.
 //!
-//! On the device machine set `SDSPARSE_REQUIRE_GPU=1` (`.device/run_all.sh` does): a GPU test then
+//! On the device machine set `SDSPARSE_REQUIRE_GPU=1` (`.device/check.sh` does): a GPU test then
 //! fails instead of skipping when no GPU can be opened, so a broken setup cannot pass silently.
 //! `SDSPARSE_CUDA_DEVICE` picks the ordinal (default 0).
 
@@ -120,6 +120,75 @@ impl TestRng {
     pub fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| 2.0 * self.uniform() - 1.0).collect()
     }
+    /// `n` f16-representable values in `[-amp, amp)` (what a GPU kernel with f16 operands sees).
+    pub fn vec_f16(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| f16::from_f32(amp * (2.0 * self.uniform() - 1.0)).to_f32()).collect()
+    }
+    /// An RNG on a [`TestRng::fresh_seed`], printing `<tag>: seed <seed>` so a failure can be
+    /// replayed with [`TestRng::new`].
+    pub fn fresh(tag: &str) -> Self {
+        let seed = Self::fresh_seed();
+        println!("{tag}: seed {seed}");
+        TestRng(seed)
+    }
+}
+
+/// f32 values as f16 bit patterns (round to nearest), the upload format of the GPU kernels.
+pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+}
+
+/// f16 bit patterns as f32 values.
+pub fn from_f16_bits(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
+}
+
+/// Whether a GPU test should run kernel variant `name` (its name or `Debug` form): all of them
+/// unless `SDSPARSE_GPU_VARIANTS` lists comma-separated prefixes, one of which `name` must
+/// start with (case-insensitive: `v2` selects every `v2_pipe_bt*`, `bm128` selects `Bm128` but
+/// not `WgmmaBm128`). The device check runs the oracle variants first and each risky
+/// variant in its own process this way, so a sticky fault (trap, illegal address) in one
+/// variant cannot hide the results of the others (kernel review T2).
+pub fn variant_selected(name: &str) -> bool {
+    match std::env::var("SDSPARSE_GPU_VARIANTS") {
+        Ok(list) if !list.trim().is_empty() => {
+            let name = name.to_ascii_lowercase();
+            list.split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .any(|s| !s.is_empty() && name.starts_with(&s))
+        }
+        _ => true,
+    }
+}
+
+/// Norm-wise bound of the GPU kernel tests (f16 output rounding alone gives ~2.5e-4).
+pub const GPU_NORM_TOL: f64 = 2e-3;
+/// Element-wise bound of the GPU kernel tests, relative to `|ref| + rms(ref)`.
+pub const GPU_ELEM_TOL: f64 = 1e-2;
+
+/// The kernel check of kernel review T1: `‖out − ref‖ / ‖ref‖ <= norm_tol` AND every element
+/// `|out − ref| <= elem_tol · (|ref| + rms(ref))`, so one wrong element or a one-key mask
+/// error cannot hide in a norm. NaN (an unwritten, NaN-poisoned output) never passes. Returns
+/// the norm-wise error, or a one-line description of the first violation.
+pub fn check_close(out: &[f32], reference: &[f32], norm_tol: f64, elem_tol: f64) -> Result<f64, String> {
+    if out.len() != reference.len() {
+        return Err(format!("{} outputs, {} reference values", out.len(), reference.len()));
+    }
+    let n = reference.len().max(1) as f64;
+    let rms = (reference.iter().map(|&r| (r as f64).powi(2)).sum::<f64>() / n).sqrt();
+    for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
+        let (o, r) = (o as f64, r as f64);
+        if o.is_nan() || (o - r).abs() > elem_tol * (r.abs() + rms) {
+            return Err(format!(
+                "element {i}: {o} vs reference {r} (bound {elem_tol} x (|ref| + rms {rms:.3e}))"
+            ));
+        }
+    }
+    let err = rel_error(out, reference);
+    if err > norm_tol {
+        return Err(format!("relative error {err:.3e} > {norm_tol:.0e}"));
+    }
+    Ok(err)
 }
 
 /// `values` stored as `dtype`.
@@ -195,5 +264,38 @@ pub fn rel_error(out: &[f32], reference: &[f32]) -> f64 {
         }
     } else {
         (diff / norm).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_close_catches_what_a_norm_misses() {
+        // One negated element of a 154 x 1024 result: ~5e-3 norm-wise, under the old 1e-2 bar.
+        let mut rng = TestRng::new(3);
+        let reference = rng.vec(154 * 1024);
+        let mut out = reference.clone();
+        let i = (0..out.len()).max_by(|&a, &b| out[a].abs().total_cmp(&out[b].abs())).unwrap();
+        out[i] = -out[i];
+        assert!(rel_error(&out, &reference) < 1e-2, "the old bar would have passed it");
+        let err = check_close(&out, &reference, GPU_NORM_TOL, GPU_ELEM_TOL).unwrap_err();
+        assert!(err.starts_with(&format!("element {i}:")), "{err}");
+        // f16 rounding of every element passes; NaN and a length mismatch never do.
+        let rounded = from_f16_bits(&to_f16_bits(&reference));
+        assert!(check_close(&rounded, &reference, GPU_NORM_TOL, GPU_ELEM_TOL).unwrap() < 5e-4);
+        let mut nan = rounded.clone();
+        nan[7] = f32::NAN;
+        assert!(check_close(&nan, &reference, GPU_NORM_TOL, GPU_ELEM_TOL).is_err());
+        assert!(check_close(&rounded[1..], &reference, GPU_NORM_TOL, GPU_ELEM_TOL).is_err());
+    }
+
+    #[test]
+    fn variant_filter_defaults_to_all() {
+        // The variable is not set in `cargo test` runs (only the device check sets it).
+        if std::env::var_os("SDSPARSE_GPU_VARIANTS").is_none() {
+            assert!(variant_selected("v3_wgmma"));
+        }
     }
 }

@@ -276,7 +276,8 @@ pub fn expected_for_dir(dir: &Path, component: &str) -> Result<Option<Expected>>
 }
 
 /// Checks that a (dense) component holds every tensor its config implies, with the right
-/// shape (legacy spellings accepted). Extra tensors are allowed.
+/// shape and a float dtype sdsparse reads (f64, f32, f16, bf16; legacy spellings accepted).
+/// Extra tensors are allowed.
 pub fn validate_component(store: &ComponentStore, component: &str) -> Result<()> {
     let Some(expected) = expected_for_dir(&store.dir, component)? else { return Ok(()) };
     for (name, shape) in expected {
@@ -287,6 +288,14 @@ pub fn validate_component(store: &ComponentStore, component: &str) -> Result<()>
             ))
         })?;
         let raw = store.raw(&stored)?;
+        if raw.load_dtype().is_none() {
+            let why = if raw.is_float() {
+                super::unsupported_dtype(&stored, raw.dtype)
+            } else {
+                format!("tensor {stored} has dtype {:?}; a weight must be floating point", raw.dtype)
+            };
+            return Err(Error::Checkpoint(format!("{}: {why}", store.describe())));
+        }
         if raw.shape != shape.as_slice() {
             return Err(Error::Shape(format!(
                 "{}: tensor {stored} has shape {:?}, config.json implies {:?}",

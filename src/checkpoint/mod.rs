@@ -9,7 +9,10 @@
 pub mod expected;
 mod store;
 
-pub use store::{aliases, find_weight_files, ComponentStore, RawTensor, SafetensorsFile};
+pub use store::{
+    aliases, count_nonfinite_bytes, find_weight_files, is_float_dtype, nonfinite_error, unsupported_dtype,
+    ComponentStore, RawTensor, SafetensorsFile,
+};
 
 use crate::backend::Tensor;
 use crate::error::{Error, Result};

@@ -81,15 +81,18 @@ impl RawTensor<'_> {
             StDtype::BF16 => {
                 HostData::BF16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect())
             }
-            d => {
-                return Err(Error::Checkpoint(format!(
-                    "tensor {} has dtype {d:?}; only f32, f16 and bf16 weights are supported",
-                    self.name
-                )))
-            }
+            // Community checkpoints hold float64 tensors; they are cast to f32 on load, as
+            // diffusers casts them to the pipeline's dtype.
+            StDtype::F64 => HostData::F32(
+                b.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                    .collect(),
+            ),
+            d => return Err(Error::Checkpoint(unsupported_dtype(self.name, d))),
         })
     }
 
+    /// The dtype as stored, when it is one the sparse format stores (f32, f16, bf16).
     pub fn float_dtype(&self) -> Option<DType> {
         match self.dtype {
             StDtype::F32 => Some(DType::F32),
@@ -98,6 +101,63 @@ impl RawTensor<'_> {
             _ => None,
         }
     }
+
+    /// The dtype [`RawTensor::host_data`] returns: the stored one, f32 for f64; `None` for
+    /// integer and other non-float tensors.
+    pub fn load_dtype(&self) -> Option<DType> {
+        match self.dtype {
+            StDtype::F64 => Some(DType::F32),
+            _ => self.float_dtype(),
+        }
+    }
+
+    /// Whether the tensor holds floating-point values of any width (including ones sdsparse
+    /// does not read, such as float8).
+    pub fn is_float(&self) -> bool {
+        is_float_dtype(self.dtype)
+    }
+
+    /// NaN and infinite elements of a float tensor, counted on the stored bytes (0 for other
+    /// dtypes).
+    pub fn count_nonfinite(&self) -> usize {
+        count_nonfinite_bytes(self.bytes, self.dtype)
+    }
+}
+
+/// Whether a safetensors dtype is a floating-point one.
+pub fn is_float_dtype(d: StDtype) -> bool {
+    matches!(d, StDtype::F64 | StDtype::F32 | StDtype::F16 | StDtype::BF16)
+        || format!("{d:?}").starts_with('F')
+}
+
+/// The error for a float tensor in a dtype sdsparse does not read.
+pub fn unsupported_dtype(name: &str, d: StDtype) -> String {
+    format!("tensor {name} has dtype {d:?}; sdsparse reads f64, f32, f16 and bf16 weights (convert to one of those)")
+}
+
+/// NaN / infinite elements in little-endian `bytes` of dtype `d` (exponent bits all set).
+pub fn count_nonfinite_bytes(bytes: &[u8], d: StDtype) -> usize {
+    match d {
+        StDtype::F64 => {
+            bytes.chunks_exact(8).filter(|c| (u16::from_le_bytes([c[6], c[7]]) & 0x7ff0) == 0x7ff0).count()
+        }
+        StDtype::F32 => {
+            bytes.chunks_exact(4).filter(|c| (u16::from_le_bytes([c[2], c[3]]) & 0x7f80) == 0x7f80).count()
+        }
+        StDtype::F16 => bytes.chunks_exact(2).filter(|c| (c[1] & 0x7c) == 0x7c).count(),
+        StDtype::BF16 => {
+            bytes.chunks_exact(2).filter(|c| (u16::from_le_bytes([c[0], c[1]]) & 0x7f80) == 0x7f80).count()
+        }
+        _ => 0,
+    }
+}
+
+/// The error for a tensor holding NaN / infinite values.
+pub fn nonfinite_error(where_: &str, name: &str, bad: usize, numel: usize) -> Error {
+    Error::Checkpoint(format!(
+        "{where_}: tensor {name} holds {bad} NaN/infinite value(s) of {numel}; the checkpoint is broken \
+         (e.g. an overflowing half-precision cast) and would generate a black image"
+    ))
 }
 
 /// All tensors of one component folder.
@@ -246,7 +306,9 @@ impl ComponentStore {
             if let Some((stored, _)) = crate::format::codec::compressed_name(self, name) {
                 let w = crate::format::codec::load_compressed(self, &stored)?;
                 let shape = self.sparse.as_ref().map(|h| h.layers[&stored].shape.clone()).unwrap_or_default();
-                return Tensor::from_vec(w.to_dense_host()?.to_f32(), &shape);
+                let values = w.to_dense_host()?.to_f32();
+                self.check_finite(&stored, &values)?;
+                return Tensor::from_vec(values, &shape);
             }
             return Err(Error::Checkpoint(format!(
                 "{}: tensor {name} not found in the checkpoint",
@@ -257,7 +319,26 @@ impl ComponentStore {
             return Ok(t.clone());
         }
         let raw = self.raw(&stored)?;
-        Tensor::from_vec(raw.host_data()?.to_f32(), raw.shape)
+        let values = raw.host_data().map_err(|e| self.located(e))?.to_f32();
+        self.check_finite(&stored, &values)?;
+        Tensor::from_vec(values, raw.shape)
+    }
+
+    /// An error from reading one of this store's tensors, prefixed with the folder.
+    fn located(&self, e: Error) -> Error {
+        match e {
+            Error::Checkpoint(m) => Error::Checkpoint(format!("{}: {m}", self.describe())),
+            other => other,
+        }
+    }
+
+    /// Refuses NaN / infinite weights at load (one pass, done once per tensor).
+    fn check_finite(&self, name: &str, values: &[f32]) -> Result<()> {
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(nonfinite_error(&self.describe(), name, bad, values.len()));
+        }
+        Ok(())
     }
 
     /// A Linear weight as stored: dense, or compressed in a sparse checkpoint.
@@ -265,7 +346,27 @@ impl ComponentStore {
         if self.contains(name) {
             return Ok(Weight::Dense(self.tensor_f32(name)?));
         }
-        crate::format::codec::load_compressed(self, name)
+        let w = crate::format::codec::load_compressed(self, name)?;
+        let values = match &w {
+            Weight::Sparse24(s) => Some(&s.values),
+            Weight::Bitmap(b) => Some(&b.values),
+            Weight::Dense(_) => None,
+        };
+        if let Some(v) = values {
+            let bad = count_nonfinite_bytes(v.as_bytes(), st_dtype_of(v.dtype()));
+            if bad > 0 {
+                return Err(nonfinite_error(&self.describe(), name, bad, v.len()));
+            }
+        }
+        Ok(w)
+    }
+}
+
+fn st_dtype_of(d: DType) -> StDtype {
+    match d {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
     }
 }
 

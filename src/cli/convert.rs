@@ -2,7 +2,9 @@
 //! progress bar and a per-component summary.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use sdsparse::calibrate::CalibrationOptions;
 use sdsparse::convert::{convert, ConvertOptions, ConvertReport, Progress};
+use sdsparse::prune::wanda::OwlParams;
 use sdsparse::prune::{Glob, Method, Pattern, Scope, Selection};
 use sdsparse::DType;
 use std::path::PathBuf;
@@ -31,9 +33,29 @@ pub struct ConvertArgs {
     /// Overrides --pattern for the UNet.
     #[arg(long)]
     pub unet_pattern: Option<String>,
-    /// magnitude (smallest |w| pruned) or random (seeded baseline).
+    /// magnitude (smallest |w| pruned), random (seeded baseline), wanda (|w|·‖x‖ per output
+    /// row, from calibration activations) or owl (Wanda with per-block sparsities from
+    /// outlier ratios). See docs/PRUNING.md.
     #[arg(long, default_value = "magnitude")]
     pub method: String,
+    /// OWL: a score is an outlier above M x its block's mean score.
+    #[arg(long, default_value_t = 5.0)]
+    pub owl_m: f64,
+    /// OWL: block sparsities spread over at most 2·λ around the target.
+    #[arg(long, default_value_t = 0.08)]
+    pub owl_lambda: f64,
+    /// Wanda / OWL: calibration captions, one per line (default: 128 built-in captions).
+    #[arg(long, value_name = "FILE")]
+    pub calibration_prompts: Option<PathBuf>,
+    /// Wanda / OWL: how many captions calibrate the text encoder (the first N).
+    #[arg(long, default_value_t = 128)]
+    pub calibration_samples: usize,
+    /// Wanda / OWL: how many of those drive a UNet calibration run (the first M).
+    #[arg(long, default_value_t = 16)]
+    pub calibration_unet_samples: usize,
+    /// Wanda / OWL: DDIM steps of each caption's UNet calibration run.
+    #[arg(long, default_value_t = 4)]
+    pub calibration_steps: usize,
     /// layer (each layer reaches the target) or global (one threshold per component).
     #[arg(long, default_value = "layer")]
     pub scope: String,
@@ -52,6 +74,10 @@ pub struct ConvertArgs {
     /// Never prune tensors whose name matches this glob; repeatable.
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// A per-layer plan from `sdsparse plan` (sets each layer's pattern and sparsity; the
+    /// sparsity / pattern flags then do not apply).
+    #[arg(long, value_name = "PLAN.json")]
+    pub plan: Option<PathBuf>,
     /// Replace the output folder if it exists.
     #[arg(long)]
     pub force: bool,
@@ -73,6 +99,23 @@ fn parse_dtype(s: &str) -> anyhow::Result<Option<DType>> {
 impl ConvertArgs {
     pub fn options(&self) -> anyhow::Result<ConvertOptions> {
         let pat = |s: &str| s.parse::<Pattern>();
+        let mixed_plan = match &self.plan {
+            Some(p) => {
+                let uniform = self.text_encoder_sparsity.is_some()
+                    || self.unet_sparsity.is_some()
+                    || self.pattern != "unstructured"
+                    || self.text_encoder_pattern.is_some()
+                    || self.unet_pattern.is_some();
+                if uniform {
+                    anyhow::bail!(
+                        "invalid argument: --plan sets every layer's pattern and sparsity; drop the \
+                         --*-sparsity / --*-pattern flags"
+                    );
+                }
+                Some(std::sync::Arc::new(sdsparse::plan::MixedPlan::load(p)?))
+            }
+            None => None,
+        };
         Ok(ConvertOptions {
             text_encoder_sparsity: self.text_encoder_sparsity,
             unet_sparsity: self.unet_sparsity,
@@ -89,6 +132,16 @@ impl ConvertArgs {
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
             },
             force: self.force,
+            owl: OwlParams { m: self.owl_m, lambda: self.owl_lambda },
+            calibration: CalibrationOptions {
+                prompts: self.calibration_prompts.clone(),
+                samples: self.calibration_samples,
+                unet_samples: self.calibration_unet_samples,
+                steps: self.calibration_steps,
+                seed: self.seed,
+                ..CalibrationOptions::default()
+            },
+            mixed_plan,
         })
     }
 }
@@ -96,16 +149,28 @@ impl ConvertArgs {
 /// A byte progress bar driven by the library's progress events.
 pub fn progress_bar(quiet: bool) -> (ProgressBar, impl FnMut(Progress)) {
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg:14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let style = |t: &str| {
+        ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ")
+    };
+    let bytes_style = style("{spinner} {msg:14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
+    let count_style = style("{spinner} calibrating {msg:12} [{bar:40}] {pos}/{len} eta {eta}");
+    bar.set_style(bytes_style.clone());
     let b = bar.clone();
     let f = move |p: Progress| match p {
-        Progress::Begin { total_bytes } => b.set_length(total_bytes),
+        Progress::Calibration { stage, done, total } => {
+            if b.length() != Some(total as u64) || b.message() != stage {
+                b.set_style(count_style.clone());
+                b.set_message(stage);
+                b.set_length(total as u64);
+                b.reset_eta();
+            }
+            b.set_position(done as u64);
+        }
+        Progress::Begin { total_bytes } => {
+            b.set_style(bytes_style.clone());
+            b.set_position(0);
+            b.set_length(total_bytes)
+        }
         Progress::Component { name } => b.set_message(name),
         Progress::Advance { bytes } => b.inc(bytes),
         Progress::Finish => b.finish_and_clear(),
@@ -118,14 +183,25 @@ fn mb(b: u64) -> String {
 }
 
 /// The summary table printed after a conversion.
-pub fn print_report(r: &ConvertReport) {
-    println!(
+pub fn print_report(r: &ConvertReport) -> anyhow::Result<()> {
+    outln!(
         "{:<14} {:>12} {:>14} {:>14} {:>9} {:>12} {:>12} {:>8}",
-        "component", "pattern", "prunable", "zeros", "sparsity", "before", "after", "time"
+        "component",
+        "pattern",
+        "prunable",
+        "zeros",
+        "sparsity",
+        "before",
+        "after",
+        "time"
     );
     for c in &r.components {
-        let pattern = c.plan.map(|p| p.pattern.name()).unwrap_or("dense");
-        println!(
+        let pattern = match c.plan {
+            Some(p) => p.pattern.name(),
+            None if c.pruned > 0 => "mixed",
+            None => "dense",
+        };
+        outln!(
             "{:<14} {:>12} {:>14} {:>14} {:>8.2}% {:>12} {:>12} {:>7.1}s",
             c.name,
             pattern,
@@ -137,7 +213,18 @@ pub fn print_report(r: &ConvertReport) {
             c.seconds
         );
         for (name, why) in &c.kept_dense {
-            println!("  kept dense: {name}: {why}");
+            outln!("  kept dense: {name}: {why}");
+        }
+        if !c.owl_groups.is_empty() {
+            let (lo, hi) =
+                c.owl_groups.iter().fold((1f64, 0f64), |(a, b), g| (a.min(g.sparsity), b.max(g.sparsity)));
+            outln!(
+                "  {}: OWL gave {} blocks sparsities {:.1}%..{:.1}%",
+                c.name,
+                c.owl_groups.len(),
+                100.0 * lo,
+                100.0 * hi
+            );
         }
     }
     let (this, other) = if r.include_conv {
@@ -145,18 +232,18 @@ pub fn print_report(r: &ConvertReport) {
     } else {
         ("Linear layers only", "with --include-conv")
     };
-    println!(
+    outln!(
         "text encoder + UNet stored size: {:.3}x of dense ({this}); {:.3}x {other} (estimate)",
         r.te_unet_ratio(),
         r.te_unet_ratio_other_conv()
     );
-    println!("wrote {} in {:.1}s", r.out.display(), r.seconds);
+    outln!("wrote {} in {:.1}s", r.out.display(), r.seconds);
+    Ok(())
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
     let (_bar, mut progress) = progress_bar(args.quiet);
     let report = convert(&args.model, &args.out, &opts, &mut progress)?;
-    print_report(&report);
-    Ok(())
+    print_report(&report)
 }

@@ -68,24 +68,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.out.display()))?;
 
-    println!("== 1/3 write the embedded toy SD2 (trained here on coloured shapes; see task.json)");
+    outln!("== 1/3 write the embedded toy SD2 (trained here on coloured shapes; see task.json)");
     sdsparse::toy::write_model(&dense, true)?;
-    println!("wrote {}\n", dense.display());
+    outln!("wrote {}\n", dense.display());
 
-    println!(
+    outln!(
         "== 2/3 sdsparse convert at the study's targets (text encoder 47.5%, UNet 35%, magnitude, per layer)"
     );
     let s = |x: &std::path::Path| x.display().to_string();
     let flags = ["--model", &s(&dense), "--out", &s(&sparse), "--pattern", &args.pattern, "--force"];
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     super::convert::run(parse_args("convert", &flags)?)?;
-    println!();
+    outln!();
 
-    println!("== 3/3 generate {} prompts with the dense and the sparse model (CPU, {} steps)", prompts.len(), args.steps);
+    outln!(
+        "== 3/3 generate {} prompts with the dense and the sparse model (CPU, {} steps)",
+        prompts.len(),
+        args.steps
+    );
     let spec = TaskSpec::from_model_dir(&dense)?;
-    let models = [StableDiffusion::load(&dense, &Device::Cpu)?, StableDiffusion::load(&sparse, &Device::Cpu)?];
-    let bar = ProgressBar::new((2 * prompts.len()) as u64)
-        .with_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} images")?.progress_chars("=> "));
+    let models =
+        [StableDiffusion::load(&dense, &Device::Cpu)?, StableDiffusion::load(&sparse, &Device::Cpu)?];
+    let bar = ProgressBar::new((2 * prompts.len()) as u64).with_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} images")?.progress_chars("=> "),
+    );
     let mut rows: Vec<Vec<image::RgbImage>> = vec![Vec::new(), Vec::new()];
     let mut marks: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
     let mut passed = [0usize; 2];
@@ -101,12 +107,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 (Some(spec), Some(scene)) => {
                     let v = judge(spec, &scene, w, h, &rgb)?;
                     passed[m] += v.pass() as usize;
-                    let wrong: Vec<&str> = [(v.shape_colour, "colour"), (v.shape, "shape"), (v.background, "bg")]
-                        .iter()
-                        .filter(|x| !x.0)
-                        .map(|x| x.1)
-                        .collect();
-                    if wrong.is_empty() { "right".to_string() } else { format!("wrong {}", wrong.join("+")) }
+                    let wrong: Vec<&str> =
+                        [(v.shape_colour, "colour"), (v.shape, "shape"), (v.background, "bg")]
+                            .iter()
+                            .filter(|x| !x.0)
+                            .map(|x| x.1)
+                            .collect();
+                    if wrong.is_empty() {
+                        "right".to_string()
+                    } else {
+                        format!("wrong {}", wrong.join("+"))
+                    }
                 }
                 _ => "(not in the task grammar)".to_string(),
             };
@@ -125,10 +136,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     picture.save_with_format(&tmp, image::ImageFormat::Png)?;
     std::fs::rename(&tmp, &image)?;
     for (i, p) in prompts.iter().enumerate() {
-        println!("  {p:<42} dense: {:<22} sparse: {}", marks[0][i], marks[1][i]);
+        outln!("  {p:<42} dense: {:<22} sparse: {}", marks[0][i], marks[1][i]);
     }
     if spec.is_some() {
-        println!(
+        outln!(
             "task score (colour, shape and background right, by image analysis): dense {}/{}, sparse {}/{}",
             passed[0],
             prompts.len(),
@@ -136,7 +147,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             prompts.len()
         );
     }
-    println!("\ndemo finished in {:.1} s: {}", start.elapsed().as_secs_f64(), image.display());
+    outln!("\ndemo finished in {:.1} s: {}", start.elapsed().as_secs_f64(), image.display());
     Ok(())
 }
 
@@ -184,7 +195,7 @@ pub fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
     bar.set_message("synthesising");
     let report = write_checkpoint(&opts, &args.out, |_, done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "wrote {} ({} preset, {}, seed {}) in {:.1} s",
         report.out.display(),
         preset.name(),
@@ -193,7 +204,7 @@ pub fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     for (component, params, bytes) in &report.components {
-        println!("  {component:<13} {params:>12} parameters  {:>10.1} MB", *bytes as f64 / 1e6);
+        outln!("  {component:<13} {params:>12} parameters  {:>10.1} MB", *bytes as f64 / 1e6);
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use sdsparse::backend::cuda::CudaDevice;
 use sdsparse::backend::Device;
+use sdsparse::output;
 use sdsparse::pipeline::{self, GenerateRequest, StableDiffusion};
 use sdsparse::scheduler::SchedulerKind;
 use sdsparse::Error;
@@ -100,10 +101,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             anyhow::bail!("--out {}: the output is a PNG; use a .png file name", args.out.display());
         }
     }
+    // Every output is checked before any work, so a typo in a folder name costs nothing.
+    output::check_output_file(&args.out, "--out")?;
+    if let Some(p) = &args.save_latents {
+        output::check_output_file(p, "--save-latents")?;
+        if same_file(p, &args.out) {
+            anyhow::bail!("--save-latents and --out name the same file {}", p.display());
+        }
+    }
     let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
     let device = select_device(&args.device)?;
 
     let sd = StableDiffusion::load(&args.model, &device)?;
+    for note in sd.notes() {
+        eprintln!("note: {note}");
+    }
     let req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -118,7 +130,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // Check sizes and the scheduler before the text encoder runs.
     let shape = sd.latent_shape(&req)?;
     let kind = sd.scheduler_kind(&req)?;
-    let calls = pipeline::unet_calls(sd.scheduler_config(), kind, req.steps)?;
+    let calls = sd.scheduler_for(&req)?.timesteps().len();
     let f = sd.vae_scale_factor();
     eprintln!(
         "generating {}x{} with {} ({} steps, {} UNet calls, guidance {}) on {}",
@@ -141,12 +153,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("note: the prompt was longer than 77 tokens and was truncated");
     }
 
-    pipeline::save_png(&generated.image, &args.out)?;
+    // Both outputs are written under temporary names and renamed together: a failure
+    // (full disk, vanished folder) leaves neither a truncated file nor one of the two.
+    let mut pending = vec![output::PendingFile::write(&args.out, &pipeline::encode_png(&generated.image)?)?];
     if let Some(p) = &args.save_latents {
-        pipeline::save_latents(&generated.latents, p)?;
+        pending.push(output::PendingFile::write(p, &pipeline::encode_latents(&generated.latents)?)?);
+    }
+    output::commit_all(pending)?;
+    if let Some(p) = &args.save_latents {
         eprintln!("wrote latents {}", p.display());
     }
     eprint!("{}", pipeline::report(&sd, &generated));
-    println!("wrote {}", args.out.display());
+    outln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Whether two output paths name the same file (compared after resolving their folders).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let resolve = |p: &std::path::Path| {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        std::fs::canonicalize(parent).ok().map(|d| d.join(p.file_name().unwrap_or_default()))
+    };
+    a == b || (resolve(a).is_some() && resolve(a) == resolve(b))
 }

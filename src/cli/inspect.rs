@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Flags of `sdsparse inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A diffusers pipeline folder (dense or sparse) or one component folder.
+    /// A diffusers pipeline folder (dense or sparse), one component folder, or a plan file
+    /// written by `sdsparse plan`.
     pub path: PathBuf,
     /// Only the per-component totals.
     #[arg(long)]
@@ -15,7 +16,38 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    if args.path.is_file() && args.path.extension().is_some_and(|e| e == "json") {
+        let plan = sdsparse::plan::MixedPlan::load(&args.path)?;
+        super::plan::print_plan(&plan, args.summary)?;
+        return Ok(());
+    }
     let comps = inspect(&args.path)?;
+    // How the folder was made, when `convert` wrote a summary (mixed plan, calibration).
+    let summary: Option<serde_json::Value> =
+        std::fs::read_to_string(args.path.join(sdsparse::convert::SUMMARY_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(v) = &summary {
+        if let Some(p) = v.get("mixed_plan").filter(|p| !p.is_null()) {
+            let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+            outln!(
+                "mixed plan: budget {:.3e}, predicted deviation {:.3e}, measured {:.3e}, cost {:.3} of dense",
+                f("budget"),
+                f("predicted_deviation"),
+                f("measured_deviation"),
+                f("cost_vs_dense")
+            );
+        }
+        if let Some(c) = v.get("calibration").filter(|c| !c.is_null()) {
+            outln!(
+                "calibration: {} captions (UNet {}), {} DDIM steps, seed {}",
+                c["captions"],
+                c["unet_captions"],
+                c["unet_ddim_steps"],
+                c["seed"]
+            );
+        }
+    }
     for c in &comps {
         let kind = match &c.header {
             Some(h) => {
@@ -23,21 +55,31 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
             None => "dense".to_string(),
         };
-        println!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
+        outln!("== {} [{}] file {:.1} MB", c.name, kind, c.file_bytes as f64 / 1e6);
         if !args.summary {
-            println!(
+            outln!(
                 "{:<72} {:>13} {:>20} {:>5} {:>9} {:>12}",
-                "tensor", "format", "shape", "dtype", "sparsity", "bytes"
+                "tensor",
+                "format",
+                "shape",
+                "dtype",
+                "sparsity",
+                "bytes"
             );
             for t in &c.tensors {
                 let shape = format!("{:?}", t.shape);
                 let sp = if t.numel == 0 { 0.0 } else { 100.0 * t.zeros as f64 / t.numel as f64 };
-                println!(
+                outln!(
                     "{:<72} {:>13} {:>20} {:>5} {:>8.2}% {:>12}",
-                    t.name, t.format, shape, t.dtype, sp, t.bytes
+                    t.name,
+                    t.format,
+                    shape,
+                    t.dtype,
+                    sp,
+                    t.bytes
                 );
                 if let Some(n) = &t.note {
-                    println!("    kept dense: {n}");
+                    outln!("    kept dense: {n}");
                 }
             }
         }
@@ -45,7 +87,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         let numel: usize = sparse.iter().map(|t| t.numel).sum();
         let zeros: usize = sparse.iter().map(|t| t.zeros).sum();
         let bytes: u64 = c.tensors.iter().map(|t| t.bytes).sum();
-        println!(
+        outln!(
             "   {} tensors, {} compressed ({} params, {:.2}% pruned), {:.1} MB of tensor data",
             c.tensors.len(),
             sparse.len(),
@@ -78,8 +120,8 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let (_bar, mut progress) = super::convert::progress_bar(args.quiet);
     let r = export(&args.model, &args.out, args.force, &mut progress)?;
     for (c, bytes) in &r.components {
-        println!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
+        outln!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
     }
-    println!("wrote dense diffusers folder {}", r.out.display());
+    outln!("wrote dense diffusers folder {}", r.out.display());
     Ok(())
 }

@@ -83,9 +83,12 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     let points = opts.plan()?;
     let device = super::generate::select_device(&args.device)?;
     if !device.is_cpu() {
-        anyhow::bail!("--device {}: the sweep runs the pipeline on the CPU in this build (use --device cpu)", args.device);
+        anyhow::bail!(
+            "--device {}: the sweep runs the pipeline on the CPU in this build (use --device cpu)",
+            args.device
+        );
     }
-    println!(
+    outln!(
         "sweep of {}: {} points x {} seeds, {} steps -> {}",
         args.model.display(),
         points.len(),
@@ -95,8 +98,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     );
     let start = Instant::now();
     let bar = ProgressBar::new(1).with_style(
-        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} images, {elapsed} elapsed, ETA {eta}")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>28} [{bar:30}] {pos}/{len} images, {elapsed} elapsed, ETA {eta}",
+        )?
+        .progress_chars("=> "),
     );
     let results = sweep::run(&opts, &mut |done, total, what| {
         bar.set_length(total as u64);
@@ -105,14 +110,14 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let dense = &results.points[0];
-    println!(
+    outln!(
         "{} points measured in {:.1} s (dense task score {})",
         results.points.len() - 1,
         start.elapsed().as_secs_f64(),
         dense.task_score.map(|s| format!("{s:.3}")).unwrap_or_else(|| "n/a: no task.json".into())
     );
     for f in ["results.csv", "results.json", "curves.png", "grid.png"] {
-        println!("  {}", args.out.join(f).display());
+        outln!("  {}", args.out.join(f).display());
     }
     Ok(())
 }

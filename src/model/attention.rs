@@ -8,50 +8,8 @@
 use crate::backend::{ops, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
-use crate::format::Weight;
 
-/// `y = x·Wᵀ + b` over the last dim; the weight stays in its stored (possibly compressed) form.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Weight,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn load(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get_weight("weight", out_features, in_features)?;
-        let bias = if bias { Some(vb.get("bias", &[out_features])?) } else { None };
-        Ok(Linear { weight, bias })
-    }
-
-    /// A linear layer stored as a 1x1 convolution (`use_linear_projection: false`
-    /// checkpoints): the same product, applied to channels-last tokens.
-    pub fn load_from_conv1x1(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
-        let w =
-            vb.get("weight", &[out_features, in_features, 1, 1])?.reshape(&[out_features, in_features])?;
-        let bias = Some(vb.get("bias", &[out_features])?);
-        Ok(Linear { weight: Weight::Dense(w), bias })
-    }
-
-    pub fn weight(&self) -> &Weight {
-        &self.weight
-    }
-
-    /// Replaces the weight (e.g. by a pruned, compressed form of itself); the shape must
-    /// stay `[out, in]`.
-    pub fn set_weight(&mut self, weight: Weight) -> Result<()> {
-        let (old, new) = (self.weight.dims2()?, weight.dims2()?);
-        if old != new {
-            return Err(Error::Shape(format!("linear weight {old:?} cannot be replaced by {new:?}")));
-        }
-        self.weight = weight;
-        Ok(())
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
-    }
-}
+pub use super::linear::Linear;
 
 /// Layer norm over the last dim with affine parameters.
 #[derive(Debug, Clone)]

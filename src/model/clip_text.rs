@@ -11,6 +11,7 @@ use crate::backend::{ops, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
 use crate::format::Weight;
+use crate::model::linear::Linear;
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -154,25 +155,6 @@ impl ClipTextConfig {
     }
 }
 
-/// `y = x·Wᵀ + b` with the weight dense or compressed, as stored.
-struct Linear {
-    weight: Weight,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn new(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
-        Ok(Linear {
-            weight: vb.get_weight("weight", out_features, in_features)?,
-            bias: vb.get("bias", &[out_features])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, Some(&self.bias))
-    }
-}
-
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -203,10 +185,10 @@ impl ClipAttention {
     fn new(vb: &VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(ClipAttention {
-            q_proj: Linear::new(&vb.pp("q_proj"), h, h)?,
-            k_proj: Linear::new(&vb.pp("k_proj"), h, h)?,
-            v_proj: Linear::new(&vb.pp("v_proj"), h, h)?,
-            out_proj: Linear::new(&vb.pp("out_proj"), h, h)?,
+            q_proj: Linear::load(&vb.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(&vb.pp("out_proj"), h, h, true)?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })
@@ -240,8 +222,8 @@ struct ClipMlp {
 impl ClipMlp {
     fn new(vb: &VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         Ok(ClipMlp {
-            fc1: Linear::new(&vb.pp("fc1"), cfg.hidden_size, cfg.intermediate_size)?,
-            fc2: Linear::new(&vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size)?,
+            fc1: Linear::load(&vb.pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            fc2: Linear::load(&vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
             activation: cfg.hidden_act,
         })
     }
@@ -324,13 +306,27 @@ impl ClipTextModel {
     pub fn linear_weights(&self) -> impl Iterator<Item = &Weight> + '_ {
         self.layers.iter().flat_map(|l| {
             let a = &l.self_attn;
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2].map(|lin| &lin.weight)
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2].map(|lin| lin.weight())
         })
+    }
+
+    /// Every Linear layer of the encoder layers, in weight-name order within each layer
+    /// (to attach observers, or to swap in pruned weights in memory).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                let a = &mut l.self_attn;
+                [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut l.mlp.fc1, &mut l.mlp.fc2]
+            })
+            .collect()
     }
 
     /// Logical parameters (a pruned weight counts its full `out × in`).
     pub fn parameter_count(&self) -> usize {
-        let linear = |l: &Linear| l.weight.dims2().map(|(o, i)| o * i).unwrap_or(0) + l.bias.numel();
+        let linear = |l: &Linear| {
+            l.weight().dims2().map(|(o, i)| o * i).unwrap_or(0) + l.bias().map_or(0, |b| b.numel())
+        };
         let norm = |n: &LayerNorm| n.weight.numel() + n.bias.numel();
         let per_layer = |l: &ClipEncoderLayer| {
             let a = &l.self_attn;

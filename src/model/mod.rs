@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip_text;
 pub mod config;
+pub mod linear;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;

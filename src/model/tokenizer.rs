@@ -68,6 +68,9 @@ pub struct ClipTokenizer {
     max_length: usize,
     /// BPE result per pre-tokenised piece; prompts repeat words a lot.
     cache: Mutex<HashMap<String, Vec<u32>>>,
+    /// A folder with only `tokenizer.json` (transformers 5's format) is tokenized by the
+    /// `tokenizers` library, the reference reader of that format; `None`: our BPE above.
+    json: Option<Box<tokenizers::Tokenizer>>,
 }
 
 /// GPT-2's `bytes_to_unicode`: printable Latin-1 bytes map to themselves, the rest to
@@ -166,8 +169,12 @@ fn normalize(text: &str, whitespace: &Regex) -> String {
 
 impl ClipTokenizer {
     /// Loads a diffusers `tokenizer/` folder: `vocab.json`, `merges.txt` and, when present,
-    /// `special_tokens_map.json` and `tokenizer_config.json`.
+    /// `special_tokens_map.json` and `tokenizer_config.json`; or, in a folder saved by
+    /// transformers 5 (no `vocab.json` / `merges.txt`), `tokenizer.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if dir.is_dir() && !dir.join("vocab.json").is_file() && dir.join("tokenizer.json").is_file() {
+            return Self::from_tokenizer_json(dir);
+        }
         if !dir.is_dir() {
             return Err(Error::Checkpoint(format!("{}: tokenizer folder not found", dir.display())));
         }
@@ -190,6 +197,60 @@ impl ClipTokenizer {
             optional("tokenizer_config.json")?.as_ref(),
         )
         .map_err(|e| Error::Checkpoint(format!("{}: {e}", dir.display())))
+    }
+
+    /// A `tokenizer/` folder with `tokenizer.json` (a byte-level BPE model, as transformers
+    /// saves CLIP's): the `tokenizers` library tokenizes; the vocabulary, merges and special
+    /// tokens are read from the same file and `tokenizer_config.json` for the ids around the
+    /// tokens (bos, eos, pad) and the checks [`ClipTokenizer::from_parts`] makes.
+    fn from_tokenizer_json(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let bad = |why: String| Error::Checkpoint(format!("{}: {why}", path.display()));
+        let json = read_json(&path)?;
+        let model = json.get("model").ok_or_else(|| bad("no \"model\"".into()))?;
+        if model.get("type").and_then(Value::as_str) != Some("BPE") {
+            return Err(bad("not a BPE tokenizer (SD2 uses CLIP's byte-level BPE)".into()));
+        }
+        let vocab = model.get("vocab").ok_or_else(|| bad("no model.vocab".into()))?;
+        let merges =
+            model.get("merges").and_then(Value::as_array).ok_or_else(|| bad("no model.merges".into()))?;
+        // Merges are "a b" strings (tokenizers < 0.20) or ["a", "b"] pairs.
+        let mut merges_txt = String::new();
+        for m in merges {
+            let line = match m {
+                Value::String(s) => s.clone(),
+                Value::Array(p) if p.len() == 2 => {
+                    format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default())
+                }
+                other => return Err(bad(format!("malformed merge {other}"))),
+            };
+            merges_txt += &line;
+            merges_txt.push('\n');
+        }
+        let optional = |name: &str| -> Result<Option<Value>> {
+            let p = dir.join(name);
+            if p.is_file() {
+                read_json(&p).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let mut tok = Self::from_parts(
+            vocab,
+            &merges_txt,
+            optional("special_tokens_map.json")?.as_ref(),
+            optional("tokenizer_config.json")?.as_ref(),
+        )
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", dir.display())))?;
+        let reader = tokenizers::Tokenizer::from_file(&path).map_err(|e| bad(e.to_string()))?;
+        tok.json = Some(Box::new(reader));
+        Ok(tok)
+    }
+
+    /// Whether this tokenizer was read from `tokenizer.json` (and tokenizes with the
+    /// `tokenizers` library).
+    pub fn is_tokenizer_json(&self) -> bool {
+        self.json.is_some()
     }
 
     /// Builds the tokenizer from parsed `vocab.json`, the text of `merges.txt`, and the
@@ -300,6 +361,7 @@ impl ClipTokenizer {
             unk_id,
             max_length,
             cache: Mutex::new(HashMap::new()),
+            json: None,
         })
     }
 
@@ -322,6 +384,14 @@ impl ClipTokenizer {
 
     /// The token ids of `text` without bos/eos, untruncated.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        if let Some(json) = &self.json {
+            // Without special tokens: bos / eos / truncation / padding are ours, as for the
+            // BPE path. Should the library fail, our BPE over the same vocabulary and merges
+            // (checked equal on every test case) answers instead.
+            if let Ok(e) = json.encode(text, false) {
+                return e.get_ids().to_vec();
+            }
+        }
         let mut ids = Vec::new();
         for raw in self.raw_specials.split(text) {
             let raw = match raw {

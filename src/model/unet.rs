@@ -198,12 +198,10 @@ impl UNet2DConditionModel {
                 cfg.in_channels
             )));
         }
-        let f = cfg.downsample_factor();
-        if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
-            return Err(Error::Invalid(format!(
-                "unet: latent size {h}x{w} must be a positive multiple of {f} (this UNet has {} levels)",
-                cfg.levels()
-            )));
+        // Any positive size works: the upsamplers resize to their skip connection's size
+        // (diffusers' `forward_upsample_size`).
+        if h == 0 || w == 0 {
+            return Err(Error::Invalid(format!("unet: latent size {h}x{w} must be positive")));
         }
         if timesteps.len() != b {
             return Err(Error::Shape(format!("unet: {} timesteps for a batch of {b}", timesteps.len())));

@@ -318,7 +318,10 @@ impl UpBlock {
         linears_of(&mut self.resnets, &mut self.attentions)
     }
 
-    /// Consumes skip connections from the end of `skips` (the most recent first).
+    /// Consumes skip connections from the end of `skips` (the most recent first). The
+    /// upsampler resizes to the size of the next skip connection left in `skips` (diffusers'
+    /// `upsample_size`), so odd feature-map sizes on the down path (latents that are not a
+    /// multiple of `2^(levels-1)`) line up again; for even sizes that is exactly 2x.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -338,7 +341,14 @@ impl UpBlock {
             }
         }
         if let Some(up) = &self.upsampler {
-            h = up.forward(&ops::upsample_nearest2x(&h)?)?;
+            let up_in = match skips.last() {
+                Some(next) => {
+                    let (_, _, sh, sw) = next.dims4()?;
+                    ops::upsample_nearest_to(&h, sh, sw)?
+                }
+                None => ops::upsample_nearest2x(&h)?,
+            };
+            h = up.forward(&up_in)?;
         }
         Ok(h)
     }

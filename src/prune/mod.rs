@@ -1,5 +1,6 @@
-//! Pruning: which layers are prunable, magnitude / random scores, layer or global scope,
-//! unstructured or 2:4 patterns. Produces the masks and compressed weights `format/` stores.
+//! Pruning: which layers are prunable, magnitude / random scores (Wanda / OWL scores and
+//! the shared per-layer decisions in [`wanda`]), layer or global scope, unstructured or 2:4
+//! patterns. Produces the masks and compressed weights `format/` stores.
 //!
 //! Every element gets a `u32` key that orders it (magnitude: the bits of `|w|` as f32,
 //! which sort like the values; random: a seeded hash). A layer pruned to sparsity `s`
@@ -11,6 +12,8 @@
 use crate::error::{Error, Result};
 use crate::format::{bitmap_row_bytes, DType, HostData};
 use std::sync::OnceLock;
+
+pub mod wanda;
 
 /// Sparsity pattern of a pruned layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,18 @@ pub enum Method {
     Magnitude,
     /// Seeded random order (a baseline).
     Random,
+    /// `|w| · ‖x_j‖` from calibration activations, compared within each output row
+    /// (Sun et al. 2023); see [`wanda`].
+    Wanda,
+    /// Wanda with per-block sparsities from outlier ratios (Yin et al. 2024); see [`wanda`].
+    Owl,
+}
+
+impl Method {
+    /// Whether the method needs calibration activations ([`wanda::ActivationStats`]).
+    pub fn needs_calibration(self) -> bool {
+        matches!(self, Method::Wanda | Method::Owl)
+    }
 }
 
 /// Where the target applies.
@@ -55,7 +70,11 @@ impl std::str::FromStr for Method {
         match s {
             "magnitude" => Ok(Method::Magnitude),
             "random" => Ok(Method::Random),
-            _ => Err(Error::Invalid(format!("unknown method '{s}' (expected magnitude or random)"))),
+            "wanda" => Ok(Method::Wanda),
+            "owl" => Ok(Method::Owl),
+            _ => Err(Error::Invalid(format!(
+                "unknown method '{s}' (expected magnitude, random, wanda or owl)"
+            ))),
         }
     }
 }
@@ -82,6 +101,8 @@ impl Method {
         match self {
             Method::Magnitude => "magnitude",
             Method::Random => "random",
+            Method::Wanda => "wanda",
+            Method::Owl => "owl",
         }
     }
 }
@@ -267,10 +288,11 @@ impl<'a> Keys<'a> {
     pub fn random(seed: u64, name: &str, n: usize) -> Keys<'static> {
         Keys::Random { base: splitmix64(seed ^ fnv1a(name)), n }
     }
-    /// The keys of a tensor for a method.
+    /// The keys of a tensor for a method. Wanda and OWL also need activations: here they
+    /// get their weight-only part, `|w|` (callers with statistics use [`wanda::scores`]).
     pub fn new(method: Method, seed: u64, name: &str, dtype: DType, bytes: &'a [u8]) -> Keys<'a> {
         match method {
-            Method::Magnitude => Keys::magnitude(dtype, bytes),
+            Method::Magnitude | Method::Wanda | Method::Owl => Keys::magnitude(dtype, bytes),
             Method::Random => Keys::random(seed, name, bytes.len() / dtype.size_in_bytes()),
         }
     }

@@ -22,7 +22,15 @@ pub fn latent_relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
         num += (x as f64 - y as f64).powi(2);
         den += (y as f64).powi(2);
     }
-    Ok(if den == 0.0 { if num == 0.0 { 0.0 } else { f64::INFINITY } } else { (num / den).sqrt() })
+    Ok(if den == 0.0 {
+        if num == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (num / den).sqrt()
+    })
 }
 
 fn check_same(a: &[u8], b: &[u8], width: usize, height: usize) -> Result<()> {
@@ -52,7 +60,8 @@ pub fn ssim(a: &[u8], b: &[u8], width: usize, height: usize) -> Result<f64> {
         image::RgbImage::from_raw(width as u32, height as u32, x.to_vec())
             .ok_or_else(|| Error::Shape("SSIM: bad image buffer".into()))
     };
-    let s = image_compare::rgb_similarity_structure(&image_compare::Algorithm::MSSIMSimple, &img(a)?, &img(b)?)
-        .map_err(|e| Error::Msg(format!("SSIM: {e}")))?;
+    let s =
+        image_compare::rgb_similarity_structure(&image_compare::Algorithm::MSSIMSimple, &img(a)?, &img(b)?)
+            .map_err(|e| Error::Msg(format!("SSIM: {e}")))?;
     Ok(s.score)
 }

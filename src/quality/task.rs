@@ -49,14 +49,19 @@ pub struct TaskSpec {
     pub image_size: Option<usize>,
 }
 
-fn ordered_colours<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<(String, [u8; 3])>, D::Error> {
+fn ordered_colours<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(String, [u8; 3])>, D::Error> {
     struct V;
     impl<'de> serde::de::Visitor<'de> for V {
         type Value = Vec<(String, [u8; 3])>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("an object of colour name -> [r, g, b]")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
             let mut v = Vec::new();
             while let Some((k, rgb)) = m.next_entry::<String, [u8; 3]>()? {
                 v.push((k, rgb));
@@ -183,7 +188,8 @@ pub fn analyze(spec: &TaskSpec, width: usize, height: usize, rgb: &[u8]) -> Resu
     }
     let n = spec.colours.len();
     let labels: Vec<usize> = rgb.chunks_exact(3).map(|p| spec.nearest(p)).collect();
-    let argmax = |counts: &[usize]| counts.iter().enumerate().max_by_key(|(i, &c)| (c, usize::MAX - i)).map(|x| x.0);
+    let argmax =
+        |counts: &[usize]| counts.iter().enumerate().max_by_key(|(i, &c)| (c, usize::MAX - i)).map(|x| x.0);
 
     let mut border = vec![0usize; n];
     for y in 0..height {

@@ -141,6 +141,20 @@ pub struct SchedulerConfig {
     pub use_lu_lambdas: Option<bool>,
     pub interpolation_type: Option<String>,
     pub timestep_type: Option<String>,
+    /// Values that apply only when the file's own class (`_class_name`) is built: options the
+    /// file does not name, whose class default diffusers' pipeline corrected on load
+    /// ([`SchedulerConfig::apply_pipeline_corrections`]). Another class built from this config
+    /// (`--scheduler`) takes its own defaults for them, as diffusers' `from_config` does (it
+    /// drops the keys listed in `_use_default_values`).
+    #[serde(skip)]
+    pub own_class_corrections: OwnClassCorrections,
+}
+
+/// See [`SchedulerConfig::own_class_corrections`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnClassCorrections {
+    pub steps_offset: Option<usize>,
+    pub clip_sample: Option<bool>,
 }
 
 impl SchedulerConfig {
@@ -176,6 +190,60 @@ impl SchedulerConfig {
             clip_sample: Some(false),
             ..Default::default()
         }
+    }
+
+    /// The corrections diffusers' `StableDiffusionPipeline.__init__` applies to the scheduler
+    /// it loads (diffusers 0.42, with a deprecation warning each): `steps_offset` other than
+    /// 1 becomes 1, and `clip_sample` true becomes false. They apply to the scheduler as
+    /// diffusers instantiates it, i.e. with the class defaults filled in (DDIM's default
+    /// `steps_offset` is 0 and `clip_sample` true, so an old DDIM config that omits both is
+    /// corrected too). Returns what was corrected, for one note to the user; empty when the
+    /// config needed nothing.
+    pub fn apply_pipeline_corrections(&mut self) -> Vec<String> {
+        let own = self.kind().ok();
+        let class = self.class_name.clone().unwrap_or_else(|| "the scheduler".into());
+        let mut notes = Vec::new();
+        // Every supported class has `steps_offset` (default 0).
+        match self.steps_offset {
+            Some(1) => {}
+            Some(v) => {
+                self.steps_offset = Some(1);
+                notes.push(format!("steps_offset {v} -> 1"));
+            }
+            None if own.is_some() => {
+                self.own_class_corrections.steps_offset = Some(1);
+                notes.push(format!("steps_offset (missing; {class} default 0) -> 1"));
+            }
+            None => {}
+        }
+        // Only DDIM has `clip_sample` (default true); a value the file spells out is kept for
+        // other classes too (diffusers keeps it in the config) and corrected the same way.
+        match self.clip_sample {
+            Some(true) => {
+                self.clip_sample = Some(false);
+                notes.push("clip_sample true -> false".into());
+            }
+            None if own == Some(SchedulerKind::Ddim) => {
+                self.own_class_corrections.clip_sample = Some(false);
+                notes.push(format!("clip_sample (missing; {class} default true) -> false"));
+            }
+            _ => {}
+        }
+        notes
+    }
+
+    /// The config the pipeline builds its own scheduler from (no `--scheduler`): this one,
+    /// plus the pipeline's corrections of the class defaults when `kind` is the file's own
+    /// class. An explicitly chosen scheduler is built from the config as read, as diffusers'
+    /// `Scheduler.from_config(pipe.scheduler.config)` does.
+    pub fn for_kind(&self, kind: SchedulerKind) -> SchedulerConfig {
+        let mut c = self.clone();
+        if self.kind().ok() == Some(kind) {
+            let own = &self.own_class_corrections;
+            c.steps_offset = c.steps_offset.or(own.steps_offset);
+            c.clip_sample = c.clip_sample.or(own.clip_sample);
+        }
+        c
     }
 
     /// The scheduler the file names (`_class_name`).
@@ -373,13 +441,41 @@ pub(crate) fn check_index(index: usize, len: usize) -> Result<()> {
 }
 
 /// Builds scheduler `kind` for `steps` inference steps from `config` (any class's config).
+/// This is diffusers' `from_config`: options the file does not name take `kind`'s defaults,
+/// also for the file's own class (the pipeline's corrections of those defaults apply to the
+/// scheduler the pipeline loads: build that one from [`SchedulerConfig::for_kind`]).
 pub fn build(kind: SchedulerKind, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-    Ok(match kind {
+    let s: Box<dyn Scheduler> = match kind {
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, steps)?),
         SchedulerKind::Euler => Box::new(EulerDiscreteScheduler::new(config, steps)?),
         SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistepScheduler::new(config, steps)?),
         SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, steps)?),
-    })
+    };
+    check_schedule(s.name(), s.timesteps(), config.num_train(), steps)?;
+    Ok(s)
+}
+
+/// Refuses a schedule that cannot sample, where diffusers raises or returns NaN (see
+/// `tests/fixtures/scheduler-edges.json`): a timestep past the training schedule (DDIM, PNDM
+/// and DPM-Solver++ index their tables with it; Euler interpolates, clamping, and samples),
+/// or, for DPM-Solver++, the same timestep twice (zero log-SNR step: a division by zero).
+/// PNDM repeats timesteps by design.
+pub(crate) fn check_schedule(name: &str, timesteps: &[f32], num_train: usize, steps: usize) -> Result<()> {
+    if name != "euler" {
+        if let Some(t) = timesteps.iter().find(|&&t| !(t >= 0.0 && t < num_train as f32)) {
+            return Err(Error::Invalid(format!(
+                "{name}: {steps} steps give timestep {t}, past the {num_train} training timesteps of this \
+                 scheduler config; use fewer steps or another timestep_spacing"
+            )));
+        }
+    }
+    if name == "dpm++2m" && timesteps.windows(2).any(|w| w[0] == w[1]) {
+        return Err(Error::Invalid(format!(
+            "{name}: {steps} steps repeat a timestep on this {num_train}-timestep schedule, which this \
+             solver cannot step over; use fewer steps or another timestep_spacing"
+        )));
+    }
+    Ok(())
 }
 
 /// Leading/trailing/linspace integer timesteps as DDIM and PNDM compute them (descending).

@@ -53,7 +53,9 @@ impl Target {
     fn prunes(self, kind: ComponentKind) -> bool {
         matches!(
             (self, kind),
-            (Target::Both, _) | (Target::TextEncoder, ComponentKind::TextEncoder) | (Target::Unet, ComponentKind::Unet)
+            (Target::Both, _)
+                | (Target::TextEncoder, ComponentKind::TextEncoder)
+                | (Target::Unet, ComponentKind::Unet)
         )
     }
 }
@@ -65,7 +67,9 @@ impl std::str::FromStr for Target {
             "text-encoder" | "text_encoder" | "te" => Ok(Target::TextEncoder),
             "unet" => Ok(Target::Unet),
             "both" => Ok(Target::Both),
-            _ => Err(Error::Invalid(format!("unknown component '{s}' (expected text-encoder, unet or both)"))),
+            _ => {
+                Err(Error::Invalid(format!("unknown component '{s}' (expected text-encoder, unet or both)")))
+            }
         }
     }
 }
@@ -141,7 +145,10 @@ pub const DEFAULT_PROMPTS: [&str; 4] = [
 pub fn task_prompts(spec: &task::TaskSpec, n: usize) -> Vec<String> {
     let scenes = spec.all_scenes();
     // A stride coprime to the scene count walks every colour pair and shape evenly.
-    let stride = (1..scenes.len()).rev().find(|s| gcd(*s, scenes.len()) == 1 && *s * 7 < scenes.len() * 3).unwrap_or(1);
+    let stride = (1..scenes.len())
+        .rev()
+        .find(|s| gcd(*s, scenes.len()) == 1 && *s * 7 < scenes.len() * 3)
+        .unwrap_or(1);
     (0..n.min(scenes.len())).map(|i| spec.caption(&scenes[(i * stride) % scenes.len()])).collect()
 }
 
@@ -277,7 +284,8 @@ impl DenseComponent {
                 dir.display()
             )));
         }
-        let tensors = store.names().into_iter().map(|n| store.tensor_f32(&n).map(|t| (n, t))).collect::<Result<_>>()?;
+        let tensors =
+            store.names().into_iter().map(|n| store.tensor_f32(&n).map(|t| (n, t))).collect::<Result<_>>()?;
         Ok(DenseComponent { kind, tensors })
     }
 }
@@ -377,7 +385,8 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
         (None, Some(s)) => task_prompts(s, 30),
         (None, None) => DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
     };
-    let scenes: Option<Vec<Option<task::Scene>>> = spec.as_ref().map(|s| prompts.iter().map(|p| s.parse(p)).collect());
+    let scenes: Option<Vec<Option<task::Scene>>> =
+        spec.as_ref().map(|s| prompts.iter().map(|p| s.parse(p)).collect());
     if let (Some(s), Some(sc)) = (&spec, &scenes) {
         if let Some(i) = sc.iter().position(|x| x.is_none()) {
             return Err(Error::Invalid(format!(
@@ -392,9 +401,14 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
     let results_path = opts.out.join("results.json");
     let mut results = if results_path.exists() {
         let text = std::fs::read_to_string(&results_path).map_err(|e| Error::io(&results_path, e))?;
-        let r: SweepResults = serde_json::from_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: cannot resume from it ({e})", results_path.display())))?;
-        if r.prompts != prompts || r.seeds != opts.seeds || r.steps != opts.steps || r.guidance != opts.guidance {
+        let r: SweepResults = serde_json::from_str(&text).map_err(|e| {
+            Error::Invalid(format!("{}: cannot resume from it ({e})", results_path.display()))
+        })?;
+        if r.prompts != prompts
+            || r.seeds != opts.seeds
+            || r.steps != opts.steps
+            || r.guidance != opts.guidance
+        {
             return Err(Error::Invalid(format!(
                 "{} was made with other prompts, seeds, steps or guidance; use another --out (or delete it)",
                 results_path.display()
@@ -428,12 +442,25 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
     let mut reference = Vec::with_capacity(per_point);
     let dense_dir = opts.out.join("images").join("dense");
     let t0 = std::time::Instant::now();
-    let dense = generate_all(&sd, opts, &prompts, Some(&dense_dir), &mut |n| progress(done + n, total, "dense"))?;
+    let dense =
+        generate_all(&sd, opts, &prompts, Some(&dense_dir), &mut |n| progress(done + n, total, "dense"))?;
     done += per_point;
     for g in dense {
         reference.push(g);
     }
-    let dense_result = measure(opts, None, None, 0.0, (0.0, 0.0), &reference, &reference, &spec, &scenes, t0, "images/dense")?;
+    let dense_result = measure(
+        opts,
+        None,
+        None,
+        0.0,
+        (0.0, 0.0),
+        &reference,
+        &reference,
+        &spec,
+        &scenes,
+        t0,
+        "images/dense",
+    )?;
     results.points.retain(|p| p.target.is_some());
     results.points.insert(0, dense_result.clone());
     save_results(&opts.out, &results)?;
@@ -463,15 +490,29 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             let mut old_te = None;
             let mut old_unet = None;
             if p.target.prunes(ComponentKind::TextEncoder) {
-                let (t, a) =
-                    prune_in_memory(&te, &selection, p.method, opts.scope, opts.pattern, p.sparsity, opts.prune_seed)?;
+                let (t, a) = prune_in_memory(
+                    &te,
+                    &selection,
+                    p.method,
+                    opts.scope,
+                    opts.pattern,
+                    p.sparsity,
+                    opts.prune_seed,
+                )?;
                 achieved.0 = a;
                 let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("pruned text_encoder", t)));
                 old_te = Some(sd.replace_text_encoder(ClipTextModel::new(&vb, &te_config)?));
             }
             if p.target.prunes(ComponentKind::Unet) {
-                let (t, a) =
-                    prune_in_memory(&unet, &selection, p.method, opts.scope, opts.pattern, p.sparsity, opts.prune_seed)?;
+                let (t, a) = prune_in_memory(
+                    &unet,
+                    &selection,
+                    p.method,
+                    opts.scope,
+                    opts.pattern,
+                    p.sparsity,
+                    opts.prune_seed,
+                )?;
                 achieved.1 = a;
                 let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("pruned unet", t)));
                 old_unet = Some(sd.replace_unet(UNet2DConditionModel::load(&vb, &unet_config)?));
@@ -485,7 +526,9 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
                 if opts.include_conv { "-conv" } else { "" },
                 p.sparsity
             );
-            let gens = generate_all(&sd, opts, &prompts, Some(&opts.out.join(&rel)), &mut |n| progress(done + n, total, &label))?;
+            let gens = generate_all(&sd, opts, &prompts, Some(&opts.out.join(&rel)), &mut |n| {
+                progress(done + n, total, &label)
+            })?;
             done += per_point;
             if let Some(m) = old_te {
                 sd.replace_text_encoder(m);
@@ -493,7 +536,19 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             if let Some(m) = old_unet {
                 sd.replace_unet(m);
             }
-            let r = measure(opts, Some(p.target), Some(p.method), p.sparsity, achieved, &gens, &reference, &spec, &scenes, t0, &rel)?;
+            let r = measure(
+                opts,
+                Some(p.target),
+                Some(p.method),
+                p.sparsity,
+                achieved,
+                &gens,
+                &reference,
+                &spec,
+                &scenes,
+                t0,
+                &rel,
+            )?;
             results.points.push(r);
             save_results(&opts.out, &results)?;
         }
@@ -537,12 +592,20 @@ fn generate_all(
 /// Task score of any model folder with a `task.json` (dense, or converted by `sdsparse
 /// convert`, e.g. at the study's mixed targets): the fraction of `prompts` x seeds `0..seeds`
 /// whose image passes [`task::judge`].
-pub fn task_score_of(model: &Path, prompts: &[String], seeds: usize, steps: usize, guidance: f32) -> Result<f64> {
+pub fn task_score_of(
+    model: &Path,
+    prompts: &[String],
+    seeds: usize,
+    steps: usize,
+    guidance: f32,
+) -> Result<f64> {
     let spec = task::TaskSpec::from_model_dir(model)?
         .ok_or_else(|| Error::Invalid(format!("{}: no task.json, so no task score", model.display())))?;
     let scenes: Vec<task::Scene> = prompts
         .iter()
-        .map(|p| spec.parse(p).ok_or_else(|| Error::Invalid(format!("prompt {p:?} is not in the task grammar"))))
+        .map(|p| {
+            spec.parse(p).ok_or_else(|| Error::Invalid(format!("prompt {p:?} is not in the task grammar")))
+        })
         .collect::<Result<_>>()?;
     let sd = StableDiffusion::load(model, &crate::Device::Cpu)?;
     let opts = SweepOptions {
@@ -576,8 +639,15 @@ pub fn image_name(i: usize, s: usize) -> String {
 /// Writes an RGB8 PNG through a temporary name (no half-written file under the final name).
 pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
-    image::save_buffer_with_format(&tmp, rgb, width as u32, height as u32, image::ExtendedColorType::Rgb8, image::ImageFormat::Png)
-        .map_err(|e| Error::Msg(format!("{}: cannot write PNG: {e}", path.display())))?;
+    image::save_buffer_with_format(
+        &tmp,
+        rgb,
+        width as u32,
+        height as u32,
+        image::ExtendedColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Msg(format!("{}: cannot write PNG: {e}", path.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

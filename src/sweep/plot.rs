@@ -105,7 +105,13 @@ pub fn curves(results: &SweepResults, path: &Path) -> Result<()> {
 
 type Measure = (&'static str, fn(&PointResult) -> Option<f64>);
 
-fn draw_curves(results: &SweepResults, buf: &mut image::RgbImage, path: &Path, measures: &[Measure], text: bool) -> Result<()> {
+fn draw_curves(
+    results: &SweepResults,
+    buf: &mut image::RgbImage,
+    path: &Path,
+    measures: &[Measure],
+    text: bool,
+) -> Result<()> {
     let all = series(results);
     let xmax = results.points.iter().map(|p| p.sparsity).fold(0.5f64, f64::max).min(1.0);
     let (w, h) = buf.dimensions();
@@ -115,7 +121,8 @@ fn draw_curves(results: &SweepResults, buf: &mut image::RgbImage, path: &Path, m
     let panels = root.split_evenly((2, 2));
     for ((title, get), area) in measures.iter().zip(panels.iter()) {
         let values: Vec<f64> = all.iter().flat_map(|(_, v)| v.iter().filter_map(|p| get(p))).collect();
-        let (mut lo, mut hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let (mut lo, mut hi) =
+            values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
         if !lo.is_finite() {
             (lo, hi) = (0.0, 1.0);
         }
@@ -130,7 +137,12 @@ fn draw_curves(results: &SweepResults, buf: &mut image::RgbImage, path: &Path, m
         }
         let mut chart = builder.build_cartesian_2d(0.0..xmax, (lo - pad)..(hi + pad)).map_err(perr(path))?;
         if text {
-            chart.configure_mesh().x_desc("target sparsity").light_line_style(WHITE.mix(0.0)).draw().map_err(perr(path))?;
+            chart
+                .configure_mesh()
+                .x_desc("target sparsity")
+                .light_line_style(WHITE.mix(0.0))
+                .draw()
+                .map_err(perr(path))?;
         }
         for (i, (label, pts)) in all.iter().enumerate() {
             let colour = Palette99::pick(i).to_rgba();
@@ -143,7 +155,9 @@ fn draw_curves(results: &SweepResults, buf: &mut image::RgbImage, path: &Path, m
                     PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
                 });
             }
-            chart.draw_series(line.iter().map(|&(x, y)| Circle::new((x, y), 3, colour.filled()))).map_err(perr(path))?;
+            chart
+                .draw_series(line.iter().map(|&(x, y)| Circle::new((x, y), 3, colour.filled())))
+                .map_err(perr(path))?;
         }
         if text && !all.is_empty() {
             chart
@@ -163,7 +177,8 @@ fn draw_curves(results: &SweepResults, buf: &mut image::RgbImage, path: &Path, m
 /// Saves through a temporary name, renamed when complete.
 fn save_png(buf: &image::RgbImage, path: &Path) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
-    buf.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    buf.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
@@ -197,8 +212,14 @@ pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
         for c in 0..cols {
             let file = out.join(&p.image_dir).join(image_name(c, 0));
             let Ok(img) = image::open(&file) else { continue };
-            let img = image::imageops::resize(&img.to_rgb8(), cell, cell, image::imageops::FilterType::Triangle);
-            image::imageops::replace(&mut buf, &img, (label_w + c as u32 * (cell + 2)) as i64, (r as u32 * (cell + 2)) as i64);
+            let img =
+                image::imageops::resize(&img.to_rgb8(), cell, cell, image::imageops::FilterType::Triangle);
+            image::imageops::replace(
+                &mut buf,
+                &img,
+                (label_w + c as u32 * (cell + 2)) as i64,
+                (r as u32 * (cell + 2)) as i64,
+            );
         }
     }
     if text {
@@ -239,7 +260,12 @@ pub fn side_by_side(
     let y_of = |r: usize| head_h + gap + r as u32 * (cell + foot_h + gap);
     for (r, row) in rows.iter().enumerate() {
         for (c, img) in row.iter().enumerate() {
-            let big = image::imageops::resize(img, img.width() * scale, img.height() * scale, image::imageops::FilterType::Nearest);
+            let big = image::imageops::resize(
+                img,
+                img.width() * scale,
+                img.height() * scale,
+                image::imageops::FilterType::Nearest,
+            );
             image::imageops::replace(&mut buf, &big, x_of(c) as i64, y_of(r) as i64);
         }
     }
@@ -254,8 +280,12 @@ pub fn side_by_side(
                 None => (p.as_str(), ""),
             };
             for (k, line) in [a, b].iter().enumerate() {
-                root.draw(&Text::new(line.to_string(), (x_of(c) as i32, 4 + 17 * k as i32), ("sans-serif", 14)))
-                    .map_err(err)?;
+                root.draw(&Text::new(
+                    line.to_string(),
+                    (x_of(c) as i32, 4 + 17 * k as i32),
+                    ("sans-serif", 14),
+                ))
+                .map_err(err)?;
             }
         }
         for (r, label) in row_labels.iter().enumerate() {
@@ -278,7 +308,8 @@ pub fn side_by_side(
             for (c, m) in marks.get(r).into_iter().flatten().enumerate() {
                 let colour = if m == "right" { RGBColor(0, 120, 0) } else { RGBColor(190, 0, 0) };
                 let style = TextStyle::from(("sans-serif", 14).into_font()).color(&colour);
-                root.draw(&Text::new(m.clone(), (x_of(c) as i32, (y_of(r) + cell + 3) as i32), style)).map_err(err)?;
+                root.draw(&Text::new(m.clone(), (x_of(c) as i32, (y_of(r) + cell + 3) as i32), style))
+                    .map_err(err)?;
             }
         }
         root.present().map_err(err)?;

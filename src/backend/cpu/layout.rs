@@ -168,6 +168,44 @@ pub fn upsample_nearest2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f
     out
 }
 
+/// torch's nearest source index for output index `dst` (`nearest_idx` in
+/// `UpSample.h`: float scale `in / out`, floor, clamped to the last input).
+fn nearest_source(dst: usize, input: usize, output: usize) -> usize {
+    if input == output {
+        return dst;
+    }
+    let scale = input as f32 / output as f32;
+    ((dst as f32 * scale).floor() as usize).min(input - 1)
+}
+
+/// Nearest-neighbour resize of `planes` planes of `in_hw` to `out_hw` (as torch's
+/// `interpolate(size=..., mode="nearest")`).
+pub fn upsample_nearest_to(
+    x: &[f32],
+    planes: usize,
+    in_hw: (usize, usize),
+    out_hw: (usize, usize),
+) -> Vec<f32> {
+    let ((h, w), (oh, ow)) = (in_hw, out_hw);
+    let cols: Vec<usize> = (0..ow).map(|x| nearest_source(x, w, ow)).collect();
+    let mut out = vec![0.0f32; planes * oh * ow];
+    let plane = |(src, dst): (&[f32], &mut [f32])| {
+        for (y, row) in dst.chunks_exact_mut(ow).enumerate() {
+            let sy = nearest_source(y, h, oh);
+            let srow = &src[sy * w..(sy + 1) * w];
+            for (o, &sx) in row.iter_mut().zip(&cols) {
+                *o = srow[sx];
+            }
+        }
+    };
+    if out.len() >= PAR_MIN_ELEMS {
+        x.par_chunks(h * w).zip(out.par_chunks_mut(oh * ow)).for_each(plane);
+    } else {
+        x.chunks(h * w).zip(out.chunks_mut(oh * ow)).for_each(plane);
+    }
+    out
+}
+
 /// Rows `ids` of `table[_, dim]` (ids validated by `ops`).
 pub fn embedding(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(ids.len() * dim);

@@ -602,8 +602,13 @@ mod gpu {
         compute_capability: (i32, i32),
         /// Let the dispatcher pick the wgmma variant for compute-bound shapes on sm_90.
         prefer_wgmma: bool,
-        /// Split-K partial sums, grown on demand.
-        workspace: std::sync::Mutex<Option<CudaSlice<f32>>>,
+        /// Split-K partial sums, one buffer per stream (keyed by the stream handle), grown on
+        /// demand. Per stream because the lock below is released once the two kernels are
+        /// *enqueued*: a shared buffer could be overwritten by a GEMM on another stream while
+        /// the first one still runs (kernel review U2; event tracking is off, device.rs). On
+        /// one stream, stream order serialises the users. Each buffer holds an `Arc` of the
+        /// stream it was allocated on, so a handle cannot be reused while its buffer lives.
+        workspace: std::sync::Mutex<Vec<(usize, CudaSlice<f32>)>>,
     }
 
     // SAFETY: function handles are immutable after loading.
@@ -656,7 +661,7 @@ mod gpu {
                 sm_count,
                 compute_capability,
                 prefer_wgmma: false,
-                workspace: std::sync::Mutex::new(None),
+                workspace: std::sync::Mutex::new(Vec::new()),
             })
         }
 
@@ -796,21 +801,31 @@ mod gpu {
                     launch_with_params(stream, self.functions[idx], grid, block, smem, &params)
                 };
             }
-            let mut workspace =
+            let mut workspaces =
                 self.workspace.lock().map_err(|_| Error::Cuda("workspace lock poisoned".into()))?;
             let need = plan.workspace_len(m, n);
-            if workspace.as_ref().is_none_or(|w| w.len() < need) {
-                *workspace =
-                    Some(stream.alloc_zeros::<f32>(need).map_err(|e| cuda_err("split-K workspace", e))?);
+            let key = stream.cu_stream() as usize;
+            let slot = match workspaces.iter().position(|(s, _)| *s == key) {
+                Some(i) => i,
+                None => {
+                    let ws = stream.alloc_zeros::<f32>(need).map_err(|e| cuda_err("split-K workspace", e))?;
+                    workspaces.push((key, ws));
+                    workspaces.len() - 1
+                }
+            };
+            if workspaces[slot].1.len() < need {
+                // The old buffer is freed in this stream's order, after its last user.
+                workspaces[slot].1 =
+                    stream.alloc_zeros::<f32>(need).map_err(|e| cuda_err("split-K workspace", e))?;
             }
-            let ws = workspace.as_mut().ok_or_else(|| Error::Cuda("split-K workspace missing".into()))?;
+            let ws = &mut workspaces[slot].1;
             let (ws_ptr, _gws) = ws.device_ptr_mut(stream);
             params.workspace = ws_ptr;
             params.splits = to_i32(plan.splits)?;
             params.k_tiles_per_split = to_i32(plan.k_tiles_per_split)?;
             let reduce_grid = ((m * n).div_ceil(256) as u32, 1, 1);
-            // SAFETY: as above; the workspace holds splits * M * N f32 and is locked for both
-            // launches, which run in stream order (partials first, then the reduction).
+            // SAFETY: as above; the workspace holds splits * M * N f32, belongs to this stream
+            // only, and both launches run in stream order (partials first, then the reduction).
             unsafe {
                 launch_with_params(stream, self.functions[idx], grid, block, smem, &params)?;
                 launch_with_params(stream, self.reduce, reduce_grid, (256, 1, 1), 0, &params)

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# The prepared GPU check, run ON THE GPU MACHINE (no cargo, no network there). tools/gpu_check.sh
+# builds and stages everything into .device/ and copies this script to .device/check.sh; then one
+# device call runs it from the repository root:
+#
+#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=540)
+#
+#   bash .device/check.sh OUT_DIR [--dry-run] [--only STEP,...] [--budget SECONDS]
+#
+# Steps, each in its own process under `timeout`, oracle variants first and each risky variant
+# in a process of its own (a sticky CUDA fault in one cannot hide the others, kernel review T2):
+#   1 probe     identity probes (X = I so Y = W^T exactly) for every GEMM variant
+#   2 tests     every GPU test with SDSPARSE_REQUIRE_GPU=1 (lib decompress tests, 2:4, unstructured,
+#               attention), split by variant
+#   3 sanitizer compute-sanitizer memcheck on the small cases of every kernel
+#   4 pipeline  the GPU pipeline checks: a slot, "not yet" (there is no GPU pipeline)
+#   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
+#               PyTorch peers (cuBLAS, cuSPARSELt via to_sparse_semi_structured, SDPA) if torch
+#               with CUDA is installed there
+# OUT_DIR gets summary.md (a table of every step: ok / FAIL / timeout / skipped, seconds, log)
+# and logs/<step>.log. The whole run stops starting new steps when --budget (default 420 s) is
+# spent (a step started late gets at most 30 s more), so the whole run ends within 8 minutes. --dry-run runs everything that needs no GPU (unpacking,
+# every executable's test list, tool discovery) and reports the GPU steps as "dry run".
+# Exit status: 0 when every step that ran passed.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+cd "$root" || exit 1
+
+out="${1:-}"
+[[ -n "$out" && "$out" != --* ]] || { sed -n '2,27p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+shift
+dry=0
+only=""
+budget=420
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) dry=1 ;;
+        --only) only="$2"; shift ;;
+        --budget) budget="$2"; shift ;;
+        *) echo "check.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+mkdir -p "$out/logs"
+summary="$out/summary.md"
+start=$(date +%s)
+status=0
+rows=()
+
+# Unpack the executables (staged compressed to fit the carry limit).
+bin=/tmp/sdsparse-device-bin
+rm -rf "$bin" && mkdir -p "$bin"
+if ! tar -xzf "$here/bundle.tgz" -C "$bin"; then
+    echo "check.sh: cannot unpack $here/bundle.tgz" >&2
+    exit 1
+fi
+export CARGO_MANIFEST_DIR="$root" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1 CRITERION_HOME="$out/criterion"
+
+{
+    date -u
+    cat "$here/manifest.txt" 2>/dev/null
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv 2>&1 ||
+        echo "no nvidia-smi"
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())' 2>&1 | tail -1
+} >"$out/env.txt" 2>&1
+
+wanted() { [[ -z "$only" || ",$only," == *",$1,"* ]]; }
+
+# step GROUP NAME TIMEOUT_S [ENV=VALUE ...] -- COMMAND...: runs one process, records a row.
+step() {
+    local group=$1 name=$2 limit=$3
+    shift 3
+    local envs=()
+    while [[ $# -gt 0 && "$1" != -- ]]; do envs+=("$1"); shift; done
+    shift
+    wanted "$group" || return 0
+    local log="logs/$name.log" left=$((budget - ($(date +%s) - start)))
+    if ((left <= 0)); then
+        rows+=("| $group | $name | skipped (budget of ${budget}s spent) | 0 | |")
+        return 0
+    fi
+    ((limit > left + 30)) && limit=$((left + 30)) # the last step may overrun the budget by 30 s
+    if ((dry)); then
+        echo "dry run: ${envs[*]} $*" >"$out/$log"
+        rows+=("| $group | $name | dry run | 0 | $log |")
+        return 0
+    fi
+    echo "=== [$group] $name (limit ${limit}s)"
+    local t0 rc
+    t0=$(date +%s)
+    env "${envs[@]}" timeout -k 5 "$limit" "$@" >"$out/$log" 2>&1
+    rc=$?
+    local secs=$(($(date +%s) - t0)) result
+    case $rc in
+        0) result=ok ;;
+        124 | 137) result="TIMEOUT"; status=1 ;;
+        *) result="FAIL (exit $rc)"; status=1 ;;
+    esac
+    # A GPU step that printed "skipped" did not reach the GPU: a failure on this machine.
+    if [[ $rc == 0 ]] && grep -q "skipped" "$out/$log" && [[ $group != pipeline ]]; then
+        result="FAIL (skipped: no GPU?)"
+        status=1
+    fi
+    rows+=("| $group | $name | $result | $secs | $log |")
+    tail -n 4 "$out/$log"
+}
+
+exe() { echo "$bin/$1"; }
+
+# Every staged executable must at least list its tests here (also in a dry run).
+for e in "$bin"/*; do
+    if ! "$e" --list >"$out/logs/list-$(basename "$e").txt" 2>&1; then
+        rows+=("| setup | list $(basename "$e") | FAIL | 0 | logs/list-$(basename "$e").txt |")
+        status=1
+    fi
+done
+
+# 1. Identity probes: oracle first, then each variant in its own process.
+for v in v1 v2 v3; do
+    step probe "probe-sp24-$v" 60 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_identity_probe --exact --nocapture
+done
+for v in naive bm32 bm64 bm128 wgmma; do
+    step probe "probe-uns-$v" 60 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-unstructured_gemm)" gpu_identity_probe --exact --nocapture
+done
+
+# 2. Every GPU test (SDSPARSE_REQUIRE_GPU=1: a missing GPU fails instead of skipping).
+step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --test-threads=1 --nocapture
+for v in v1 v2 v3; do
+    step tests "tests-sp24-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_ --test-threads=1 --nocapture
+done
+for v in naive bm32,bm64,bm128 wgmma; do
+    step tests "tests-uns-${v//,/-}" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-unstructured_gemm)" gpu_ --test-threads=1 --nocapture
+done
+for v in naive flash; do
+    step tests "tests-attn-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-attention_gpu)" gpu_ --test-threads=1 --nocapture
+done
+
+# 3. compute-sanitizer memcheck on small cases of every kernel.
+san=""
+for c in compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    if command -v "$c" >/dev/null 2>&1; then san=$(command -v "$c"); break; fi
+done
+if [[ -z "$san" ]] && ls "$here"/nvidia_cuda_sanitizer_api-*.whl >/dev/null 2>&1; then
+    sdir=/tmp/sdsparse-sanitizer
+    rm -rf "$sdir"
+    whl=$(find "$here" -maxdepth 1 -name 'nvidia_cuda_sanitizer_api-*.whl' | head -1)
+    if python3 -m zipfile -e "$whl" "$sdir" 2>/dev/null; then
+        s=$(find "$sdir" -name compute-sanitizer -type f | head -1)
+        [[ -n "$s" ]] && chmod +x "$s" && san="$s"
+    fi
+fi
+echo "compute-sanitizer: ${san:-not found}" >>"$out/env.txt"
+if [[ -z "$san" ]]; then
+    if wanted sanitizer; then
+        rows+=("| sanitizer | memcheck | FAIL (compute-sanitizer not found, nor a staged wheel) | 0 | |")
+        status=1
+    fi
+else
+    for t in "test-sparse24_gemm gpu_small_for_sanitizer" "test-unstructured_gemm gpu_gemm_small_for_sanitizer" \
+        "test-attention_gpu gpu_attention_small_for_sanitizer" "test-sdsparse decompress_matches_reference::cuda"; do
+        read -r e filter <<<"$t"
+        step sanitizer "memcheck-${e#test-}" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
+    done
+fi
+
+# 4. Pipeline checks: the GPU pipeline does not exist yet.
+wanted pipeline && rows+=("| pipeline | GPU pipeline vs diffusers | not yet: no GPU pipeline (slot kept; see docs/CUDA.md) | 0 | |")
+
+# 5. Short benches (cuBLAS dense f16 in the same process) and the PyTorch peers.
+crit=(--bench --warm-up-time 0.2 --measurement-time 0.4 --sample-size 10)
+step bench bench-gemm_sparse24 120 -- "$(exe bench-gemm_sparse24)" "${crit[@]}"
+step bench bench-gemm_unstructured 120 -- "$(exe bench-gemm_unstructured)" "${crit[@]}"
+step bench bench-attention 90 -- "$(exe bench-attention)" "${crit[@]}"
+if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1 || ((dry)); then
+    step bench peers-gemm-sp24 120 -- python3 "$here/peers/bench_peers_gemm.py" --json "$out/peers_sp24.json"
+    step bench peers-unstructured-attention 120 -- python3 "$here/peers/bench_peers_unstructured.py" --out "$out/peers.jsonl" --iters 20 --repeats 3
+else
+    wanted bench && rows+=("| bench | PyTorch peers | skipped (no torch with CUDA on this machine) | 0 | |")
+fi
+
+{
+    echo "# sdsparse GPU check ($(date -u +%Y-%m-%dT%H:%MZ)$( ((dry)) && echo ', DRY RUN: no GPU step ran'))"
+    echo
+    echo '```'
+    cat "$out/env.txt"
+    echo '```'
+    echo
+    echo "| group | step | result | s | log |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+    echo
+    echo "Total $(($(date +%s) - start)) s; overall: $([[ $status == 0 ]] && echo PASS || echo FAIL)."
+} >"$summary"
+cat "$summary"
+exit $status
