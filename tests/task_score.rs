@@ -91,11 +91,19 @@ fn every_scene_of_the_grammar_round_trips_and_wrong_prompts_fail() {
         assert!(judge(&spec, s, 64, 64, &rgb).unwrap().pass(), "{}", spec.caption(s));
         // Every other scene's prompt must fail on this image.
         for t in scenes.iter().filter(|t| *t != s) {
-            assert!(!judge(&spec, t, 64, 64, &rgb).unwrap().pass(), "{} passed as {}", spec.caption(s), spec.caption(t));
+            assert!(
+                !judge(&spec, t, 64, 64, &rgb).unwrap().pass(),
+                "{} passed as {}",
+                spec.caption(s),
+                spec.caption(t)
+            );
         }
     }
     assert_eq!(spec.parse("a purple circle on a red background"), None);
-    assert_eq!(spec.parse("  A Red Circle on a blue background "), Some(Scene { shape_colour: 0, shape: 0, background: 2 }));
+    assert_eq!(
+        spec.parse("  A Red Circle on a blue background "),
+        Some(Scene { shape_colour: 0, shape: 0, background: 2 })
+    );
 }
 
 #[test]
@@ -114,7 +122,10 @@ fn noise_scores_near_chance() {
     }
     // Chance: 1/90 for all three, 1/6 for the background, 1/5 for the shape colour.
     assert!(pass as f64 <= 0.05 * n as f64, "noise passed {pass}/{n}");
-    assert!((bg as f64) < 0.4 * n as f64 && (colour as f64) < 0.4 * n as f64, "bg {bg} colour {colour} of {n}");
+    assert!(
+        (bg as f64) < 0.4 * n as f64 && (colour as f64) < 0.4 * n as f64,
+        "bg {bg} colour {colour} of {n}"
+    );
 }
 
 #[test]

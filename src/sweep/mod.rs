@@ -88,7 +88,7 @@ pub fn parse_sparsities(spec: &str) -> Result<Vec<f64>> {
         if !(st > 0.0 && st.is_finite()) {
             return Err(bad(format!("step {st} must be positive")));
         }
-        if !(a <= b) {
+        if a > b || a.is_nan() || b.is_nan() {
             return Err(bad(format!("start {a} is above stop {b}")));
         }
         let n = ((b - a) / st + 1e-9).floor() as usize + 1;
@@ -306,7 +306,7 @@ pub fn prune_in_memory(
     let mut idx = Vec::new();
     for (i, (name, t)) in dense.tensors.iter().enumerate() {
         let prunable = selection.is_prunable(dense.kind, name, t.shape())
-            && (pattern == Pattern::Unstructured || matrix_dims(t.shape()).1 % 4 == 0);
+            && (pattern == Pattern::Unstructured || matrix_dims(t.shape()).1.is_multiple_of(4));
         if prunable && sparsity > 0.0 {
             idx.push(i);
         } else {
