@@ -7,7 +7,8 @@
 //! memory map), one component at a time, one batch of tensors at a time.
 
 use crate::calibrate::{Calibration, CalibrationOptions};
-use crate::checkpoint::{ComponentStore, RawTensor};
+use crate::checkpoint::source::{has_weights, listed_components};
+use crate::checkpoint::{ComponentStore, ModelSource, RawTensor, SingleFileOptions};
 use crate::error::{Error, Result};
 use crate::format::codec::{
     crc32_hex, dtype_from_name, matrix_dims, LayerRecord, PatternName, SparseHeader, FORMAT_VERSION,
@@ -52,6 +53,8 @@ pub struct ConvertOptions {
     pub selection: Selection,
     /// Replace an existing output folder.
     pub force: bool,
+    /// How to read a single-file checkpoint (ignored for a diffusers folder).
+    pub single_file: SingleFileOptions,
     /// OWL's `M` and `λ` (method `owl`).
     pub owl: OwlParams,
     /// Calibration of the activation-aware methods (`wanda`, `owl`).
@@ -75,6 +78,7 @@ impl Default for ConvertOptions {
             dtype: None,
             selection: Selection::default(),
             force: false,
+            single_file: SingleFileOptions::default(),
             owl: OwlParams::default(),
             calibration: CalibrationOptions::default(),
             mixed_plan: None,
@@ -269,37 +273,6 @@ fn is_weight_file(name: &str) -> bool {
     ]
     .iter()
     .any(|s| name.ends_with(s))
-}
-
-/// The components a pipeline folder's `model_index.json` lists (non-null entries).
-fn listed_components(model: &Path) -> Result<Vec<String>> {
-    let path = model.join("model_index.json");
-    if !model.is_dir() {
-        return Err(Error::Checkpoint(format!("{}: folder not found", model.display())));
-    }
-    let text = std::fs::read_to_string(&path).map_err(|_| {
-        Error::Checkpoint(format!("{}: not a diffusers folder (no model_index.json)", model.display()))
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint(format!("{}: invalid JSON ({e})", path.display())))?;
-    let obj =
-        v.as_object().ok_or_else(|| Error::Checkpoint(format!("{}: not a JSON object", path.display())))?;
-    let mut out: Vec<String> = obj
-        .iter()
-        .filter(|(k, v)| !k.starts_with('_') && v.as_array().is_some_and(|a| a.len() == 2 && !a[0].is_null()))
-        .map(|(k, _)| k.clone())
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
-/// A component folder that holds weights (as opposed to tokenizer / scheduler).
-fn has_weights(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        })
-        .unwrap_or(false)
 }
 
 /// Copies a folder's files (recursively) except weight files and hidden entries.
@@ -947,33 +920,19 @@ pub fn convert(
 ) -> Result<ConvertReport> {
     let t0 = Instant::now();
     opts.validate()?;
-    let listed = listed_components(model)?;
-    for c in &listed {
-        let dir = model.join(c);
-        if !dir.is_dir() {
-            return Err(Error::Checkpoint(format!(
-                "{}: component folder not found (model_index.json lists {c})",
-                dir.display()
-            )));
-        }
-    }
-    let weight_components: Vec<String> =
-        listed.iter().filter(|c| has_weights(&model.join(c))).cloned().collect();
-    for required in ["text_encoder", "unet"] {
-        if listed.iter().any(|c| c == required) && !weight_components.iter().any(|c| c == required) {
-            return Err(Error::Checkpoint(format!(
-                "{}: no *.safetensors weights found",
-                model.join(required).display()
-            )));
-        }
-    }
+    let src = ModelSource::open(model, &opts.single_file)?;
+    let weight_components = match &src {
+        ModelSource::Folder(_) => folder_weight_components(model)?,
+        ModelSource::SingleFile(_) => src.weight_components()?,
+    };
     // The output location and the whole input are checked before anything is written:
     // every component generate needs must load (tokenizer, configs, scheduler, tensor names,
-    // shapes and dtypes), so convert never succeeds on a folder generate would refuse.
+    // shapes and dtypes), so convert never succeeds on a folder generate would refuse. (A
+    // single file's tensors were checked against its configs when it was opened.)
     let tmp = output_folder(model, out, opts.force)?;
     let mut total = 0u64;
     for c in &weight_components {
-        let store = ComponentStore::open(&model.join(c))?;
+        let store = src.store(c)?;
         if store.sparse_header().is_some() {
             return Err(Error::Invalid(format!(
                 "{}: already an sdsparse checkpoint (convert takes a dense one)",
@@ -981,15 +940,20 @@ pub fn convert(
             )));
         }
         crate::checkpoint::expected::validate_component(&store, c)?;
-        total += store
-            .names()
-            .iter()
-            .map(|n| store.raw(n).map(|r| r.bytes.len() as u64).unwrap_or(0))
-            .sum::<u64>();
+        total += store.data_bytes();
     }
-    crate::pipeline::check_folder(model)?;
+    if let ModelSource::Folder(_) = &src {
+        crate::pipeline::check_folder(model)?;
+    }
     // Wanda / OWL: calibrate on the dense model (after validation, before anything is written).
     let calibration = if opts.method.needs_calibration() {
+        if let ModelSource::SingleFile(_) = &src {
+            return Err(Error::Invalid(format!(
+                "{}: Wanda / OWL calibration of a single file is not supported yet; export it to a diffusers \
+                 folder first (sdsparse export --model FILE --out DIR)",
+                model.display()
+            )));
+        }
         let te = opts.plan(ComponentKind::TextEncoder)?.is_some();
         let unet = opts.plan(ComponentKind::Unet)?.is_some();
         crate::calibrate::calibrate(model, &opts.calibration, te, unet, &mut |c| {
@@ -999,13 +963,13 @@ pub fn convert(
         Calibration::default()
     };
     let result = (|| -> Result<ConvertReport> {
-        copy_non_weights(model, tmp.path())?;
+        write_non_weights(&src, tmp.path())?;
         progress(Progress::Begin { total_bytes: total });
         let source = model.display().to_string();
         let mut components = Vec::new();
         for c in &weight_components {
             progress(Progress::Component { name: c.clone() });
-            let store = ComponentStore::open(&model.join(c))?;
+            let store = src.store(c)?;
             let kind = ComponentKind::from_folder(c);
             // A mixed plan decides per layer (in convert_component) instead of per component.
             let plan = if opts.mixed_plan.is_some() { None } else { opts.plan(kind)? };
@@ -1026,6 +990,41 @@ pub fn convert(
     tmp.commit()?;
     progress(Progress::Finish);
     Ok(ConvertReport { seconds: t0.elapsed().as_secs_f64(), ..report })
+}
+
+/// The weight components of a diffusers folder, checking that every listed component
+/// folder exists and that the text encoder and UNet hold weights.
+fn folder_weight_components(model: &Path) -> Result<Vec<String>> {
+    let listed = listed_components(model)?;
+    for c in &listed {
+        let dir = model.join(c);
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint(format!(
+                "{}: component folder not found (model_index.json lists {c})",
+                dir.display()
+            )));
+        }
+    }
+    let weight_components: Vec<String> =
+        listed.iter().filter(|c| has_weights(&model.join(c))).cloned().collect();
+    for required in ["text_encoder", "unet"] {
+        if listed.iter().any(|c| c == required) && !weight_components.iter().any(|c| c == required) {
+            return Err(Error::Checkpoint(format!(
+                "{}: no *.safetensors weights found",
+                model.join(required).display()
+            )));
+        }
+    }
+    Ok(weight_components)
+}
+
+/// Configs, tokenizer and scheduler of an output folder: copied from a diffusers folder,
+/// or written from a single file's (inferred or `--config`) configs.
+fn write_non_weights(src: &ModelSource, to: &Path) -> Result<()> {
+    match src {
+        ModelSource::Folder(dir) => copy_non_weights(dir, to),
+        ModelSource::SingleFile(s) => s.write_configs(to),
+    }
 }
 
 /// `sdsparse.json`: how the folder was made, for people and for `inspect`.
@@ -1096,64 +1095,86 @@ pub struct ExportReport {
     pub components: Vec<(String, u64)>,
 }
 
-/// Writes a dense diffusers folder (zeros in place, stored dtypes kept) from a sparse one.
-/// Checksums are verified on the way.
+/// Stored dtype and shape of a tensor as it is exported dense (compressed ones as recorded).
+fn dense_entry(store: &ComponentStore, c: &str, n: &str) -> Result<(StDtype, Vec<usize>)> {
+    Ok(match store.sparse_header().and_then(|h| h.layers.get(n)) {
+        Some(rec) => {
+            let d = dtype_from_name(&rec.dtype)
+                .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
+            (st_dtype(d), rec.shape.clone())
+        }
+        None => {
+            let raw = store.raw(n)?;
+            (raw.dtype, raw.shape.to_vec())
+        }
+    })
+}
+
+/// A tensor's dense bytes (compressed ones decompressed with zeros in place, checksums
+/// verified) and the stored bytes that took, for progress.
+fn dense_bytes<'a>(store: &'a ComponentStore, n: &str) -> Result<(Cow<'a, [u8]>, u64)> {
+    if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
+        let weight = crate::format::codec::load_compressed(store, n)?;
+        let b = match &weight {
+            Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
+            Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
+            Weight::Dense(_) => 0,
+        };
+        Ok((Cow::Owned(weight.to_dense_host()?.as_bytes().to_vec()), b as u64))
+    } else {
+        let raw = store.raw(n)?;
+        Ok((Cow::Borrowed(raw.bytes), raw.bytes.len() as u64))
+    }
+}
+
+/// Writes a dense diffusers folder (zeros in place, stored dtypes kept) from a sparse one
+/// (or from a single-file checkpoint). Checksums are verified on the way.
 pub fn export(
     sparse: &Path,
     out: &Path,
     force: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ExportReport> {
-    let listed = listed_components(sparse)?;
-    let comps: Vec<String> = listed.iter().filter(|c| has_weights(&sparse.join(c))).cloned().collect();
+    export_with(sparse, out, force, &SingleFileOptions::default(), progress)
+}
+
+/// [`export`] with single-file options for a single-file input.
+pub fn export_with(
+    model: &Path,
+    out: &Path,
+    force: bool,
+    single_file: &SingleFileOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ExportReport> {
+    let src = ModelSource::open(model, single_file)?;
+    let comps = src.weight_components()?;
     let mut total = 0u64;
     for c in &comps {
-        let store = ComponentStore::open(&sparse.join(c))?;
-        total += store.files.iter().map(|f| f.metadata.data_len() as u64).sum::<u64>();
+        total += src.store(c)?.data_bytes();
     }
-    let tmp = output_folder(sparse, out, force)?;
+    let tmp = output_folder(model, out, force)?;
     let result = (|| -> Result<Vec<(String, u64)>> {
-        copy_non_weights(sparse, tmp.path())?;
+        write_non_weights(&src, tmp.path())?;
         progress(Progress::Begin { total_bytes: total });
         let mut written = Vec::new();
         for c in &comps {
             progress(Progress::Component { name: c.clone() });
-            let store = ComponentStore::open(&sparse.join(c))?;
+            let store = src.store(c)?;
             let names = store.logical_names();
             let mut entries = Vec::new();
             for n in &names {
-                let (dtype, shape) = match store.sparse_header().and_then(|h| h.layers.get(n)) {
-                    Some(rec) => {
-                        let d = dtype_from_name(&rec.dtype)
-                            .ok_or_else(|| Error::Format(format!("{c}: {n}: unknown dtype {}", rec.dtype)))?;
-                        (st_dtype(d), rec.shape.clone())
-                    }
-                    None => {
-                        let raw = store.raw(n)?;
-                        (raw.dtype, raw.shape.to_vec())
-                    }
-                };
+                let (dtype, shape) = dense_entry(&store, c, n)?;
                 entries.push(Entry { name: n.clone(), dtype, shape });
             }
-            let file = tmp.path().join(c).join(weight_file_name(c));
+            let dir = tmp.path().join(c);
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let file = dir.join(weight_file_name(c));
             let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
             let mut w = StreamWriter::create(&file, entries, &meta)?;
             for n in &names {
-                if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
-                    let weight = crate::format::codec::load_compressed(&store, n)?;
-                    let dense = weight.to_dense_host()?;
-                    w.write(n, dense.as_bytes())?;
-                    let b = match &weight {
-                        Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
-                        Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),
-                        Weight::Dense(_) => 0,
-                    };
-                    progress(Progress::Advance { bytes: b as u64 });
-                } else {
-                    let raw = store.raw(n)?;
-                    w.write(n, raw.bytes)?;
-                    progress(Progress::Advance { bytes: raw.bytes.len() as u64 });
-                }
+                let (bytes, read) = dense_bytes(&store, n)?;
+                w.write(n, &bytes)?;
+                progress(Progress::Advance { bytes: read });
             }
             written.push((c.clone(), w.finish(&meta)?));
         }
@@ -1163,6 +1184,120 @@ pub fn export(
     tmp.commit()?;
     progress(Progress::Finish);
     Ok(ExportReport { out: out.to_path_buf(), components: written })
+}
+
+/// Writes one `.safetensors` in the original single-file layout (`model.diffusion_model.*`,
+/// `first_stage_model.*`, `cond_stage_model.model.*` with fused `in_proj`), dense with
+/// zeros in place, for tools that load single files (A1111, ComfyUI, stable-diffusion.cpp).
+/// Names and shapes follow diffusers' `convert_diffusers_to_original_stable_diffusion.py`
+/// (VAE attention weights as `[c, c, 1, 1]`). The file is written under a temporary name
+/// and renamed when complete.
+pub fn export_single_file(
+    model: &Path,
+    out: &Path,
+    force: bool,
+    single_file: &SingleFileOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ExportReport> {
+    use crate::checkpoint::single_file::{NameMap, TextLayout};
+    if out.exists() && !force {
+        return Err(Error::Invalid(format!("{} already exists (use --force to replace it)", out.display())));
+    }
+    if out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: a folder; --format single-file writes one file",
+            out.display()
+        )));
+    }
+    let src = ModelSource::open(model, single_file)?;
+    let cfg = |rel: &str| -> Result<serde_json::Value> {
+        serde_json::from_str(&src.config_text(rel)?)
+            .map_err(|e| Error::Checkpoint(format!("{rel}: invalid JSON ({e})")))
+    };
+    let map = NameMap::new(&cfg("unet/config.json")?, &cfg("vae/config.json")?, TextLayout::OpenClip, 0)?;
+    let comps = ["text_encoder", "unet", "vae"];
+    let stores: Vec<ComponentStore> = comps.iter().map(|c| src.store(c)).collect::<Result<_>>()?;
+    // Plan: one entry per original tensor; a fused in_proj gathers q, k, v in that order.
+    struct Planned {
+        entry: Entry,
+        /// (component index, diffusers names)
+        parts: (usize, Vec<String>),
+    }
+    let mut plan: Vec<Planned> = Vec::new();
+    let mut fused: BTreeMap<String, usize> = BTreeMap::new();
+    let mut total = 0u64;
+    for (ci, (c, store)) in comps.iter().zip(&stores).enumerate() {
+        total += store.data_bytes();
+        for n in store.logical_names() {
+            let (dtype, shape) = dense_entry(store, c, &n)?;
+            let Some(orig) = map.original(c, &n) else {
+                continue; // not part of the SD2 layout (e.g. position_ids)
+            };
+            let oname = orig.names[0].clone();
+            match orig.third {
+                None => {
+                    // VAE attention Linear weights are 1x1 convolutions in the original.
+                    let mut shape = shape;
+                    if *c == "vae" && n.contains(".attentions.") && n.ends_with(".weight") && shape.len() == 2
+                    {
+                        shape.extend([1, 1]);
+                    }
+                    plan.push(Planned { entry: Entry { name: oname, dtype, shape }, parts: (ci, vec![n]) });
+                }
+                Some(i) => {
+                    let idx = *fused.entry(oname.clone()).or_insert_with(|| {
+                        let mut s = shape.clone();
+                        s[0] *= 3;
+                        plan.push(Planned {
+                            entry: Entry { name: oname.clone(), dtype, shape: s },
+                            parts: (ci, vec![String::new(); 3]),
+                        });
+                        plan.len() - 1
+                    });
+                    plan[idx].parts.1[i] = n;
+                }
+            }
+        }
+    }
+    if let Some(p) = plan.iter().find(|p| p.parts.1.iter().any(String::is_empty)) {
+        return Err(Error::Checkpoint(format!(
+            "{}: q, k or v of {} is missing",
+            model.display(),
+            p.entry.name
+        )));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let tmp = parent.join(format!(".{base}.sdsparse-tmp-{}", std::process::id()));
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    progress(Progress::Begin { total_bytes: total });
+    let result = (|| -> Result<u64> {
+        let mut w = StreamWriter::create(&tmp, plan.iter().map(|p| p.entry.clone()).collect(), &meta)?;
+        for p in &plan {
+            let store = &stores[p.parts.0];
+            let mut bytes: Vec<u8> = Vec::new();
+            for n in &p.parts.1 {
+                let (b, read) = dense_bytes(store, n)?;
+                bytes.extend_from_slice(&b);
+                progress(Progress::Advance { bytes: read });
+            }
+            w.write(&p.entry.name, &bytes)?;
+        }
+        w.finish(&meta)
+    })();
+    let size = match result {
+        Ok(size) => size,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(out, e)
+    })?;
+    progress(Progress::Finish);
+    Ok(ExportReport { out: out.to_path_buf(), components: vec![("single-file".into(), size)] })
 }
 
 /// One component in an inspection.
@@ -1175,27 +1310,28 @@ pub struct InspectComponent {
     pub file_bytes: u64,
 }
 
-/// Per-tensor format, shape, sparsity and bytes of a dense or sparse pipeline folder, or of
-/// one component folder.
+/// Per-tensor format, shape, sparsity and bytes of a dense or sparse pipeline folder, of
+/// one component folder, or of a single-file checkpoint (under diffusers names).
 pub fn inspect(path: &Path) -> Result<Vec<InspectComponent>> {
-    let dirs: Vec<(String, PathBuf)> = if path.join("model_index.json").is_file() {
-        listed_components(path)?
+    inspect_with(path, &SingleFileOptions::default())
+}
+
+/// [`inspect`] with single-file options for a single-file input.
+pub fn inspect_with(path: &Path, single_file: &SingleFileOptions) -> Result<Vec<InspectComponent>> {
+    let stores: Vec<(String, ComponentStore)> = if path.is_file() || path.join("model_index.json").is_file() {
+        let src = ModelSource::open(path, single_file)?;
+        src.weight_components()?
             .into_iter()
-            .filter(|c| has_weights(&path.join(c)))
-            .map(|c| (c.clone(), path.join(c)))
-            .collect()
+            .map(|c| Ok((c.clone(), src.store(&c)?)))
+            .collect::<Result<_>>()?
     } else if path.is_dir() {
         let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        vec![(name, path.to_path_buf())]
+        vec![(name, ComponentStore::open(path)?)]
     } else {
-        return Err(Error::Checkpoint(format!(
-            "{}: not a diffusers folder or component folder",
-            path.display()
-        )));
+        return Err(Error::Checkpoint(format!("{}: not found", path.display())));
     };
     let mut out = Vec::new();
-    for (name, dir) in dirs {
-        let store = ComponentStore::open(&dir)?;
+    for (name, store) in stores {
         let header = store.sparse_header().cloned();
         let mut tensors = Vec::new();
         for n in store.logical_names() {
@@ -1234,8 +1370,11 @@ pub fn inspect(path: &Path) -> Result<Vec<InspectComponent>> {
                 });
             }
         }
-        let file_bytes =
-            store.files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
+        let file_bytes = if store.is_mapped() {
+            store.data_bytes()
+        } else {
+            store.files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum()
+        };
         out.push(InspectComponent { name, header, tensors, file_bytes });
     }
     Ok(out)

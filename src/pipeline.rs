@@ -13,15 +13,19 @@
 //! machine, but not the image diffusers gives for that seed.
 
 use crate::backend::{ops, Device, Tensor};
-use crate::checkpoint::ComponentStore;
+use crate::checkpoint::{ComponentStore, ModelSource, SingleFileOptions, VarBuilder};
 use crate::error::{Error, Result};
+use crate::model::clip_text::ClipTextConfig;
 use crate::model::clip_text::ClipTextModel;
+use crate::model::config::UNetConfig;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::VaeConfig;
 use crate::model::vae::VaeDecoder;
 use crate::scheduler::{self, SchedulerConfig, SchedulerKind};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -91,15 +95,14 @@ pub struct WeightMemory {
 }
 
 impl WeightMemory {
-    /// Adds the weights of one component folder: dense tensors count 4 bytes per element
-    /// (they are widened to f32 at load), compressed ones their stored values + metadata.
+    /// Adds the weights of one component: dense tensors count 4 bytes per element (they are
+    /// widened to f32 at load), compressed ones their stored values + metadata.
     fn add_component(
         &mut self,
         component: &str,
-        dir: &Path,
+        store: &ComponentStore,
         only: Option<&dyn Fn(&str) -> bool>,
     ) -> Result<()> {
-        let store = ComponentStore::open(dir)?;
         let header = store.sparse_header().cloned();
         for name in store.logical_names() {
             if let Some(f) = only {
@@ -146,6 +149,19 @@ impl WeightMemory {
     pub fn total_bytes(&self) -> u64 {
         self.entries.values().map(|e| e.2).sum()
     }
+}
+
+/// The pipeline runs on the CPU until the CUDA backend provides model upload.
+fn check_device(device: &Device) -> Result<()> {
+    if !device.is_cpu() {
+        // The models keep their weights in host memory; the CUDA path moves them when
+        // the CUDA backend provides model upload.
+        return Err(Error::Cuda(format!(
+            "running the pipeline on {} is not supported by this build; use --device cpu",
+            device.name()
+        )));
+    }
+    Ok(())
 }
 
 /// A loaded SD2-family pipeline.
@@ -240,33 +256,84 @@ pub fn check_folder(dir: &Path) -> Result<Vec<String>> {
 
 impl StableDiffusion {
     /// Loads a diffusers folder (dense, or converted by `sdsparse convert`): `tokenizer/`,
-    /// `text_encoder/`, `unet/`, `vae/` and `scheduler/scheduler_config.json`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::Checkpoint(format!("{}: model folder not found", dir.display())));
-        }
-        if !device.is_cpu() {
-            // The models keep their weights in host memory; the CUDA path moves them when
-            // the CUDA backend provides model upload.
-            return Err(Error::Cuda(format!(
-                "running the pipeline on {} is not supported by this build; use --device cpu",
-                device.name()
-            )));
-        }
+    /// `text_encoder/`, `unet/`, `vae/` and `scheduler/scheduler_config.json`; or a
+    /// single-file checkpoint (`.safetensors` / `.ckpt` in the original layout, configuration
+    /// inferred as `docs/SINGLE_FILE.md` describes).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(path, &SingleFileOptions::default(), device)
+    }
+
+    /// [`Self::load`] with options for a single-file checkpoint (`--config`,
+    /// `--prediction-type`, `--upcast-attention`, `--no-ema`).
+    pub fn load_with(path: &Path, single_file: &SingleFileOptions, device: &Device) -> Result<Self> {
+        check_device(device)?;
+        Self::load_source(&ModelSource::open(path, single_file)?, device)
+    }
+
+    /// Loads an opened [`ModelSource`].
+    pub fn load_source(src: &ModelSource, device: &Device) -> Result<Self> {
+        check_device(device)?;
         let start = Instant::now();
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let text_encoder = ClipTextModel::from_dir(&dir.join("text_encoder"))?;
-        let unet = UNet2DConditionModel::from_dir(&dir.join("unet"))?;
-        let vae = VaeDecoder::from_dir(&dir.join("vae"))?;
-        let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
-        let (sample_size, unet_note) = corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
-        let notes = scheduler_note.into_iter().chain(unet_note).collect();
+        let (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes) = match src {
+            ModelSource::Folder(dir) => {
+                let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+                let text_encoder = ClipTextModel::from_dir(&dir.join("text_encoder"))?;
+                let unet = UNet2DConditionModel::from_dir(&dir.join("unet"))?;
+                let vae = VaeDecoder::from_dir(&dir.join("vae"))?;
+                let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
+                let (sample_size, unet_note) =
+                    corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
+                let notes = scheduler_note.into_iter().chain(unet_note).collect();
+                (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes)
+            }
+            ModelSource::SingleFile(s) => {
+                let vb = |c: &str| -> Result<VarBuilder> { Ok(VarBuilder::new(Arc::new(s.store(c)?))) };
+                let label =
+                    |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
+                let cfg = |rel: &str| s.config_text(rel);
+                let unet = UNet2DConditionModel::load(
+                    &vb("unet")?,
+                    &UNetConfig::from_json_str(cfg("unet/config.json")?)
+                        .map_err(|e| label(e, "unet/config.json"))?,
+                )?;
+                let mut scheduler_config =
+                    SchedulerConfig::from_json(cfg("scheduler/scheduler_config.json")?)
+                        .map_err(|e| label(e, "scheduler/scheduler_config.json"))?;
+                let fixed = scheduler_config.apply_pipeline_corrections();
+                let notes = if fixed.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![format!(
+                        "the scheduler config is outdated; corrected as diffusers' StableDiffusionPipeline does: {}",
+                        fixed.join(", ")
+                    )]
+                };
+                let sample_size = unet.config().sample_size.unwrap_or(64);
+                (
+                    src.tokenizer()?,
+                    ClipTextModel::new(
+                        &vb("text_encoder")?,
+                        &ClipTextConfig::from_json(cfg("text_encoder/config.json")?)
+                            .map_err(|e| label(e, "text_encoder/config.json"))?,
+                    )?,
+                    unet,
+                    VaeDecoder::new(
+                        &vb("vae")?,
+                        &VaeConfig::from_json(cfg("vae/config.json")?)
+                            .map_err(|e| label(e, "vae/config.json"))?,
+                    )?,
+                    scheduler_config,
+                    sample_size,
+                    notes,
+                )
+            }
+        };
         let mut memory = WeightMemory::default();
-        memory.add_component("text_encoder", &dir.join("text_encoder"), None)?;
-        memory.add_component("unet", &dir.join("unet"), None)?;
+        memory.add_component("text_encoder", &src.store("text_encoder")?, None)?;
+        memory.add_component("unet", &src.store("unet")?, None)?;
         // Only the decoder half of the VAE is loaded.
         let decoder_only = |n: &str| n.starts_with("decoder.") || n.starts_with("post_quant_conv.");
-        memory.add_component("vae", &dir.join("vae"), Some(&decoder_only))?;
+        memory.add_component("vae", &src.store("vae")?, Some(&decoder_only))?;
         Ok(StableDiffusion {
             tokenizer,
             text_encoder,

@@ -53,7 +53,7 @@ const COMPONENTS: [(&str, &str); 3] = [
     ("vae", "diffusion_pytorch_model.safetensors"),
 ];
 
-mod embedded {
+pub(crate) mod embedded {
     pub const TOKENIZER: [(&str, &str); 4] = [
         ("vocab.json", include_str!("../tests/fixtures/sd2-tokenizer/vocab.json")),
         ("merges.txt", include_str!("../tests/fixtures/sd2-tokenizer/merges.txt")),

@@ -1,5 +1,7 @@
 //! Reading checkpoints: diffusers folders, safetensors by memory map, and tensor-name
-//! normalisation so that the names users' (older) checkpoints use are accepted.
+//! normalisation so that the names users' (older) checkpoints use are accepted; single-file
+//! checkpoints (original layout, `.safetensors` or PyTorch `.ckpt`) mapped to diffusers
+//! components ([`single_file`], [`pickle`]); [`ModelSource`] hides which of the two a path is.
 //!
 //! [`VarBuilder`] is how models get their weights, candle-style: `vb.pp("down_blocks.0")`
 //! narrows the name prefix, `vb.get("weight", &[..])` returns an f32 [`Tensor`] checked
@@ -7,11 +9,17 @@
 //! compressed, as stored).
 
 pub mod expected;
+mod ldm_yaml;
+pub mod pickle;
+pub mod single_file;
+pub mod source;
 mod store;
 
+pub use single_file::{SingleFileModel, SingleFileOptions};
+pub use source::ModelSource;
 pub use store::{
     aliases, count_nonfinite_bytes, find_weight_files, is_float_dtype, nonfinite_error, unsupported_dtype,
-    ComponentStore, RawTensor, SafetensorsFile,
+    Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile,
 };
 
 use crate::backend::Tensor;

@@ -160,12 +160,43 @@ pub fn nonfinite_error(where_: &str, name: &str, bad: usize, numel: usize) -> Er
     ))
 }
 
+/// Bytes that tensors of a single-file checkpoint borrow from: the file's memory map, or an
+/// owned buffer (a decompressed or re-strided PyTorch storage).
+pub enum Backing {
+    Mmap(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+/// A tensor of a single-file checkpoint under its diffusers name: a byte range of a shared
+/// backing (a q/k/v third of a fused `in_proj` is such a range), with the shape the model
+/// expects (a VAE attention `[c, c, 1, 1]` conv weight is viewed as the `[c, c]` Linear).
+#[derive(Clone)]
+pub struct MappedTensor {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub backing: std::sync::Arc<Backing>,
+    pub range: std::ops::Range<usize>,
+    /// The name in the original file (for messages and `inspect`).
+    pub original: String,
+}
+
 /// All tensors of one component folder.
 pub struct ComponentStore {
     pub dir: PathBuf,
     pub files: Vec<SafetensorsFile>,
     /// stored name → file index
     index: HashMap<String, usize>,
+    /// Tensors mapped out of a single-file checkpoint, by diffusers name.
+    mapped: HashMap<String, MappedTensor>,
     /// In-memory tensors (tests, synthesised models, dry runs over a manifest).
     memory: HashMap<String, Tensor>,
     /// The sparse-format header when this is a converted (sdsparse) component.
@@ -224,7 +255,14 @@ impl ComponentStore {
                 }
             }
         }
-        Ok(ComponentStore { dir: dir.to_path_buf(), files, index, memory: HashMap::new(), sparse })
+        Ok(ComponentStore {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+            mapped: HashMap::new(),
+            memory: HashMap::new(),
+            sparse,
+        })
     }
 
     /// A store over in-memory f32 tensors; `label` names it in errors.
@@ -233,9 +271,40 @@ impl ComponentStore {
             dir: PathBuf::from(label),
             files: Vec::new(),
             index: HashMap::new(),
+            mapped: HashMap::new(),
             memory: tensors,
             sparse: None,
         }
+    }
+
+    /// A store over tensors mapped out of a single-file checkpoint; `label` names it in
+    /// errors (`FILE [unet]`).
+    pub fn from_mapped(label: &str, tensors: HashMap<String, MappedTensor>) -> Self {
+        ComponentStore {
+            dir: PathBuf::from(label),
+            files: Vec::new(),
+            index: HashMap::new(),
+            mapped: tensors,
+            memory: HashMap::new(),
+            sparse: None,
+        }
+    }
+
+    /// Whether the tensors come from a single-file checkpoint (already checked against
+    /// their config when the file was opened).
+    pub fn is_mapped(&self) -> bool {
+        !self.mapped.is_empty()
+    }
+
+    /// The original single-file name of a mapped tensor.
+    pub fn original_name(&self, name: &str) -> Option<&str> {
+        self.mapped.get(name).map(|m| m.original.as_str())
+    }
+
+    /// Bytes of tensor data held (all files, or all mapped tensors).
+    pub fn data_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.metadata.data_len() as u64).sum::<u64>()
+            + self.mapped.values().map(|m| m.range.len() as u64).sum::<u64>()
     }
 
     pub fn describe(&self) -> String {
@@ -244,7 +313,9 @@ impl ComponentStore {
 
     /// The stored name for a requested name (itself or a legacy alias).
     pub fn resolve(&self, name: &str) -> Option<String> {
-        let has = |n: &str| self.index.contains_key(n) || self.memory.contains_key(n);
+        let has = |n: &str| {
+            self.index.contains_key(n) || self.mapped.contains_key(n) || self.memory.contains_key(n)
+        };
         if has(name) {
             return Some(name.to_string());
         }
@@ -257,13 +328,22 @@ impl ComponentStore {
 
     /// Every stored tensor name, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.index.keys().chain(self.memory.keys()).cloned().collect();
+        let mut v: Vec<String> =
+            self.index.keys().chain(self.mapped.keys()).chain(self.memory.keys()).cloned().collect();
         v.sort();
         v
     }
 
     /// The stored tensor under exactly this name (no aliasing).
     pub fn raw(&self, stored_name: &str) -> Result<RawTensor<'_>> {
+        if let Some((key, m)) = self.mapped.get_key_value(stored_name) {
+            return Ok(RawTensor {
+                name: key.as_str(),
+                dtype: m.dtype,
+                shape: &m.shape,
+                bytes: &m.backing.bytes()[m.range.clone()],
+            });
+        }
         let (key, fi) = self.index.get_key_value(stored_name).ok_or_else(|| {
             Error::Checkpoint(format!("{}: tensor {stored_name} not found", self.describe()))
         })?;

@@ -12,9 +12,12 @@ use std::path::PathBuf;
 /// Flags of `sdsparse convert`.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// Dense diffusers folder (model_index.json, text_encoder/, unet/, vae/, ...).
+    /// Dense diffusers folder (model_index.json, text_encoder/, unet/, vae/, ...) or
+    /// single-file checkpoint (.safetensors / .ckpt in the original SD2 layout).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// Output folder (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
@@ -132,6 +135,7 @@ impl ConvertArgs {
                 exclude: self.exclude.iter().map(|g| Glob::new(g)).collect(),
             },
             force: self.force,
+            single_file: self.single_file.options(),
             owl: OwlParams { m: self.owl_m, lambda: self.owl_lambda },
             calibration: CalibrationOptions {
                 prompts: self.calibration_prompts.clone(),
@@ -243,6 +247,9 @@ pub fn print_report(r: &ConvertReport) -> anyhow::Result<()> {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
+    if !args.quiet {
+        args.single_file.print_notes(&args.model)?;
+    }
     let (_bar, mut progress) = progress_bar(args.quiet);
     let report = convert(&args.model, &args.out, &opts, &mut progress)?;
     print_report(&report)

@@ -12,9 +12,12 @@ use std::path::PathBuf;
 /// Flags of `sdsparse generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Diffusers pipeline folder (dense, or converted by `sdsparse convert`).
-    #[arg(long, value_name = "DIR")]
+    /// Diffusers pipeline folder (dense, or converted by `sdsparse convert`), or a
+    /// single-file checkpoint (.safetensors / .ckpt in the original SD2 layout).
+    #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// The text prompt.
     #[arg(long, value_name = "TEXT")]
     pub prompt: String,
@@ -112,7 +115,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
     let device = select_device(&args.device)?;
 
-    let sd = StableDiffusion::load(&args.model, &device)?;
+    args.single_file.print_notes(&args.model)?;
+    let sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
     for note in sd.notes() {
         eprintln!("note: {note}");
     }

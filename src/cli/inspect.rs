@@ -1,15 +1,18 @@
 //! `sdsparse inspect` (per-layer format, shape, sparsity and bytes of a dense or sparse
 //! folder) and `sdsparse export` (sparse folder → dense diffusers folder).
 
-use sdsparse::convert::{export, inspect};
+use sdsparse::convert::{export_single_file, export_with, inspect_with};
 use std::path::PathBuf;
 
 /// Flags of `sdsparse inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A diffusers pipeline folder (dense or sparse), one component folder, or a plan file
-    /// written by `sdsparse plan`.
+    /// A diffusers pipeline folder (dense or sparse), one component folder, a single-file
+    /// checkpoint (.safetensors / .ckpt in the original SD2 layout), or a plan file written by
+    /// `sdsparse plan`.
     pub path: PathBuf,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// Only the per-component totals.
     #[arg(long)]
     pub summary: bool,
@@ -21,7 +24,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         super::plan::print_plan(&plan, args.summary)?;
         return Ok(());
     }
-    let comps = inspect(&args.path)?;
+    let opts = args.single_file.options();
+    for n in args.single_file.notes(&args.path)? {
+        outln!("note: {n}");
+    }
+    let comps = inspect_with(&args.path, &opts)?;
     // How the folder was made, when `convert` wrote a summary (mixed plan, calibration).
     let summary: Option<serde_json::Value> =
         std::fs::read_to_string(args.path.join(sdsparse::convert::SUMMARY_FILE))
@@ -102,12 +109,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
 /// Flags of `sdsparse export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// A sparse folder written by `sdsparse convert`.
+    /// A sparse folder written by `sdsparse convert` (or any dense folder or single file).
     #[arg(long)]
     pub model: PathBuf,
-    /// Output dense diffusers folder (must not exist unless --force).
+    /// Output: a dense diffusers folder, or with --format single-file one .safetensors file
+    /// (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// diffusers (a folder) or single-file (one .safetensors in the original SD2 layout, for
+    /// A1111 / ComfyUI / stable-diffusion.cpp).
+    #[arg(long, default_value = "diffusers", value_name = "FORMAT")]
+    pub format: String,
+    #[command(flatten)]
+    pub single_file: super::SingleFileArgs,
     /// Replace the output folder if it exists.
     #[arg(long)]
     pub force: bool,
@@ -118,10 +132,24 @@ pub struct ExportArgs {
 
 pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let (_bar, mut progress) = super::convert::progress_bar(args.quiet);
-    let r = export(&args.model, &args.out, args.force, &mut progress)?;
+    let opts = args.single_file.options();
+    let single = match args.format.as_str() {
+        "diffusers" => false,
+        "single-file" | "single_file" | "safetensors" => true,
+        other => anyhow::bail!("invalid argument: --format must be diffusers or single-file, got {other:?}"),
+    };
+    let r = if single {
+        export_single_file(&args.model, &args.out, args.force, &opts, &mut progress)?
+    } else {
+        export_with(&args.model, &args.out, args.force, &opts, &mut progress)?
+    };
     for (c, bytes) in &r.components {
         outln!("{c:<14} {:>10.1} MB", *bytes as f64 / 1e6);
     }
-    outln!("wrote dense diffusers folder {}", r.out.display());
+    if single {
+        outln!("wrote single-file checkpoint {}", r.out.display());
+    } else {
+        outln!("wrote dense diffusers folder {}", r.out.display());
+    }
     Ok(())
 }

@@ -16,3 +16,56 @@ pub mod generate;
 pub mod inspect;
 pub mod plan;
 pub mod sweep;
+
+use sdsparse::checkpoint::SingleFileOptions;
+use std::path::PathBuf;
+
+/// Flags that describe a single-file checkpoint (`.safetensors` / `.ckpt` in the original
+/// layout); a diffusers folder carries its own configs, so they are refused there.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SingleFileArgs {
+    /// Single file: its configs, as a diffusers folder (unet/, vae/, text_encoder/ config.json;
+    /// scheduler/ and tokenizer/ optional) or the original v2-inference*.yaml.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Single file: epsilon (512-base configs) or v_prediction (768-v); default: inferred.
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<String>,
+    /// Single file: set the UNet's upcast_attention (true when given without a value).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub upcast_attention: Option<bool>,
+    /// Single file: use the training weights even when an EMA copy (model_ema.*) is present.
+    #[arg(long)]
+    pub no_ema: bool,
+}
+
+impl SingleFileArgs {
+    /// For a single file: what was inferred when opening it (empty for a folder), so the
+    /// user sees, e.g., that a 768-v model was assumed.
+    pub fn notes(&self, path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+        if path.is_file() {
+            let src = sdsparse::checkpoint::ModelSource::open(path, &self.options())?;
+            if let sdsparse::checkpoint::ModelSource::SingleFile(s) = src {
+                return Ok(s.notes.clone());
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// [`Self::notes`] as `note:` lines on stderr.
+    pub fn print_notes(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        for n in self.notes(path)? {
+            eprintln!("note: {n}");
+        }
+        Ok(())
+    }
+
+    pub fn options(&self) -> SingleFileOptions {
+        SingleFileOptions {
+            config: self.config.clone(),
+            prediction_type: self.prediction_type.clone(),
+            upcast_attention: self.upcast_attention,
+            no_ema: self.no_ema,
+        }
+    }
+}

@@ -84,9 +84,14 @@ impl VaeConfig {
     /// Reads `vae/config.json` and checks it describes a decoder we can run.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: VaeConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::Checkpoint(format!("{}: bad VAE config: {e}", path.display())))?;
-        c.validate().map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+        Self::from_json(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a `vae/config.json` text and checks it describes a decoder we can run.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: VaeConfig =
+            serde_json::from_str(text).map_err(|e| Error::Checkpoint(format!("bad VAE config: {e}")))?;
+        c.validate()?;
         Ok(c)
     }
 
