@@ -75,9 +75,15 @@ pub mod prune;
 #[doc(hidden)]
 pub mod prune_model;
 #[doc(hidden)]
+pub mod quality;
+#[doc(hidden)]
 pub mod scheduler;
 #[doc(hidden)]
+pub mod sweep;
+#[doc(hidden)]
 pub mod synth;
+#[doc(hidden)]
+pub mod toy;
 
 mod capi;
 mod sparse_linear;

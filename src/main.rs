@@ -29,6 +29,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// With no checkpoint at hand: build the embedded tiny SD2 model, convert it, generate.
     Demo(cli::demo::DemoArgs),
+    /// Measure quality against sparsity (pruned in memory): results.csv/.json, curves.png, grid.png.
+    Sweep(cli::sweep::SweepArgs),
     /// Synthesise a random-weight SD2-architecture checkpoint (tiny, or full SD2.1 sizes).
     Synth(cli::demo::SynthArgs),
 }
@@ -43,6 +45,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Demo(a) => cli::demo::run(a),
         Command::Synth(a) => cli::demo::run_synth(a),
+        Command::Sweep(a) => cli::sweep::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", one_line(&e));

@@ -413,6 +413,17 @@ impl StableDiffusion {
         self.scheduler_config = config;
     }
 
+    /// Swaps in another text encoder (e.g. one pruned in memory by `sweep`) and returns the
+    /// one it replaces. [`Self::memory`] still describes the weights loaded from the folder.
+    pub fn replace_text_encoder(&mut self, text_encoder: ClipTextModel) -> ClipTextModel {
+        std::mem::replace(&mut self.text_encoder, text_encoder)
+    }
+
+    /// Swaps in another UNet (see [`Self::replace_text_encoder`]) and returns the old one.
+    pub fn replace_unet(&mut self, unet: UNet2DConditionModel) -> UNet2DConditionModel {
+        std::mem::replace(&mut self.unet, unet)
+    }
+
     /// Pixels per latent along each side (8 for SD2).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()

@@ -1,25 +1,38 @@
-//! `sdsparse demo` (the quick start: tiny model → convert → generate) and `sdsparse synth`
-//! (random-weight SD2-architecture checkpoints for tests and benchmarks).
+//! `sdsparse demo` (the quick start: the embedded trained toy SD2 → convert at the study's
+//! targets → dense and sparse images side by side) and `sdsparse synth` (random-weight
+//! SD2-architecture checkpoints for tests and benchmarks).
 
 use indicatif::{ProgressBar, ProgressStyle};
+use sdsparse::pipeline::{image_to_rgb8, GenerateRequest, StableDiffusion};
+use sdsparse::quality::task::{judge, TaskSpec};
 use sdsparse::synth::{write_checkpoint, SynthOptions, SynthPreset};
-use sdsparse::DType;
+use sdsparse::{DType, Device};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// The demo's prompts: every colour appears, as shape or background, and every shape.
+pub const DEMO_PROMPTS: [&str; 5] = [
+    "a red circle on a blue background",
+    "a yellow square on a black background",
+    "a white triangle on a green background",
+    "a black circle on a yellow background",
+    "a blue triangle on a white background",
+];
 
 /// Flags of `sdsparse demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Working folder (replaced if it exists): holds the dense model, its sparse conversion and the image.
+    /// Working folder (replaced if it exists): holds the dense toy model, its sparse conversion and the image.
     #[arg(long, default_value = "sdsparse-demo")]
     pub out: PathBuf,
-    /// Prompt of the generated image.
-    #[arg(long, default_value = "a photograph of an astronaut riding a horse")]
-    pub prompt: String,
+    /// A prompt (repeat the flag for several); the toy knows `a {colour} {shape} on a {colour} background`
+    /// with colours red, green, blue, yellow, white, black and shapes circle, square, triangle.
+    #[arg(long)]
+    pub prompt: Vec<String>,
     /// Denoising steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Seed of the weights and of the initial noise.
+    /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sparsity pattern of the conversion: unstructured or 2:4.
@@ -28,7 +41,7 @@ pub struct DemoArgs {
 }
 
 /// Parses a subcommand's flags exactly as the CLI would, so the demo runs the same code
-/// paths (and defaults) a user gets from `sdsparse convert` / `sdsparse generate`.
+/// paths (and defaults) a user gets from `sdsparse convert`.
 fn parse_args<A: clap::Args>(command: &str, flags: &[String]) -> anyhow::Result<A> {
     #[derive(clap::Parser)]
     struct Wrap<A: clap::Args> {
@@ -41,17 +54,23 @@ fn parse_args<A: clap::Args>(command: &str, flags: &[String]) -> anyhow::Result<
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let start = Instant::now();
+    if args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    let prompts: Vec<String> = if args.prompt.is_empty() {
+        DEMO_PROMPTS.iter().map(|p| p.to_string()).collect()
+    } else {
+        args.prompt.clone()
+    };
     let dense = args.out.join("dense");
     let sparse = args.out.join("sparse");
     let image = args.out.join("demo.png");
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.out.display()))?;
 
-    outln!("== 1/3 synthesise the embedded tiny SD2 model (seeded random weights, the real SD2 tokenizer)");
-    let opts = SynthOptions { preset: SynthPreset::Tiny, dtype: DType::F32, seed: args.seed, force: true };
-    let report = write_checkpoint(&opts, &dense, |_, _, _| {})?;
-    let params: usize = report.components.iter().map(|c| c.1).sum();
-    outln!("wrote {} ({params} parameters)\n", dense.display());
+    outln!("== 1/3 write the embedded toy SD2 (trained here on coloured shapes; see task.json)");
+    sdsparse::toy::write_model(&dense, true)?;
+    outln!("wrote {}\n", dense.display());
 
     outln!(
         "== 2/3 sdsparse convert at the study's targets (text encoder 47.5%, UNet 35%, magnitude, per layer)"
@@ -62,23 +81,72 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     super::convert::run(parse_args("convert", &flags)?)?;
     outln!();
 
-    outln!("== 3/3 sdsparse generate on the sparse checkpoint");
-    let flags = [
-        "--model",
-        &s(&sparse),
-        "--prompt",
-        &args.prompt,
-        "--steps",
-        &args.steps.to_string(),
-        "--seed",
-        &args.seed.to_string(),
-        "--out",
-        &s(&image),
-        "--device",
-        "cpu",
-    ];
-    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
-    super::generate::run(parse_args("generate", &flags)?)?;
+    outln!(
+        "== 3/3 generate {} prompts with the dense and the sparse model (CPU, {} steps)",
+        prompts.len(),
+        args.steps
+    );
+    let spec = TaskSpec::from_model_dir(&dense)?;
+    let models =
+        [StableDiffusion::load(&dense, &Device::Cpu)?, StableDiffusion::load(&sparse, &Device::Cpu)?];
+    let bar = ProgressBar::new((2 * prompts.len()) as u64).with_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} images")?.progress_chars("=> "),
+    );
+    let mut rows: Vec<Vec<image::RgbImage>> = vec![Vec::new(), Vec::new()];
+    let mut marks: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+    let mut passed = [0usize; 2];
+    for (m, sd) in models.iter().enumerate() {
+        bar.set_message(["dense", "sparse"][m]);
+        for prompt in &prompts {
+            let mut req = GenerateRequest::new(prompt);
+            req.steps = args.steps;
+            req.seed = args.seed;
+            let g = sd.generate(&req, &mut |_, _| {})?;
+            let (w, h, rgb) = image_to_rgb8(&g.image)?;
+            let verdict = match (&spec, spec.as_ref().and_then(|s| s.parse(prompt))) {
+                (Some(spec), Some(scene)) => {
+                    let v = judge(spec, &scene, w, h, &rgb)?;
+                    passed[m] += v.pass() as usize;
+                    let wrong: Vec<&str> =
+                        [(v.shape_colour, "colour"), (v.shape, "shape"), (v.background, "bg")]
+                            .iter()
+                            .filter(|x| !x.0)
+                            .map(|x| x.1)
+                            .collect();
+                    if wrong.is_empty() {
+                        "right".to_string()
+                    } else {
+                        format!("wrong {}", wrong.join("+"))
+                    }
+                }
+                _ => "(not in the task grammar)".to_string(),
+            };
+            marks[m].push(verdict);
+            rows[m].push(
+                image::RgbImage::from_raw(w as u32, h as u32, rgb)
+                    .ok_or_else(|| anyhow::anyhow!("bad image buffer"))?,
+            );
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let row_labels = ["dense".to_string(), format!("sparse ({}, TE 47.5%, UNet 35%)", args.pattern)];
+    let picture = sdsparse::sweep::plot::side_by_side(&rows, &row_labels, &prompts, &marks)?;
+    let tmp = image.with_extension("png.tmp");
+    picture.save_with_format(&tmp, image::ImageFormat::Png)?;
+    std::fs::rename(&tmp, &image)?;
+    for (i, p) in prompts.iter().enumerate() {
+        outln!("  {p:<42} dense: {:<22} sparse: {}", marks[0][i], marks[1][i]);
+    }
+    if spec.is_some() {
+        outln!(
+            "task score (colour, shape and background right, by image analysis): dense {}/{}, sparse {}/{}",
+            passed[0],
+            prompts.len(),
+            passed[1],
+            prompts.len()
+        );
+    }
     outln!("\ndemo finished in {:.1} s: {}", start.elapsed().as_secs_f64(), image.display());
     Ok(())
 }

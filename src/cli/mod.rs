@@ -15,6 +15,7 @@ pub mod demo;
 pub mod generate;
 pub mod inspect;
 pub mod plan;
+pub mod sweep;
 
 use sdsparse::checkpoint::SingleFileOptions;
 use std::path::PathBuf;
