@@ -607,6 +607,42 @@ fn output_paths_are_checked_before_work() {
     assert_eq!(files_in(dir.path()), ["a.png", "file"]);
 }
 
+/// An existing output file is never replaced without `--force` (refused before any work,
+/// the file left as it was); with `--force` it is replaced.
+#[test]
+fn generate_never_overwrites_without_force() {
+    let m = s(&fixture());
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("image.png");
+    let lat = dir.path().join("latents.safetensors");
+    std::fs::write(&png, b"keep me").unwrap();
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["generate", "--model", &m, "--prompt", "x", "--steps", "1", "--device", "cpu"]
+                .iter()
+                .map(|x| x.to_string())
+                .collect();
+        v.extend(["--out".to_string(), s(out)]);
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let refuse = |a: Vec<String>, needle: &str| {
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        expect_one_line_error(&a, needle);
+    };
+    refuse(args(&png, &[]), "--out");
+    assert_eq!(std::fs::read(&png).unwrap(), b"keep me");
+    std::fs::write(&lat, b"keep me too").unwrap();
+    refuse(args(&dir.path().join("new.png"), &["--save-latents", &s(&lat)]), "--save-latents");
+    assert_eq!(std::fs::read(&lat).unwrap(), b"keep me too");
+    assert_eq!(files_in(dir.path()), ["image.png", "latents.safetensors"]);
+    let a = args(&png, &["--force"]);
+    let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+    let (code, _, err) = run_bin(&a);
+    assert_eq!(code, 0, "{err}");
+    assert!(image::open(&png).is_ok(), "--force should replace the file with a PNG");
+}
+
 /// Runs the binary with a per-file size limit (a full disk, as EFBIG instead of ENOSPC).
 fn run_with_file_limit(kib: u32, args: &[&str]) -> (i32, String) {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();

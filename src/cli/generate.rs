@@ -54,6 +54,9 @@ pub struct GenerateArgs {
     /// auto (CUDA when a GPU and kernels are present, else CPU), cpu, or cuda.
     #[arg(long, value_name = "auto|cpu|cuda", default_value = "auto")]
     pub device: String,
+    /// Replace an existing --out / --save-latents file (without it, an existing file is an error).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The device `--device` asks for. CUDA needs a GPU and a build with kernels; `auto` falls
@@ -106,8 +109,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     // Every output is checked before any work, so a typo in a folder name costs nothing.
     output::check_output_file(&args.out, "--out")?;
+    refuse_existing(&args.out, "--out", args.force)?;
     if let Some(p) = &args.save_latents {
         output::check_output_file(p, "--save-latents")?;
+        refuse_existing(p, "--save-latents", args.force)?;
         if same_file(p, &args.out) {
             anyhow::bail!("--save-latents and --out name the same file {}", p.display());
         }
@@ -179,4 +184,12 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
         std::fs::canonicalize(parent).ok().map(|d| d.join(p.file_name().unwrap_or_default()))
     };
     a == b || (resolve(a).is_some() && resolve(a) == resolve(b))
+}
+
+/// No output is overwritten without `--force` (the project's rule for every output).
+fn refuse_existing(path: &std::path::Path, what: &str, force: bool) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        anyhow::bail!("{what} {} already exists (use --force to replace it)", path.display());
+    }
+    Ok(())
 }
