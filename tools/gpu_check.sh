@@ -56,10 +56,12 @@ for line in sys.stdin:
     exe = msg.get("executable")
     if msg.get("reason") != "compiler-artifact" or not exe:
         continue
-    kind = msg["target"]["kind"][0]
-    if kind not in ("lib", "test", "bench"):
+    # The library target is ["rlib", "cdylib"] since the C ABI: its unit-test executable is "test-sdsparse".
+    kinds = msg["target"]["kind"]
+    kind = "test" if set(kinds) & {"lib", "rlib", "cdylib"} else kinds[0]
+    if kind not in ("test", "bench"):
         continue
-    name = ("test" if kind == "lib" else kind) + "-" + msg["target"]["name"]
+    name = kind + "-" + msg["target"]["name"]
     dest = os.path.join(sys.argv[1], name)
     shutil.copy2(exe, dest)
     subprocess.run(["strip", "--strip-debug", dest], check=True)
