@@ -310,6 +310,8 @@ def main():
                     help="continue UNet + text encoder training from a saved folder (VAE phase skipped)")
     ap.add_argument("--high-t-fraction", type=float, default=0.0,
                     help="fraction of each UNet batch with timesteps drawn from [600, 1000)")
+    ap.add_argument("--offset-noise", type=float, default=0.0,
+                    help="std of a per-sample, per-channel constant added to the UNet's training noise (offset noise)")
     ap.add_argument("--finetune-decoder", metavar="DIR", default=None,
                     help="phase 4 only: fine-tune the VAE decoder of the folder DIR in place (encoder frozen)")
     ap.add_argument("--decoder-steps", type=int, default=2000)
@@ -448,6 +450,12 @@ def main():
         high = torch.from_numpy(rng.random(len(idx)) < args.high_t_fraction)
         t = torch.where(high, torch.from_numpy(rng.integers(600, 1000, size=len(idx))), t)
         noise = torch.randn_like(z0)
+        # Offset noise: SD2.1's schedule leaves sqrt(alpha_bar) ~ 0.07 of the image at t = 999, and the mean of a
+        # 16x16 latent averages the noise down to 1/16, so a model can read the background colour off the noisy
+        # latent instead of the caption; at inference (pure noise) that colour is then random. A constant offset
+        # per channel hides the mean and makes the caption the only source of it.
+        if args.offset_noise > 0:
+            noise = noise + args.offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         cond = text_encoder(ids)[0].repeat_interleave(per, dim=0)
