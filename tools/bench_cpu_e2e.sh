@@ -12,9 +12,10 @@ set -euo pipefail
 before=${1:?}; after=${2:?}; dir=${3:?}; file=${4:?}; sdcpp=${5:?}; logs=${6:?}; rounds=${7:-2}; steps=${8:-2}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$logs"
+images=$(mktemp -d)
 prompt="a photograph of an astronaut riding a horse"
-summary() { # LOG: wall and peak RSS from /usr/bin/time -v
-    echo "  wall $(grep 'Elapsed (wall clock)' "$1" | awk '{print $NF}'), peak RSS $(grep 'Maximum resident' "$1" | awk '{printf "%.2f GB", $NF/1e6}'), cpu $(grep 'Percent of CPU' "$1" | awk '{print $NF}')"
+summary() { # LOG: wall, CPU seconds (user + system), CPU share and peak RSS from /usr/bin/time -v
+    echo "  wall $(grep 'Elapsed (wall clock)' "$1" | awk '{print $NF}'), cpu s $(grep -E '(User|System) time' "$1" | awk '{s+=$NF} END {printf "%.1f", s}') ($(grep 'Percent of CPU' "$1" | awk '{print $NF}')), peak RSS $(grep 'Maximum resident' "$1" | awk '{printf "%.2f GB", $NF/1e6}')"
 }
 for r in $(seq 1 "$rounds"); do
     for tool in sdsparse-before sdsparse-after diffusers sdcpp; do
@@ -24,7 +25,7 @@ for r in $(seq 1 "$rounds"); do
         sdsparse-*)
             bin=$before; [ "$tool" = sdsparse-after ] && bin=$after
             /usr/bin/time -v "$bin" generate --model "$dir" --prompt "$prompt" --steps "$steps" --guidance 7.5 \
-                --scheduler ddim --seed 0 --width 512 --height 512 --out "$logs/.e2e_$tool.png" --force >"$log" 2>&1
+                --scheduler ddim --seed 0 --width 512 --height 512 --out "$images/$tool.png" --force >"$log" 2>&1
             grep -E '^  (load|text encoder|UNet|VAE decode) ' "$log" || true ;;
         diffusers)
             /usr/bin/time -v python3 "$here/bench_cpu_peers.py" "$dir" --steps "$steps" --size 512 >"$log" 2>&1
@@ -35,4 +36,4 @@ for r in $(seq 1 "$rounds"); do
         summary "$log"
     done
 done
-rm -f "$logs"/.e2e_*.png
+rm -rf "$images"
