@@ -7,7 +7,9 @@
 //! tracking is switched off (it only pays with several streams). Code that adds streams must
 //! synchronise them itself.
 
+use super::decompress::DeviceValues;
 use super::kernels::{self, NO_KERNELS};
+use crate::format::DType;
 use crate::error::{Error, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -35,6 +37,8 @@ struct Inner {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// The cuBLAS handle on `stream`, made on first use (or why it could not be).
+    blas: OnceLock<std::result::Result<Arc<cudarc::cublas::CudaBlas>, String>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -122,6 +126,7 @@ impl CudaDevice {
                 stream,
                 module,
                 functions: Mutex::new(HashMap::new()),
+                blas: OnceLock::new(),
             }),
         })
     }
@@ -147,6 +152,26 @@ impl CudaDevice {
     /// The stream all of this device's work goes to (pass it to cuBLAS handles too).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// The cuBLAS handle of this device (created on first use, bound to [`Self::stream`]).
+    /// cuBLAS is loaded dynamically: a missing `libcublas` is this one-line error, not a panic.
+    pub fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+        let made = self.inner.blas.get_or_init(|| {
+            // SAFETY: only probes whether the shared library can be opened.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err("cuBLAS could not be loaded (libcublas.so.13 not found; install the CUDA 13 \
+                            runtime libraries, e.g. pip install nvidia-cublas)"
+                    .to_string());
+            }
+            let stream = self.inner.stream.clone();
+            match std::panic::catch_unwind(move || cudarc::cublas::CudaBlas::new(stream)) {
+                Ok(Ok(b)) => Ok(Arc::new(b)),
+                Ok(Err(e)) => Err(format!("cannot create a cuBLAS handle: {e}")),
+                Err(_) => Err("cuBLAS is missing functions this build needs (older than CUDA 13?)".to_string()),
+            }
+        });
+        made.clone().map_err(Error::Cuda)
     }
 
     /// A kernel of the embedded fatbin by its `extern "C"` name (looked up once, then cached).
@@ -238,34 +263,51 @@ impl CudaDevice {
     }
 }
 
-/// f32 tensor data on a GPU. Cloning shares the buffer (tensors are immutable once made).
+/// Tensor data on a GPU: a typed buffer ([`DeviceValues`]; f32 is what the ops produce today,
+/// f16 / bf16 storage is the next step). Cloning shares the buffer (tensors are immutable once
+/// made).
 #[derive(Clone)]
 pub struct CudaStorage {
     device: CudaDevice,
-    data: Arc<CudaSlice<f32>>,
+    data: Arc<DeviceValues>,
 }
 
 impl std::fmt::Debug for CudaStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaStorage({} f32 on {})", self.data.len(), self.device.name())
+        write!(f, "CudaStorage({} {} on {})", self.data.len(), self.data.dtype().name(), self.device.name())
     }
 }
 
 impl CudaStorage {
-    /// Wraps a device buffer (e.g. a kernel's output).
+    /// Wraps an f32 device buffer (e.g. a kernel's output).
     pub fn from_slice(device: &CudaDevice, data: CudaSlice<f32>) -> CudaStorage {
+        Self::from_values(device, DeviceValues::F32(data))
+    }
+    /// Wraps a typed device buffer.
+    pub fn from_values(device: &CudaDevice, data: DeviceValues) -> CudaStorage {
         CudaStorage { device: device.clone(), data: Arc::new(data) }
     }
-    /// Copies host values to the device.
+    /// Copies host values to the device (f32).
     pub fn from_host(device: &CudaDevice, data: &[f32]) -> Result<CudaStorage> {
         Ok(Self::from_slice(device, device.htod(data)?))
     }
     pub fn device(&self) -> CudaDevice {
         self.device.clone()
     }
-    /// The device buffer, for launchers.
-    pub fn slice(&self) -> &CudaSlice<f32> {
+    /// The storage element type.
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    /// The typed device buffer, for launchers.
+    pub fn values(&self) -> &DeviceValues {
         &self.data
+    }
+    /// The f32 device buffer, for launchers that take f32 only (cuBLAS SGEMM).
+    pub fn slice(&self) -> Result<&CudaSlice<f32>> {
+        match self.data.as_ref() {
+            DeviceValues::F32(s) => Ok(s),
+            other => Err(Error::Cuda(format!("expected f32 device storage, found {}", other.dtype().name()))),
+        }
     }
     pub fn len(&self) -> usize {
         self.data.len()
@@ -273,8 +315,8 @@ impl CudaStorage {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
-    /// Copies the values to the host.
+    /// Copies the values to the host, widened to f32.
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        self.device.dtoh(&self.data)
+        Ok(self.data.to_host(&self.device)?.to_f32())
     }
 }
