@@ -177,15 +177,12 @@ impl WeightMemory {
     }
 }
 
-/// The pipeline runs on the CPU until the CUDA backend provides model upload.
+/// Every device the pipeline runs on: the CPU, or a GPU that `CudaDevice::new` opened (which
+/// already refused GPUs older than sm_80 and builds without kernels); cuBLAS must load too,
+/// checked here so a missing library is one line before any weight is read.
 fn check_device(device: &Device) -> Result<()> {
-    if !device.is_cpu() {
-        // The models keep their weights in host memory; the CUDA path moves them when
-        // the CUDA backend provides model upload.
-        return Err(Error::Cuda(format!(
-            "running the pipeline on {} is not supported by this build; use --device cpu",
-            device.name()
-        )));
+    if let Device::Cuda(d) = device {
+        d.blas()?;
     }
     Ok(())
 }
@@ -201,6 +198,8 @@ pub struct StableDiffusion {
     sample_size: usize,
     device: Device,
     memory: WeightMemory,
+    /// GPU memory the load took (weights in their device layouts), when on CUDA.
+    gpu_bytes: Option<u64>,
     load_time: Duration,
     notes: Vec<String>,
 }
@@ -300,12 +299,16 @@ impl StableDiffusion {
     pub fn load_source(src: &ModelSource, device: &Device) -> Result<Self> {
         check_device(device)?;
         let start = Instant::now();
+        let free_before = match device {
+            Device::Cuda(d) => Some(d.memory_info()?.0),
+            Device::Cpu => None,
+        };
         let (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes) = match src {
             ModelSource::Folder(dir) => {
                 let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-                let text_encoder = ClipTextModel::from_dir(&dir.join("text_encoder"))?;
-                let unet = UNet2DConditionModel::from_dir(&dir.join("unet"))?;
-                let vae = VaeDecoder::from_dir(&dir.join("vae"))?;
+                let text_encoder = ClipTextModel::from_dir_on(&dir.join("text_encoder"), device)?;
+                let unet = UNet2DConditionModel::from_dir_on(&dir.join("unet"), device)?;
+                let vae = VaeDecoder::from_dir_on(&dir.join("vae"), device)?;
                 let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
                 let (sample_size, unet_note) =
                     corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
@@ -313,7 +316,9 @@ impl StableDiffusion {
                 (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes)
             }
             ModelSource::SingleFile(s) => {
-                let vb = |c: &str| -> Result<VarBuilder> { Ok(VarBuilder::new(Arc::new(s.store(c)?))) };
+                let vb = |c: &str| -> Result<VarBuilder> {
+                    Ok(VarBuilder::new(Arc::new(s.store(c)?)).on_device(device))
+                };
                 let label =
                     |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
                 let cfg = |rel: &str| s.config_text(rel);
@@ -360,7 +365,15 @@ impl StableDiffusion {
         // Only the decoder half of the VAE is loaded.
         let decoder_only = |n: &str| n.starts_with("decoder.") || n.starts_with("post_quant_conv.");
         memory.add_component("vae", &src.store("vae")?, Some(&decoder_only))?;
+        let gpu_bytes = match (device, free_before) {
+            (Device::Cuda(d), Some(before)) => {
+                d.synchronize()?;
+                Some(before.saturating_sub(d.memory_info()?.0) as u64)
+            }
+            _ => None,
+        };
         Ok(StableDiffusion {
+            gpu_bytes,
             tokenizer,
             text_encoder,
             unet,
@@ -499,15 +512,24 @@ impl StableDiffusion {
 
     /// Refuses an image size whose activations cannot fit in memory, before any work: the
     /// largest live buffers are the VAE decoder's full-resolution feature maps (about four
-    /// of them with the widest full-resolution channel count, f32).
+    /// of them with the widest full-resolution channel count, f32). On a GPU add the 3x3
+    /// convolution's im2col buffer (9 of those maps) and the VAE mid-block's attention scores
+    /// (scores and probabilities, `(h/f · w/f)²` each), checked against free GPU memory.
     fn check_memory(&self, w: usize, h: usize) -> Result<()> {
         let ch = &self.vae.config().block_out_channels;
         let widest = ch.iter().take(2).copied().max().unwrap_or(0);
-        let need = (w as u128) * (h as u128) * (widest as u128) * 4 * 4;
-        let available = available_memory().unwrap_or(u64::MAX) as u128;
+        let map = (w as u128) * (h as u128) * (widest as u128) * 4;
+        let (need, available, what) = match &self.device {
+            Device::Cpu => (map * 4, available_memory().unwrap_or(u64::MAX) as u128, "memory"),
+            Device::Cuda(d) => {
+                let f = self.vae_scale_factor() as u128;
+                let tokens = (w as u128 / f) * (h as u128 / f);
+                (map * 13 + tokens * tokens * 4 * 2, d.memory_info()?.0 as u128, "free GPU memory")
+            }
+        };
         if need > available {
             return Err(Error::Invalid(format!(
-                "{w}x{h} pixels need about {:.1} GiB for the VAE decoder, more than the {:.1} GiB of memory \
+                "{w}x{h} pixels need about {:.1} GiB for the VAE decoder, more than the {:.1} GiB of {what} \
                  available; use a smaller --width / --height",
                 need as f64 / (1u64 << 30) as f64,
                 available as f64 / (1u64 << 30) as f64
@@ -584,15 +606,16 @@ impl StableDiffusion {
             let ts = Instant::now();
             // Schedulers work on host copies (the latents are small); the UNet runs on the
             // pipeline's device.
+            // On a GPU only the latents cross the bus (in, and the guided prediction out); the
+            // text embeddings and every activation stay on the device.
             let x_in = ops::to_device(&sched.scale_model_input(&latents, i)?, &self.device)?;
             let guided_out = if guided {
                 let out = self.unet.forward(&ops::cat(&[&x_in, &x_in], 0)?, t, &context)?;
-                let all = out.to_vec()?;
-                let (u, c) = all.split_at(all.len() / 2);
-                Tensor::from_vec(crate::backend::cpu::elementwise::cfg_combine(u, c, req.guidance), &shape)?
+                ops::cfg_combine(&out, req.guidance)?
             } else {
                 self.unet.forward(&x_in, t, &context)?
             };
+            let guided_out = ops::to_device(&guided_out, &Device::Cpu)?;
             // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
             // run here, naming the step, instead of ending as a black image.
             let n = timesteps.len();
@@ -833,5 +856,11 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
     let by_format: Vec<String> =
         sd.memory().by_format().iter().map(|(f, b)| format!("{f} {:.2} MiB", mib(*b))).collect();
     s += &format!("  total {:.2} MiB ({})\n", mib(sd.memory().total_bytes()), by_format.join(", "));
+    if let Some(b) = sd.gpu_bytes {
+        s += &format!(
+            "  on the GPU: {:.2} MiB taken at load (dense f32, sparse packed for the kernels or expanded)\n",
+            mib(b)
+        );
+    }
     s
 }

@@ -22,21 +22,41 @@ pub use store::{
     Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile,
 };
 
-use crate::backend::Tensor;
+use crate::backend::{ops, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::format::Weight;
 use std::sync::Arc;
 
-/// Prefixed access to one component's tensors.
+/// Prefixed access to one component's tensors, placed on one device: [`VarBuilder::get`]
+/// returns tensors already uploaded to it (weights are uploaded once, at load).
 #[derive(Clone)]
 pub struct VarBuilder {
     store: Arc<ComponentStore>,
     prefix: String,
+    device: Device,
 }
 
 impl VarBuilder {
     pub fn new(store: Arc<ComponentStore>) -> Self {
-        VarBuilder { store, prefix: String::new() }
+        VarBuilder { store, prefix: String::new(), device: Device::Cpu }
+    }
+
+    /// The same builder placing its tensors on `device`.
+    pub fn on_device(self, device: &Device) -> Self {
+        VarBuilder { device: device.clone(), ..self }
+    }
+
+    /// The device the model's tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `t` moved to this builder's device (for tensors a model reads from the store itself).
+    pub fn place(&self, t: Tensor) -> Result<Tensor> {
+        match self.device {
+            Device::Cpu => Ok(t),
+            _ => ops::to_device(&t, &self.device),
+        }
     }
 
     /// Opens a component folder (e.g. `model/unet`).
@@ -48,7 +68,7 @@ impl VarBuilder {
     pub fn pp(&self, name: impl std::fmt::Display) -> VarBuilder {
         let prefix =
             if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        VarBuilder { store: self.store.clone(), prefix }
+        VarBuilder { store: self.store.clone(), prefix, device: self.device.clone() }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -79,10 +99,12 @@ impl VarBuilder {
                 shape
             )));
         }
-        Ok(t)
+        self.place(t)
     }
 
-    /// A Linear weight `[out, in]`: dense, or compressed as stored in a sparse checkpoint.
+    /// A Linear weight `[out, in]`: dense, or compressed as stored in a sparse checkpoint; in
+    /// host memory (`model::Linear` places it: dense weights are uploaded, compressed ones
+    /// packed for the sparse kernels).
     pub fn get_weight(&self, name: &str, out_features: usize, in_features: usize) -> Result<Weight> {
         let full = self.path(name);
         let w = self.store.weight(&full)?;

@@ -80,19 +80,10 @@ pub fn select_device(choice: &str) -> Result<Device, Error> {
 fn cuda_device() -> Result<Device, String> {
     // Errors (no kernels in this build, no driver, no GPU, GPU too old) come back as text.
     let gpu = CudaDevice::new(0).map_err(|e| e.to_string())?;
-    if !PIPELINE_RUNS_ON_CUDA {
-        return Err(format!(
-            "{} ({}) found, but the model ops do not run on the CUDA backend yet",
-            gpu.gpu_name(),
-            gpu.name()
-        ));
-    }
+    // cuBLAS is loaded dynamically: its absence is a reason for `auto` to use the CPU.
+    gpu.blas().map_err(|e| e.to_string())?;
     Ok(Device::Cuda(gpu))
 }
-
-/// Whether every op the models call has a CUDA implementation (`backend::ops`); until then
-/// a GPU is detected and reported but the pipeline runs on the CPU.
-const PIPELINE_RUNS_ON_CUDA: bool = false;
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let scheduler = args.scheduler.as_deref().map(SchedulerKind::from_cli_name).transpose()?;

@@ -293,8 +293,13 @@ impl ClipTextModel {
     /// Loads a diffusers `text_encoder/` folder: `config.json` plus its safetensors weights
     /// (dense, or compressed by `sdsparse convert`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_on(dir, &crate::backend::Device::Cpu)
+    }
+
+    /// [`Self::from_dir`] with the weights placed on `device`.
+    pub fn from_dir_on(dir: &Path, device: &crate::backend::Device) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let vb = VarBuilder::new(Arc::new(crate::checkpoint::ComponentStore::open(dir)?));
+        let vb = VarBuilder::new(Arc::new(crate::checkpoint::ComponentStore::open(dir)?)).on_device(device);
         Self::new(&vb, &config)
     }
 

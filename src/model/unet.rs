@@ -130,8 +130,13 @@ impl UNet2DConditionModel {
 
     /// Loads a diffusers `unet/` folder: `config.json` plus its safetensors weights.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_on(dir, &crate::backend::Device::Cpu)
+    }
+
+    /// [`Self::from_dir`] with the weights placed on `device`.
+    pub fn from_dir_on(dir: &Path, device: &crate::backend::Device) -> Result<Self> {
         let config = UNetConfig::from_file(dir)?;
-        Self::load(&VarBuilder::from_dir(dir)?, &config)
+        Self::load(&VarBuilder::from_dir(dir)?.on_device(device), &config)
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -165,11 +170,10 @@ impl UNet2DConditionModel {
         self.check_inputs(latents, timesteps, context)?;
         let cfg = &self.config;
 
-        let t_freq = ops::timestep_embedding(
-            timesteps,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
+        // Computed on the host (a few hundred values), then moved to the latents' device.
+        let t_freq = ops::to_device(
+            &ops::timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?,
+            &latents.device(),
         )?;
         let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&t_freq)?)?)?;
         let temb_act = ops::silu(&temb)?;

@@ -224,7 +224,7 @@ impl AttnLinear {
             )));
         }
         Ok(AttnLinear {
-            weight: Weight::Dense(w.reshape(&[channels, channels])?),
+            weight: Weight::Dense(vb.place(w.reshape(&[channels, channels])?)?),
             bias: vb.get("bias", &[channels])?,
         })
     }
@@ -364,8 +364,13 @@ impl VaeDecoder {
 
     /// Opens `dir` (the `vae` folder: `config.json` + weights) and loads the decoder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_on(dir, &crate::backend::Device::Cpu)
+    }
+
+    /// [`Self::from_dir`] with the weights placed on `device`.
+    pub fn from_dir_on(dir: &Path, device: &crate::backend::Device) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        Self::new(&VarBuilder::from_dir(dir)?, &config)
+        Self::new(&VarBuilder::from_dir(dir)?.on_device(device), &config)
     }
 
     pub fn config(&self) -> &VaeConfig {

@@ -204,6 +204,33 @@ impl CudaDevice {
         builder.launch(cfg).map(|_| ()).map_err(|e| Error::Cuda(format!("launch of {kernel} failed: {e}")))
     }
 
+    /// `(free, total)` bytes of GPU memory.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.inner.ctx.bind_to_thread().map_err(driver_err("cannot bind the CUDA context"))?;
+        cudarc::driver::result::mem_get_info().map_err(driver_err("cannot query GPU memory"))
+    }
+
+    /// The error of a failed allocation of `bytes`: out-of-memory says how much was needed and
+    /// how much is free, in one line.
+    fn alloc_error(&self, bytes: usize) -> impl Fn(DriverError) -> Error + '_ {
+        move |e| {
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+                let free = match self.memory_info() {
+                    Ok((free, total)) => format!("{:.1} MiB of {:.1} MiB free", mib(free), mib(total)),
+                    Err(_) => "free memory unknown".into(),
+                };
+                Error::Cuda(format!(
+                    "out of GPU memory on {}: {:.1} MiB more needed, {free} (try a smaller --width / --height)",
+                    self.inner.gpu_name,
+                    mib(bytes)
+                ))
+            } else {
+                Error::Cuda(format!("device allocation of {bytes} bytes failed: {e}"))
+            }
+        }
+    }
+
     /// Waits for all queued work; reports errors of earlier asynchronous launches.
     pub fn synchronize(&self) -> Result<()> {
         self.stream().synchronize().map_err(driver_err("kernel execution failed"))
@@ -226,7 +253,7 @@ impl CudaDevice {
         if data.is_empty() {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
-        self.stream().clone_htod(data).map_err(driver_err("host to device copy failed"))
+        self.stream().clone_htod(data).map_err(self.alloc_error(std::mem::size_of_val(data)))
     }
     /// Copies a device buffer to a new host vector (waits for queued work first).
     pub fn dtoh<T: DeviceRepr>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
@@ -239,7 +266,7 @@ impl CudaDevice {
         if len == 0 {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
-        self.stream().alloc_zeros(len).map_err(driver_err("device allocation failed"))
+        self.stream().alloc_zeros(len).map_err(self.alloc_error(len * std::mem::size_of::<T>()))
     }
     /// A new device buffer of `len` elements whose every byte is 0xFF: NaN for f32, f16 and bf16,
     /// so a test that finds an element the kernel never wrote sees a NaN.
@@ -249,7 +276,7 @@ impl CudaDevice {
         }
         // SAFETY: the memory is fully initialised by the memset right after.
         let mut buf =
-            unsafe { self.stream().alloc::<T>(len) }.map_err(driver_err("device allocation failed"))?;
+            unsafe { self.stream().alloc::<T>(len) }.map_err(self.alloc_error(len * std::mem::size_of::<T>()))?;
         self.fill_bytes(&mut buf, 0xFF)?;
         Ok(buf)
     }
