@@ -61,7 +61,8 @@ struct LoadedKernels {
 
 fn loaded() -> &'static Mutex<LoadedKernels> {
     static LOADED: OnceLock<Mutex<LoadedKernels>> = OnceLock::new();
-    LOADED.get_or_init(|| Mutex::new(LoadedKernels { sparse24: HashMap::new(), unstructured: HashMap::new() }))
+    LOADED
+        .get_or_init(|| Mutex::new(LoadedKernels { sparse24: HashMap::new(), unstructured: HashMap::new() }))
 }
 
 fn sparse24_kernels(dev: &CudaDevice) -> Result<Arc<Sp24Kernels>> {
@@ -240,7 +241,12 @@ fn operands<'a>(device: &CudaDevice, x: &Tensor, bias: Option<&'a Tensor>) -> Re
 
 /// The f16 result widened to f32: a GPU tensor when `x` was one, else a host tensor (waits for
 /// the kernel; reports its errors).
-fn result(device: &CudaDevice, x: &Tensor, yd: &cudarc::driver::CudaSlice<u16>, shape: &[usize]) -> Result<Tensor> {
+fn result(
+    device: &CudaDevice,
+    x: &Tensor,
+    yd: &cudarc::driver::CudaSlice<u16>,
+    shape: &[usize],
+) -> Result<Tensor> {
     let n = shape.iter().product();
     if let Storage::Cuda(_) = x.storage() {
         let y = tensor_ops::f16_bits_to_f32(device, n, yd)?;

@@ -272,8 +272,8 @@ fn host_group_norm_and_layer_norm() {
 #[test]
 fn host_tensor_kernels() {
     use sdsparse::backend::cuda::tensor_ops::{
-        plan_affine, plan_binary, plan_cast, plan_embedding, plan_im2col, plan_softmax, plan_strided_copy, Binary,
-        Im2colShape, StridedView,
+        plan_affine, plan_binary, plan_cast, plan_embedding, plan_im2col, plan_softmax, plan_strided_copy,
+        Binary, Im2colShape, StridedView,
     };
     let mut rng = TestRng::fresh("host_tensor_kernels");
     for dtype in DTYPES {
@@ -281,7 +281,8 @@ fn host_tensor_kernels() {
         for (a_shape, b_shape) in [(&[2usize, 3, 5, 7][..], &[2usize, 3, 1, 1][..]), (&[2, 7, 16], &[16])] {
             let na: usize = a_shape.iter().product();
             let a = Buf::of(&rng.vec(na), dtype);
-            let bv: Vec<f32> = rng.vec(b_shape.iter().product()).iter().map(|v| v + 3.0 * v.signum()).collect();
+            let bv: Vec<f32> =
+                rng.vec(b_shape.iter().product()).iter().map(|v| v + 3.0 * v.signum()).collect();
             let b = Buf::of(&bv, dtype);
             let mut b_full = vec![1; a_shape.len() - b_shape.len()];
             b_full.extend_from_slice(b_shape);
@@ -291,7 +292,9 @@ fn host_tensor_kernels() {
                 (l.params.a, l.params.b, l.params.y) = (a.ptr(), b.ptr(), y.ptr());
                 run(&l);
                 let reference =
-                    cpu::elementwise::broadcast_binary(&a.values(), a_shape, &b.values(), &b_full, |p, q| op.apply(p, q));
+                    cpu::elementwise::broadcast_binary(&a.values(), a_shape, &b.values(), &b_full, |p, q| {
+                        op.apply(p, q)
+                    });
                 check(&format!("{} {a_shape:?} {b_shape:?}", l.kernel), &y, &rounded(&reference, dtype));
             }
         }
@@ -303,14 +306,21 @@ fn host_tensor_kernels() {
         run(&l);
         check(&l.kernel, &y, &rounded(&cpu::elementwise::affine(&x.values(), 0.5, 0.5), dtype));
         // Strided copies: permutes of SD2's layouts and a narrow; exact.
-        for (shape, perm) in [(&[2usize, 7, 3, 8][..], &[0usize, 2, 1, 3][..]), (&[2, 6, 3, 5], &[0, 2, 3, 1])] {
+        for (shape, perm) in
+            [(&[2usize, 7, 3, 8][..], &[0usize, 2, 1, 3][..]), (&[2, 6, 3, 5], &[0, 2, 3, 1])]
+        {
             let n: usize = shape.iter().product();
             let x = Buf::of(&rng.vec(n), dtype);
             let y = Buf::poisoned(n, dtype);
             let mut l = plan_strided_copy(&StridedView::permute(shape, perm), x.op(), y.op()).unwrap();
             (l.params.x, l.params.y) = (x.ptr(), y.ptr());
             run(&l);
-            assert_eq!(y.values(), cpu::layout::permute(&x.values(), shape, perm), "{} {shape:?} {perm:?}", l.kernel);
+            assert_eq!(
+                y.values(),
+                cpu::layout::permute(&x.values(), shape, perm),
+                "{} {shape:?} {perm:?}",
+                l.kernel
+            );
         }
         let x = Buf::of(&rng.vec(2 * 10 * 3), dtype);
         let v = StridedView::narrow(2, 10, 3, 4, 5);
@@ -329,7 +339,9 @@ fn host_tensor_kernels() {
         run(&l);
         assert_eq!(y.values(), cpu::layout::embedding(&table.values(), dim, &ids), "{}", l.kernel);
         // Softmax: causal (text encoder), plain, rows wider than the CTA (several passes).
-        for (rows, cols, scale, causal) in [(2 * 9, 9, 0.25, Some(9)), (6, 77, 0.125, None), (3, 600, 1.0, None), (4, 7, 0.5, Some(2))] {
+        for (rows, cols, scale, causal) in
+            [(2 * 9, 9, 0.25, Some(9)), (6, 77, 0.125, None), (3, 600, 1.0, None), (4, 7, 0.5, Some(2))]
+        {
             let x = Buf::of(&rng.vec(rows * cols).iter().map(|v| 8.0 * v).collect::<Vec<_>>(), dtype);
             let y = Buf::poisoned(rows * cols, dtype);
             let mut l = plan_softmax(rows, cols, scale, causal, x.op(), y.op()).unwrap();
@@ -341,7 +353,8 @@ fn host_tensor_kernels() {
         // im2col: 3x3 pad 1, stride 2, 1x1; exact.
         for (c_in, h, w, k, stride, pad) in [(3, 5, 7, 3, 1, 1), (2, 8, 8, 3, 2, 1), (4, 3, 5, 1, 1, 0)] {
             let s = Im2colShape { c_in, h, w, kh: k, kw: k, stride, pad };
-            let cs = cpu::conv::ConvShape { batch: 1, c_in, h, w, c_out: 1, kh: k, kw: k, stride, padding: pad };
+            let cs =
+                cpu::conv::ConvShape { batch: 1, c_in, h, w, c_out: 1, kh: k, kw: k, stride, padding: pad };
             let x = Buf::of(&rng.vec(c_in * h * w), dtype);
             let reference = cpu::conv::im2col_image(&x.values(), cs);
             let col = Buf::poisoned(reference.len(), dtype);

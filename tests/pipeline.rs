@@ -188,7 +188,8 @@ fn sparse_checkpoint_matches_its_dense_export() {
 fn gpu_sparse_checkpoints_match_cpu() {
     use sdsparse::convert::{convert, ConvertOptions};
     use sdsparse::prune::Pattern;
-    let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip("gpu_sparse_checkpoints_match_cpu") else {
+    let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip("gpu_sparse_checkpoints_match_cpu")
+    else {
         return;
     };
     let expanded = std::env::var("SDSPARSE_GPU_SPARSE").is_ok_and(|v| v == "dense");
@@ -199,7 +200,8 @@ fn gpu_sparse_checkpoints_match_cpu() {
         let opts = ConvertOptions { pattern, ..ConvertOptions::default() };
         convert(&model_dir(), &sparse, &opts, &mut |_| {}).unwrap();
         let req = reference_request(4, SchedulerKind::Ddim);
-        let cpu = StableDiffusion::load(&sparse, &Device::Cpu).unwrap().generate(&req, &mut |_, _| {}).unwrap();
+        let cpu =
+            StableDiffusion::load(&sparse, &Device::Cpu).unwrap().generate(&req, &mut |_, _| {}).unwrap();
         let sd_gpu = StableDiffusion::load(&sparse, &Device::Cuda(dev.clone())).unwrap();
         let gpu = sd_gpu.generate(&req, &mut |_, _| {}).unwrap();
         let e = rel_err(&gpu.latents.to_vec().unwrap(), cpu.latents.as_slice().unwrap());
@@ -239,7 +241,9 @@ fn cli_device_cuda_without_gpu_is_one_line_error() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("--device cuda"), "{stderr}");
     assert!(
-        stderr.contains("no CUDA driver") || stderr.contains("no GPU") || stderr.contains("without CUDA kernels"),
+        stderr.contains("no CUDA driver")
+            || stderr.contains("no GPU")
+            || stderr.contains("without CUDA kernels"),
         "{stderr}"
     );
     assert!(!png.exists(), "nothing written");

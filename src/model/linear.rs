@@ -82,7 +82,14 @@ impl Linear {
         let weight = vb.get_weight("weight", out_features, in_features)?;
         let bias = if bias { Some(vb.get("bias", &[out_features])?) } else { None };
         let (weight, sparse_gpu) = place_weight(weight, vb.device())?;
-        Ok(Linear { name: vb.path("weight"), weight, bias, observer: None, device: vb.device().clone(), sparse_gpu })
+        Ok(Linear {
+            name: vb.path("weight"),
+            weight,
+            bias,
+            observer: None,
+            device: vb.device().clone(),
+            sparse_gpu,
+        })
     }
 
     /// A linear layer stored as a 1x1 convolution (`use_linear_projection: false`

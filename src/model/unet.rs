@@ -172,7 +172,12 @@ impl UNet2DConditionModel {
 
         // Computed on the host (a few hundred values), then moved to the latents' device.
         let t_freq = ops::to_device(
-            &ops::timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?,
+            &ops::timestep_embedding(
+                timesteps,
+                cfg.block_out_channels[0],
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+            )?,
             &latents.device(),
         )?;
         let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&t_freq)?)?)?;

@@ -33,7 +33,18 @@ pub struct Gemm {
 impl Gemm {
     /// A single product `A[m, k] · op(B)` of packed operands.
     pub fn new(m: usize, n: usize, k: usize, b_transposed: bool) -> Gemm {
-        Gemm { batch: 1, m, n, k, b_transposed, alpha: 1.0, a_offset: 0, stride_a: m * k, b_offset: 0, stride_b: k * n }
+        Gemm {
+            batch: 1,
+            m,
+            n,
+            k,
+            b_transposed,
+            alpha: 1.0,
+            a_offset: 0,
+            stride_a: m * k,
+            b_offset: 0,
+            stride_b: k * n,
+        }
     }
     /// `batch` products of packed `[m, k]` and `[k, n]` (`[n, k]`) operands.
     pub fn batched(batch: usize, m: usize, n: usize, k: usize, b_transposed: bool) -> Gemm {
@@ -58,7 +69,8 @@ pub struct GemmPlan {
 }
 
 fn fits(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Invalid(format!("gemm: {what} = {v} is too large for cuBLAS (limit 2^31 - 1)")))
+    i32::try_from(v)
+        .map_err(|_| Error::Invalid(format!("gemm: {what} = {v} is too large for cuBLAS (limit 2^31 - 1)")))
 }
 
 /// Elements a batched operand spans: `offset + (batch - 1) · stride + len`.
@@ -75,12 +87,16 @@ pub fn plan_gemm(g: &Gemm, a_len: usize, b_len: usize, c_len: usize) -> Result<G
         return Err(Error::Invalid(format!("gemm: alpha {} is not finite", g.alpha)));
     }
     let overflow = || Error::Invalid(format!("gemm: {g:?} overflows"));
-    let need_a = g.m.checked_mul(g.k).and_then(|l| extent(g.batch, g.a_offset, g.stride_a, l)).ok_or_else(overflow)?;
-    let need_b = g.k.checked_mul(g.n).and_then(|l| extent(g.batch, g.b_offset, g.stride_b, l)).ok_or_else(overflow)?;
+    let need_a =
+        g.m.checked_mul(g.k).and_then(|l| extent(g.batch, g.a_offset, g.stride_a, l)).ok_or_else(overflow)?;
+    let need_b =
+        g.k.checked_mul(g.n).and_then(|l| extent(g.batch, g.b_offset, g.stride_b, l)).ok_or_else(overflow)?;
     let need_c = g.m.checked_mul(g.n).and_then(|l| l.checked_mul(g.batch)).ok_or_else(overflow)?;
     for (name, need, have) in [("A", need_a, a_len), ("B", need_b, b_len), ("C", need_c, c_len)] {
         if have < need {
-            return Err(Error::Shape(format!("gemm: operand {name} holds {have} elements, the product needs {need}")));
+            return Err(Error::Shape(format!(
+                "gemm: operand {name} holds {have} elements, the product needs {need}"
+            )));
         }
     }
     let c_stride = g.m * g.n;
@@ -101,7 +117,13 @@ pub fn plan_gemm(g: &Gemm, a_len: usize, b_len: usize, c_len: usize) -> Result<G
 }
 
 /// Runs `g` on f32 device buffers: `c = alpha · a · op(b)` (`c` is overwritten).
-pub fn sgemm(device: &CudaDevice, g: &Gemm, a: &DeviceValues, b: &DeviceValues, c: &mut DeviceValues) -> Result<()> {
+pub fn sgemm(
+    device: &CudaDevice,
+    g: &Gemm,
+    a: &DeviceValues,
+    b: &DeviceValues,
+    c: &mut DeviceValues,
+) -> Result<()> {
     let (DeviceValues::F32(a), DeviceValues::F32(b), DeviceValues::F32(c)) = (a, b, c) else {
         return Err(Error::Invalid("gemm: the cuBLAS path takes f32 operands".into()));
     };
@@ -156,8 +178,12 @@ mod tests {
                 let b0 = g.b_offset + i * g.stride_b;
                 let a = &a[a0..a0 + g.m * g.k];
                 let b = &b[b0..b0 + g.k * g.n];
-                let b = if g.b_transposed { cpu::layout::permute(b, &[g.n, g.k], &[1, 0]) } else { b.to_vec() };
-                cpu::gemm::matmul(a, &b, 1, g.m, g.k, g.n).into_iter().map(|v| v * g.alpha).collect::<Vec<_>>()
+                let b =
+                    if g.b_transposed { cpu::layout::permute(b, &[g.n, g.k], &[1, 0]) } else { b.to_vec() };
+                cpu::gemm::matmul(a, &b, 1, g.m, g.k, g.n)
+                    .into_iter()
+                    .map(|v| v * g.alpha)
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -182,7 +208,13 @@ mod tests {
                 Device::Cpu => expected.clone(),
                 Device::Cuda(dev) => {
                     let mut c = DeviceValues::poisoned(dev, crate::format::DType::F32, expected.len())?;
-                    sgemm(dev, &g, &DeviceValues::F32(dev.htod(&a)?), &DeviceValues::F32(dev.htod(&b)?), &mut c)?;
+                    sgemm(
+                        dev,
+                        &g,
+                        &DeviceValues::F32(dev.htod(&a)?),
+                        &DeviceValues::F32(dev.htod(&b)?),
+                        &mut c,
+                    )?;
                     c.to_host(dev)?.to_f32()
                 }
             };
@@ -200,7 +232,10 @@ mod tests {
         assert_eq!((p.transa, p.m, p.n, p.k, p.lda, p.ldb, p.ldc), (true, 96, 154, 64, 64, 64, 96));
         // matmul: B [k, n] row-major is column-major n x k with lda = n.
         let p = plan_gemm(&Gemm::batched(4, 8, 16, 32, false), 4 * 256, 4 * 512, 4 * 128).unwrap();
-        assert_eq!((p.transa, p.lda, p.stride_a, p.stride_b, p.stride_c, p.batch), (false, 16, 512, 256, 128, 4));
+        assert_eq!(
+            (p.transa, p.lda, p.stride_a, p.stride_b, p.stride_c, p.batch),
+            (false, 16, 512, 256, 128, 4)
+        );
         // Too-short operands, offsets past the end, empty and huge products.
         assert!(plan_gemm(&Gemm::new(2, 3, 4, false), 7, 12, 6).is_err());
         assert!(plan_gemm(&Gemm::new(2, 3, 4, false), 8, 12, 5).is_err());

@@ -9,8 +9,8 @@
 
 use super::decompress::DeviceValues;
 use super::kernels::{self, NO_KERNELS};
-use crate::format::DType;
 use crate::error::{Error, Result};
+use crate::format::DType;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -168,7 +168,9 @@ impl CudaDevice {
             match std::panic::catch_unwind(move || cudarc::cublas::CudaBlas::new(stream)) {
                 Ok(Ok(b)) => Ok(Arc::new(b)),
                 Ok(Err(e)) => Err(format!("cannot create a cuBLAS handle: {e}")),
-                Err(_) => Err("cuBLAS is missing functions this build needs (older than CUDA 13?)".to_string()),
+                Err(_) => {
+                    Err("cuBLAS is missing functions this build needs (older than CUDA 13?)".to_string())
+                }
             }
         });
         made.clone().map_err(Error::Cuda)
@@ -275,8 +277,8 @@ impl CudaDevice {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
         // SAFETY: the memory is fully initialised by the memset right after.
-        let mut buf =
-            unsafe { self.stream().alloc::<T>(len) }.map_err(self.alloc_error(len * std::mem::size_of::<T>()))?;
+        let mut buf = unsafe { self.stream().alloc::<T>(len) }
+            .map_err(self.alloc_error(len * std::mem::size_of::<T>()))?;
         self.fill_bytes(&mut buf, 0xFF)?;
         Ok(buf)
     }

@@ -74,7 +74,12 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>, out_shape: &[usize]
 }
 
 /// `a[batch, m, k] · b[batch, k, n]`.
-pub fn matmul(a: &Tensor, b: &Tensor, (batch, m, k, n): (usize, usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
+pub fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    (batch, m, k, n): (usize, usize, usize, usize),
+    out_shape: &[usize],
+) -> Result<Tensor> {
     let dev = device_of(a)?;
     let av = values(a)?;
     let mut y = output(&dev, av.dtype(), batch * m * n)?;
@@ -94,11 +99,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, s: ConvShape) -> Re
     let mut y = output(&dev, xv.dtype(), s.batch * s.c_out * plane)?;
     let pointwise = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0;
     // Row-major per image: y[c_out, plane] = W[c_out, kdim] · col[kdim, plane].
-    let g = Gemm { stride_a: 0, stride_b: kdim * plane, ..Gemm::batched(s.batch, s.c_out, plane, kdim, false) };
+    let g =
+        Gemm { stride_a: 0, stride_b: kdim * plane, ..Gemm::batched(s.batch, s.c_out, plane, kdim, false) };
     if pointwise {
         blas::sgemm(&dev, &g, values(w)?, xv, &mut y)?;
     } else {
-        let is = Im2colShape { c_in: s.c_in, h: s.h, w: s.w, kh: s.kh, kw: s.kw, stride: s.stride, pad: s.padding };
+        let is = Im2colShape {
+            c_in: s.c_in,
+            h: s.h,
+            w: s.w,
+            kh: s.kh,
+            kw: s.kw,
+            stride: s.stride,
+            pad: s.padding,
+        };
         let mut col = output(&dev, xv.dtype(), s.batch * kdim * plane)?;
         for b in 0..s.batch {
             tensor_ops::im2col(&dev, is, (xv, b), (&mut col, b * kdim * plane))?;
@@ -126,7 +140,17 @@ pub fn group_norm(
     let dev = device_of(x)?;
     let xv = values(x)?;
     let mut y = output(&dev, xv.dtype(), x.numel())?;
-    norm::group_norm(&dev, (batch, channels, spatial), groups, eps, silu, xv, values(gamma)?, values(beta)?, &mut y)?;
+    norm::group_norm(
+        &dev,
+        (batch, channels, spatial),
+        groups,
+        eps,
+        silu,
+        xv,
+        values(gamma)?,
+        values(beta)?,
+        &mut y,
+    )?;
     Ok(wrap(&dev, y, x.shape()))
 }
 
@@ -143,7 +167,14 @@ pub fn layer_norm(x: &Tensor, dim: usize, gamma: &Tensor, beta: &Tensor, eps: f3
 /// softmax kernel (with the causal mask), `P·V` (cuBLAS). Exact f32, any head dim (the VAE's
 /// single 512-wide head included); the scores take B·H·Sq·Sk f32 values of GPU memory.
 /// Our flash kernel (`attention.rs`, f16, head dim 64) is not used by the f32 pipeline.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, scale: f32, causal: bool) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
     let dev = device_of(q)?;
     let bh = s.batch * s.heads;
     let qv = values(q)?;
@@ -266,7 +297,11 @@ pub fn cat(xs: &[&Tensor], dim: usize, outer: usize, inner: usize) -> Result<Ten
 }
 
 /// Nearest upsampling of `x[B, C, h, w]` to `[B, C, out_h, out_w]`.
-pub fn upsample_nearest(x: &Tensor, (b, c, h, w): (usize, usize, usize, usize), (oh, ow): (usize, usize)) -> Result<Tensor> {
+pub fn upsample_nearest(
+    x: &Tensor,
+    (b, c, h, w): (usize, usize, usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Tensor> {
     let dev = device_of(x)?;
     let xv = values(x)?;
     let mut y = output(&dev, xv.dtype(), b * c * oh * ow)?;

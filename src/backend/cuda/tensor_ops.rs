@@ -99,7 +99,10 @@ pub fn plan_cast(n: usize, x: Operand, y: Operand) -> Result<Launch<AffineParams
     let n32 = elements(op, "input", &[n])?;
     let supported = matches!(
         (x.dtype, y.dtype),
-        (DType::F32, DType::F16) | (DType::F16, DType::F32) | (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+        (DType::F32, DType::F16)
+            | (DType::F16, DType::F32)
+            | (DType::F32, DType::BF16)
+            | (DType::BF16, DType::F32)
     );
     if !supported {
         return Err(Error::Invalid(format!(
@@ -159,7 +162,11 @@ impl StridedView {
 
     /// `x[outer, size, inner]` narrowed to `start..start + len` of the middle axis.
     pub fn narrow(outer: usize, size: usize, inner: usize, start: usize, len: usize) -> StridedView {
-        StridedView { dims: vec![outer, len, inner], strides: vec![size * inner, inner, 1], offset: start * inner }
+        StridedView {
+            dims: vec![outer, len, inner],
+            strides: vec![size * inner, inner, 1],
+            offset: start * inner,
+        }
     }
 
     /// The number of elements.
@@ -290,7 +297,10 @@ impl Im2colShape {
         if self.stride == 0 || self.h + 2 * self.pad < self.kh || self.w + 2 * self.pad < self.kw {
             return None;
         }
-        Some(((self.h + 2 * self.pad - self.kh) / self.stride + 1, (self.w + 2 * self.pad - self.kw) / self.stride + 1))
+        Some((
+            (self.h + 2 * self.pad - self.kh) / self.stride + 1,
+            (self.w + 2 * self.pad - self.kw) / self.stride + 1,
+        ))
     }
     /// Rows of the column matrix, `c_in * kh * kw`.
     pub fn col_rows(&self) -> usize {
@@ -301,8 +311,9 @@ impl Im2colShape {
 /// im2col of `x` (one image) into `col[c_in * kh * kw, out_h * out_w]`.
 pub fn plan_im2col(s: Im2colShape, x: Operand, col: Operand) -> Result<Launch<Im2colParams>> {
     let op = "im2col";
-    let (oh, ow) =
-        s.out_hw().ok_or_else(|| Error::Shape(format!("{op}: kernel {}x{} does not fit {s:?}", s.kh, s.kw)))?;
+    let (oh, ow) = s
+        .out_hw()
+        .ok_or_else(|| Error::Shape(format!("{op}: kernel {}x{} does not fit {s:?}", s.kh, s.kw)))?;
     let n_in = elements(op, "input", &[s.c_in, s.h, s.w])?;
     let n = elements(op, "columns", &[s.c_in, s.kh, s.kw, oh, ow])?;
     check_operand(op, "input", x, x.dtype, n_in as usize)?;
@@ -347,7 +358,14 @@ pub fn binary(
 }
 
 /// `y[..n] = x[..n] * mul + add`.
-pub fn affine(device: &CudaDevice, n: usize, mul: f32, add: f32, x: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn affine(
+    device: &CudaDevice,
+    n: usize,
+    mul: f32,
+    add: f32,
+    x: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let mut l = plan_affine(n, mul, add, Operand::of(x), Operand::of(y))?;
     l.params.x = x.device_ptr(device);
     l.params.y = y.device_ptr(device);
@@ -383,7 +401,12 @@ pub fn f16_bits_to_f32(device: &CudaDevice, n: usize, x: &CudaSlice<u16>) -> Res
 }
 
 /// Gathers the strided view `v` of `x` into `y`.
-pub fn strided_copy(device: &CudaDevice, v: &StridedView, x: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
+pub fn strided_copy(
+    device: &CudaDevice,
+    v: &StridedView,
+    x: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
     let mut l = plan_strided_copy(v, Operand::of(x), Operand::of(y))?;
     l.params.x = x.device_ptr(device);
     l.params.y = y.device_ptr(device);
@@ -477,7 +500,8 @@ mod tests {
                 let (na, nb) = (a_shape.iter().product::<usize>(), b_shape.iter().product::<usize>());
                 let a = rounded(&rng.vec(na), dtype);
                 // Divisors away from 0 so the quotient is well conditioned.
-                let b: Vec<f32> = rounded(&rng.vec(nb).iter().map(|v| v + 3.0 * v.signum()).collect::<Vec<_>>(), dtype);
+                let b: Vec<f32> =
+                    rounded(&rng.vec(nb).iter().map(|v| v + 3.0 * v.signum()).collect::<Vec<_>>(), dtype);
                 let mut b_full = vec![1; a_shape.len() - b_shape.len()];
                 b_full.extend_from_slice(b_shape);
                 for bop in [Binary::Sub, Binary::Mul, Binary::Div] {
@@ -485,12 +509,20 @@ mod tests {
                         &cpu::elementwise::broadcast_binary(&a, a_shape, &b, &b_full, |x, y| bop.apply(x, y)),
                         dtype,
                     );
-                    let plan = plan_binary(bop, a_shape, b_shape, op(dtype, na), op(dtype, nb), op(dtype, na))?;
+                    let plan =
+                        plan_binary(bop, a_shape, b_shape, op(dtype, na), op(dtype, nb), op(dtype, na))?;
                     let got = match device {
                         Device::Cpu => expected.clone(),
                         Device::Cuda(dev) => {
                             let mut y = output(dev, dtype, na)?;
-                            binary(dev, bop, (a_shape, b_shape), &upload(dev, &a, dtype)?, &upload(dev, &b, dtype)?, &mut y)?;
+                            binary(
+                                dev,
+                                bop,
+                                (a_shape, b_shape),
+                                &upload(dev, &a, dtype)?,
+                                &upload(dev, &b, dtype)?,
+                                &mut y,
+                            )?;
                             download(dev, &y)?
                         }
                     };
@@ -590,7 +622,8 @@ mod tests {
         let (vocab, dim) = (1000, 48);
         for dtype in DTYPES {
             let table = rounded(&rng.vec(vocab * dim), dtype);
-            let ids: Vec<u32> = (0..154).map(|_| rng.below(vocab) as u32).chain([0, vocab as u32 - 1]).collect();
+            let ids: Vec<u32> =
+                (0..154).map(|_| rng.below(vocab) as u32).chain([0, vocab as u32 - 1]).collect();
             let expected = cpu::layout::embedding(&table, dim, &ids);
             let got = match device {
                 Device::Cpu => expected.clone(),
@@ -646,10 +679,21 @@ mod tests {
                 let s = Im2colShape { c_in, h, w, kh: k, kw: k, stride, pad };
                 let images = 2;
                 let x = rounded(&rng.vec(images * c_in * h * w), dtype);
-                let cs = cpu::conv::ConvShape { batch: 1, c_in, h, w, c_out: 1, kh: k, kw: k, stride, padding: pad };
+                let cs = cpu::conv::ConvShape {
+                    batch: 1,
+                    c_in,
+                    h,
+                    w,
+                    c_out: 1,
+                    kh: k,
+                    kw: k,
+                    stride,
+                    padding: pad,
+                };
                 let per = c_in * h * w;
-                let expected: Vec<f32> =
-                    (0..images).flat_map(|i| cpu::conv::im2col_image(&x[i * per..(i + 1) * per], cs)).collect();
+                let expected: Vec<f32> = (0..images)
+                    .flat_map(|i| cpu::conv::im2col_image(&x[i * per..(i + 1) * per], cs))
+                    .collect();
                 let got = match device {
                     Device::Cpu => expected.clone(),
                     Device::Cuda(dev) => {
@@ -673,7 +717,10 @@ mod tests {
     fn strided_views_simplify() {
         // [B, S, H, D] -> [B, H, S, D]: rank 4 stays (nothing merges).
         let v = StridedView::permute(&[2, 77, 5, 64], &[0, 2, 1, 3]);
-        assert_eq!((v.dims.as_slice(), v.strides.as_slice()), (&[2, 5, 77, 64][..], &[77 * 320, 64, 320, 1][..]));
+        assert_eq!(
+            (v.dims.as_slice(), v.strides.as_slice()),
+            (&[2, 5, 77, 64][..], &[77 * 320, 64, 320, 1][..])
+        );
         // [B, C, H, W] -> [B, H, W, C]: H and W merge.
         let v = StridedView::permute(&[2, 32, 9, 11], &[0, 2, 3, 1]);
         assert_eq!((v.dims.as_slice(), v.strides.as_slice()), (&[2, 99, 32][..], &[32 * 99, 1, 99][..]));
@@ -692,7 +739,10 @@ mod tests {
         assert!(plan_binary(Binary::Div, &[2, 3], &[3], f32op(6), f32op(3), f32op(6)).is_ok());
         assert!(plan_binary(Binary::Sub, &[2, 3], &[2], f32op(6), f32op(2), f32op(6)).is_err());
         assert!(plan_binary(Binary::Mul, &[2, 3], &[3], f32op(6), op(DType::F16, 3), f32op(6)).is_err());
-        assert_eq!(plan_binary(Binary::Mul, &[4], &[4], f32op(4), f32op(4), f32op(4)).unwrap().kernel, "sdsparse_eltwise_mul_f32");
+        assert_eq!(
+            plan_binary(Binary::Mul, &[4], &[4], f32op(4), f32op(4), f32op(4)).unwrap().kernel,
+            "sdsparse_eltwise_mul_f32"
+        );
         // Affine / cast.
         assert!(plan_affine(10, f32::NAN, 0.0, f32op(10), f32op(10)).is_err());
         assert!(plan_affine(10, 2.0, 0.0, f32op(9), f32op(10)).is_err());
@@ -751,7 +801,17 @@ mod tests {
         assert!(check("softmax", &leaky, &good).is_err());
         assert!(check("softmax", &cpu::attention::softmax_scaled(&x, 7, 1.0, Some(7)), &good).is_err());
         // im2col with the kernel's rows and columns swapped.
-        let cs = cpu::conv::ConvShape { batch: 1, c_in: 2, h: 5, w: 6, c_out: 1, kh: 3, kw: 3, stride: 1, padding: 1 };
+        let cs = cpu::conv::ConvShape {
+            batch: 1,
+            c_in: 2,
+            h: 5,
+            w: 6,
+            c_out: 1,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+        };
         let img = rng.vec(60);
         let good = cpu::conv::im2col_image(&img, cs);
         let swapped: Vec<f32> = (0..good.len())
