@@ -129,6 +129,8 @@ pub fn sgemm(
     };
     let p = plan_gemm(g, a.len(), b.len(), c.len())?;
     let blas = device.blas()?;
+    // cuBLAS works in the calling thread's current context (cudarc binds it for its own calls).
+    device.context().bind_to_thread().map_err(super::device::driver_err("cannot bind the CUDA context"))?;
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     let a_ptr = device.device_ptr(a) + (g.a_offset * 4) as u64;
     let b_ptr = device.device_ptr(b) + (g.b_offset * 4) as u64;
