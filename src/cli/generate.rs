@@ -140,7 +140,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         req.steps,
         calls,
         req.guidance,
-        device.name()
+        match &device {
+            Device::Cuda(d) => format!("{} ({}, f32 activations)", d.name(), d.gpu_name()),
+            Device::Cpu => device.name(),
+        }
     );
 
     let bar = ProgressBar::new(calls as u64).with_style(
