@@ -213,20 +213,11 @@ impl CudaDevice {
     }
 
     /// The error of a failed allocation of `bytes`: out-of-memory says how much was needed and
-    /// how much is free, in one line.
+    /// how much is free, in one line ([`oom_message`]).
     fn alloc_error(&self, bytes: usize) -> impl Fn(DriverError) -> Error + '_ {
         move |e| {
             if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-                let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-                let free = match self.memory_info() {
-                    Ok((free, total)) => format!("{:.1} MiB of {:.1} MiB free", mib(free), mib(total)),
-                    Err(_) => "free memory unknown".into(),
-                };
-                Error::Cuda(format!(
-                    "out of GPU memory on {}: {:.1} MiB more needed, {free} (try a smaller --width / --height)",
-                    self.inner.gpu_name,
-                    mib(bytes)
-                ))
+                Error::Cuda(oom_message(&self.inner.gpu_name, bytes, self.memory_info().ok()))
             } else {
                 Error::Cuda(format!("device allocation of {bytes} bytes failed: {e}"))
             }
@@ -292,6 +283,20 @@ impl CudaDevice {
     }
 }
 
+/// The one-line out-of-GPU-memory error: the GPU, the bytes a failed allocation asked for, and
+/// `(free, total)` when the driver could still say.
+pub(crate) fn oom_message(gpu: &str, bytes: usize, free_total: Option<(usize, usize)>) -> String {
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    let free = match free_total {
+        Some((free, total)) => format!("{:.1} MiB of {:.1} MiB free", mib(free), mib(total)),
+        None => "free memory unknown".into(),
+    };
+    format!(
+        "out of GPU memory on {gpu}: {:.1} MiB more needed, {free} (try a smaller --width / --height)",
+        mib(bytes)
+    )
+}
+
 /// Tensor data on a GPU: a typed buffer ([`DeviceValues`]; f32 is what the ops produce today,
 /// f16 / bf16 storage is the next step). Cloning shares the buffer (tensors are immutable once
 /// made).
@@ -347,5 +352,22 @@ impl CudaStorage {
     /// Copies the values to the host, widened to f32.
     pub fn to_host(&self) -> Result<Vec<f32>> {
         Ok(self.data.to_host(&self.device)?.to_f32())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oom_message;
+
+    #[test]
+    fn out_of_memory_is_one_line_with_needed_and_free() {
+        let m = oom_message("NVIDIA H200", 3 << 30, Some((1 << 29, 141 << 30)));
+        assert_eq!(
+            m,
+            "out of GPU memory on NVIDIA H200: 3072.0 MiB more needed, 512.0 MiB of 144384.0 MiB free \
+             (try a smaller --width / --height)"
+        );
+        assert!(!m.contains('\n'));
+        assert!(oom_message("GPU", 1 << 20, None).contains("1.0 MiB more needed, free memory unknown"));
     }
 }
