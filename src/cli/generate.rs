@@ -48,6 +48,14 @@ pub struct GenerateArgs {
     /// Also write the final latents (before VAE decode) as tensor `latents`.
     #[arg(long, value_name = "FILE")]
     pub save_latents: Option<PathBuf>,
+    /// Decode the latents in overlapping tiles, as diffusers' `vae.enable_tiling()`: the VAE's
+    /// memory follows the tile instead of the image (for large images on small machines).
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// Tile size in pixels for --vae-tiling (diffusers' tile_sample_min_size; default: the
+    /// VAE config's sample_size, 512 for SD2.1-base, 768 for SD2.1; a multiple of 32 for SD2).
+    #[arg(long, value_name = "PIXELS", requires = "vae_tiling")]
+    pub vae_tile_size: Option<usize>,
     /// Output PNG.
     #[arg(long, value_name = "FILE.png", default_value = "image.png")]
     pub out: PathBuf,
@@ -135,12 +143,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         width: args.width,
         height: args.height,
         init_latents,
+        vae_tiling: args.vae_tiling,
+        vae_tile_size: args.vae_tile_size,
     };
     // Check sizes and the scheduler before the text encoder runs.
     let shape = sd.latent_shape(&req)?;
     let kind = sd.scheduler_kind(&req)?;
     let calls = sd.scheduler_for(&req)?.timesteps().len();
     let f = sd.vae_scale_factor();
+    if req.vae_tiling {
+        let tile = sd.vae_tile_size(&req)?;
+        let (lh, lw) = (shape[2] * f, shape[3] * f);
+        if lh <= tile && lw <= tile {
+            eprintln!("note: --vae-tiling: the image fits one {tile} px tile, so it is decoded untiled (as diffusers)");
+        }
+    }
     eprintln!(
         "generating {}x{} with {} ({} steps, {} UNet calls, guidance {}) on {}",
         shape[3] * f,

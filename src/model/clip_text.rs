@@ -273,7 +273,8 @@ impl ClipTextModel {
         config.validate()?;
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
-        let token_embedding = emb.pp("token_embedding").get("weight", &[config.vocab_size, h])?;
+        // The token table (49408 x 1024 for SD2) stays in its stored dtype; lookups widen rows.
+        let token_embedding = emb.pp("token_embedding").get_stored("weight", &[config.vocab_size, h])?;
         let position_embedding =
             emb.pp("position_embedding").get("weight", &[config.max_position_embeddings, h])?;
         let layers_vb = vb.pp("encoder").pp("layers");

@@ -263,6 +263,10 @@ impl CudaStorage {
     pub fn device(&self) -> CudaDevice {
         self.device.clone()
     }
+    /// The element type (f32 only for now; the GPU pipeline adds the others).
+    pub fn dtype(&self) -> crate::format::DType {
+        crate::format::DType::F32
+    }
     /// The device buffer, for launchers.
     pub fn slice(&self) -> &CudaSlice<f32> {
         &self.data
