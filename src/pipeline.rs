@@ -432,6 +432,14 @@ impl StableDiffusion {
         self.scheduler_config = config;
     }
 
+    /// Frees the text encoder's weights: a one-shot run (the CLI) calls it once the prompt is
+    /// encoded ([`Self::encode_prompt`]) and continues with [`Self::generate_with_embeddings`],
+    /// so that the UNet and VAE run without the text encoder in memory. Later prompts
+    /// cannot be encoded (a clear error).
+    pub fn release_text_encoder(&mut self) {
+        self.text_encoder.release_weights();
+    }
+
     /// Swaps in another text encoder (e.g. one pruned in memory by `sweep`) and returns the
     /// one it replaces. [`Self::memory`] still describes the weights loaded from the folder.
     pub fn replace_text_encoder(&mut self, text_encoder: ClipTextModel) -> ClipTextModel {
@@ -575,7 +583,28 @@ impl StableDiffusion {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        let d = self.denoise(req, progress)?;
+        self.generate_inner(req, None, progress)
+    }
+
+    /// [`Self::generate`] from prompt embeddings [`Self::encode_prompt`] made for `req`
+    /// (`(embeddings, truncated)`; `[2, 77, C]` when `req` guides, else `[1, 77, C]`), so the
+    /// text encoder can be released before the UNet runs. The text encoder's time stays zero.
+    pub fn generate_with_embeddings(
+        &self,
+        req: &GenerateRequest,
+        embeddings: (Tensor, bool),
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        self.generate_inner(req, Some(embeddings), progress)
+    }
+
+    fn generate_inner(
+        &self,
+        req: &GenerateRequest,
+        embeddings: Option<(Tensor, bool)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let d = self.denoise_inner(req, embeddings, progress)?;
         let mut timings = d.timings;
         let tv = Instant::now();
         let latents = ops::to_device(&d.latents, &self.device)?;
@@ -607,6 +636,15 @@ impl StableDiffusion {
     /// denoising loop with classifier-free guidance. `progress(done, total)` is called after
     /// every UNet call. Calibration (`crate::calibrate`) runs this with observers attached.
     pub fn denoise(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Denoised> {
+        self.denoise_inner(req, None, progress)
+    }
+
+    fn denoise_inner(
+        &self,
+        req: &GenerateRequest,
+        embeddings: Option<(Tensor, bool)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Denoised> {
         if !req.guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance must be a finite number, got {}", req.guidance)));
         }
@@ -617,8 +655,24 @@ impl StableDiffusion {
         let mut timings = Timings::default();
 
         let t0 = Instant::now();
-        let (context, prompt_truncated) = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
-        timings.text_encoder = t0.elapsed();
+        let (context, prompt_truncated) = match embeddings {
+            Some((e, truncated)) => {
+                let want = if guided { 2 } else { 1 };
+                if e.rank() != 3 || e.shape()[0] != want {
+                    return Err(Error::Shape(format!(
+                        "prompt embeddings {:?}: expected [{want}, S, C] (guidance {})",
+                        e.shape(),
+                        req.guidance
+                    )));
+                }
+                (e, truncated)
+            }
+            None => {
+                let e = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
+                timings.text_encoder = t0.elapsed();
+                e
+            }
+        };
         check_finite(&context, || "the text encoder's output (the prompt embeddings)".into())?;
 
         let noise = match &req.init_latents {

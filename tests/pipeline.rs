@@ -322,3 +322,37 @@ fn guidance_one_runs_the_conditional_batch_only() {
     let e = rel_err(&off.latents.to_vec().unwrap(), on.latents.as_slice().unwrap());
     assert!(e < 1e-5, "guidance off vs scale 1: rel err {e}");
 }
+
+/// The CLI's one-shot path: encode, release the text encoder, generate from the embeddings.
+/// Same latents and image as `generate`; afterwards encoding is a clear error; embeddings of
+/// the wrong batch for the guidance are refused; `--vae-tiling` decodes in tiles and says so.
+#[test]
+fn released_text_encoder_and_vae_tiling() {
+    let mut sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    let req = reference_request(2, SchedulerKind::Ddim);
+    let want = sd.generate(&req, &mut |_, _| {}).unwrap();
+    let emb = sd.encode_prompt(&req.prompt, &req.negative_prompt, true).unwrap();
+    sd.release_text_encoder();
+    let e = sd.encode_prompt(&req.prompt, "", true).unwrap_err().to_string();
+    assert!(e.contains("released"), "{e}");
+    let unguided = sd.generate_with_embeddings(
+        &GenerateRequest { guidance: 1.0, ..req.clone() },
+        emb.clone(),
+        &mut |_, _| {},
+    );
+    assert!(unguided.unwrap_err().to_string().contains("prompt embeddings"));
+    let got = sd.generate_with_embeddings(&req, emb.clone(), &mut |_, _| {}).unwrap();
+    assert_eq!(got.latents.to_vec().unwrap(), want.latents.to_vec().unwrap());
+    assert_eq!(got.image.to_vec().unwrap(), want.image.to_vec().unwrap());
+    assert_eq!(got.vae_tiles, None);
+
+    // 32x32 latents in 16-pixel tiles (8 latents, starting every 6): 6 x 6 tiles.
+    let tiled_req = GenerateRequest { vae_tiling: true, vae_tile_size: Some(16), ..req.clone() };
+    let tiled = sd.generate_with_embeddings(&tiled_req, emb.clone(), &mut |_, _| {}).unwrap();
+    assert_eq!(tiled.vae_tiles, Some((6, 6, 16)));
+    assert_eq!(tiled.latents.to_vec().unwrap(), want.latents.to_vec().unwrap());
+    assert!(pipeline::report(&sd, &tiled).contains("tiled: 6x6 tiles of 16 px"));
+    let bad = GenerateRequest { vae_tiling: true, vae_tile_size: Some(12), ..req };
+    let e = sd.generate_with_embeddings(&bad, emb, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("multiple of 8"), "{e}");
+}

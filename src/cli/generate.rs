@@ -129,7 +129,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = select_device(&args.device)?;
 
     args.single_file.print_notes(&args.model)?;
-    let sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
+    let mut sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
     for note in sd.notes() {
         eprintln!("note: {note}");
     }
@@ -173,7 +173,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("denoising {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let generated = sd.generate(&req, &mut |done, _| bar.set_position(done as u64))?;
+    // One prompt per run: encode it, free the text encoder (a quarter of SD2's weights), then
+    // denoise and decode without it.
+    let t0 = std::time::Instant::now();
+    let embeddings = sd.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
+    let text_encoder_time = t0.elapsed();
+    sd.release_text_encoder();
+    let mut generated =
+        sd.generate_with_embeddings(&req, embeddings, &mut |done, _| bar.set_position(done as u64))?;
+    generated.timings.text_encoder = text_encoder_time;
     bar.finish_and_clear();
     if generated.prompt_truncated {
         eprintln!("note: the prompt was longer than 77 tokens and was truncated");
