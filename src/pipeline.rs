@@ -433,11 +433,18 @@ impl StableDiffusion {
     }
 
     /// Frees the text encoder's weights: a one-shot run (the CLI) calls it once the prompt is
-    /// encoded ([`Self::encode_prompt`]) and continues with [`Self::generate_with_embeddings`],
+    /// encoded ([`Self::encode_prompt`]) and continues with [`Self::denoise_with_embeddings`],
     /// so that the UNet and VAE run without the text encoder in memory. Later prompts
     /// cannot be encoded (a clear error).
     pub fn release_text_encoder(&mut self) {
         self.text_encoder.release_weights();
+    }
+
+    /// Frees the UNet's weights (after [`Self::denoise_with_embeddings`], before
+    /// [`Self::decode`]), so that the VAE decodes without the UNet in memory. Later runs
+    /// cannot denoise (a clear error).
+    pub fn release_unet(&mut self) {
+        self.unet.release_weights();
     }
 
     /// Swaps in another text encoder (e.g. one pruned in memory by `sweep`) and returns the
@@ -586,16 +593,17 @@ impl StableDiffusion {
         self.generate_inner(req, None, progress)
     }
 
-    /// [`Self::generate`] from prompt embeddings [`Self::encode_prompt`] made for `req`
+    /// [`Self::denoise`] from prompt embeddings [`Self::encode_prompt`] made for `req`
     /// (`(embeddings, truncated)`; `[2, 77, C]` when `req` guides, else `[1, 77, C]`), so the
     /// text encoder can be released before the UNet runs. The text encoder's time stays zero.
-    pub fn generate_with_embeddings(
+    /// [`Self::decode`] finishes the run.
+    pub fn denoise_with_embeddings(
         &self,
         req: &GenerateRequest,
         embeddings: (Tensor, bool),
         progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Generated> {
-        self.generate_inner(req, Some(embeddings), progress)
+    ) -> Result<Denoised> {
+        self.denoise_inner(req, Some(embeddings), progress)
     }
 
     fn generate_inner(
@@ -605,6 +613,12 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
         let d = self.denoise_inner(req, embeddings, progress)?;
+        self.decode(req, d)
+    }
+
+    /// The VAE decode of [`Self::denoise`]'s latents into the image (tiled when `req` asks),
+    /// completing what [`Self::generate`] returns.
+    pub fn decode(&self, req: &GenerateRequest, d: Denoised) -> Result<Generated> {
         let mut timings = d.timings;
         let tv = Instant::now();
         let latents = ops::to_device(&d.latents, &self.device)?;

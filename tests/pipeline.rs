@@ -323,11 +323,12 @@ fn guidance_one_runs_the_conditional_batch_only() {
     assert!(e < 1e-5, "guidance off vs scale 1: rel err {e}");
 }
 
-/// The CLI's one-shot path: encode, release the text encoder, generate from the embeddings.
-/// Same latents and image as `generate`; afterwards encoding is a clear error; embeddings of
-/// the wrong batch for the guidance are refused; `--vae-tiling` decodes in tiles and says so.
+/// The CLI's one-shot path: encode, release the text encoder, denoise from the embeddings,
+/// release the UNet, decode. Same latents and image as `generate`; afterwards encoding and
+/// denoising are clear errors; embeddings of the wrong batch for the guidance are refused;
+/// `vae_tiling` decodes in tiles and the report says so.
 #[test]
-fn released_text_encoder_and_vae_tiling() {
+fn released_models_and_vae_tiling() {
     let mut sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
     let req = reference_request(2, SchedulerKind::Ddim);
     let want = sd.generate(&req, &mut |_, _| {}).unwrap();
@@ -335,24 +336,25 @@ fn released_text_encoder_and_vae_tiling() {
     sd.release_text_encoder();
     let e = sd.encode_prompt(&req.prompt, "", true).unwrap_err().to_string();
     assert!(e.contains("released"), "{e}");
-    let unguided = sd.generate_with_embeddings(
-        &GenerateRequest { guidance: 1.0, ..req.clone() },
-        emb.clone(),
-        &mut |_, _| {},
-    );
-    assert!(unguided.unwrap_err().to_string().contains("prompt embeddings"));
-    let got = sd.generate_with_embeddings(&req, emb.clone(), &mut |_, _| {}).unwrap();
+    let unguided = GenerateRequest { guidance: 1.0, ..req.clone() };
+    let e = sd.denoise_with_embeddings(&unguided, emb.clone(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("prompt embeddings"), "{e}");
+    let d = sd.denoise_with_embeddings(&req, emb.clone(), &mut |_, _| {}).unwrap();
+    sd.release_unet();
+    let e = sd.denoise_with_embeddings(&req, emb, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("released"), "{e}");
+    let got = sd.decode(&req, d.clone()).unwrap();
     assert_eq!(got.latents.to_vec().unwrap(), want.latents.to_vec().unwrap());
     assert_eq!(got.image.to_vec().unwrap(), want.image.to_vec().unwrap());
     assert_eq!(got.vae_tiles, None);
 
     // 32x32 latents in 16-pixel tiles (8 latents, starting every 6): 6 x 6 tiles.
     let tiled_req = GenerateRequest { vae_tiling: true, vae_tile_size: Some(16), ..req.clone() };
-    let tiled = sd.generate_with_embeddings(&tiled_req, emb.clone(), &mut |_, _| {}).unwrap();
+    let tiled = sd.decode(&tiled_req, d.clone()).unwrap();
     assert_eq!(tiled.vae_tiles, Some((6, 6, 16)));
-    assert_eq!(tiled.latents.to_vec().unwrap(), want.latents.to_vec().unwrap());
+    assert_ne!(tiled.image.to_vec().unwrap(), want.image.to_vec().unwrap());
     assert!(pipeline::report(&sd, &tiled).contains("tiled: 6x6 tiles of 16 px"));
     let bad = GenerateRequest { vae_tiling: true, vae_tile_size: Some(12), ..req };
-    let e = sd.generate_with_embeddings(&bad, emb, &mut |_, _| {}).unwrap_err().to_string();
+    let e = sd.decode(&bad, d).unwrap_err().to_string();
     assert!(e.contains("multiple of 8"), "{e}");
 }

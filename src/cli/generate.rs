@@ -173,16 +173,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("denoising {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    // One prompt per run: encode it, free the text encoder (a quarter of SD2's weights), then
-    // denoise and decode without it.
+    // One prompt per run, so each model is freed once its stage is done: the text encoder
+    // after encoding, the UNet after denoising. Peak memory is then the weights at load,
+    // not the weights plus the VAE decoder's large activations.
     let t0 = std::time::Instant::now();
     let embeddings = sd.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
     let text_encoder_time = t0.elapsed();
     sd.release_text_encoder();
-    let mut generated =
-        sd.generate_with_embeddings(&req, embeddings, &mut |done, _| bar.set_position(done as u64))?;
-    generated.timings.text_encoder = text_encoder_time;
+    let denoised =
+        sd.denoise_with_embeddings(&req, embeddings, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
+    sd.release_unet();
+    let mut generated = sd.decode(&req, denoised)?;
+    generated.timings.text_encoder = text_encoder_time;
     if generated.prompt_truncated {
         eprintln!("note: the prompt was longer than 77 tokens and was truncated");
     }
