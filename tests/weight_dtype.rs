@@ -134,7 +134,8 @@ fn f16_checkpoint_stays_f16_and_decodes_like_its_f32_widening() {
     let config = VaeConfig::from_file(&dir.join("config.json")).unwrap();
     let half = VaeDecoder::new(&VarBuilder::new(Arc::new(store)), &config).unwrap();
     let full =
-        VaeDecoder::new(&VarBuilder::new(Arc::new(ComponentStore::from_tensors("f32", widened))), &config).unwrap();
+        VaeDecoder::new(&VarBuilder::new(Arc::new(ComponentStore::from_tensors("f32", widened))), &config)
+            .unwrap();
     let latents = Tensor::from_vec(values(4 * 5 * 6, 10), &[1, 4, 5, 6]).unwrap();
     let a = half.decode(&latents).unwrap().to_vec().unwrap();
     let b = full.decode(&latents).unwrap().to_vec().unwrap();

@@ -61,7 +61,8 @@ pub(crate) fn release_pages(map: &Mmap, offset: usize, len: usize) {
             // SAFETY: the map is read-only and file-backed (MAP_SHARED, PROT_READ): dropping
             // its pages changes no contents; a later read faults the same bytes back in. No
             // borrow of these bytes is used after this call by the loader.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            let _ =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
         }
     }
     #[cfg(not(target_os = "linux"))]

@@ -415,11 +415,15 @@ impl VaeDecoder {
     /// Returns the image and the tile grid `(rows, cols)` (`None` when untiled). Errors when
     /// the latent tile is not a positive multiple of 4 (diffusers' crops then stop adding up
     /// to the image size).
-    pub fn decode_tiled(&self, latents: &Tensor, tile_sample_size: usize) -> Result<(Tensor, Option<(usize, usize)>)> {
+    pub fn decode_tiled(
+        &self,
+        latents: &Tensor,
+        tile_sample_size: usize,
+    ) -> Result<(Tensor, Option<(usize, usize)>)> {
         let (b, c, h, w) = latents.dims4()?;
         let f = self.scale_factor();
         let tile = tile_sample_size / f.max(1);
-        if tile == 0 || tile_sample_size % f != 0 || tile % 4 != 0 {
+        if tile == 0 || !tile_sample_size.is_multiple_of(f) || !tile.is_multiple_of(4) {
             return Err(Error::Invalid(format!(
                 "VAE tile size {tile_sample_size} pixels must be a positive multiple of {} (4 latents of {f} pixels)",
                 4 * f
