@@ -175,3 +175,32 @@ fn f16_pipeline_equals_its_f32_widening() {
     let bytes = m.total_bytes() as f64;
     assert!(bytes < 2.2 * params as f64, "{bytes} bytes for {params} params");
 }
+
+/// Stored dtypes through a real safetensors file: f16 / bf16 stay as stored, f64 is narrowed
+/// to f32, and an f64 value beyond f32's range (infinite once narrowed) is refused at load.
+#[test]
+fn stored_dtypes_from_a_file() {
+    use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
+    let dir = tempfile::tempdir().unwrap();
+    let h: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect();
+    let b: Vec<u8> = [0.25f32, 3.0].iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
+    let d: Vec<u8> = [0.5f64, 1.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let big: Vec<u8> = [1e300f64, 1.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views = [
+        ("h", TensorView::new(Dtype::F16, vec![2], &h).unwrap()),
+        ("b", TensorView::new(Dtype::BF16, vec![2], &b).unwrap()),
+        ("d", TensorView::new(Dtype::F64, vec![2], &d).unwrap()),
+        ("big", TensorView::new(Dtype::F64, vec![2], &big).unwrap()),
+    ];
+    serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let store = ComponentStore::open(dir.path()).unwrap();
+    let t = store.tensor_stored("h").unwrap();
+    assert_eq!((t.dtype(), t.to_vec().unwrap()), (DType::F16, vec![1.5, -2.0]));
+    let t = store.tensor_stored("b").unwrap();
+    assert_eq!((t.dtype(), t.to_vec().unwrap()), (DType::BF16, vec![0.25, 3.0]));
+    let t = store.tensor_stored("d").unwrap();
+    assert_eq!((t.dtype(), t.as_slice().unwrap()), (DType::F32, &[0.5f32, 1.0][..]));
+    assert_eq!(store.tensor_f32("h").unwrap().dtype(), DType::F32);
+    let e = store.tensor_stored("big").unwrap_err().to_string();
+    assert!(e.contains("NaN/infinite"), "{e}");
+}

@@ -452,6 +452,10 @@ impl ComponentStore {
             return Err(nonfinite_error(&self.describe(), &stored, bad, numel));
         }
         let values = raw.host_data().map_err(|e| self.located(e))?;
+        if raw.dtype == StDtype::F64 {
+            // f64 values beyond f32's range become infinite when narrowed.
+            self.check_finite_host(&stored, &values)?;
+        }
         let t = Tensor::from_host_data(values, raw.shape)?;
         self.release(&stored);
         Ok(t)
