@@ -253,6 +253,25 @@ pub fn choose(layers: &mut [LayerPlan], budget: f64) {
     }
 }
 
+/// The evaluation run's captions: for a model with a `task.json` (the toy), the first `n` of
+/// the task's prompts (the sweep's defaults: the model was trained on that grammar and
+/// nothing else), else the first `n` default calibration captions.
+pub fn evaluation_captions(model: &Path, n: usize) -> Result<Vec<String>> {
+    if let Some(spec) = crate::quality::task::TaskSpec::from_model_dir(model)? {
+        let prompts = crate::sweep::task_prompts(&spec, n);
+        if prompts.len() < n {
+            return Err(Error::Invalid(format!(
+                "--captions {n}: the task of {} has only {} distinct prompts",
+                model.display(),
+                prompts.len()
+            )));
+        }
+        return Ok(prompts);
+    }
+    crate::calibrate::CalibrationOptions { samples: n, ..crate::calibrate::CalibrationOptions::default() }
+        .captions()
+}
+
 /// Final latents of the evaluation run (concatenated over captions).
 fn evaluate(sd: &StableDiffusion, captions: &[String], opts: &PlanOptions) -> Result<Vec<f32>> {
     let mut out = Vec::new();
@@ -326,11 +345,7 @@ pub fn make_plan(model: &Path, opts: &PlanOptions, progress: PlanProgress<'_>) -
     if opts.steps == 0 || opts.captions == 0 {
         return Err(Error::Invalid("plan needs at least one caption and one step".into()));
     }
-    let captions = crate::calibrate::CalibrationOptions {
-        samples: opts.captions,
-        ..crate::calibrate::CalibrationOptions::default()
-    }
-    .captions()?;
+    let captions = evaluation_captions(model, opts.captions)?;
     let mut sd = StableDiffusion::load(model, &crate::backend::Device::Cpu)?;
 
     // Reference run, counting each layer's tokens.
@@ -429,11 +444,7 @@ pub fn make_plan(model: &Path, opts: &PlanOptions, progress: PlanProgress<'_>) -
 pub fn measure(model: &Path, plan: &MixedPlan) -> Result<f64> {
     let opts =
         PlanOptions { captions: plan.captions, steps: plan.steps, seed: plan.seed, ..PlanOptions::default() };
-    let captions = crate::calibrate::CalibrationOptions {
-        samples: opts.captions,
-        ..crate::calibrate::CalibrationOptions::default()
-    }
-    .captions()?;
+    let captions = evaluation_captions(model, opts.captions)?;
     let mut sd = StableDiffusion::load(model, &crate::backend::Device::Cpu)?;
     let reference = evaluate(&sd, &captions, &opts)?;
     let chosen: Vec<_> =

@@ -2,9 +2,7 @@
 //! progress bar and a per-component summary.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sdsparse::calibrate::CalibrationOptions;
 use sdsparse::convert::{convert, ConvertOptions, ConvertReport, Progress};
-use sdsparse::prune::wanda::OwlParams;
 use sdsparse::prune::{Glob, Method, Pattern, Scope, Selection};
 use sdsparse::DType;
 use std::path::PathBuf;
@@ -41,24 +39,8 @@ pub struct ConvertArgs {
     /// outlier ratios). See docs/PRUNING.md.
     #[arg(long, default_value = "magnitude")]
     pub method: String,
-    /// OWL: a score is an outlier above M x its block's mean score.
-    #[arg(long, default_value_t = 5.0)]
-    pub owl_m: f64,
-    /// OWL: block sparsities spread over at most 2·λ around the target.
-    #[arg(long, default_value_t = 0.08)]
-    pub owl_lambda: f64,
-    /// Wanda / OWL: calibration captions, one per line (default: 128 built-in captions).
-    #[arg(long, value_name = "FILE")]
-    pub calibration_prompts: Option<PathBuf>,
-    /// Wanda / OWL: how many captions calibrate the text encoder (the first N).
-    #[arg(long, default_value_t = 128)]
-    pub calibration_samples: usize,
-    /// Wanda / OWL: how many of those drive a UNet calibration run (the first M).
-    #[arg(long, default_value_t = 16)]
-    pub calibration_unet_samples: usize,
-    /// Wanda / OWL: DDIM steps of each caption's UNet calibration run.
-    #[arg(long, default_value_t = 4)]
-    pub calibration_steps: usize,
+    #[command(flatten)]
+    pub calibration: super::CalibrationArgs,
     /// layer (each layer reaches the target) or global (one threshold per component).
     #[arg(long, default_value = "layer")]
     pub scope: String,
@@ -136,15 +118,8 @@ impl ConvertArgs {
             },
             force: self.force,
             single_file: self.single_file.options(),
-            owl: OwlParams { m: self.owl_m, lambda: self.owl_lambda },
-            calibration: CalibrationOptions {
-                prompts: self.calibration_prompts.clone(),
-                samples: self.calibration_samples,
-                unet_samples: self.calibration_unet_samples,
-                steps: self.calibration_steps,
-                seed: self.seed,
-                ..CalibrationOptions::default()
-            },
+            owl: self.calibration.owl(),
+            calibration: self.calibration.options(self.seed),
             mixed_plan,
         })
     }

@@ -17,8 +17,51 @@ pub mod inspect;
 pub mod plan;
 pub mod sweep;
 
+use sdsparse::calibrate::CalibrationOptions;
 use sdsparse::checkpoint::SingleFileOptions;
+use sdsparse::prune::wanda::OwlParams;
 use std::path::PathBuf;
+
+/// Flags of the activation-aware methods (Wanda, OWL), shared by `convert` and `sweep`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CalibrationArgs {
+    /// OWL: a score is an outlier above M x its block's mean score.
+    #[arg(long, default_value_t = 5.0)]
+    pub owl_m: f64,
+    /// OWL: block sparsities spread over at most 2·λ around the target.
+    #[arg(long, default_value_t = 0.08)]
+    pub owl_lambda: f64,
+    /// Wanda / OWL: calibration captions, one per line (default: 128 built-in captions).
+    #[arg(long, value_name = "FILE")]
+    pub calibration_prompts: Option<PathBuf>,
+    /// Wanda / OWL: how many captions calibrate the text encoder (the first N).
+    #[arg(long, default_value_t = 128)]
+    pub calibration_samples: usize,
+    /// Wanda / OWL: how many of those drive a UNet calibration run (the first M).
+    #[arg(long, default_value_t = 16)]
+    pub calibration_unet_samples: usize,
+    /// Wanda / OWL: DDIM steps of each caption's UNet calibration run.
+    #[arg(long, default_value_t = 4)]
+    pub calibration_steps: usize,
+}
+
+impl CalibrationArgs {
+    pub fn owl(&self) -> OwlParams {
+        OwlParams { m: self.owl_m, lambda: self.owl_lambda }
+    }
+
+    /// The calibration options; caption `i`'s UNet run starts from seed `seed + i`.
+    pub fn options(&self, seed: u64) -> CalibrationOptions {
+        CalibrationOptions {
+            prompts: self.calibration_prompts.clone(),
+            samples: self.calibration_samples,
+            unet_samples: self.calibration_unet_samples,
+            steps: self.calibration_steps,
+            seed,
+            ..CalibrationOptions::default()
+        }
+    }
+}
 
 /// Flags that describe a single-file checkpoint (`.safetensors` / `.ckpt` in the original
 /// layout); a diffusers folder carries its own configs, so they are refused there.

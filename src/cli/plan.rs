@@ -21,7 +21,8 @@ pub struct PlanArgs {
     /// Unstructured sparsities offered to each layer, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
     pub sparsities: Vec<f64>,
-    /// Captions of the evaluation run.
+    /// Captions of the evaluation run (the task's prompts for a model with task.json, e.g. the toy;
+    /// else the default calibration captions).
     #[arg(long, default_value_t = 1)]
     pub captions: usize,
     /// DDIM steps of the evaluation run.

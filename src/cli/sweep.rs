@@ -21,9 +21,12 @@ pub struct SweepArgs {
     /// Target sparsities: START:STOP:STEP (inclusive) or a comma list, each in [0, 1).
     #[arg(long, value_name = "RANGE", default_value = "0:0.9:0.05")]
     pub sparsities: String,
-    /// Pruning methods, comma-separated: magnitude, random.
+    /// Pruning methods, comma-separated: magnitude, random, wanda, owl (the last two calibrate
+    /// the dense model once, see --calibration-*; Linear layers only).
     #[arg(long, value_name = "LIST", default_value = "magnitude,random")]
     pub methods: String,
+    #[command(flatten)]
+    pub calibration: super::CalibrationArgs,
     /// layer (each layer reaches the target) or global (one threshold per component).
     #[arg(long, default_value = "layer")]
     pub scope: String,
@@ -79,6 +82,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         steps: args.steps,
         guidance: args.guidance,
         prune_seed: args.prune_seed,
+        owl: args.calibration.owl(),
+        calibration: args.calibration.options(0),
     };
     let points = opts.plan()?;
     let device = super::generate::select_device(&args.device)?;

@@ -11,15 +11,19 @@
 pub mod plot;
 
 use crate::backend::Tensor;
+use crate::calibrate::{Calibration, CalibrationOptions};
 use crate::checkpoint::{ComponentStore, VarBuilder};
 use crate::error::{Error, Result};
 use crate::format::codec::matrix_dims;
 use crate::format::DType;
 use crate::model::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::model::config::UNetConfig;
+use crate::model::linear::Linear;
 use crate::model::unet::UNet2DConditionModel;
 use crate::pipeline::{self, GenerateRequest, StableDiffusion};
+use crate::prune::wanda::OwlParams;
 use crate::prune::{self, ComponentKind, Keys, Method, Pattern, Scope, Selection};
+use crate::prune_model::{prune_linears, PruneOptions};
 use crate::quality::{deviation, task};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -130,6 +134,10 @@ pub struct SweepOptions {
     pub guidance: f32,
     /// Seed of the random pruning method.
     pub prune_seed: u64,
+    /// OWL's hyper-parameters (method `owl`).
+    pub owl: OwlParams,
+    /// How the dense model is calibrated once for the methods that need it (wanda, owl).
+    pub calibration: CalibrationOptions,
 }
 
 /// Prompts of a model without `task.json`.
@@ -211,7 +219,29 @@ pub struct SweepResults {
     pub steps: usize,
     pub guidance: f32,
     pub has_task: bool,
+    /// OWL's hyper-parameters and the calibration of the wanda / owl points (absent when the
+    /// sweep has none): a resumed sweep must use the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated_with: Option<String>,
     pub points: Vec<PointResult>,
+}
+
+/// What decides the wanda / owl points beyond the point itself (`None` without such points).
+fn calibrated_with(opts: &SweepOptions) -> Option<String> {
+    let c = &opts.calibration;
+    opts.methods.iter().any(|m| m.needs_calibration()).then(|| {
+        format!(
+            "owl m={} lambda={}; calibration {} ({} captions, {} UNet runs x {} steps, seed {}, guidance {})",
+            opts.owl.m,
+            opts.owl.lambda,
+            c.prompts.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "default captions".into()),
+            c.samples,
+            c.unet_samples,
+            c.steps,
+            c.seed,
+            c.guidance
+        )
+    })
 }
 
 /// A planned point.
@@ -235,6 +265,17 @@ impl SweepOptions {
             if p.is_empty() {
                 return Err(Error::Invalid("sweep: the prompt file has no prompts".into()));
             }
+        }
+        if self.methods.iter().any(|m| m.needs_calibration()) {
+            if self.include_conv {
+                return Err(Error::Invalid(
+                    "--methods wanda / owl prune Linear layers only (as the study did); drop --include-conv \
+                     or sweep those methods separately"
+                        .into(),
+                ));
+            }
+            self.calibration.captions()?;
+            self.owl.validate()?;
         }
         if self.pattern == Pattern::Sparse24 {
             if let Some(s) = self.sparsities.iter().find(|&&s| s != 0.5) {
@@ -276,6 +317,27 @@ pub struct DenseComponent {
 }
 
 impl DenseComponent {
+    /// The layers of `linears` that `selection` prunes (as `convert` and [`prune_in_memory`]
+    /// decide it, from the stored name and shape: e.g. a 1x1-convolution `proj_in` is a
+    /// convolution there).
+    fn prunable<'a>(&self, linears: Vec<&'a mut Linear>, selection: &Selection) -> Vec<&'a mut Linear> {
+        linears
+            .into_iter()
+            .filter(|l| {
+                self.tensors
+                    .iter()
+                    .find(|(n, _)| n == l.name())
+                    .is_some_and(|(n, t)| selection.is_prunable(self.kind, n, t.shape()))
+            })
+            .collect()
+    }
+
+    /// A VarBuilder over the dense tensors (a fresh model to prune in place).
+    fn var_builder(&self, label: &str) -> VarBuilder {
+        let t: HashMap<String, Tensor> = self.tensors.iter().cloned().collect();
+        VarBuilder::new(Arc::new(ComponentStore::from_tensors(label, t)))
+    }
+
     pub fn load(dir: &Path, kind: ComponentKind) -> Result<Self> {
         let store = ComponentStore::open(dir)?;
         if store.sparse_header().is_some() {
@@ -414,6 +476,17 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
                 results_path.display()
             )));
         }
+        let mut r = r;
+        match (&r.calibrated_with, calibrated_with(opts)) {
+            (Some(a), Some(b)) if *a != b => {
+                return Err(Error::Invalid(format!(
+                    "{} has wanda / owl points made with {a}, this sweep asks for {b}; use another --out",
+                    results_path.display()
+                )))
+            }
+            (None, b @ Some(_)) => r.calibrated_with = b,
+            _ => {}
+        }
         r
     } else {
         SweepResults {
@@ -423,6 +496,7 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             steps: opts.steps,
             guidance: opts.guidance,
             has_task: spec.is_some(),
+            calibrated_with: calibrated_with(opts),
             points: Vec::new(),
         }
     };
@@ -471,6 +545,25 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
         let te_config = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
         let unet_config = UNetConfig::from_file(&unet_dir)?;
         let selection = Selection { include_conv: opts.include_conv, ..Selection::default() };
+        // Wanda / OWL: the dense model's activation statistics, gathered once for every point.
+        let calibrated = |kind| todo.iter().any(|p| p.method.needs_calibration() && p.target.prunes(kind));
+        let (cal_te, cal_unet) = (calibrated(ComponentKind::TextEncoder), calibrated(ComponentKind::Unet));
+        let calibration = if cal_te || cal_unet {
+            progress(done, total, "calibrating");
+            crate::calibrate::calibrate(&opts.model, &opts.calibration, cal_te, cal_unet, &mut |c| {
+                progress(done, total, &format!("calibrating {} {}/{}", c.stage, c.done, c.total))
+            })?
+        } else {
+            Calibration::default()
+        };
+        let prune_opts = |p: &Point| PruneOptions {
+            method: p.method,
+            pattern: opts.pattern,
+            scope: opts.scope,
+            sparsity: p.sparsity,
+            seed: opts.prune_seed,
+            owl: opts.owl,
+        };
         for p in &todo {
             if p.sparsity == 0.0 {
                 let mut r = dense_result.clone();
@@ -489,7 +582,15 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             let mut achieved = (0.0, 0.0);
             let mut old_te = None;
             let mut old_unet = None;
-            if p.target.prunes(ComponentKind::TextEncoder) {
+            if p.target.prunes(ComponentKind::TextEncoder) && p.method.needs_calibration() {
+                // Wanda / OWL: the Linear layers of a fresh dense copy, pruned by `prune_linears`
+                // (the decisions `convert` makes), run compressed.
+                let mut m = ClipTextModel::new(&te.var_builder("text_encoder"), &te_config)?;
+                let linears = te.prunable(m.linears_mut(), &selection);
+                achieved.0 =
+                    prune_linears(linears, &prune_opts(p), calibration.text_encoder.as_ref())?.sparsity();
+                old_te = Some(sd.replace_text_encoder(m));
+            } else if p.target.prunes(ComponentKind::TextEncoder) {
                 let (t, a) = prune_in_memory(
                     &te,
                     &selection,
@@ -503,7 +604,12 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
                 let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("pruned text_encoder", t)));
                 old_te = Some(sd.replace_text_encoder(ClipTextModel::new(&vb, &te_config)?));
             }
-            if p.target.prunes(ComponentKind::Unet) {
+            if p.target.prunes(ComponentKind::Unet) && p.method.needs_calibration() {
+                let mut m = UNet2DConditionModel::load(&unet.var_builder("unet"), &unet_config)?;
+                let linears = unet.prunable(m.linears_mut(), &selection);
+                achieved.1 = prune_linears(linears, &prune_opts(p), calibration.unet.as_ref())?.sparsity();
+                old_unet = Some(sd.replace_unet(m));
+            } else if p.target.prunes(ComponentKind::Unet) {
                 let (t, a) = prune_in_memory(
                     &unet,
                     &selection,
@@ -622,6 +728,8 @@ pub fn task_score_of(
         steps,
         guidance,
         prune_seed: 0,
+        owl: OwlParams::default(),
+        calibration: CalibrationOptions::default(),
     };
     let gens = generate_all(&sd, &opts, prompts, None, &mut |_| {})?;
     let mut pass = 0;
