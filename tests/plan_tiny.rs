@@ -127,8 +127,11 @@ fn plan_vs_uniform_on_the_toy() {
     convert(&toy, &planned, &copts, &mut |_| {}).unwrap();
     models.push((format!("plan (cost {ratio:.3})"), planned));
     let uniform = tmp.path().join("uniform");
-    let uopts =
-        ConvertOptions { text_encoder_sparsity: Some(s), unet_sparsity: Some(s), ..ConvertOptions::default() };
+    let uopts = ConvertOptions {
+        text_encoder_sparsity: Some(s),
+        unet_sparsity: Some(s),
+        ..ConvertOptions::default()
+    };
     convert(&toy, &uniform, &uopts, &mut |_| {}).unwrap();
     models.push((format!("uniform unstructured {s:.3} (cost {ratio:.3})"), uniform));
     let u24 = tmp.path().join("uniform24");
