@@ -297,6 +297,10 @@ fn cli_bad_input_is_one_line_error() {
         ),
         (vec!["--model", m, "--prompt", "x", "--steps", "0", "--out", o], "--steps"),
         (vec!["--model", m, "--prompt", "x", "--out", "x.jpg"], "PNG"),
+        (
+            vec!["--model", m, "--prompt", "x", "--vae-tiling", "--vae-tile-size", "12", "--out", o],
+            "multiple of 8",
+        ),
     ];
     for (args, needle) in cases {
         let out = sdsparse().arg("generate").args(&args).output().unwrap();
@@ -357,4 +361,36 @@ fn released_models_and_vae_tiling() {
     let bad = GenerateRequest { vae_tiling: true, vae_tile_size: Some(12), ..req };
     let e = sd.decode(&bad, d).unwrap_err().to_string();
     assert!(e.contains("multiple of 8"), "{e}");
+}
+
+/// `generate --vae-tiling` says in its report that (and how) the image was tiled, and says
+/// so when the image fits one tile and is decoded whole.
+#[test]
+fn cli_generate_reports_vae_tiling() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (tile, want) in [("16", "tiled: 6x6 tiles of 16 px"), ("64", "decoded untiled")] {
+        let png = tmp.path().join(format!("t{tile}.png"));
+        let out = sdsparse()
+            .args(["generate", "--model"])
+            .arg(model_dir())
+            .args([
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--vae-tiling",
+                "--vae-tile-size",
+                tile,
+            ])
+            .arg("--out")
+            .arg(&png)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains(want), "{tile}: {stderr}");
+        assert!(png.exists());
+    }
 }
