@@ -337,7 +337,16 @@ fn host_tensor_kernels() {
         let mut l = plan_embedding(ids.len(), dim, vocab, &ids, table.op(), y.op()).unwrap();
         (l.params.table, l.params.ids, l.params.y) = (table.ptr(), ids.as_ptr() as u64, y.ptr());
         run(&l);
-        assert_eq!(y.values(), cpu::layout::embedding(&table.values(), dim, &ids), "{}", l.kernel);
+        assert_eq!(
+            y.values(),
+            cpu::layout::embedding(
+                &sdsparse::backend::CpuStorage::F32(std::sync::Arc::new(table.values())),
+                dim,
+                &ids
+            ),
+            "{}",
+            l.kernel
+        );
         // Softmax: causal (text encoder), plain, rows wider than the CTA (several passes).
         for (rows, cols, scale, causal) in
             [(2 * 9, 9, 0.25, Some(9)), (6, 77, 0.125, None), (3, 600, 1.0, None), (4, 7, 0.5, Some(2))]

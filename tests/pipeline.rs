@@ -386,6 +386,10 @@ fn cli_bad_input_is_one_line_error() {
         ),
         (vec!["--model", m, "--prompt", "x", "--steps", "0", "--out", o], "--steps"),
         (vec!["--model", m, "--prompt", "x", "--out", "x.jpg"], "PNG"),
+        (
+            vec!["--model", m, "--prompt", "x", "--vae-tiling", "--vae-tile-size", "12", "--out", o],
+            "multiple of 8",
+        ),
     ];
     for (args, needle) in cases {
         let out = sdsparse().arg("generate").args(&args).output().unwrap();
@@ -410,4 +414,72 @@ fn guidance_one_runs_the_conditional_batch_only() {
     let on = sd.generate(&req, &mut |_, _| {}).unwrap();
     let e = rel_err(&off.latents.to_vec().unwrap(), on.latents.as_slice().unwrap());
     assert!(e < 1e-5, "guidance off vs scale 1: rel err {e}");
+}
+
+/// The CLI's one-shot path: encode, release the text encoder, denoise from the embeddings,
+/// release the UNet, decode. Same latents and image as `generate`; afterwards encoding and
+/// denoising are clear errors; embeddings of the wrong batch for the guidance are refused;
+/// `vae_tiling` decodes in tiles and the report says so.
+#[test]
+fn released_models_and_vae_tiling() {
+    let mut sd = StableDiffusion::load(&model_dir(), &Device::Cpu).unwrap();
+    let req = reference_request(2, SchedulerKind::Ddim);
+    let want = sd.generate(&req, &mut |_, _| {}).unwrap();
+    let emb = sd.encode_prompt(&req.prompt, &req.negative_prompt, true).unwrap();
+    sd.release_text_encoder();
+    let e = sd.encode_prompt(&req.prompt, "", true).unwrap_err().to_string();
+    assert!(e.contains("released"), "{e}");
+    let unguided = GenerateRequest { guidance: 1.0, ..req.clone() };
+    let e = sd.denoise_with_embeddings(&unguided, emb.clone(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("prompt embeddings"), "{e}");
+    let d = sd.denoise_with_embeddings(&req, emb.clone(), &mut |_, _| {}).unwrap();
+    sd.release_unet();
+    let e = sd.denoise_with_embeddings(&req, emb, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("released"), "{e}");
+    let got = sd.decode(&req, d.clone()).unwrap();
+    assert_eq!(got.latents.to_vec().unwrap(), want.latents.to_vec().unwrap());
+    assert_eq!(got.image.to_vec().unwrap(), want.image.to_vec().unwrap());
+    assert_eq!(got.vae_tiles, None);
+
+    // 32x32 latents in 16-pixel tiles (8 latents, starting every 6): 6 x 6 tiles.
+    let tiled_req = GenerateRequest { vae_tiling: true, vae_tile_size: Some(16), ..req.clone() };
+    let tiled = sd.decode(&tiled_req, d.clone()).unwrap();
+    assert_eq!(tiled.vae_tiles, Some((6, 6, 16)));
+    assert_ne!(tiled.image.to_vec().unwrap(), want.image.to_vec().unwrap());
+    assert!(pipeline::report(&sd, &tiled).contains("tiled: 6x6 tiles of 16 px"));
+    let bad = GenerateRequest { vae_tiling: true, vae_tile_size: Some(12), ..req };
+    let e = sd.decode(&bad, d).unwrap_err().to_string();
+    assert!(e.contains("multiple of 8"), "{e}");
+}
+
+/// `generate --vae-tiling` says in its report that (and how) the image was tiled, and says
+/// so when the image fits one tile and is decoded whole.
+#[test]
+fn cli_generate_reports_vae_tiling() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (tile, want) in [("16", "tiled: 6x6 tiles of 16 px"), ("64", "decoded untiled")] {
+        let png = tmp.path().join(format!("t{tile}.png"));
+        let out = sdsparse()
+            .args(["generate", "--model"])
+            .arg(model_dir())
+            .args([
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--vae-tiling",
+                "--vae-tile-size",
+                tile,
+            ])
+            .arg("--out")
+            .arg(&png)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains(want), "{tile}: {stderr}");
+        assert!(png.exists());
+    }
 }

@@ -60,13 +60,15 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
     *out_shape.last_mut().expect("rank ≥ 1 checked above") = n;
     match placement("linear", &inputs)? {
         On::Cpu => {
+            // A dense f16 / bf16 weight is widened for this one product (a transient buffer
+            // of one layer, freed on return); f32 weights are borrowed.
             let dense = match w {
-                Weight::Dense(t) => Some(t.as_slice()?),
+                Weight::Dense(t) => Some(t.f32_cow()?),
                 _ => None,
             };
             let bias = bias.map(|b| b.as_slice()).transpose()?;
             let m: usize = x_shape[..x_shape.len() - 1].iter().product();
-            let y = cpu::gemm::linear(x.as_slice()?, m, k, w, dense, bias)?;
+            let y = cpu::gemm::linear(x.as_slice()?, m, k, w, dense.as_deref(), bias)?;
             cpu_tensor(y, &out_shape)
         }
         On::Cuda => gpu::linear(x, w, bias, &out_shape),
@@ -90,7 +92,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// 2-D convolution, `x[B, Cin, H, W]`, `w[Cout, Cin, kh, kw]`, optional `bias[Cout]`.
+/// 2-D convolution, `x[B, Cin, H, W]`, `w[Cout, Cin, kh, kw]`, optional `bias[Cout]`. The
+/// weight may be stored in f16 / bf16: it is widened (exactly) for this call only.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -125,7 +128,8 @@ pub fn conv2d(
     match placement("conv2d", &inputs)? {
         On::Cpu => {
             let bias = bias.map(|b| b.as_slice()).transpose()?;
-            cpu_tensor(cpu::conv::conv2d(x.as_slice()?, w.as_slice()?, bias, s), &[batch, c_out, ho, wo])
+            let w = w.f32_cow()?;
+            cpu_tensor(cpu::conv::conv2d(x.as_slice()?, &w, bias, s), &[batch, c_out, ho, wo])
         }
         On::Cuda => gpu::conv2d(x, w, bias, s),
     }
@@ -480,14 +484,20 @@ pub fn upsample_nearest_to(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
     }
 }
 
-/// Rows of an embedding table `table[V, C]` for `ids` → `[ids.len(), C]`.
+/// Rows of an embedding table `table[V, C]` for `ids` → `[ids.len(), C]` in f32; the table
+/// may be stored in f16 / bf16 (only the rows asked for are widened).
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (vocab, dim) = table.dims2()?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(Error::Invalid(format!("embedding: id {bad} outside a table of {vocab} rows")));
     }
     match placement("embedding", &[table])? {
-        On::Cpu => cpu_tensor(cpu::layout::embedding(table.as_slice()?, dim, ids), &[ids.len(), dim]),
+        On::Cpu => {
+            let Storage::Cpu(data) = table.storage() else {
+                return Err(Error::Invalid("embedding: the table is not on the CPU".into()));
+            };
+            cpu_tensor(cpu::layout::embedding(data, dim, ids), &[ids.len(), dim])
+        }
         On::Cuda => gpu::embedding(table, (vocab, dim), ids),
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! [`VarBuilder`] is how models get their weights, candle-style: `vb.pp("down_blocks.0")`
 //! narrows the name prefix, `vb.get("weight", &[..])` returns an f32 [`Tensor`] checked
-//! against the expected shape, `vb.get_weight(..)` returns a Linear [`Weight`] (dense or
+//! against the expected shape, `vb.get_stored(..)` the same in the checkpoint's dtype (for
+//! the large weights the ops widen at use: convolutions, embedding tables),
+//! `vb.get_weight(..)` returns a Linear [`Weight`] (dense in its stored dtype, or
 //! compressed, as stored).
 
 pub mod expected;
@@ -89,8 +91,14 @@ impl VarBuilder {
 
     /// An f32 tensor of exactly `shape` (errors name the tensor and both shapes).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_stored(name, shape)?.to_dtype(crate::format::DType::F32)
+    }
+
+    /// A tensor of exactly `shape` in its stored dtype (f32, f16 or bf16; not widened), for
+    /// weights that `ops::conv2d` / `ops::embedding` / `ops::linear` widen at use.
+    pub fn get_stored(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = self.path(name);
-        let t = self.store.tensor_f32(&full)?;
+        let t = self.store.tensor_stored(&full)?;
         if t.shape() != shape {
             return Err(Error::Shape(format!(
                 "{}: tensor {full} has shape {:?}, the model expects {:?}",

@@ -95,8 +95,9 @@ impl Linear {
     /// A linear layer stored as a 1x1 convolution (`use_linear_projection: false`
     /// checkpoints): the same product, applied to channels-last tokens.
     pub fn load_from_conv1x1(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
-        let w =
-            vb.get("weight", &[out_features, in_features, 1, 1])?.reshape(&[out_features, in_features])?;
+        let w = vb
+            .get_stored("weight", &[out_features, in_features, 1, 1])?
+            .reshape(&[out_features, in_features])?;
         let bias = Some(vb.get("bias", &[out_features])?);
         Ok(Linear {
             name: vb.path("weight"),

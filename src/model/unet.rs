@@ -21,7 +21,8 @@ pub struct UNet2DConditionModel {
     time_linear_1: Linear,
     time_linear_2: Linear,
     down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    /// `None` once [`UNet2DConditionModel::release_weights`] was called.
+    mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -121,7 +122,7 @@ impl UNet2DConditionModel {
             time_linear_1,
             time_linear_2,
             down_blocks,
-            mid_block,
+            mid_block: Some(mid_block),
             up_blocks,
             conv_norm_out,
             conv_out,
@@ -150,11 +151,21 @@ impl UNet2DConditionModel {
         for b in &mut self.down_blocks {
             v.extend(b.linears_mut());
         }
-        v.extend(self.mid_block.linears_mut());
+        if let Some(m) = &mut self.mid_block {
+            v.extend(m.linears_mut());
+        }
         for b in &mut self.up_blocks {
             v.extend(b.linears_mut());
         }
         v
+    }
+
+    /// Frees the down, mid and up blocks (nearly all the weights; a one-shot run that has
+    /// finished denoising needs them no more). Afterwards `forward` is an error.
+    pub fn release_weights(&mut self) {
+        self.down_blocks = Vec::new();
+        self.mid_block = None;
+        self.up_blocks = Vec::new();
     }
 
     /// One denoiser call with the same timestep for the whole batch.
@@ -167,6 +178,9 @@ impl UNet2DConditionModel {
     /// `latents[B, in_channels, h, w]`, `context[B, S, cross_attention_dim]` →
     /// `[B, out_channels, h, w]`.
     pub fn forward_timesteps(&self, latents: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
+        if self.mid_block.is_none() {
+            return Err(released());
+        }
         self.check_inputs(latents, timesteps, context)?;
         let cfg = &self.config;
 
@@ -188,7 +202,8 @@ impl UNet2DConditionModel {
         for block in &self.down_blocks {
             h = block.forward(&h, &temb_act, context, &mut skips)?;
         }
-        h = self.mid_block.forward(&h, &temb_act, context)?;
+        let mid = self.mid_block.as_ref().ok_or_else(released)?;
+        h = mid.forward(&h, &temb_act, context)?;
         for block in &self.up_blocks {
             h = block.forward(&h, &mut skips, &temb_act, context)?;
         }
@@ -226,4 +241,8 @@ impl UNet2DConditionModel {
         }
         Ok(())
     }
+}
+
+fn released() -> Error {
+    Error::Invalid("unet: its weights were released after denoising".into())
 }

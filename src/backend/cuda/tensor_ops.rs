@@ -624,7 +624,11 @@ mod tests {
             let table = rounded(&rng.vec(vocab * dim), dtype);
             let ids: Vec<u32> =
                 (0..154).map(|_| rng.below(vocab) as u32).chain([0, vocab as u32 - 1]).collect();
-            let expected = cpu::layout::embedding(&table, dim, &ids);
+            let expected = cpu::layout::embedding(
+                &crate::backend::CpuStorage::F32(std::sync::Arc::new(table.clone())),
+                dim,
+                &ids,
+            );
             let got = match device {
                 Device::Cpu => expected.clone(),
                 Device::Cuda(dev) => {
