@@ -4,7 +4,7 @@
 //
 // Kernels (parameter structs in sdsparse_params.h; launchers and CPU twins in
 // src/backend/cuda/pointwise.rs, CPU references in src/backend/cpu/):
-//   sdsparse_eltwise_{gelu,silu,add,cfg}_<T>   y[n]
+//   sdsparse_eltwise_{gelu,silu,add,sub,mul,div,cfg}_<T>   y[n]
 //   sdsparse_geglu_<T>                         y[rows][half]
 //   sdsparse_upsample_nearest_<T>              y[planes][out_h][out_w]
 //   sdsparse_concat_<T>                        y[outer][a_inner + b_inner]
@@ -27,7 +27,7 @@ static_assert(kThreads % 32 == 0, "whole warps");
 // The thread's flat output index; blockIdx.x * kThreads < 2^31 + kThreads cannot wrap 32 bits.
 __device__ __forceinline__ unsigned flat_index() { return blockIdx.x * kThreads + threadIdx.x; }
 
-enum class Op { Gelu, Silu, Add, Cfg };
+enum class Op { Gelu, Silu, Add, Sub, Mul, Div, Cfg };
 
 template <typename T, Op OP>
 __device__ __forceinline__ void eltwise(const SdsEltwiseParams& p) {
@@ -39,10 +39,14 @@ __device__ __forceinline__ void eltwise(const SdsEltwiseParams& p) {
         y = sds_dtype::gelu(a);
     } else if constexpr (OP == Op::Silu) {
         y = sds_dtype::silu(a);
-    } else if constexpr (OP == Op::Add) {
+    } else if constexpr (OP == Op::Add || OP == Op::Sub || OP == Op::Mul || OP == Op::Div) {
         // b broadcast: element i of y sees b[(i / b_div) % b_len] ([B, C, 1, 1] over [B, C, H, W]:
         // b_div = H * W, b_len = B * C; same shape: b_div = 1, b_len = n).
-        y = a + sds_dtype::load<T>(p.b, (i / static_cast<unsigned>(p.b_div)) % static_cast<unsigned>(p.b_len));
+        const float b = sds_dtype::load<T>(p.b, (i / static_cast<unsigned>(p.b_div)) % static_cast<unsigned>(p.b_len));
+        if constexpr (OP == Op::Add) y = a + b;
+        if constexpr (OP == Op::Sub) y = a - b;
+        if constexpr (OP == Op::Mul) y = a * b;
+        if constexpr (OP == Op::Div) y = a / b;
     } else {
         // uncond + g * (cond - uncond), the order diffusers writes it.
         y = a + p.alpha * (sds_dtype::load<T>(p.b, i) - a);
@@ -124,6 +128,18 @@ __device__ __forceinline__ void timestep_embedding(const SdsTimestepParams& p) {
     extern "C" __global__ void __launch_bounds__(sds_pw::kThreads)                                     \
         sdsparse_eltwise_add_##NAME(const SdsEltwiseParams p) {                                        \
         sds_pw::eltwise<T, sds_pw::Op::Add>(p);                                                        \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(sds_pw::kThreads)                                     \
+        sdsparse_eltwise_sub_##NAME(const SdsEltwiseParams p) {                                        \
+        sds_pw::eltwise<T, sds_pw::Op::Sub>(p);                                                        \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(sds_pw::kThreads)                                     \
+        sdsparse_eltwise_mul_##NAME(const SdsEltwiseParams p) {                                        \
+        sds_pw::eltwise<T, sds_pw::Op::Mul>(p);                                                        \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(sds_pw::kThreads)                                     \
+        sdsparse_eltwise_div_##NAME(const SdsEltwiseParams p) {                                        \
+        sds_pw::eltwise<T, sds_pw::Op::Div>(p);                                                        \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(sds_pw::kThreads)                                     \
         sdsparse_eltwise_cfg_##NAME(const SdsEltwiseParams p) {                                        \

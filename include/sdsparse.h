@@ -34,7 +34,8 @@ extern "C" {
 #define SDSPARSE_ERR_OTHER 8
 
 #define SDSPARSE_DEVICE_CPU 0
-/* The pipeline does not run on CUDA yet: opening on it is SDSPARSE_ERR_CUDA with the reason. */
+/* The pipeline on the first CUDA GPU (sm_80+, f32 activations); no GPU, no kernels in the build or
+   no cuBLAS is SDSPARSE_ERR_CUDA with the reason. */
 #define SDSPARSE_DEVICE_CUDA 1
 
 /* Bumped whenever a struct layout or a signature below changes. */

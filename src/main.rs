@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "sdsparse",
     version,
-    about = "Pruned Stable Diffusion 2: convert, plan, inspect, export, generate"
+    about = "Pruned Stable Diffusion 2: convert, plan, inspect, export, generate, sweep, synth, demo"
 )]
 struct Cli {
     #[command(subcommand)]

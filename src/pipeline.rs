@@ -49,6 +49,13 @@ pub struct GenerateRequest {
     pub height: Option<usize>,
     /// Unit-variance initial noise `[1, C, H/f, W/f]`; `None`: seeded noise.
     pub init_latents: Option<Tensor>,
+    /// Decode in overlapping tiles, as diffusers' `vae.enable_tiling()`
+    /// ([`VaeDecoder::decode_tiled`]): the VAE's memory then follows the tile, not the image.
+    /// Latents no larger than one tile are decoded untiled, as in diffusers.
+    pub vae_tiling: bool,
+    /// The tile in pixels (diffusers' `tile_sample_min_size`); `None`: the VAE config's
+    /// `sample_size`, diffusers' default. A multiple of 4 times the VAE scale factor.
+    pub vae_tile_size: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -64,6 +71,8 @@ impl GenerateRequest {
             width: None,
             height: None,
             init_latents: None,
+            vae_tiling: false,
+            vae_tile_size: None,
         }
     }
 }
@@ -93,6 +102,9 @@ pub struct Generated {
     pub timings: Timings,
     /// Set when the prompt was longer than the text encoder's 77 tokens and was cut.
     pub prompt_truncated: bool,
+    /// The VAE tile grid `(rows, cols)` and tile size in pixels when the image was decoded
+    /// in tiles (`None`: in one piece).
+    pub vae_tiles: Option<(usize, usize, usize)>,
 }
 
 /// An 8-bit RGB image: `pixels` holds `3 * width * height` bytes, row-major, channels
@@ -121,8 +133,10 @@ pub struct WeightMemory {
 }
 
 impl WeightMemory {
-    /// Adds the weights of one component: dense tensors count 4 bytes per element (they are
-    /// widened to f32 at load), compressed ones their stored values + metadata.
+    /// Adds the weights of one component: dense matrices and convolution kernels (2-D and
+    /// up) count their stored bytes (they stay in the checkpoint's dtype), 1-D tensors
+    /// (biases, norms) and the position embedding 4 bytes per element (widened to f32 at
+    /// load), compressed ones their stored values + metadata.
     fn add_component(
         &mut self,
         component: &str,
@@ -152,7 +166,12 @@ impl WeightMemory {
                         continue; // integer buffers (e.g. position_ids) are not weights
                     }
                     let n: usize = raw.shape.iter().product();
-                    ("dense".to_string(), n, 4 * n as u64)
+                    let kept = raw.shape.len() >= 2 && !name.contains("position_embedding");
+                    let width = match raw.load_dtype() {
+                        Some(d) if kept => d.size_in_bytes(),
+                        _ => 4,
+                    };
+                    ("dense".to_string(), n, (width * n) as u64)
                 }
             };
             let e = self.entries.entry((component.to_string(), format)).or_default();
@@ -177,15 +196,12 @@ impl WeightMemory {
     }
 }
 
-/// The pipeline runs on the CPU until the CUDA backend provides model upload.
+/// Every device the pipeline runs on: the CPU, or a GPU that `CudaDevice::new` opened (which
+/// already refused GPUs older than sm_80 and builds without kernels); cuBLAS must load too,
+/// checked here so a missing library is one line before any weight is read.
 fn check_device(device: &Device) -> Result<()> {
-    if !device.is_cpu() {
-        // The models keep their weights in host memory; the CUDA path moves them when
-        // the CUDA backend provides model upload.
-        return Err(Error::Cuda(format!(
-            "running the pipeline on {} is not supported by this build; use --device cpu",
-            device.name()
-        )));
+    if let Device::Cuda(d) = device {
+        d.blas()?;
     }
     Ok(())
 }
@@ -201,6 +217,8 @@ pub struct StableDiffusion {
     sample_size: usize,
     device: Device,
     memory: WeightMemory,
+    /// GPU memory the load took (weights in their device layouts), when on CUDA.
+    gpu_bytes: Option<u64>,
     load_time: Duration,
     notes: Vec<String>,
 }
@@ -300,12 +318,16 @@ impl StableDiffusion {
     pub fn load_source(src: &ModelSource, device: &Device) -> Result<Self> {
         check_device(device)?;
         let start = Instant::now();
+        let free_before = match device {
+            Device::Cuda(d) => Some(d.memory_info()?.0),
+            Device::Cpu => None,
+        };
         let (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes) = match src {
             ModelSource::Folder(dir) => {
                 let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-                let text_encoder = ClipTextModel::from_dir(&dir.join("text_encoder"))?;
-                let unet = UNet2DConditionModel::from_dir(&dir.join("unet"))?;
-                let vae = VaeDecoder::from_dir(&dir.join("vae"))?;
+                let text_encoder = ClipTextModel::from_dir_on(&dir.join("text_encoder"), device)?;
+                let unet = UNet2DConditionModel::from_dir_on(&dir.join("unet"), device)?;
+                let vae = VaeDecoder::from_dir_on(&dir.join("vae"), device)?;
                 let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
                 let (sample_size, unet_note) =
                     corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
@@ -313,7 +335,9 @@ impl StableDiffusion {
                 (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes)
             }
             ModelSource::SingleFile(s) => {
-                let vb = |c: &str| -> Result<VarBuilder> { Ok(VarBuilder::new(Arc::new(s.store(c)?))) };
+                let vb = |c: &str| -> Result<VarBuilder> {
+                    Ok(VarBuilder::new(Arc::new(s.store(c)?)).on_device(device))
+                };
                 let label =
                     |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
                 let cfg = |rel: &str| s.config_text(rel);
@@ -360,7 +384,15 @@ impl StableDiffusion {
         // Only the decoder half of the VAE is loaded.
         let decoder_only = |n: &str| n.starts_with("decoder.") || n.starts_with("post_quant_conv.");
         memory.add_component("vae", &src.store("vae")?, Some(&decoder_only))?;
+        let gpu_bytes = match (device, free_before) {
+            (Device::Cuda(d), Some(before)) => {
+                d.synchronize()?;
+                Some(before.saturating_sub(d.memory_info()?.0) as u64)
+            }
+            _ => None,
+        };
         Ok(StableDiffusion {
+            gpu_bytes,
             tokenizer,
             text_encoder,
             unet,
@@ -411,6 +443,21 @@ impl StableDiffusion {
     /// Replaces the scheduler config read from the checkpoint (e.g. to try other options).
     pub fn set_scheduler_config(&mut self, config: SchedulerConfig) {
         self.scheduler_config = config;
+    }
+
+    /// Frees the text encoder's weights: a one-shot run (the CLI) calls it once the prompt is
+    /// encoded ([`Self::encode_prompt`]) and continues with [`Self::denoise_with_embeddings`],
+    /// so that the UNet and VAE run without the text encoder in memory. Later prompts
+    /// cannot be encoded (a clear error).
+    pub fn release_text_encoder(&mut self) {
+        self.text_encoder.release_weights();
+    }
+
+    /// Frees the UNet's weights (after [`Self::denoise_with_embeddings`], before
+    /// [`Self::decode`]), so that the VAE decodes without the UNet in memory. Later runs
+    /// cannot denoise (a clear error).
+    pub fn release_unet(&mut self) {
+        self.unet.release_weights();
     }
 
     /// Swaps in another text encoder (e.g. one pruned in memory by `sweep`) and returns the
@@ -493,22 +540,52 @@ impl StableDiffusion {
                 )));
             }
         }
-        self.check_memory(w, h)?;
+        self.check_memory(req, w, h)?;
         Ok([1, c, h / f, w / f])
+    }
+
+    /// The VAE tile in pixels for `req` (its `vae_tile_size` or the VAE config's default),
+    /// checked against the scale factor.
+    pub fn vae_tile_size(&self, req: &GenerateRequest) -> Result<usize> {
+        let f = self.vae_scale_factor();
+        let tile = req.vae_tile_size.unwrap_or_else(|| self.vae.config().default_tile_size());
+        if tile == 0 || !tile.is_multiple_of(4 * f) {
+            return Err(Error::Invalid(format!(
+                "VAE tile size {tile} pixels must be a positive multiple of {} (4 latents of {f} pixels)",
+                4 * f
+            )));
+        }
+        Ok(tile)
     }
 
     /// Refuses an image size whose activations cannot fit in memory, before any work: the
     /// largest live buffers are the VAE decoder's full-resolution feature maps (about four
-    /// of them with the widest full-resolution channel count, f32).
-    fn check_memory(&self, w: usize, h: usize) -> Result<()> {
+    /// of them with the widest full-resolution channel count, f32), one tile large with
+    /// `vae_tiling`. On a GPU add the 3x3 convolution's im2col buffer (9 of those maps) and
+    /// the VAE mid-block's attention scores (scores and probabilities, `(h/f · w/f)²` each,
+    /// per tile), checked against free GPU memory.
+    fn check_memory(&self, req: &GenerateRequest, w: usize, h: usize) -> Result<()> {
         let ch = &self.vae.config().block_out_channels;
         let widest = ch.iter().take(2).copied().max().unwrap_or(0);
-        let need = (w as u128) * (h as u128) * (widest as u128) * 4 * 4;
-        let available = available_memory().unwrap_or(u64::MAX) as u128;
+        let (dw, dh) = if req.vae_tiling {
+            let tile = self.vae_tile_size(req)?;
+            (w.min(tile), h.min(tile))
+        } else {
+            (w, h)
+        };
+        let map = (dw as u128) * (dh as u128) * (widest as u128) * 4;
+        let (need, available, what) = match &self.device {
+            Device::Cpu => (map * 4, available_memory().unwrap_or(u64::MAX) as u128, "memory"),
+            Device::Cuda(d) => {
+                let f = self.vae_scale_factor() as u128;
+                let tokens = (dw as u128 / f) * (dh as u128 / f);
+                (map * 13 + tokens * tokens * 4 * 2, d.memory_info()?.0 as u128, "free GPU memory")
+            }
+        };
         if need > available {
             return Err(Error::Invalid(format!(
-                "{w}x{h} pixels need about {:.1} GiB for the VAE decoder, more than the {:.1} GiB of memory \
-                 available; use a smaller --width / --height",
+                "{w}x{h} pixels need about {:.1} GiB for the VAE decoder, more than the {:.1} GiB of {what} \
+                 available; use a smaller --width / --height, or --vae-tiling",
                 need as f64 / (1u64 << 30) as f64,
                 available as f64 / (1u64 << 30) as f64
             )));
@@ -535,10 +612,46 @@ impl StableDiffusion {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        let d = self.denoise(req, progress)?;
+        self.generate_inner(req, None, progress)
+    }
+
+    /// [`Self::denoise`] from prompt embeddings [`Self::encode_prompt`] made for `req`
+    /// (`(embeddings, truncated)`; `[2, 77, C]` when `req` guides, else `[1, 77, C]`), so the
+    /// text encoder can be released before the UNet runs. The text encoder's time stays zero.
+    /// [`Self::decode`] finishes the run.
+    pub fn denoise_with_embeddings(
+        &self,
+        req: &GenerateRequest,
+        embeddings: (Tensor, bool),
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Denoised> {
+        self.denoise_inner(req, Some(embeddings), progress)
+    }
+
+    fn generate_inner(
+        &self,
+        req: &GenerateRequest,
+        embeddings: Option<(Tensor, bool)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let d = self.denoise_inner(req, embeddings, progress)?;
+        self.decode(req, d)
+    }
+
+    /// The VAE decode of [`Self::denoise`]'s latents into the image (tiled when `req` asks),
+    /// completing what [`Self::generate`] returns.
+    pub fn decode(&self, req: &GenerateRequest, d: Denoised) -> Result<Generated> {
         let mut timings = d.timings;
         let tv = Instant::now();
-        let decoded = self.vae.decode(&ops::to_device(&d.latents, &self.device)?)?;
+        let latents = ops::to_device(&d.latents, &self.device)?;
+        let (decoded, vae_tiles) = if req.vae_tiling {
+            let tile = self.vae_tile_size(req)?;
+            let (img, grid) = self.vae.decode_tiled(&latents, tile)?;
+            (img, grid.map(|(r, c)| (r, c, tile)))
+        } else {
+            (self.vae.decode(&latents)?, None)
+        };
+        drop(latents);
         check_finite(&decoded, || "the VAE decoder's output".into())?;
         let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
         let image =
@@ -551,6 +664,7 @@ impl StableDiffusion {
             timesteps: d.timesteps,
             timings,
             prompt_truncated: d.prompt_truncated,
+            vae_tiles,
         })
     }
 
@@ -558,6 +672,15 @@ impl StableDiffusion {
     /// denoising loop with classifier-free guidance. `progress(done, total)` is called after
     /// every UNet call. Calibration (`crate::calibrate`) runs this with observers attached.
     pub fn denoise(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Denoised> {
+        self.denoise_inner(req, None, progress)
+    }
+
+    fn denoise_inner(
+        &self,
+        req: &GenerateRequest,
+        embeddings: Option<(Tensor, bool)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Denoised> {
         if !req.guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance must be a finite number, got {}", req.guidance)));
         }
@@ -568,8 +691,24 @@ impl StableDiffusion {
         let mut timings = Timings::default();
 
         let t0 = Instant::now();
-        let (context, prompt_truncated) = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
-        timings.text_encoder = t0.elapsed();
+        let (context, prompt_truncated) = match embeddings {
+            Some((e, truncated)) => {
+                let want = if guided { 2 } else { 1 };
+                if e.rank() != 3 || e.shape()[0] != want {
+                    return Err(Error::Shape(format!(
+                        "prompt embeddings {:?}: expected [{want}, S, C] (guidance {})",
+                        e.shape(),
+                        req.guidance
+                    )));
+                }
+                (e, truncated)
+            }
+            None => {
+                let e = self.encode_prompt(&req.prompt, &req.negative_prompt, guided)?;
+                timings.text_encoder = t0.elapsed();
+                e
+            }
+        };
         check_finite(&context, || "the text encoder's output (the prompt embeddings)".into())?;
 
         let noise = match &req.init_latents {
@@ -584,15 +723,16 @@ impl StableDiffusion {
             let ts = Instant::now();
             // Schedulers work on host copies (the latents are small); the UNet runs on the
             // pipeline's device.
+            // On a GPU only the latents cross the bus (in, and the guided prediction out); the
+            // text embeddings and every activation stay on the device.
             let x_in = ops::to_device(&sched.scale_model_input(&latents, i)?, &self.device)?;
             let guided_out = if guided {
                 let out = self.unet.forward(&ops::cat(&[&x_in, &x_in], 0)?, t, &context)?;
-                let all = out.to_vec()?;
-                let (u, c) = all.split_at(all.len() / 2);
-                Tensor::from_vec(crate::backend::cpu::elementwise::cfg_combine(u, c, req.guidance), &shape)?
+                ops::cfg_combine(&out, req.guidance)?
             } else {
                 self.unet.forward(&x_in, t, &context)?
             };
+            let guided_out = ops::to_device(&guided_out, &Device::Cpu)?;
             // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
             // run here, naming the step, instead of ending as a black image.
             let n = timesteps.len();
@@ -821,8 +961,12 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
         t.unet_steps.iter().map(|&d| ms(d)).fold(f64::INFINITY, f64::min).min(ms(unet_total)),
         t.unet_steps.iter().map(|&d| ms(d)).fold(0.0, f64::max),
     );
-    s += &format!("  VAE decode    {:>10.1} ms\n", ms(t.vae));
-    s += "weight memory (dense as f32, sparse as stored):\n";
+    let tiling = match g.vae_tiles {
+        Some((r, c, px)) => format!(" (tiled: {r}x{c} tiles of {px} px)"),
+        None => String::new(),
+    };
+    s += &format!("  VAE decode    {:>10.1} ms{tiling}\n", ms(t.vae));
+    s += "weight memory (dense weights as stored, biases and norms as f32, sparse as stored):\n";
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for ((component, format), (tensors, params, bytes)) in &sd.memory().entries {
         s += &format!(
@@ -833,5 +977,11 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
     let by_format: Vec<String> =
         sd.memory().by_format().iter().map(|(f, b)| format!("{f} {:.2} MiB", mib(*b))).collect();
     s += &format!("  total {:.2} MiB ({})\n", mib(sd.memory().total_bytes()), by_format.join(", "));
+    if let Some(b) = sd.gpu_bytes {
+        s += &format!(
+            "  on the GPU: {:.2} MiB taken at load (dense f32, sparse packed for the kernels or expanded)\n",
+            mib(b)
+        );
+    }
     s
 }

@@ -7,16 +7,20 @@
 //! result. On CUDA the weight is packed into the kernel layouts at [`SparseLinear::new`] (2:4
 //! `mma.sp` metadata order, tiled bitmaps) and uploaded; each [`SparseLinear::forward`] rounds
 //! the activations to f16, runs the kernel the dispatcher picks (f32 accumulation) and returns
-//! f16-rounded results widened to f32. The CUDA path has not yet run on a GPU (see
+//! f16-rounded results widened to f32. Host tensors go to the GPU and back; GPU tensors (the
+//! pipeline's) stay there: the f32 → f16 rounding, the GEMM and the widening back all run on
+//! the device. The CUDA path has not yet run on a GPU (see
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
 use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
 use crate::backend::cuda::unstructured::{DeviceTiledWeight, Epilogue, TiledBitmapWeight, UnstructuredGemm};
-use crate::backend::cuda::{kernels, CudaDevice};
-use crate::backend::{ops, Device, Tensor};
+use crate::backend::cuda::{kernels, tensor_ops, CudaDevice, CudaStorage};
+use crate::backend::{ops, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::{BitmapWeight, Sparse24Weight, Weight};
 use half::f16;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A Linear layer's weight `W[out_features, in_features]` placed on a device:
 /// `y[.., N] = x[.., K] · W^T (+ bias[N])`.
@@ -45,8 +49,41 @@ pub struct SparseLinear {
 
 enum Imp {
     Cpu(Weight),
-    Cuda24 { device: CudaDevice, kernels: Sp24Kernels, weight: Sparse24Gpu },
-    CudaBitmap { device: CudaDevice, gemm: UnstructuredGemm, weight: DeviceTiledWeight },
+    Cuda24 { device: CudaDevice, kernels: Arc<Sp24Kernels>, weight: Sparse24Gpu },
+    CudaBitmap { device: CudaDevice, gemm: Arc<UnstructuredGemm>, weight: DeviceTiledWeight },
+}
+
+/// The kernel modules, loaded once per GPU and shared by every layer (a model has hundreds).
+struct LoadedKernels {
+    sparse24: HashMap<usize, Arc<Sp24Kernels>>,
+    unstructured: HashMap<usize, Arc<UnstructuredGemm>>,
+}
+
+fn loaded() -> &'static Mutex<LoadedKernels> {
+    static LOADED: OnceLock<Mutex<LoadedKernels>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| Mutex::new(LoadedKernels { sparse24: HashMap::new(), unstructured: HashMap::new() }))
+}
+
+fn sparse24_kernels(dev: &CudaDevice) -> Result<Arc<Sp24Kernels>> {
+    let mut l = loaded().lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
+    if let Some(k) = l.sparse24.get(&dev.ordinal()) {
+        return Ok(k.clone());
+    }
+    let fatbin = kernels::fatbin().ok_or_else(|| Error::Cuda("this build has no CUDA kernels".into()))?;
+    let k = Arc::new(Sp24Kernels::load(dev.context(), fatbin)?);
+    l.sparse24.insert(dev.ordinal(), k.clone());
+    Ok(k)
+}
+
+fn unstructured_gemm(dev: &CudaDevice) -> Result<Arc<UnstructuredGemm>> {
+    let mut l = loaded().lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
+    if let Some(g) = l.unstructured.get(&dev.ordinal()) {
+        return Ok(g.clone());
+    }
+    let g = Arc::new(UnstructuredGemm::load(dev.context())?);
+    l.unstructured.insert(dev.ordinal(), g.clone());
+    Ok(g)
 }
 
 impl From<Sparse24Weight> for Weight {
@@ -83,14 +120,12 @@ impl SparseLinear {
                 }
                 match &weight {
                     Weight::Sparse24(w) => {
-                        let fatbin = kernels::fatbin()
-                            .ok_or_else(|| Error::Cuda("this build has no CUDA kernels".into()))?;
-                        let kernels = Sp24Kernels::load(dev.context(), fatbin)?;
+                        let kernels = sparse24_kernels(dev)?;
                         let weight = Sparse24Gpu::upload(dev.stream(), &Sparse24Packed::pack(w)?)?;
                         Imp::Cuda24 { device: dev.clone(), kernels, weight }
                     }
                     Weight::Bitmap(w) => {
-                        let gemm = UnstructuredGemm::load(dev.context())?;
+                        let gemm = unstructured_gemm(dev)?;
                         let weight =
                             DeviceTiledWeight::upload(dev.stream(), &TiledBitmapWeight::from_bitmap(w)?)?;
                         Imp::CudaBitmap { device: dev.clone(), gemm, weight }
@@ -115,8 +150,9 @@ impl SparseLinear {
         self.in_features
     }
 
-    /// `y[.., N] = x[.., K] · W^T (+ bias[N])` for host tensors `x` and `bias`; the result is a
-    /// host tensor. Errors on shapes that do not fit the weight and on CUDA failures.
+    /// `y[.., N] = x[.., K] · W^T (+ bias[N])`. Host `x` and `bias` give a host result; on
+    /// CUDA, GPU tensors `x` and `bias` give a GPU result. Errors on shapes that do not fit the
+    /// weight and on CUDA failures.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (n, k) = (self.out_features, self.in_features);
         if x.rank() == 0 || x.shape().last() != Some(&k) {
@@ -140,18 +176,18 @@ impl SparseLinear {
             Imp::Cpu(w) => ops::linear(x, w, bias),
             _ if m == 0 => Ok(Tensor::zeros(&out_shape)),
             Imp::Cuda24 { device, kernels, weight } => {
-                let (xd, bd) = upload_operands(device, x, bias)?;
+                let (xd, bd) = operands(device, x, bias)?;
                 let mut yd = device.alloc_zeros::<u16>(m * n)?;
-                let epi = Sp24Epilogue { bias: bd.as_ref(), ..Default::default() };
+                let epi = Sp24Epilogue { bias: bd.as_deref(), ..Default::default() };
                 kernels.gemm(device.stream(), kernels.choose(m, n, k), &xd, m, weight, &epi, &mut yd)?;
-                download(device, &yd, &out_shape)
+                result(device, x, &yd, &out_shape)
             }
             Imp::CudaBitmap { device, gemm, weight } => {
-                let (xd, bd) = upload_operands(device, x, bias)?;
+                let (xd, bd) = operands(device, x, bias)?;
                 let mut yd = device.alloc_zeros::<u16>(m * n)?;
-                let epi = Epilogue { bias: bd.as_ref(), ..Default::default() };
+                let epi = Epilogue { bias: bd.as_deref(), ..Default::default() };
                 gemm.forward(device.stream(), &xd, m, weight, &epi, &mut yd)?;
-                download(device, &yd, &out_shape)
+                result(device, x, &yd, &out_shape)
             }
         }
     }
@@ -167,18 +203,55 @@ fn validate_host(w: &Weight) -> Result<()> {
     }
 }
 
-type Operands = (cudarc::driver::CudaSlice<u16>, Option<cudarc::driver::CudaSlice<f32>>);
+/// A device bias: borrowed from a GPU tensor, or uploaded from a host one.
+enum DeviceBias<'a> {
+    Borrowed(&'a cudarc::driver::CudaSlice<f32>),
+    Owned(cudarc::driver::CudaSlice<f32>),
+}
 
-/// `x` as f16 bits and `bias` as f32 on the GPU.
-fn upload_operands(device: &CudaDevice, x: &Tensor, bias: Option<&Tensor>) -> Result<Operands> {
-    let x16: Vec<u16> = x.to_vec()?.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
-    let xd = device.htod(&x16)?;
-    let bd = bias.map(|b| device.htod(&b.to_vec()?)).transpose()?;
+impl std::ops::Deref for DeviceBias<'_> {
+    type Target = cudarc::driver::CudaSlice<f32>;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            DeviceBias::Borrowed(b) => b,
+            DeviceBias::Owned(b) => b,
+        }
+    }
+}
+
+type Operands<'a> = (cudarc::driver::CudaSlice<u16>, Option<DeviceBias<'a>>);
+
+/// `x` as f16 bits and `bias` as f32 on the GPU: converted there when they are GPU tensors
+/// (the cast kernel), else rounded on the host and uploaded.
+fn operands<'a>(device: &CudaDevice, x: &Tensor, bias: Option<&'a Tensor>) -> Result<Operands<'a>> {
+    let xd = match x.storage() {
+        Storage::Cuda(s) => tensor_ops::f32_to_f16_bits(device, x.numel(), s.values())?,
+        Storage::Cpu(_) => {
+            let x16: Vec<u16> = x.to_vec()?.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+            device.htod(&x16)?
+        }
+    };
+    let bd = match bias.map(|b| (b, b.storage())) {
+        None => None,
+        Some((_, Storage::Cuda(s))) => Some(DeviceBias::Borrowed(s.slice()?)),
+        Some((b, Storage::Cpu(_))) => Some(DeviceBias::Owned(device.htod(&b.to_vec()?)?)),
+    };
     Ok((xd, bd))
 }
 
-/// The f16 result as a host f32 tensor (waits for the kernel; reports its errors).
-fn download(device: &CudaDevice, yd: &cudarc::driver::CudaSlice<u16>, shape: &[usize]) -> Result<Tensor> {
+/// The f16 result widened to f32: a GPU tensor when `x` was one, else a host tensor (waits for
+/// the kernel; reports its errors).
+fn result(
+    device: &CudaDevice,
+    x: &Tensor,
+    yd: &cudarc::driver::CudaSlice<u16>,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let n = shape.iter().product();
+    if let Storage::Cuda(_) = x.storage() {
+        let y = tensor_ops::f16_bits_to_f32(device, n, yd)?;
+        return Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_values(device, y)), shape));
+    }
     let y = device.dtoh(yd)?;
     Tensor::from_vec(y.into_iter().map(|b| f16::from_bits(b).to_f32()).collect(), shape)
 }

@@ -1,4 +1,5 @@
-//! The activation kernels' own CUDA source (`cuda/norm.cu`, `cuda/pointwise.cu`), compiled for
+//! The activation and tensor kernels' own CUDA source (`cuda/norm.cu`, `cuda/pointwise.cu`,
+//! `cuda/tensor.cu`), compiled for
 //! the host on the CUDA stand-in of `tests/kernel_index/cuda_shim/` (fiber threads with exact
 //! `__syncthreads` and warp-shuffle semantics), launched with the grids and parameters of the
 //! Rust launch plans (`backend::cuda::{norm, pointwise}`) and compared with the CPU references
@@ -262,5 +263,127 @@ fn host_group_norm_and_layer_norm() {
             let reference = cpu::norm::layer_norm(&x.values(), dim, &gamma, &beta, 1e-5);
             check(&format!("{} [{rows}, {dim}]", l.kernel), &y, &rounded(&reference, dtype));
         }
+    }
+}
+
+/// The tensor kernels of `cuda/tensor.cu` (affine, casts, strided copies, embedding, softmax,
+/// im2col) and the broadcast sub / mul / div of `cuda/pointwise.cu`, on the host stand-in, with
+/// the plans of `backend::cuda::tensor_ops`, against their CPU twins.
+#[test]
+fn host_tensor_kernels() {
+    use sdsparse::backend::cuda::tensor_ops::{
+        plan_affine, plan_binary, plan_cast, plan_embedding, plan_im2col, plan_softmax, plan_strided_copy,
+        Binary, Im2colShape, StridedView,
+    };
+    let mut rng = TestRng::fresh("host_tensor_kernels");
+    for dtype in DTYPES {
+        // Broadcast sub / mul / div.
+        for (a_shape, b_shape) in [(&[2usize, 3, 5, 7][..], &[2usize, 3, 1, 1][..]), (&[2, 7, 16], &[16])] {
+            let na: usize = a_shape.iter().product();
+            let a = Buf::of(&rng.vec(na), dtype);
+            let bv: Vec<f32> =
+                rng.vec(b_shape.iter().product()).iter().map(|v| v + 3.0 * v.signum()).collect();
+            let b = Buf::of(&bv, dtype);
+            let mut b_full = vec![1; a_shape.len() - b_shape.len()];
+            b_full.extend_from_slice(b_shape);
+            for op in [Binary::Sub, Binary::Mul, Binary::Div] {
+                let y = Buf::poisoned(na, dtype);
+                let mut l = plan_binary(op, a_shape, b_shape, a.op(), b.op(), y.op()).unwrap();
+                (l.params.a, l.params.b, l.params.y) = (a.ptr(), b.ptr(), y.ptr());
+                run(&l);
+                let reference =
+                    cpu::elementwise::broadcast_binary(&a.values(), a_shape, &b.values(), &b_full, |p, q| {
+                        op.apply(p, q)
+                    });
+                check(&format!("{} {a_shape:?} {b_shape:?}", l.kernel), &y, &rounded(&reference, dtype));
+            }
+        }
+        // Affine.
+        let x = Buf::of(&rng.vec(700), dtype);
+        let y = Buf::poisoned(700, dtype);
+        let mut l = plan_affine(700, 0.5, 0.5, x.op(), y.op()).unwrap();
+        (l.params.x, l.params.y) = (x.ptr(), y.ptr());
+        run(&l);
+        check(&l.kernel, &y, &rounded(&cpu::elementwise::affine(&x.values(), 0.5, 0.5), dtype));
+        // Strided copies: permutes of SD2's layouts and a narrow; exact.
+        for (shape, perm) in
+            [(&[2usize, 7, 3, 8][..], &[0usize, 2, 1, 3][..]), (&[2, 6, 3, 5], &[0, 2, 3, 1])]
+        {
+            let n: usize = shape.iter().product();
+            let x = Buf::of(&rng.vec(n), dtype);
+            let y = Buf::poisoned(n, dtype);
+            let mut l = plan_strided_copy(&StridedView::permute(shape, perm), x.op(), y.op()).unwrap();
+            (l.params.x, l.params.y) = (x.ptr(), y.ptr());
+            run(&l);
+            assert_eq!(
+                y.values(),
+                cpu::layout::permute(&x.values(), shape, perm),
+                "{} {shape:?} {perm:?}",
+                l.kernel
+            );
+        }
+        let x = Buf::of(&rng.vec(2 * 10 * 3), dtype);
+        let v = StridedView::narrow(2, 10, 3, 4, 5);
+        let y = Buf::poisoned(v.len(), dtype);
+        let mut l = plan_strided_copy(&v, x.op(), y.op()).unwrap();
+        (l.params.x, l.params.y) = (x.ptr(), y.ptr());
+        run(&l);
+        assert_eq!(y.values(), cpu::layout::narrow(&x.values(), 2, 10, 3, 4, 5), "{} narrow", l.kernel);
+        // Embedding gather; exact.
+        let (vocab, dim) = (50, 12);
+        let table = Buf::of(&rng.vec(vocab * dim), dtype);
+        let ids: Vec<u32> = (0..9).map(|_| rng.below(vocab) as u32).chain([0, 49]).collect();
+        let y = Buf::poisoned(ids.len() * dim, dtype);
+        let mut l = plan_embedding(ids.len(), dim, vocab, &ids, table.op(), y.op()).unwrap();
+        (l.params.table, l.params.ids, l.params.y) = (table.ptr(), ids.as_ptr() as u64, y.ptr());
+        run(&l);
+        assert_eq!(
+            y.values(),
+            cpu::layout::embedding(
+                &sdsparse::backend::CpuStorage::F32(std::sync::Arc::new(table.values())),
+                dim,
+                &ids
+            ),
+            "{}",
+            l.kernel
+        );
+        // Softmax: causal (text encoder), plain, rows wider than the CTA (several passes).
+        for (rows, cols, scale, causal) in
+            [(2 * 9, 9, 0.25, Some(9)), (6, 77, 0.125, None), (3, 600, 1.0, None), (4, 7, 0.5, Some(2))]
+        {
+            let x = Buf::of(&rng.vec(rows * cols).iter().map(|v| 8.0 * v).collect::<Vec<_>>(), dtype);
+            let y = Buf::poisoned(rows * cols, dtype);
+            let mut l = plan_softmax(rows, cols, scale, causal, x.op(), y.op()).unwrap();
+            (l.params.x, l.params.y) = (x.ptr(), y.ptr());
+            run(&l);
+            let reference = rounded(&cpu::attention::softmax_scaled(&x.values(), cols, scale, causal), dtype);
+            check(&format!("{} [{rows}, {cols}] causal {causal:?}", l.kernel), &y, &reference);
+        }
+        // im2col: 3x3 pad 1, stride 2, 1x1; exact.
+        for (c_in, h, w, k, stride, pad) in [(3, 5, 7, 3, 1, 1), (2, 8, 8, 3, 2, 1), (4, 3, 5, 1, 1, 0)] {
+            let s = Im2colShape { c_in, h, w, kh: k, kw: k, stride, pad };
+            let cs =
+                cpu::conv::ConvShape { batch: 1, c_in, h, w, c_out: 1, kh: k, kw: k, stride, padding: pad };
+            let x = Buf::of(&rng.vec(c_in * h * w), dtype);
+            let reference = cpu::conv::im2col_image(&x.values(), cs);
+            let col = Buf::poisoned(reference.len(), dtype);
+            let mut l = plan_im2col(s, x.op(), col.op()).unwrap();
+            (l.params.x, l.params.col) = (x.ptr(), col.ptr());
+            run(&l);
+            assert_eq!(col.values(), reference, "{} {s:?}", l.kernel);
+        }
+    }
+    // Casts f32 -> f16 / bf16 -> f32: round to nearest even, exact against half's conversions.
+    let x = Buf::of(&rng.vec(1000).iter().map(|v| 300.0 * v).collect::<Vec<_>>(), DType::F32);
+    for narrow in [DType::F16, DType::BF16] {
+        let mid = Buf::poisoned(1000, narrow);
+        let mut l = plan_cast(1000, x.op(), mid.op()).unwrap();
+        (l.params.x, l.params.y) = (x.ptr(), mid.ptr());
+        run(&l);
+        let back = Buf::poisoned(1000, DType::F32);
+        let mut l2 = plan_cast(1000, mid.op(), back.op()).unwrap();
+        (l2.params.x, l2.params.y) = (mid.ptr(), back.ptr());
+        run(&l2);
+        assert_eq!(back.values(), rounded(&x.values(), narrow), "{} / {}", l.kernel, l2.kernel);
     }
 }

@@ -2,7 +2,7 @@
 //! SD2.1 manifest (structure only, no weights), and one call of the tiny fixture model
 //! against the reference outputs diffusers produced.
 
-use sdsparse::backend::Storage;
+use sdsparse::backend::{CpuStorage, Storage};
 use sdsparse::checkpoint::{ComponentStore, VarBuilder};
 use sdsparse::model::config::UNetConfig;
 use sdsparse::model::unet::UNet2DConditionModel;
@@ -74,7 +74,7 @@ fn manifest_shapes() -> Vec<(String, Vec<usize>)> {
 /// How many owners share a tensor's buffer.
 fn owners(t: &Tensor) -> usize {
     match t.storage() {
-        Storage::Cpu(data) => Arc::strong_count(data),
+        Storage::Cpu(CpuStorage::F32(data)) => Arc::strong_count(data),
         _ => unreachable!("the test builds CPU tensors"),
     }
 }

@@ -116,3 +116,38 @@ fn structure_matches_sd21_manifest() {
         assert_eq!(vae.scale_factor(), 8);
     }
 }
+
+/// Tiled decoding against diffusers' `tiled_decode` (`enable_tiling()` with 16-pixel tiles on
+/// the tiny VAE: a 20x26 latent in 4 x 5 overlapping tiles; tools/make_vae_tiling_reference.py).
+#[test]
+fn tiled_decode_matches_diffusers() {
+    let refs = load_f32(&fixture("vae-tiling/reference.safetensors"));
+    let vae = VaeDecoder::from_dir(&fixture("tiny-sd2-eps/vae")).unwrap();
+    let (out, grid) = vae.decode_tiled(&refs["latents"], 16).unwrap();
+    assert_eq!(grid, Some((4, 5)));
+    let want = &refs["tiled"];
+    assert_eq!(out.shape(), want.shape());
+    let got = out.to_vec().unwrap();
+    let e = rel_err(&got, want.as_slice().unwrap());
+    let max = got.iter().zip(want.as_slice().unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("tiled VAE decode vs diffusers: rel err {e:.3e}, max abs {max:.3e}");
+    assert!(e < 1e-4 && max < 1e-3, "tiled VAE decode rel err {e}, max abs {max}");
+    // The reference is not the untiled decode in disguise: tiling changes the image.
+    let untiled = rel_err(&got, refs["untiled"].as_slice().unwrap());
+    assert!(untiled > 1e-2, "tiled output equals the untiled one (rel err {untiled})");
+}
+
+/// As diffusers, latents no larger than one tile are decoded in one piece; a tile that is not
+/// a multiple of 4 latents is refused (diffusers' crops would not add up to the image).
+#[test]
+fn tiled_decode_small_latents_and_bad_tiles() {
+    let refs = load_f32(&fixture("vae-tiling/reference.safetensors"));
+    let vae = VaeDecoder::from_dir(&fixture("tiny-sd2-eps/vae")).unwrap();
+    let (out, grid) = vae.decode_tiled(&refs["latents"], 64).unwrap();
+    assert_eq!(grid, None);
+    assert_eq!(out.to_vec().unwrap(), vae.decode(&refs["latents"]).unwrap().to_vec().unwrap());
+    for bad in [0, 12, 15] {
+        let e = vae.decode_tiled(&refs["latents"], bad).unwrap_err().to_string();
+        assert!(e.contains("multiple of 8"), "{bad}: {e}");
+    }
+}

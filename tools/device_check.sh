@@ -13,7 +13,10 @@
 #   2 tests     every GPU test with SDSPARSE_REQUIRE_GPU=1 (lib decompress tests, the activation
 #               kernels' norm and pointwise families, 2:4, unstructured, attention), split by variant
 #   3 sanitizer compute-sanitizer memcheck on the small cases of every kernel
-#   4 pipeline  the GPU pipeline checks: a slot, "not yet" (there is no GPU pipeline)
+#   4 pipeline  the GPU pipeline (tests/pipeline.rs): the tiny fixture on CUDA in f32 against
+#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), and converted
+#               unstructured / 2:4 checkpoints on CUDA against the CPU, expanded (f32, < 1e-4)
+#               and through the sparse kernels (f16 activations, < 2e-2)
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
 #               PyTorch peers (cuBLAS, cuSPARSELt via to_sparse_semi_structured, SDPA) if torch
 #               with CUDA is installed there
@@ -100,7 +103,7 @@ step() {
         *) result="FAIL (exit $rc)"; status=1 ;;
     esac
     # A GPU step that printed "skipped" did not reach the GPU: a failure on this machine.
-    if [[ $rc == 0 ]] && grep -q "skipped" "$out/$log" && [[ $group != pipeline ]]; then
+    if [[ $rc == 0 ]] && grep -q "skipped" "$out/$log"; then
         result="FAIL (skipped: no GPU?)"
         status=1
     fi
@@ -127,10 +130,14 @@ for v in naive bm32 bm64 bm128 wgmma; do
 done
 
 # 2. Every GPU test (SDSPARSE_REQUIRE_GPU=1: a missing GPU fails instead of skipping).
-step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --skip cuda::norm:: --skip cuda::pointwise:: --test-threads=1 --nocapture
+step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --skip cuda::norm:: --skip cuda::pointwise:: \
+    --skip cuda::tensor_ops:: --skip cuda::blas:: --test-threads=1 --nocapture
 # The activation kernels (norm.cu, pointwise.cu) against their CPU twins, one family per process.
 step tests tests-lib-norm 90 -- "$(exe test-sdsparse)" cuda::norm::tests:: --test-threads=1 --nocapture
 step tests tests-lib-pointwise 90 -- "$(exe test-sdsparse)" cuda::pointwise::tests:: --test-threads=1 --nocapture
+# The pipeline's other kernels (tensor.cu, eltwise sub/mul/div) and the cuBLAS SGEMM mapping.
+step tests tests-lib-tensor 90 -- "$(exe test-sdsparse)" cuda::tensor_ops::tests:: --test-threads=1 --nocapture
+step tests tests-lib-blas 90 -- "$(exe test-sdsparse)" cuda::blas::tests:: --test-threads=1 --nocapture
 for v in v1 v2 v3; do
     step tests "tests-sp24-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_ --test-threads=1 --nocapture
 done
@@ -168,15 +175,20 @@ else
         "test-attention_gpu gpu_attention_small_for_sanitizer" "test-sdsparse decompress_matches_reference::cuda" \
         "test-sdsparse cuda::norm::tests::layer_norm_matches_cpu::cuda" "test-sdsparse cuda::pointwise::tests::upsample_matches_cpu::cuda" \
         "test-sdsparse cuda::pointwise::tests::add_and_cfg_match_cpu::cuda" "test-sdsparse cuda::norm::tests::group_norm_matches_cpu::cuda" \
-        "test-sparse_linear sparse_linear_matches_the_reference::cuda"; do
+        "test-sparse_linear sparse_linear_matches_the_reference::cuda" \
+        "test-sdsparse cuda::tensor_ops::tests::softmax_matches_cpu::cuda" "test-sdsparse cuda::tensor_ops::tests::im2col_matches_cpu::cuda" \
+        "test-sdsparse cuda::tensor_ops::tests::strided_copies_match_cpu::cuda" "test-sdsparse cuda::blas::tests::sgemm_matches_cpu::cuda"; do
         read -r e filter <<<"$t"
         label="${filter%::cuda}" && label="${label##*::}" # one log per case, not per executable
         step sanitizer "memcheck-${e#test-}-$label" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
     done
 fi
 
-# 4. Pipeline checks: the GPU pipeline does not exist yet.
-wanted pipeline && rows+=("| pipeline | GPU pipeline vs diffusers | not yet: no GPU pipeline (slot kept; see docs/CUDA.md) | 0 | |")
+# 4. The GPU pipeline (f32 activations) on the tiny fixture: dense against diffusers, then the
+# sparse checkpoints against the CPU, expanded to f32 and through the sparse kernels.
+step pipeline pipeline-dense-f32 120 -- "$(exe test-pipeline)" _matches_diffusers::cuda --test-threads=1 --nocapture
+step pipeline pipeline-sparse-expanded 120 SDSPARSE_GPU_SPARSE=dense -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
+step pipeline pipeline-sparse-kernels 120 -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 
 # 5. Short benches (cuBLAS dense f16 in the same process) and the PyTorch peers.
 crit=(--bench --warm-up-time 0.2 --measurement-time 0.4 --sample-size 10)

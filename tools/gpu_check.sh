@@ -69,10 +69,10 @@ for line in sys.stdin:
 ' "$bins"
     }
     nice -n 19 cargo test --release --no-run --message-format=json-render-diagnostics \
-        --lib --test sparse24_gemm --test unstructured_gemm --test attention_gpu --test sparse_linear | collect
+        --lib --test sparse24_gemm --test unstructured_gemm --test attention_gpu --test sparse_linear --test pipeline | collect
     nice -n 19 cargo bench --no-run --message-format=json-render-diagnostics \
         --bench gemm_sparse24 --bench gemm_unstructured --bench attention | collect
-    for e in test-sdsparse test-sparse24_gemm test-unstructured_gemm test-attention_gpu test-sparse_linear \
+    for e in test-sdsparse test-sparse24_gemm test-unstructured_gemm test-attention_gpu test-sparse_linear test-pipeline \
         bench-gemm_sparse24 bench-gemm_unstructured bench-attention; do
         [[ -x "$bins/$e" ]] || { echo "gpu_check: $e was not built" >&2; exit 1; }
     done

@@ -162,6 +162,7 @@ SDS_CHECK_OFFSET(SdsLayerNormParams, reserved, 44);
 // Element-wise ops over y[n] (sdsparse_eltwise_{gelu,silu,add,cfg}_<T>):
 //   gelu, silu: y[i] = f(a[i])                       (b unused)
 //   add:        y[i] = a[i] + b[(i / b_div) % b_len]  (b broadcast: same shape, [B, C, 1, 1], [C])
+//   sub/mul/div: the same with -, *, /
 //   cfg:        y[i] = a[i] + alpha * (b[i] - a[i])   (a uncond, b cond, alpha the guidance scale)
 typedef struct SdsEltwiseParams {
     const void* a;  // T [n]
@@ -252,3 +253,119 @@ SDS_CHECK_OFFSET(SdsTimestepParams, count, 16);
 SDS_CHECK_OFFSET(SdsTimestepParams, dim, 20);
 SDS_CHECK_OFFSET(SdsTimestepParams, flip_sin_to_cos, 24);
 SDS_CHECK_OFFSET(SdsTimestepParams, freq_shift, 28);
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-manipulation kernels of cuda/tensor.cu (issue 8, phase 2). T is the storage type of the
+// kernel name (_f32 / _f16 / _bf16); arithmetic in f32.
+
+// affine: y[i] = x[i] * mul + add over n elements. The cast kernels
+// (sdsparse_cast_<from>_<to>) use the same struct with mul = 1, add = 0 and ignore both.
+typedef struct SdsAffineParams {
+    const void* x;  // T [n] (cast: the source type)
+    void* y;        // T [n] (cast: the destination type)
+    int32_t n;
+    float mul, add;
+    int32_t reserved;
+} SdsAffineParams;
+
+SDS_CHECK_SIZE(SdsAffineParams, 32);
+SDS_CHECK_OFFSET(SdsAffineParams, x, 0);
+SDS_CHECK_OFFSET(SdsAffineParams, y, 8);
+SDS_CHECK_OFFSET(SdsAffineParams, n, 16);
+SDS_CHECK_OFFSET(SdsAffineParams, mul, 20);
+SDS_CHECK_OFFSET(SdsAffineParams, add, 24);
+SDS_CHECK_OFFSET(SdsAffineParams, reserved, 28);
+
+#define SDS_STRIDED_MAX_RANK 6
+
+// Strided gather (permute, transpose, narrow): output element i, with coordinates (c_0..c_{r-1})
+// of the row-major output shape dims[0..rank), reads x[offset + sum_d c_d * strides[d]].
+typedef struct SdsStridedCopyParams {
+    const void* x;  // T
+    void* y;        // T [prod(dims)]
+    int32_t n;      // prod(dims)
+    int32_t rank;   // 1..=SDS_STRIDED_MAX_RANK
+    int32_t offset;
+    int32_t reserved;
+    int32_t dims[SDS_STRIDED_MAX_RANK];
+    int32_t strides[SDS_STRIDED_MAX_RANK];
+} SdsStridedCopyParams;
+
+SDS_CHECK_SIZE(SdsStridedCopyParams, 80);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, x, 0);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, y, 8);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, n, 16);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, rank, 20);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, offset, 24);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, reserved, 28);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, dims, 32);
+SDS_CHECK_OFFSET(SdsStridedCopyParams, strides, 56);
+
+// Embedding gather: y[r][c] = table[ids[r]][c]; the launcher checked every id < vocab.
+typedef struct SdsEmbeddingParams {
+    const void* table;    // T [vocab][dim]
+    const uint32_t* ids;  // [count]
+    void* y;              // T [count][dim]
+    int32_t count, dim;
+    int32_t vocab, reserved;
+} SdsEmbeddingParams;
+
+SDS_CHECK_SIZE(SdsEmbeddingParams, 40);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, table, 0);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, ids, 8);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, y, 16);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, count, 24);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, dim, 28);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, vocab, 32);
+SDS_CHECK_OFFSET(SdsEmbeddingParams, reserved, 36);
+
+// Softmax over the last dim of x[rows][cols] of (x * scale), in f32. With `causal`, row r is
+// query q = r % q_len of a [.., q_len, cols] score block and column j is masked (probability 0)
+// when j > q + cols - q_len (the attention ops' causal rule). A row with no unmasked column
+// gives zeros.
+typedef struct SdsSoftmaxParams {
+    const void* x;  // T [rows][cols]
+    void* y;        // T [rows][cols]
+    int32_t rows, cols;
+    float scale;
+    uint32_t causal;
+    int32_t q_len;
+    int32_t reserved;
+} SdsSoftmaxParams;
+
+SDS_CHECK_SIZE(SdsSoftmaxParams, 40);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, x, 0);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, y, 8);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, rows, 16);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, cols, 20);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, scale, 24);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, causal, 28);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, q_len, 32);
+SDS_CHECK_OFFSET(SdsSoftmaxParams, reserved, 36);
+
+// im2col of one image x[c_in][h][w] for a kh x kw convolution (stride, zero padding):
+// col[(c * kh + i) * kw + j][oy * out_w + ox] = x[c][oy * stride + i - pad][ox * stride + j - pad]
+// (0 outside the image), so the convolution is W[c_out][c_in * kh * kw] . col.
+typedef struct SdsIm2colParams {
+    const void* x;  // T [c_in][h][w]
+    void* col;      // T [c_in * kh * kw][out_h * out_w]
+    int32_t c_in, h, w;
+    int32_t kh, kw;
+    int32_t stride, pad;
+    int32_t out_h, out_w;
+    int32_t reserved;
+} SdsIm2colParams;
+
+SDS_CHECK_SIZE(SdsIm2colParams, 56);
+SDS_CHECK_OFFSET(SdsIm2colParams, x, 0);
+SDS_CHECK_OFFSET(SdsIm2colParams, col, 8);
+SDS_CHECK_OFFSET(SdsIm2colParams, c_in, 16);
+SDS_CHECK_OFFSET(SdsIm2colParams, h, 20);
+SDS_CHECK_OFFSET(SdsIm2colParams, w, 24);
+SDS_CHECK_OFFSET(SdsIm2colParams, kh, 28);
+SDS_CHECK_OFFSET(SdsIm2colParams, kw, 32);
+SDS_CHECK_OFFSET(SdsIm2colParams, stride, 36);
+SDS_CHECK_OFFSET(SdsIm2colParams, pad, 40);
+SDS_CHECK_OFFSET(SdsIm2colParams, out_h, 44);
+SDS_CHECK_OFFSET(SdsIm2colParams, out_w, 48);
+SDS_CHECK_OFFSET(SdsIm2colParams, reserved, 52);

@@ -5,10 +5,13 @@
 //! `[B, H, S, D]`; "last dim" means the contiguous one.
 //!
 //! Each op first validates shapes (device-independent, so every backend reports the same
-//! one-line errors), then matches on where its inputs live: `cpu::*` for host tensors; GPU
-//! tensors get a clear "not yet implemented on CUDA" error until a CUDA launcher is added
-//! in the `On::Cuda` arm. Mixed-device inputs are an error, never an implicit copy.
+//! one-line errors), then matches on where its inputs live: `cpu::*` for host tensors,
+//! `cuda::ops::*` (our kernels and cuBLAS, `backend/cuda/ops.rs`) for GPU tensors.
+//! Mixed-device inputs are an error, never an implicit copy.
 
+use super::cuda::ops as gpu;
+use super::cuda::pointwise::Unary;
+use super::cuda::tensor_ops::Binary;
 use super::{cpu, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::Weight;
@@ -27,10 +30,6 @@ fn placement(op: &str, inputs: &[&Tensor]) -> Result<On> {
         n if n == inputs.len() => Ok(On::Cuda),
         _ => Err(Error::Invalid(format!("{op}: inputs are on different devices"))),
     }
-}
-
-fn not_on_cuda(op: &str) -> Error {
-    Error::Cuda(format!("op {op} not yet implemented on CUDA"))
 }
 
 fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -61,16 +60,18 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
     *out_shape.last_mut().expect("rank ≥ 1 checked above") = n;
     match placement("linear", &inputs)? {
         On::Cpu => {
+            // A dense f16 / bf16 weight is widened for this one product (a transient buffer
+            // of one layer, freed on return); f32 weights are borrowed.
             let dense = match w {
-                Weight::Dense(t) => Some(t.as_slice()?),
+                Weight::Dense(t) => Some(t.f32_cow()?),
                 _ => None,
             };
             let bias = bias.map(|b| b.as_slice()).transpose()?;
             let m: usize = x_shape[..x_shape.len() - 1].iter().product();
-            let y = cpu::gemm::linear(x.as_slice()?, m, k, w, dense, bias)?;
+            let y = cpu::gemm::linear(x.as_slice()?, m, k, w, dense.as_deref(), bias)?;
             cpu_tensor(y, &out_shape)
         }
-        On::Cuda => Err(not_on_cuda("linear")),
+        On::Cuda => gpu::linear(x, w, bias, &out_shape),
     }
 }
 
@@ -87,11 +88,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     out_shape[r - 1] = n;
     match placement("matmul", &[a, b])? {
         On::Cpu => cpu_tensor(cpu::gemm::matmul(a.as_slice()?, b.as_slice()?, batch, m, k, n), &out_shape),
-        On::Cuda => Err(not_on_cuda("matmul")),
+        On::Cuda => gpu::matmul(a, b, (batch, m, k, n), &out_shape),
     }
 }
 
-/// 2-D convolution, `x[B, Cin, H, W]`, `w[Cout, Cin, kh, kw]`, optional `bias[Cout]`.
+/// 2-D convolution, `x[B, Cin, H, W]`, `w[Cout, Cin, kh, kw]`, optional `bias[Cout]`. The
+/// weight may be stored in f16 / bf16: it is widened (exactly) for this call only.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -126,9 +128,10 @@ pub fn conv2d(
     match placement("conv2d", &inputs)? {
         On::Cpu => {
             let bias = bias.map(|b| b.as_slice()).transpose()?;
-            cpu_tensor(cpu::conv::conv2d(x.as_slice()?, w.as_slice()?, bias, s), &[batch, c_out, ho, wo])
+            let w = w.f32_cow()?;
+            cpu_tensor(cpu::conv::conv2d(x.as_slice()?, &w, bias, s), &[batch, c_out, ho, wo])
         }
-        On::Cuda => Err(not_on_cuda("conv2d")),
+        On::Cuda => gpu::conv2d(x, w, bias, s),
     }
 }
 
@@ -171,7 +174,7 @@ pub fn group_norm(
             ),
             shape,
         ),
-        On::Cuda => Err(not_on_cuda("group_norm")),
+        On::Cuda => gpu::group_norm(x, (shape[0], c, spatial), groups, gamma, beta, eps, silu),
     }
 }
 
@@ -190,7 +193,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result
             cpu::norm::layer_norm(x.as_slice()?, dim, gamma.as_slice()?, beta.as_slice()?, eps),
             x.shape(),
         ),
-        On::Cuda => Err(not_on_cuda("layer_norm")),
+        On::Cuda => gpu::layer_norm(x, dim, gamma, beta, eps),
     }
 }
 
@@ -214,7 +217,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, causal: bool) -
             cpu::attention::attention(q.as_slice()?, k.as_slice()?, v.as_slice()?, s, scale, causal),
             q.shape(),
         ),
-        On::Cuda => Err(not_on_cuda("attention")),
+        On::Cuda => gpu::attention(q, k, v, s, scale, causal),
     }
 }
 
@@ -253,7 +256,7 @@ pub fn attention_heads(
             ),
             q.shape(),
         ),
-        On::Cuda => Err(not_on_cuda("attention_heads")),
+        On::Cuda => gpu::attention_interleaved(q, k, v, s, scale, causal),
     }
 }
 
@@ -262,21 +265,26 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let dim = *x.shape().last().ok_or_else(|| Error::Shape("softmax_last: scalar input".into()))?;
     match placement("softmax_last", &[x])? {
         On::Cpu => cpu_tensor(cpu::attention::softmax_last(x.as_slice()?, dim), x.shape()),
-        On::Cuda => Err(not_on_cuda("softmax_last")),
+        On::Cuda => gpu::softmax_last(x, dim),
     }
 }
 
-/// A unary elementwise op: same shape out.
-fn unary(op: &str, x: &Tensor, f: impl Fn(&[f32]) -> Vec<f32>) -> Result<Tensor> {
+/// A unary elementwise op: same shape out; `g` is the GPU version.
+fn unary(
+    op: &str,
+    x: &Tensor,
+    f: impl Fn(&[f32]) -> Vec<f32>,
+    g: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     match placement(op, &[x])? {
         On::Cpu => cpu_tensor(f(x.as_slice()?), x.shape()),
-        On::Cuda => Err(not_on_cuda(op)),
+        On::Cuda => g(x),
     }
 }
 
 /// Exact (erf) GELU.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    unary("gelu", x, cpu::elementwise::gelu)
+    unary("gelu", x, cpu::elementwise::gelu, |x| gpu::unary(Unary::Gelu, x))
 }
 
 /// GEGLU: splits the last dim in halves `[h, g]` and returns `h * gelu(g)`.
@@ -290,17 +298,17 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     *out_shape.last_mut().expect("non-empty") = last / 2;
     match placement("geglu", &[x])? {
         On::Cpu => cpu_tensor(cpu::elementwise::geglu(x.as_slice()?, last / 2), &out_shape),
-        On::Cuda => Err(not_on_cuda("geglu")),
+        On::Cuda => gpu::geglu(x, last / 2, &out_shape),
     }
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    unary("silu", x, cpu::elementwise::silu)
+    unary("silu", x, cpu::elementwise::silu, |x| gpu::unary(Unary::Silu, x))
 }
 
 /// A binary elementwise op with `b` broadcast to `a` (or `a` to `b` when the op commutes).
 fn broadcast_op(
-    op: &str,
+    op: Binary,
     a: &Tensor,
     b: &Tensor,
     commutes: bool,
@@ -315,17 +323,17 @@ fn broadcast_op(
     } else if commutes && fits(sb, sa) {
         (b, a)
     } else {
-        return Err(Error::Shape(format!("{op}: cannot broadcast {sb:?} to {sa:?}")));
+        return Err(Error::Shape(format!("{}: cannot broadcast {sb:?} to {sa:?}", op.name())));
     };
     let shape = a.shape();
     let mut b_shape = vec![1usize; shape.len() - b.rank()];
     b_shape.extend_from_slice(b.shape());
-    match placement(op, &[a, b])? {
+    match placement(op.name(), &[a, b])? {
         On::Cpu => cpu_tensor(
             cpu::elementwise::broadcast_binary(a.as_slice()?, shape, b.as_slice()?, &b_shape, f),
             shape,
         ),
-        On::Cuda => Err(not_on_cuda(op)),
+        On::Cuda => gpu::binary(op, a, b),
     }
 }
 
@@ -333,27 +341,27 @@ fn broadcast_op(
 /// (e.g. `[B, C, H, W] + [B, C, 1, 1]`, `[B, S, C] + [C]`). As addition commutes, `a` may
 /// also be the one broadcast to `b`'s shape.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    broadcast_op("add", a, b, true, |x, y| x + y)
+    broadcast_op(Binary::Add, a, b, true, |x, y| x + y)
 }
 
 /// Elementwise `a * b` with the same broadcasting as [`add`].
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    broadcast_op("mul", a, b, true, |x, y| x * y)
+    broadcast_op(Binary::Mul, a, b, true, |x, y| x * y)
 }
 
 /// Elementwise `a - b` with `b` broadcast to `a`'s shape.
 pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    broadcast_op("sub", a, b, false, |x, y| x - y)
+    broadcast_op(Binary::Sub, a, b, false, |x, y| x - y)
 }
 
 /// Elementwise `a / b` with `b` broadcast to `a`'s shape.
 pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    broadcast_op("div", a, b, false, |x, y| x / y)
+    broadcast_op(Binary::Div, a, b, false, |x, y| x / y)
 }
 
 /// `x * mul + add` elementwise.
 pub fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
-    unary("affine", x, |v| cpu::elementwise::affine(v, mul, add))
+    unary("affine", x, |v| cpu::elementwise::affine(v, mul, add), |x| gpu::affine(x, mul, add))
 }
 
 /// `x * factor` elementwise.
@@ -373,7 +381,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     match placement("permute", &[x])? {
         On::Cpu => cpu_tensor(cpu::layout::permute(x.as_slice()?, shape, perm), &out_shape),
-        On::Cuda => Err(not_on_cuda("permute")),
+        On::Cuda => gpu::permute(x, perm),
     }
 }
 
@@ -410,7 +418,7 @@ pub fn cat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
             let parts = xs.iter().map(|t| Ok((t.as_slice()?, t.shape()[dim]))).collect::<Result<Vec<_>>>()?;
             cpu_tensor(cpu::layout::cat(&parts, outer, inner), &out_shape)
         }
-        On::Cuda => Err(not_on_cuda("cat")),
+        On::Cuda => gpu::cat(xs, dim, outer, inner),
     }
 }
 
@@ -428,7 +436,7 @@ pub fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor
         On::Cpu => {
             cpu_tensor(cpu::layout::narrow(x.as_slice()?, outer, shape[dim], inner, start, len), &out_shape)
         }
-        On::Cuda => Err(not_on_cuda("narrow")),
+        On::Cuda => gpu::narrow(x, (outer, shape[dim], inner), start, len, &out_shape),
     }
 }
 
@@ -449,7 +457,7 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
         On::Cpu => {
             cpu_tensor(cpu::layout::upsample_nearest2x(x.as_slice()?, b * c, h, w), &[b, c, 2 * h, 2 * w])
         }
-        On::Cuda => Err(not_on_cuda("upsample_nearest2x")),
+        On::Cuda => gpu::upsample_nearest(x, (b, c, h, w), (2 * h, 2 * w)),
     }
 }
 
@@ -472,19 +480,25 @@ pub fn upsample_nearest_to(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
             cpu::layout::upsample_nearest_to(x.as_slice()?, b * c, (h, w), (out_h, out_w)),
             &[b, c, out_h, out_w],
         ),
-        On::Cuda => Err(not_on_cuda("upsample_nearest_to")),
+        On::Cuda => gpu::upsample_nearest(x, (b, c, h, w), (out_h, out_w)),
     }
 }
 
-/// Rows of an embedding table `table[V, C]` for `ids` → `[ids.len(), C]`.
+/// Rows of an embedding table `table[V, C]` for `ids` → `[ids.len(), C]` in f32; the table
+/// may be stored in f16 / bf16 (only the rows asked for are widened).
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (vocab, dim) = table.dims2()?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(Error::Invalid(format!("embedding: id {bad} outside a table of {vocab} rows")));
     }
     match placement("embedding", &[table])? {
-        On::Cpu => cpu_tensor(cpu::layout::embedding(table.as_slice()?, dim, ids), &[ids.len(), dim]),
-        On::Cuda => Err(not_on_cuda("embedding")),
+        On::Cpu => {
+            let Storage::Cpu(data) = table.storage() else {
+                return Err(Error::Invalid("embedding: the table is not on the CPU".into()));
+            };
+            cpu_tensor(cpu::layout::embedding(data, dim, ids), &[ids.len(), dim])
+        }
+        On::Cuda => gpu::embedding(table, (vocab, dim), ids),
     }
 }
 
@@ -506,6 +520,24 @@ pub fn timestep_embedding(
         cpu::embed::timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift),
         &[timesteps.len(), dim],
     )
+}
+
+/// Classifier-free guidance on the batched UNet output `pred[2, ..]` (`[uncond, cond]`, as
+/// diffusers batches it): `uncond + guidance · (cond − uncond)`, shape `[1, ..]`.
+pub fn cfg_combine(pred: &Tensor, guidance: f32) -> Result<Tensor> {
+    let shape = pred.shape();
+    if shape.first() != Some(&2) {
+        return Err(Error::Shape(format!("cfg_combine: prediction {shape:?} is not a batch of 2")));
+    }
+    let mut out_shape = shape.to_vec();
+    out_shape[0] = 1;
+    match placement("cfg_combine", &[pred])? {
+        On::Cpu => {
+            let (u, c) = pred.as_slice()?.split_at(pred.numel() / 2);
+            cpu_tensor(cpu::elementwise::cfg_combine(u, c, guidance), &out_shape)
+        }
+        On::Cuda => gpu::cfg_combine(pred, guidance, &out_shape),
+    }
 }
 
 /// Moves a tensor to `device` (a no-op when it is there already).

@@ -36,6 +36,37 @@ impl SafetensorsFile {
         let (a, b) = info.data_offsets;
         &self.mmap[self.data_start + a..self.data_start + b]
     }
+
+    /// Tells the kernel this process is done with a tensor's pages of the map (once it has
+    /// been copied out), so that they leave its resident set: without it a loaded model is
+    /// counted twice (the copy plus the touched map). Best effort; see [`release_pages`].
+    pub fn release(&self, info: &TensorInfo) {
+        let (a, b) = info.data_offsets;
+        release_pages(&self.mmap, self.data_start + a, b - a);
+    }
+}
+
+/// `madvise(MADV_DONTNEED)` on the whole pages inside `offset..offset + len` of a read-only
+/// file map: they leave the resident set and, if read again, fault back in from the page
+/// cache with the same contents. Partial pages at either end are kept (a neighbouring
+/// tensor may still be in use). A no-op where unsupported.
+pub(crate) fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let page = 4096usize;
+        let base = map.as_ptr() as usize;
+        let start = (base + offset).next_multiple_of(page) - base;
+        let end = (base + offset + len) / page * page - base;
+        if end > start && end <= map.len() {
+            // SAFETY: the map is read-only and file-backed (MAP_SHARED, PROT_READ): dropping
+            // its pages changes no contents; a later read faults the same bytes back in. No
+            // borrow of these bytes is used after this call by the loader.
+            let _ =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (map, offset, len);
 }
 
 /// A tensor as stored: dtype, shape and bytes borrowed from the map.
@@ -172,6 +203,13 @@ impl Backing {
         match self {
             Backing::Mmap(m) => m,
             Backing::Owned(v) => v,
+        }
+    }
+    /// Drops a copied-out range's pages from the resident set (maps only; see
+    /// [`SafetensorsFile::release`]).
+    pub fn release(&self, range: &std::ops::Range<usize>) {
+        if let Backing::Mmap(m) = self {
+            release_pages(m, range.start, range.len());
         }
     }
 }
@@ -382,13 +420,22 @@ impl ComponentStore {
     /// A tensor (by requested name, aliases tried) widened to f32. A compressed tensor is
     /// decompressed (zeros in place) to its original shape.
     pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        self.tensor_stored(name)?.to_dtype(DType::F32)
+    }
+
+    /// A tensor (by requested name, aliases tried) in its stored dtype: f32, f16 or bf16 as
+    /// the file holds it (f64 is narrowed to f32, as diffusers casts it), so that a loaded
+    /// model takes the checkpoint's size in memory. Its pages of the file map are released
+    /// once copied. A compressed tensor is decompressed (zeros in place) to its original
+    /// shape, in its values' dtype. NaN / infinite values are refused.
+    pub fn tensor_stored(&self, name: &str) -> Result<Tensor> {
         let Some(stored) = self.resolve(name) else {
             if let Some((stored, _)) = crate::format::codec::compressed_name(self, name) {
                 let w = crate::format::codec::load_compressed(self, &stored)?;
                 let shape = self.sparse.as_ref().map(|h| h.layers[&stored].shape.clone()).unwrap_or_default();
-                let values = w.to_dense_host()?.to_f32();
-                self.check_finite(&stored, &values)?;
-                return Tensor::from_vec(values, &shape);
+                let values = w.to_dense_host()?;
+                self.check_finite_host(&stored, &values)?;
+                return Tensor::from_host_data(values, &shape);
             }
             return Err(Error::Checkpoint(format!(
                 "{}: tensor {name} not found in the checkpoint",
@@ -399,9 +446,31 @@ impl ComponentStore {
             return Ok(t.clone());
         }
         let raw = self.raw(&stored)?;
-        let values = raw.host_data().map_err(|e| self.located(e))?.to_f32();
-        self.check_finite(&stored, &values)?;
-        Tensor::from_vec(values, raw.shape)
+        let bad = raw.count_nonfinite();
+        if bad > 0 {
+            let numel = raw.shape.iter().product();
+            return Err(nonfinite_error(&self.describe(), &stored, bad, numel));
+        }
+        let values = raw.host_data().map_err(|e| self.located(e))?;
+        if raw.dtype == StDtype::F64 {
+            // f64 values beyond f32's range become infinite when narrowed.
+            self.check_finite_host(&stored, &values)?;
+        }
+        let t = Tensor::from_host_data(values, raw.shape)?;
+        self.release(&stored);
+        Ok(t)
+    }
+
+    /// Releases a copied-out tensor's pages of its file map (see [`SafetensorsFile::release`]).
+    pub(crate) fn release(&self, stored_name: &str) {
+        if let Some(m) = self.mapped.get(stored_name) {
+            m.backing.release(&m.range);
+        } else if let Some(&fi) = self.index.get(stored_name) {
+            let f = &self.files[fi];
+            if let Some(info) = f.metadata.info(stored_name) {
+                f.release(info);
+            }
+        }
     }
 
     /// An error from reading one of this store's tensors, prefixed with the folder.
@@ -412,19 +481,20 @@ impl ComponentStore {
         }
     }
 
-    /// Refuses NaN / infinite weights at load (one pass, done once per tensor).
-    fn check_finite(&self, name: &str, values: &[f32]) -> Result<()> {
-        let bad = values.iter().filter(|v| !v.is_finite()).count();
+    /// Refuses NaN / infinite weights at load (one pass over the stored bytes).
+    fn check_finite_host(&self, name: &str, values: &HostData) -> Result<()> {
+        let bad = count_nonfinite_bytes(values.as_bytes(), st_dtype_of(values.dtype()));
         if bad > 0 {
             return Err(nonfinite_error(&self.describe(), name, bad, values.len()));
         }
         Ok(())
     }
 
-    /// A Linear weight as stored: dense, or compressed in a sparse checkpoint.
+    /// A Linear weight as stored: dense (in its stored dtype), or compressed in a sparse
+    /// checkpoint.
     pub fn weight(&self, name: &str) -> Result<Weight> {
         if self.contains(name) {
-            return Ok(Weight::Dense(self.tensor_f32(name)?));
+            return Ok(Weight::Dense(self.tensor_stored(name)?));
         }
         let w = crate::format::codec::load_compressed(self, name)?;
         let values = match &w {
@@ -433,10 +503,7 @@ impl ComponentStore {
             Weight::Dense(_) => None,
         };
         if let Some(v) = values {
-            let bad = count_nonfinite_bytes(v.as_bytes(), st_dtype_of(v.dtype()));
-            if bad > 0 {
-                return Err(nonfinite_error(&self.describe(), name, bad, v.len()));
-            }
+            self.check_finite_host(name, v)?;
         }
         Ok(w)
     }

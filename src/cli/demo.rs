@@ -57,6 +57,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
+    args.pattern.parse::<sdsparse::prune::Pattern>()?; // refused before anything is written
     let prompts: Vec<String> = if args.prompt.is_empty() {
         DEMO_PROMPTS.iter().map(|p| p.to_string()).collect()
     } else {
@@ -79,6 +80,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let flags = ["--model", &s(&dense), "--out", &s(&sparse), "--pattern", &args.pattern, "--force"];
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     super::convert::run(parse_args("convert", &flags)?)?;
+    outln!(
+        "(the toy's files barely shrink: most of its bytes are the text encoder's token embedding, which is not \
+         pruned; on SD2.1 the same targets store 0.83x of dense)"
+    );
     outln!();
 
     outln!(

@@ -48,6 +48,14 @@ pub struct GenerateArgs {
     /// Also write the final latents (before VAE decode) as tensor `latents`.
     #[arg(long, value_name = "FILE")]
     pub save_latents: Option<PathBuf>,
+    /// Decode the latents in overlapping tiles, as diffusers' `vae.enable_tiling()`: the VAE's
+    /// memory follows the tile instead of the image (for large images on small machines).
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// Tile size in pixels for --vae-tiling (diffusers' tile_sample_min_size; default: the
+    /// VAE config's sample_size, 512 for SD2.1-base, 768 for SD2.1; a multiple of 32 for SD2).
+    #[arg(long, value_name = "PIXELS", requires = "vae_tiling")]
+    pub vae_tile_size: Option<usize>,
     /// Output PNG.
     #[arg(long, value_name = "FILE.png", default_value = "image.png")]
     pub out: PathBuf,
@@ -80,19 +88,10 @@ pub fn select_device(choice: &str) -> Result<Device, Error> {
 fn cuda_device() -> Result<Device, String> {
     // Errors (no kernels in this build, no driver, no GPU, GPU too old) come back as text.
     let gpu = CudaDevice::new(0).map_err(|e| e.to_string())?;
-    if !PIPELINE_RUNS_ON_CUDA {
-        return Err(format!(
-            "{} ({}) found, but the model ops do not run on the CUDA backend yet",
-            gpu.gpu_name(),
-            gpu.name()
-        ));
-    }
+    // cuBLAS is loaded dynamically: its absence is a reason for `auto` to use the CPU.
+    gpu.blas().map_err(|e| e.to_string())?;
     Ok(Device::Cuda(gpu))
 }
-
-/// Whether every op the models call has a CUDA implementation (`backend::ops`); until then
-/// a GPU is detected and reported but the pipeline runs on the CPU.
-const PIPELINE_RUNS_ON_CUDA: bool = false;
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let scheduler = args.scheduler.as_deref().map(SchedulerKind::from_cli_name).transpose()?;
@@ -121,7 +120,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = select_device(&args.device)?;
 
     args.single_file.print_notes(&args.model)?;
-    let sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
+    let mut sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
     for note in sd.notes() {
         eprintln!("note: {note}");
     }
@@ -135,12 +134,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         width: args.width,
         height: args.height,
         init_latents,
+        vae_tiling: args.vae_tiling,
+        vae_tile_size: args.vae_tile_size,
     };
     // Check sizes and the scheduler before the text encoder runs.
     let shape = sd.latent_shape(&req)?;
     let kind = sd.scheduler_kind(&req)?;
     let calls = sd.scheduler_for(&req)?.timesteps().len();
     let f = sd.vae_scale_factor();
+    if req.vae_tiling {
+        let tile = sd.vae_tile_size(&req)?;
+        let (lh, lw) = (shape[2] * f, shape[3] * f);
+        if lh <= tile && lw <= tile {
+            eprintln!("note: --vae-tiling: the image fits one {tile} px tile, so it is decoded untiled (as diffusers)");
+        }
+    }
     eprintln!(
         "generating {}x{} with {} ({} steps, {} UNet calls, guidance {}) on {}",
         shape[3] * f,
@@ -149,15 +157,29 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         req.steps,
         calls,
         req.guidance,
-        device.name()
+        match &device {
+            Device::Cuda(d) => format!("{} ({}, f32 activations)", d.name(), d.gpu_name()),
+            Device::Cpu => device.name(),
+        }
     );
 
     let bar = ProgressBar::new(calls as u64).with_style(
         ProgressStyle::with_template("denoising {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let generated = sd.generate(&req, &mut |done, _| bar.set_position(done as u64))?;
+    // One prompt per run, so each model is freed once its stage is done: the text encoder
+    // after encoding, the UNet after denoising. Peak memory is then the weights at load,
+    // not the weights plus the VAE decoder's large activations.
+    let t0 = std::time::Instant::now();
+    let embeddings = sd.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
+    let text_encoder_time = t0.elapsed();
+    sd.release_text_encoder();
+    let denoised =
+        sd.denoise_with_embeddings(&req, embeddings, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
+    sd.release_unet();
+    let mut generated = sd.decode(&req, denoised)?;
+    generated.timings.text_encoder = text_encoder_time;
     if generated.prompt_truncated {
         eprintln!("note: the prompt was longer than 77 tokens and was truncated");
     }

@@ -16,7 +16,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Quality budget: the summed relative deviation ‖z'−z‖²/‖z‖² of the final latents.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     pub budget: f64,
     /// Unstructured sparsities offered to each layer, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
@@ -42,9 +42,11 @@ pub struct PlanArgs {
 }
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
-    for c in &args.components {
+    // `sweep` spells the text encoder `text-encoder`; both spellings are accepted here too.
+    let components: Vec<String> = args.components.iter().map(|c| c.replace('-', "_")).collect();
+    for c in &components {
         if c != "text_encoder" && c != "unet" {
-            anyhow::bail!("invalid argument: --components: unknown component '{c}' (text_encoder, unet)");
+            anyhow::bail!("invalid argument: --components: unknown component '{c}' (text-encoder, unet)");
         }
     }
     if args.out.exists() && !args.force {
@@ -58,8 +60,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         captions: args.captions,
         steps: args.steps,
         seed: args.seed,
-        text_encoder: args.components.iter().any(|c| c == "text_encoder"),
-        unet: args.components.iter().any(|c| c == "unet"),
+        text_encoder: components.iter().any(|c| c == "text_encoder"),
+        unet: components.iter().any(|c| c == "unet"),
         ..PlanOptions::default()
     };
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
@@ -118,5 +120,12 @@ pub fn print_plan(plan: &MixedPlan, summary: bool) -> anyhow::Result<()> {
         plan.predicted_deviation,
         plan.measured_deviation
     );
+    if plan.measured_deviation > plan.budget {
+        eprintln!(
+            "note: the measured deviation {:.3e} is above the budget {:.3e}: single-layer deviations do not add \
+             up exactly (docs/PRUNING.md); give a smaller --budget to stay under it",
+            plan.measured_deviation, plan.budget
+        );
+    }
     Ok(())
 }

@@ -86,6 +86,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         calibration: args.calibration.options(0),
     };
     let points = opts.plan()?;
+    if !args.model.is_dir() {
+        anyhow::bail!("{}: model folder not found", args.model.display());
+    }
     let device = super::generate::select_device(&args.device)?;
     if !device.is_cpu() {
         anyhow::bail!(
@@ -94,7 +97,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         );
     }
     outln!(
-        "sweep of {}: {} points x {} seeds, {} steps -> {}",
+        "sweep of {}: {} points x {} seed(s), {} steps -> {}",
         args.model.display(),
         points.len(),
         args.seeds,

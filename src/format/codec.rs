@@ -399,10 +399,10 @@ fn clear_padding_bits(keep: &[u8], rows: usize, cols: usize) -> Vec<u8> {
 }
 
 impl Weight {
-    /// The dense matrix in the stored dtype (a dense weight is returned as f32).
+    /// The dense matrix in the stored dtype.
     pub fn to_dense_host(&self) -> Result<HostData> {
         match self {
-            Weight::Dense(t) => Ok(HostData::F32(t.to_vec()?)),
+            Weight::Dense(t) => t.to_host_data(),
             Weight::Sparse24(w) => w.to_dense(),
             Weight::Bitmap(w) => w.to_dense(),
         }
@@ -469,6 +469,9 @@ pub fn load_compressed(store: &ComponentStore, name: &str) -> Result<Weight> {
             }
             let w = Sparse24Weight { rows, cols, values: values_dtype(&v)?, meta: m.bytes.to_vec() };
             w.validate().map_err(|e| Error::Format(format!("{}: {e}", ctx())))?;
+            for suffix in [S24_VALUES, S24_META] {
+                store.release(&format!("{stored}{suffix}"));
+            }
             Ok(Weight::Sparse24(w))
         }
         PatternName::Unstructured => {
@@ -483,6 +486,9 @@ pub fn load_compressed(store: &ComponentStore, name: &str) -> Result<Weight> {
             }
             let w = BitmapWeight::from_parts(rows, cols, m.bytes.to_vec(), values_dtype(&v)?)
                 .map_err(|e| Error::Format(format!("{}: {e}", ctx())))?;
+            for suffix in [BITMAP_MASK, BITMAP_VALUES] {
+                store.release(&format!("{stored}{suffix}"));
+            }
             Ok(Weight::Bitmap(w))
         }
     }

@@ -264,6 +264,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// Set by [`ClipTextModel::release_weights`]: the weights are gone, `forward` errors.
+    released: bool,
 }
 
 impl ClipTextModel {
@@ -273,7 +275,8 @@ impl ClipTextModel {
         config.validate()?;
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
-        let token_embedding = emb.pp("token_embedding").get("weight", &[config.vocab_size, h])?;
+        // The token table (49408 x 1024 for SD2) stays in its stored dtype; lookups widen rows.
+        let token_embedding = emb.pp("token_embedding").get_stored("weight", &[config.vocab_size, h])?;
         let position_embedding =
             emb.pp("position_embedding").get("weight", &[config.max_position_embeddings, h])?;
         let layers_vb = vb.pp("encoder").pp("layers");
@@ -287,14 +290,33 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            released: false,
         })
+    }
+
+    /// Frees the weights (the token table and every layer; a one-shot run that has encoded
+    /// its prompt needs them no more). Afterwards [`Self::forward`] is an error.
+    pub fn release_weights(&mut self) {
+        self.token_embedding = Tensor::zeros(&[0, self.config.hidden_size]);
+        self.layers = Vec::new();
+        self.released = true;
+    }
+
+    /// Whether [`Self::release_weights`] was called.
+    pub fn is_released(&self) -> bool {
+        self.released
     }
 
     /// Loads a diffusers `text_encoder/` folder: `config.json` plus its safetensors weights
     /// (dense, or compressed by `sdsparse convert`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_on(dir, &crate::backend::Device::Cpu)
+    }
+
+    /// [`Self::from_dir`] with the weights placed on `device`.
+    pub fn from_dir_on(dir: &Path, device: &crate::backend::Device) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let vb = VarBuilder::new(Arc::new(crate::checkpoint::ComponentStore::open(dir)?));
+        let vb = VarBuilder::new(Arc::new(crate::checkpoint::ComponentStore::open(dir)?)).on_device(device);
         Self::new(&vb, &config)
     }
 
@@ -346,6 +368,9 @@ impl ClipTextModel {
     /// `last_hidden_state` `[B, S, hidden]` for `B` token sequences of one length `S`
     /// (at most `max_position_embeddings`; 77 as the tokenizer pads them).
     pub fn forward<T: AsRef<[u32]>>(&self, batch: &[T]) -> Result<Tensor> {
+        if self.released {
+            return Err(Error::Invalid("text encoder: its weights were released after encoding".into()));
+        }
         let (b, s) = self.check_ids(batch)?;
         let h = self.config.hidden_size;
         let ids: Vec<u32> = batch.iter().flat_map(|row| row.as_ref().iter().copied()).collect();

@@ -2,13 +2,17 @@
 //! through which calibration sees each layer's inputs (Wanda / OWL, `crate::calibrate`).
 //!
 //! The weight stays in its stored form (dense, 2:4 or unstructured-sparse) from loading to
-//! the kernel call. Each layer knows its weight's name in its component (`…to_q.weight`),
+//! the kernel call. On CUDA ([`place_weight`]) a dense weight is uploaded at load, and a
+//! compressed one is packed once for the sparse GEMM kernels ([`SparseLinear`]), or, with
+//! `SDSPARSE_GPU_SPARSE=dense` or when the kernels cannot take its shape, expanded once to a
+//! dense f32 GPU weight (decompression kernels) that cuBLAS multiplies. Each layer knows its weight's name in its component (`…to_q.weight`),
 //! so statistics and pruning decisions are keyed by the names checkpoints use.
 
-use crate::backend::{ops, Tensor};
+use crate::backend::{cuda, ops, Device, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
 use crate::format::Weight;
+use crate::sparse_linear::SparseLinear;
 use std::sync::Arc;
 
 /// Sees the input of every forward call of the layers it is attached to. Implementations
@@ -26,6 +30,37 @@ pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     observer: Option<Arc<dyn LinearObserver>>,
+    /// Where the layer runs; on CUDA, `weight` is a GPU tensor or `sparse_gpu` is set.
+    device: Device,
+    /// The compressed weight packed for the GPU sparse kernels (CUDA only).
+    sparse_gpu: Option<Arc<SparseLinear>>,
+}
+
+/// Whether compressed weights on CUDA run through the sparse kernels (default) or are expanded
+/// once to dense f32 weights for cuBLAS (`SDSPARSE_GPU_SPARSE=dense`: exact f32 products; the
+/// sparse kernels round activations to f16).
+pub fn gpu_sparse_kernels() -> bool {
+    std::env::var("SDSPARSE_GPU_SPARSE").map(|v| v != "dense").unwrap_or(true)
+}
+
+/// `weight` placed on `device` (see the module docs): the weight to keep and, for the sparse
+/// kernels, the packed GPU layer.
+pub fn place_weight(weight: Weight, device: &Device) -> Result<(Weight, Option<Arc<SparseLinear>>)> {
+    let Device::Cuda(_) = device else {
+        return Ok((weight, None));
+    };
+    match weight {
+        Weight::Dense(t) => Ok((Weight::Dense(ops::to_device(&t, device)?), None)),
+        sparse => {
+            let (_, in_features) = sparse.dims2()?;
+            if gpu_sparse_kernels() && in_features.is_multiple_of(8) {
+                let layer = SparseLinear::new(sparse.clone(), device)?;
+                Ok((sparse, Some(Arc::new(layer))))
+            } else {
+                Ok((Weight::Dense(cuda::weight_to_dense(&sparse, device)?), None))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Linear {
@@ -35,6 +70,8 @@ impl std::fmt::Debug for Linear {
             .field("weight", &self.weight)
             .field("bias", &self.bias)
             .field("observed", &self.observer.is_some())
+            .field("device", &self.device.name())
+            .field("sparse_kernels", &self.sparse_gpu.is_some())
             .finish()
     }
 }
@@ -44,16 +81,32 @@ impl Linear {
     pub fn load(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = vb.get_weight("weight", out_features, in_features)?;
         let bias = if bias { Some(vb.get("bias", &[out_features])?) } else { None };
-        Ok(Linear { name: vb.path("weight"), weight, bias, observer: None })
+        let (weight, sparse_gpu) = place_weight(weight, vb.device())?;
+        Ok(Linear {
+            name: vb.path("weight"),
+            weight,
+            bias,
+            observer: None,
+            device: vb.device().clone(),
+            sparse_gpu,
+        })
     }
 
     /// A linear layer stored as a 1x1 convolution (`use_linear_projection: false`
     /// checkpoints): the same product, applied to channels-last tokens.
     pub fn load_from_conv1x1(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
-        let w =
-            vb.get("weight", &[out_features, in_features, 1, 1])?.reshape(&[out_features, in_features])?;
+        let w = vb
+            .get_stored("weight", &[out_features, in_features, 1, 1])?
+            .reshape(&[out_features, in_features])?;
         let bias = Some(vb.get("bias", &[out_features])?);
-        Ok(Linear { name: vb.path("weight"), weight: Weight::Dense(w), bias, observer: None })
+        Ok(Linear {
+            name: vb.path("weight"),
+            weight: Weight::Dense(w),
+            bias,
+            observer: None,
+            device: vb.device().clone(),
+            sparse_gpu: None,
+        })
     }
 
     /// The weight's name in its component (`down_blocks.0.attentions.0.proj_in.weight`).
@@ -76,7 +129,9 @@ impl Linear {
         if old != new {
             return Err(Error::Shape(format!("linear weight {old:?} cannot be replaced by {new:?}")));
         }
+        let (weight, sparse_gpu) = place_weight(weight, &self.device)?;
         self.weight = weight;
+        self.sparse_gpu = sparse_gpu;
         Ok(())
     }
 
@@ -89,6 +144,9 @@ impl Linear {
         if let Some(obs) = &self.observer {
             obs.observe(&self.name, x)?;
         }
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        match &self.sparse_gpu {
+            Some(layer) => layer.forward(x, self.bias.as_ref()),
+            None => ops::linear(x, &self.weight, self.bias.as_ref()),
+        }
     }
 }

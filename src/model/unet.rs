@@ -21,7 +21,8 @@ pub struct UNet2DConditionModel {
     time_linear_1: Linear,
     time_linear_2: Linear,
     down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    /// `None` once [`UNet2DConditionModel::release_weights`] was called.
+    mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -121,7 +122,7 @@ impl UNet2DConditionModel {
             time_linear_1,
             time_linear_2,
             down_blocks,
-            mid_block,
+            mid_block: Some(mid_block),
             up_blocks,
             conv_norm_out,
             conv_out,
@@ -130,8 +131,13 @@ impl UNet2DConditionModel {
 
     /// Loads a diffusers `unet/` folder: `config.json` plus its safetensors weights.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_on(dir, &crate::backend::Device::Cpu)
+    }
+
+    /// [`Self::from_dir`] with the weights placed on `device`.
+    pub fn from_dir_on(dir: &Path, device: &crate::backend::Device) -> Result<Self> {
         let config = UNetConfig::from_file(dir)?;
-        Self::load(&VarBuilder::from_dir(dir)?, &config)
+        Self::load(&VarBuilder::from_dir(dir)?.on_device(device), &config)
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -145,11 +151,21 @@ impl UNet2DConditionModel {
         for b in &mut self.down_blocks {
             v.extend(b.linears_mut());
         }
-        v.extend(self.mid_block.linears_mut());
+        if let Some(m) = &mut self.mid_block {
+            v.extend(m.linears_mut());
+        }
         for b in &mut self.up_blocks {
             v.extend(b.linears_mut());
         }
         v
+    }
+
+    /// Frees the down, mid and up blocks (nearly all the weights; a one-shot run that has
+    /// finished denoising needs them no more). Afterwards `forward` is an error.
+    pub fn release_weights(&mut self) {
+        self.down_blocks = Vec::new();
+        self.mid_block = None;
+        self.up_blocks = Vec::new();
     }
 
     /// One denoiser call with the same timestep for the whole batch.
@@ -162,14 +178,21 @@ impl UNet2DConditionModel {
     /// `latents[B, in_channels, h, w]`, `context[B, S, cross_attention_dim]` →
     /// `[B, out_channels, h, w]`.
     pub fn forward_timesteps(&self, latents: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
+        if self.mid_block.is_none() {
+            return Err(released());
+        }
         self.check_inputs(latents, timesteps, context)?;
         let cfg = &self.config;
 
-        let t_freq = ops::timestep_embedding(
-            timesteps,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
+        // Computed on the host (a few hundred values), then moved to the latents' device.
+        let t_freq = ops::to_device(
+            &ops::timestep_embedding(
+                timesteps,
+                cfg.block_out_channels[0],
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+            )?,
+            &latents.device(),
         )?;
         let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&t_freq)?)?)?;
         let temb_act = ops::silu(&temb)?;
@@ -179,7 +202,8 @@ impl UNet2DConditionModel {
         for block in &self.down_blocks {
             h = block.forward(&h, &temb_act, context, &mut skips)?;
         }
-        h = self.mid_block.forward(&h, &temb_act, context)?;
+        let mid = self.mid_block.as_ref().ok_or_else(released)?;
+        h = mid.forward(&h, &temb_act, context)?;
         for block in &self.up_blocks {
             h = block.forward(&h, &mut skips, &temb_act, context)?;
         }
@@ -217,4 +241,8 @@ impl UNet2DConditionModel {
         }
         Ok(())
     }
+}
+
+fn released() -> Error {
+    Error::Invalid("unet: its weights were released after denoising".into())
 }

@@ -26,7 +26,8 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         Ok(Conv2d {
-            weight: vb.get("weight", &[out_channels, in_channels, kernel, kernel])?,
+            // Kept in the checkpoint's dtype; `ops::conv2d` widens it per call.
+            weight: vb.get_stored("weight", &[out_channels, in_channels, kernel, kernel])?,
             bias: vb.get("bias", &[out_channels])?,
             stride,
             padding,

@@ -124,6 +124,12 @@ impl VaeConfig {
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
+
+    /// diffusers' default tile for tiled decoding, `tile_sample_min_size`: the config's
+    /// `sample_size` (512 for SD2.1-base, 768 for SD2.1); 512 when the config has none.
+    pub fn default_tile_size(&self) -> usize {
+        self.sample_size.unwrap_or(512)
+    }
 }
 
 /// Group norm with its affine parameters.
@@ -151,7 +157,7 @@ struct Conv2d {
 impl Conv2d {
     fn new(vb: &VarBuilder, cin: usize, cout: usize, kernel: usize) -> Result<Self> {
         Ok(Conv2d {
-            weight: vb.get("weight", &[cout, cin, kernel, kernel])?,
+            weight: vb.get_stored("weight", &[cout, cin, kernel, kernel])?, // widened per call
             bias: vb.get("bias", &[cout])?,
             padding: kernel / 2,
         })
@@ -214,7 +220,7 @@ struct AttnLinear {
 impl AttnLinear {
     fn new(vb: &VarBuilder, channels: usize) -> Result<Self> {
         let name = vb.path("weight");
-        let w = vb.store().tensor_f32(&name)?;
+        let w = vb.store().tensor_stored(&name)?;
         let ok = w.shape() == [channels, channels] || w.shape() == [channels, channels, 1, 1];
         if !ok {
             return Err(Error::Shape(format!(
@@ -224,7 +230,7 @@ impl AttnLinear {
             )));
         }
         Ok(AttnLinear {
-            weight: Weight::Dense(w.reshape(&[channels, channels])?),
+            weight: Weight::Dense(vb.place(w.reshape(&[channels, channels])?)?),
             bias: vb.get("bias", &[channels])?,
         })
     }
@@ -364,8 +370,13 @@ impl VaeDecoder {
 
     /// Opens `dir` (the `vae` folder: `config.json` + weights) and loads the decoder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_on(dir, &crate::backend::Device::Cpu)
+    }
+
+    /// [`Self::from_dir`] with the weights placed on `device`.
+    pub fn from_dir_on(dir: &Path, device: &crate::backend::Device) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        Self::new(&VarBuilder::from_dir(dir)?, &config)
+        Self::new(&VarBuilder::from_dir(dir)?.on_device(device), &config)
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -394,6 +405,89 @@ impl VaeDecoder {
             None => z,
         };
         self.decoder(&z)
+    }
+
+    /// [`Self::decode`] in overlapping tiles, as diffusers' `AutoencoderKL.tiled_decode`
+    /// (`enable_tiling()`), so that the decoder's full-resolution feature maps are only ever
+    /// one tile large. `tile_sample_size` is diffusers' `tile_sample_min_size` in pixels
+    /// (its default: the VAE config's `sample_size`, [`VaeConfig::default_tile_size`]); the
+    /// latent tile is `tile_sample_size / f`. Tiles start every `0.75` latent tiles
+    /// (`tile_overlap_factor` 0.25); each tile's first `0.25 * tile_sample_size` pixel rows
+    /// and columns are blended linearly into the (already blended) tile above and to its left
+    /// (`blend_v`, `blend_h`), and each tile keeps its top-left `0.75 * tile_sample_size`
+    /// pixels. As diffusers, latents no larger than one tile are decoded untiled.
+    ///
+    /// Returns the image and the tile grid `(rows, cols)` (`None` when untiled). Errors when
+    /// the latent tile is not a positive multiple of 4 (diffusers' crops then stop adding up
+    /// to the image size).
+    pub fn decode_tiled(
+        &self,
+        latents: &Tensor,
+        tile_sample_size: usize,
+    ) -> Result<(Tensor, Option<(usize, usize)>)> {
+        let (b, c, h, w) = latents.dims4()?;
+        let f = self.scale_factor();
+        let tile = tile_sample_size / f.max(1);
+        if tile == 0 || !tile_sample_size.is_multiple_of(f) || !tile.is_multiple_of(4) {
+            return Err(Error::Invalid(format!(
+                "VAE tile size {tile_sample_size} pixels must be a positive multiple of {} (4 latents of {f} pixels)",
+                4 * f
+            )));
+        }
+        if h <= tile && w <= tile {
+            return Ok((self.decode(latents)?, None));
+        }
+        if c != self.config.latent_channels {
+            return self.decode(latents).map(|t| (t, None)); // the same channel error
+        }
+        let shift = self.config.shift_factor.unwrap_or(0.0);
+        let z = ops::affine(latents, 1.0 / self.config.scaling_factor, shift)?;
+        // diffusers: overlap_size = int(tile_latent * (1 - 0.25)), blend_extent =
+        // int(tile_sample * 0.25), row_limit = tile_sample - blend_extent (exact here, as the
+        // latent tile is a multiple of 4).
+        let step = tile * 3 / 4;
+        let blend = tile_sample_size / 4;
+        let keep = tile_sample_size - blend;
+        let starts = |n: usize| (0..n).step_by(step).collect::<Vec<_>>();
+        let (rows, cols) = (starts(h), starts(w));
+        let out_c = self.config.out_channels;
+        let (oh, ow) = (h * f, w * f);
+        let mut out = vec![0f32; b * out_c * oh * ow];
+        let mut above: Vec<Tile> = Vec::new();
+        for (ri, &i) in rows.iter().enumerate() {
+            let mut row: Vec<Tile> = Vec::with_capacity(cols.len());
+            for (cj, &j) in cols.iter().enumerate() {
+                let th = tile.min(h - i);
+                let tw = tile.min(w - j);
+                let zt = ops::narrow(&ops::narrow(&z, 2, i, th)?, 3, j, tw)?;
+                let zt = match &self.post_quant_conv {
+                    Some(conv) => conv.forward(&zt)?,
+                    None => zt,
+                };
+                let decoded = self.decoder(&zt)?;
+                let (_, _, dh, dw) = decoded.dims4()?;
+                let mut t = Tile { data: decoded.to_vec()?, planes: b * out_c, h: dh, w: dw };
+                drop(decoded);
+                if ri > 0 {
+                    t.blend_v(&above[cj], blend);
+                }
+                if cj > 0 {
+                    t.blend_h(&row[cj - 1], blend);
+                }
+                // The kept top-left crop goes to its place in the image.
+                let (y0, x0) = (ri * keep, cj * keep);
+                let (kh, kw) = (keep.min(t.h), keep.min(t.w));
+                for p in 0..t.planes {
+                    for y in 0..kh {
+                        let src = &t.data[(p * t.h + y) * t.w..][..kw];
+                        out[(p * oh + y0 + y) * ow + x0..][..kw].copy_from_slice(src);
+                    }
+                }
+                row.push(t);
+            }
+            above = row;
+        }
+        Ok((Tensor::from_vec(out, &[b, out_c, oh, ow])?, Some((rows.len(), cols.len()))))
     }
 
     /// The decoder network proper (after `post_quant_conv`).
@@ -428,5 +522,54 @@ impl VaeDecoder {
             })
             .sum();
         convs + mid + up
+    }
+}
+
+/// One decoded tile `[planes = B * C, h, w]` on the host, for [`VaeDecoder::decode_tiled`].
+struct Tile {
+    data: Vec<f32>,
+    planes: usize,
+    h: usize,
+    w: usize,
+}
+
+/// diffusers' blend weights for position `k` of `extent`: `(1 - k / extent, k / extent)`,
+/// computed in f64 (Python floats) and applied in f32 as torch does.
+fn blend_weights(k: usize, extent: usize) -> (f32, f32) {
+    let t = k as f64 / extent as f64;
+    ((1.0 - t) as f32, t as f32)
+}
+
+impl Tile {
+    /// diffusers' `blend_v(a = above, b = self)`: the first rows of `self` fade in from the
+    /// last rows of the tile above.
+    fn blend_v(&mut self, above: &Tile, extent: usize) {
+        let e = extent.min(above.h).min(self.h);
+        for p in 0..self.planes {
+            for y in 0..e {
+                let (wa, wb) = blend_weights(y, e);
+                let a = &above.data[(p * above.h + above.h - e + y) * above.w..][..above.w];
+                let b = &mut self.data[(p * self.h + y) * self.w..][..self.w];
+                for (bv, &av) in b.iter_mut().zip(a) {
+                    *bv = av * wa + *bv * wb;
+                }
+            }
+        }
+    }
+
+    /// diffusers' `blend_h(a = left, b = self)`: the first columns of `self` fade in from
+    /// the last columns of the tile to the left.
+    fn blend_h(&mut self, left: &Tile, extent: usize) {
+        let e = extent.min(left.w).min(self.w);
+        for p in 0..self.planes {
+            for y in 0..self.h.min(left.h) {
+                let a = &left.data[(p * left.h + y) * left.w + left.w - e..][..e];
+                let b = &mut self.data[(p * self.h + y) * self.w..][..e];
+                for (x, (bv, &av)) in b.iter_mut().zip(a).enumerate() {
+                    let (wa, wb) = blend_weights(x, e);
+                    *bv = av * wa + *bv * wb;
+                }
+            }
+        }
     }
 }

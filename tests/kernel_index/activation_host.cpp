@@ -1,4 +1,4 @@
-// The activation kernels (cuda/norm.cu, cuda/pointwise.cu) compiled for the host on the CUDA
+// The activation and tensor kernels (cuda/norm.cu, cuda/pointwise.cu, cuda/tensor.cu) compiled for the host on the CUDA
 // stand-in of cuda_shim/sds_cuda_host.h; sds_host_launch runs one of them, by its kernel name,
 // over a grid on the CPU. tests/activation_host.rs drives them with the Rust launch
 // plans (so the plans' grids are exercised too) and compares with the CPU references.
@@ -6,6 +6,7 @@
 
 #include "norm.cu"
 #include "pointwise.cu"
+#include "tensor.cu"
 
 #define SDS_HOST_ENTRY(KERNEL, PARAMS)                                              \
     {#KERNEL, [](const void* p, unsigned gx, unsigned gy, unsigned bx) {               \
@@ -20,18 +21,29 @@
     SDS_HOST_ENTRY(sdsparse_eltwise_gelu_##NAME, SdsEltwiseParams)      \
     SDS_HOST_ENTRY(sdsparse_eltwise_silu_##NAME, SdsEltwiseParams)      \
     SDS_HOST_ENTRY(sdsparse_eltwise_add_##NAME, SdsEltwiseParams)       \
+    SDS_HOST_ENTRY(sdsparse_eltwise_sub_##NAME, SdsEltwiseParams)       \
+    SDS_HOST_ENTRY(sdsparse_eltwise_mul_##NAME, SdsEltwiseParams)       \
+    SDS_HOST_ENTRY(sdsparse_eltwise_div_##NAME, SdsEltwiseParams)       \
     SDS_HOST_ENTRY(sdsparse_eltwise_cfg_##NAME, SdsEltwiseParams)       \
     SDS_HOST_ENTRY(sdsparse_geglu_##NAME, SdsGegluParams)               \
     SDS_HOST_ENTRY(sdsparse_upsample_nearest_##NAME, SdsUpsampleParams) \
     SDS_HOST_ENTRY(sdsparse_concat_##NAME, SdsConcatParams)             \
-    SDS_HOST_ENTRY(sdsparse_timestep_embedding_##NAME, SdsTimestepParams)
+    SDS_HOST_ENTRY(sdsparse_timestep_embedding_##NAME, SdsTimestepParams) \
+    SDS_HOST_ENTRY(sdsparse_affine_##NAME, SdsAffineParams)             \
+    SDS_HOST_ENTRY(sdsparse_strided_copy_##NAME, SdsStridedCopyParams)  \
+    SDS_HOST_ENTRY(sdsparse_embedding_##NAME, SdsEmbeddingParams)       \
+    SDS_HOST_ENTRY(sdsparse_softmax_##NAME, SdsSoftmaxParams)           \
+    SDS_HOST_ENTRY(sdsparse_im2col_##NAME, SdsIm2colParams)
 
 namespace {
 struct Entry {
     const char* name;
     void (*run)(const void*, unsigned, unsigned, unsigned);
 };
-const Entry kKernels[] = {SDS_FOR_EACH_DTYPE(SDS_HOST_ENTRIES)};
+const Entry kKernels[] = {SDS_FOR_EACH_DTYPE(SDS_HOST_ENTRIES) SDS_HOST_ENTRY(sdsparse_cast_f32_f16, SdsAffineParams)
+                              SDS_HOST_ENTRY(sdsparse_cast_f16_f32, SdsAffineParams)
+                              SDS_HOST_ENTRY(sdsparse_cast_f32_bf16, SdsAffineParams)
+                              SDS_HOST_ENTRY(sdsparse_cast_bf16_f32, SdsAffineParams)};
 }  // namespace
 
 // Runs kernel `name` (its extern "C" name in the fatbin) on `params` (a pointer to its parameter

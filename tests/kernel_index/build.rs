@@ -1,7 +1,7 @@
 //! Compiles `shim.cpp` (extern "C" wrappers over `cuda/include/sdsparse_index.h`, the header the
 //! CUDA kernels include) with the host C++ compiler, so the emulator tests call the kernels' own
 //! index math, and `activation_host.cpp`: the activation kernels (`cuda/norm.cu`,
-//! `cuda/pointwise.cu`) on the host CUDA stand-in of `cuda_shim/`.
+//! `cuda/pointwise.cu`, `cuda/tensor.cu`) on the host CUDA stand-in of `cuda_shim/`.
 fn main() {
     let include = "../../cuda/include";
     println!("cargo::rerun-if-changed=shim.cpp");
@@ -18,7 +18,7 @@ fn main() {
     for f in ["activation_host.cpp", "cuda_shim/sds_cuda_host.h", "cuda_shim/cuda_fp16.h", "cuda_shim/cuda_bf16.h"] {
         println!("cargo::rerun-if-changed={f}");
     }
-    for f in ["norm.cu", "pointwise.cu", "include/sdsparse_dtype.cuh", "include/sdsparse_params.h"] {
+    for f in ["norm.cu", "pointwise.cu", "tensor.cu", "include/sdsparse_dtype.cuh", "include/sdsparse_params.h"] {
         println!("cargo::rerun-if-changed=../../cuda/{f}");
     }
     cc::Build::new()

@@ -8,8 +8,14 @@ use sdsparse::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// `tests/fixtures/<rel>` under the crate root: `CARGO_MANIFEST_DIR` at run time when set (the
+/// device check runs these executables in another checkout and sets it to that root), else the
+/// root this executable was built in.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    root.join("tests/fixtures").join(rel)
 }
 
 /// Every f32 tensor of a safetensors file, by name, as `(shape, values)`.

@@ -35,6 +35,34 @@ pub fn softmax_last(x: &[f32], dim: usize) -> Vec<f32> {
     out
 }
 
+/// Softmax over rows of `cols` values of `x * scale`. With `causal_q_len = Some(q)`, row `r` is
+/// query `r % q` of a `[.., q, cols]` score block and column `j` gets probability 0 when
+/// `j > r % q + cols - q` (the causal rule of [`attention`]); a row with no visible column is
+/// all zeros. The CPU twin of the CUDA softmax kernel (`cuda/tensor.cu`).
+pub fn softmax_scaled(x: &[f32], cols: usize, scale: f32, causal_q_len: Option<usize>) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    if cols == 0 {
+        return out;
+    }
+    for (r, (src, dst)) in x.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        let end = match causal_q_len {
+            Some(q) if q > 0 => ((r % q + cols + 1) as isize - q as isize).clamp(0, cols as isize) as usize,
+            _ => cols,
+        };
+        if end == 0 {
+            continue;
+        }
+        let m = src[..end].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        let mut sum = 0.0f32;
+        for (d, &v) in dst[..end].iter_mut().zip(&src[..end]) {
+            *d = (v * scale - m).exp();
+            sum += *d;
+        }
+        dst[..end].iter_mut().for_each(|d| *d /= sum);
+    }
+    out
+}
+
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {

@@ -127,6 +127,17 @@ pub fn conv2d_im2col(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvSha
     out
 }
 
+/// The whole column matrix `[Cin·kh·kw, Ho·Wo]` of one image `x[Cin, H, W]`: the CPU twin of
+/// the CUDA im2col kernel (`cuda/tensor.cu`), in the same layout the CPU convolution tiles.
+pub fn im2col_image(x: &[f32], s: ConvShape) -> Vec<f32> {
+    let (ho, wo) = s.out_hw();
+    let mut col = vec![0.0f32; s.c_in * s.kh * s.kw * ho * wo];
+    if !col.is_empty() {
+        im2col(x, &mut col, s, 0, ho, wo);
+    }
+    col
+}
+
 /// Fills `col[(ci·kh + ky)·kw + kx, (oy − y0)·wo + ox] = x[ci, oy·stride + ky − pad,
 /// ox·stride + kx − pad]` (zero outside the image) for output rows `y0..y1`.
 fn im2col(x: &[f32], col: &mut [f32], s: ConvShape, y0: usize, y1: usize, wo: usize) {

@@ -2,6 +2,7 @@
 //! upsampling and embedding lookup. All outputs are materialised row-major.
 
 use super::PAR_MIN_ELEMS;
+use crate::backend::CpuStorage;
 use rayon::prelude::*;
 
 fn strides_of(shape: &[usize]) -> Vec<usize> {
@@ -206,12 +207,13 @@ pub fn upsample_nearest_to(
     out
 }
 
-/// Rows `ids` of `table[_, dim]` (ids validated by `ops`).
-pub fn embedding(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(ids.len() * dim);
-    for &id in ids {
-        let id = id as usize;
-        out.extend_from_slice(&table[id * dim..(id + 1) * dim]);
+/// Rows `ids` of `table[_, dim]` widened to f32 (ids validated by `ops`).
+pub fn embedding(table: &CpuStorage, dim: usize, ids: &[u32]) -> Vec<f32> {
+    // Only the rows asked for are widened: the table (49408 x 1024 for SD2's CLIP) stays
+    // in its stored dtype.
+    let mut out = vec![0f32; ids.len() * dim];
+    for (row, &id) in out.chunks_exact_mut(dim.max(1)).zip(ids) {
+        table.widen_range_into(id as usize * dim, row);
     }
     out
 }

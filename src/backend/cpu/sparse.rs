@@ -38,7 +38,10 @@ pub fn decompress_into(w: &Weight, out: &mut [f32]) -> Result<()> {
         return Err(Error::Shape(format!("decompress: buffer of {} for [{rows}, {cols}]", out.len())));
     }
     match w {
-        Weight::Dense(t) => out.copy_from_slice(t.as_slice()?),
+        Weight::Dense(t) => match t.storage() {
+            crate::backend::Storage::Cpu(s) => s.widen_range_into(0, out),
+            _ => return Err(Error::Invalid("decompress: the weight is on the GPU".into())),
+        },
         Weight::Sparse24(s) => match &s.values {
             HostData::F32(v) => sparse24(s, v, out)?,
             HostData::F16(v) => sparse24(s, v, out)?,

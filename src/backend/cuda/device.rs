@@ -7,8 +7,10 @@
 //! tracking is switched off (it only pays with several streams). Code that adds streams must
 //! synchronise them itself.
 
+use super::decompress::DeviceValues;
 use super::kernels::{self, NO_KERNELS};
 use crate::error::{Error, Result};
+use crate::format::DType;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -35,6 +37,8 @@ struct Inner {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// The cuBLAS handle on `stream`, made on first use (or why it could not be).
+    blas: OnceLock<std::result::Result<Arc<cudarc::cublas::CudaBlas>, String>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -122,6 +126,7 @@ impl CudaDevice {
                 stream,
                 module,
                 functions: Mutex::new(HashMap::new()),
+                blas: OnceLock::new(),
             }),
         })
     }
@@ -147,6 +152,28 @@ impl CudaDevice {
     /// The stream all of this device's work goes to (pass it to cuBLAS handles too).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// The cuBLAS handle of this device (created on first use, bound to [`Self::stream`]).
+    /// cuBLAS is loaded dynamically: a missing `libcublas` is this one-line error, not a panic.
+    pub fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+        let made = self.inner.blas.get_or_init(|| {
+            // SAFETY: only probes whether the shared library can be opened.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err("cuBLAS could not be loaded (libcublas.so.13 not found; install the CUDA 13 \
+                            runtime libraries, e.g. pip install nvidia-cublas)"
+                    .to_string());
+            }
+            let stream = self.inner.stream.clone();
+            match std::panic::catch_unwind(move || cudarc::cublas::CudaBlas::new(stream)) {
+                Ok(Ok(b)) => Ok(Arc::new(b)),
+                Ok(Err(e)) => Err(format!("cannot create a cuBLAS handle: {e}")),
+                Err(_) => {
+                    Err("cuBLAS is missing functions this build needs (older than CUDA 13?)".to_string())
+                }
+            }
+        });
+        made.clone().map_err(Error::Cuda)
     }
 
     /// A kernel of the embedded fatbin by its `extern "C"` name (looked up once, then cached).
@@ -179,6 +206,24 @@ impl CudaDevice {
         builder.launch(cfg).map(|_| ()).map_err(|e| Error::Cuda(format!("launch of {kernel} failed: {e}")))
     }
 
+    /// `(free, total)` bytes of GPU memory.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.inner.ctx.bind_to_thread().map_err(driver_err("cannot bind the CUDA context"))?;
+        cudarc::driver::result::mem_get_info().map_err(driver_err("cannot query GPU memory"))
+    }
+
+    /// The error of a failed allocation of `bytes`: out-of-memory says how much was needed and
+    /// how much is free, in one line ([`oom_message`]).
+    fn alloc_error(&self, bytes: usize) -> impl Fn(DriverError) -> Error + '_ {
+        move |e| {
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::Cuda(oom_message(&self.inner.gpu_name, bytes, self.memory_info().ok()))
+            } else {
+                Error::Cuda(format!("device allocation of {bytes} bytes failed: {e}"))
+            }
+        }
+    }
+
     /// Waits for all queued work; reports errors of earlier asynchronous launches.
     pub fn synchronize(&self) -> Result<()> {
         self.stream().synchronize().map_err(driver_err("kernel execution failed"))
@@ -201,7 +246,7 @@ impl CudaDevice {
         if data.is_empty() {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
-        self.stream().clone_htod(data).map_err(driver_err("host to device copy failed"))
+        self.stream().clone_htod(data).map_err(self.alloc_error(std::mem::size_of_val(data)))
     }
     /// Copies a device buffer to a new host vector (waits for queued work first).
     pub fn dtoh<T: DeviceRepr>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
@@ -214,7 +259,7 @@ impl CudaDevice {
         if len == 0 {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
-        self.stream().alloc_zeros(len).map_err(driver_err("device allocation failed"))
+        self.stream().alloc_zeros(len).map_err(self.alloc_error(len * std::mem::size_of::<T>()))
     }
     /// A new device buffer of `len` elements whose every byte is 0xFF: NaN for f32, f16 and bf16,
     /// so a test that finds an element the kernel never wrote sees a NaN.
@@ -223,8 +268,8 @@ impl CudaDevice {
             return Err(Error::Cuda("cannot allocate an empty device buffer".into()));
         }
         // SAFETY: the memory is fully initialised by the memset right after.
-        let mut buf =
-            unsafe { self.stream().alloc::<T>(len) }.map_err(driver_err("device allocation failed"))?;
+        let mut buf = unsafe { self.stream().alloc::<T>(len) }
+            .map_err(self.alloc_error(len * std::mem::size_of::<T>()))?;
         self.fill_bytes(&mut buf, 0xFF)?;
         Ok(buf)
     }
@@ -238,34 +283,65 @@ impl CudaDevice {
     }
 }
 
-/// f32 tensor data on a GPU. Cloning shares the buffer (tensors are immutable once made).
+/// The one-line out-of-GPU-memory error: the GPU, the bytes a failed allocation asked for, and
+/// `(free, total)` when the driver could still say.
+pub(crate) fn oom_message(gpu: &str, bytes: usize, free_total: Option<(usize, usize)>) -> String {
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    let free = match free_total {
+        Some((free, total)) => format!("{:.1} MiB of {:.1} MiB free", mib(free), mib(total)),
+        None => "free memory unknown".into(),
+    };
+    format!(
+        "out of GPU memory on {gpu}: {:.1} MiB more needed, {free} (try a smaller --width / --height)",
+        mib(bytes)
+    )
+}
+
+/// Tensor data on a GPU: a typed buffer ([`DeviceValues`]; f32 is what the ops produce today,
+/// f16 / bf16 storage is the next step). Cloning shares the buffer (tensors are immutable once
+/// made).
 #[derive(Clone)]
 pub struct CudaStorage {
     device: CudaDevice,
-    data: Arc<CudaSlice<f32>>,
+    data: Arc<DeviceValues>,
 }
 
 impl std::fmt::Debug for CudaStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaStorage({} f32 on {})", self.data.len(), self.device.name())
+        write!(f, "CudaStorage({} {} on {})", self.data.len(), self.data.dtype().name(), self.device.name())
     }
 }
 
 impl CudaStorage {
-    /// Wraps a device buffer (e.g. a kernel's output).
+    /// Wraps an f32 device buffer (e.g. a kernel's output).
     pub fn from_slice(device: &CudaDevice, data: CudaSlice<f32>) -> CudaStorage {
+        Self::from_values(device, DeviceValues::F32(data))
+    }
+    /// Wraps a typed device buffer.
+    pub fn from_values(device: &CudaDevice, data: DeviceValues) -> CudaStorage {
         CudaStorage { device: device.clone(), data: Arc::new(data) }
     }
-    /// Copies host values to the device.
+    /// Copies host values to the device (f32).
     pub fn from_host(device: &CudaDevice, data: &[f32]) -> Result<CudaStorage> {
         Ok(Self::from_slice(device, device.htod(data)?))
     }
     pub fn device(&self) -> CudaDevice {
         self.device.clone()
     }
-    /// The device buffer, for launchers.
-    pub fn slice(&self) -> &CudaSlice<f32> {
+    /// The storage element type.
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    /// The typed device buffer, for launchers.
+    pub fn values(&self) -> &DeviceValues {
         &self.data
+    }
+    /// The f32 device buffer, for launchers that take f32 only (cuBLAS SGEMM).
+    pub fn slice(&self) -> Result<&CudaSlice<f32>> {
+        match self.data.as_ref() {
+            DeviceValues::F32(s) => Ok(s),
+            other => Err(Error::Cuda(format!("expected f32 device storage, found {}", other.dtype().name()))),
+        }
     }
     pub fn len(&self) -> usize {
         self.data.len()
@@ -273,8 +349,25 @@ impl CudaStorage {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
-    /// Copies the values to the host.
+    /// Copies the values to the host, widened to f32.
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        self.device.dtoh(&self.data)
+        Ok(self.data.to_host(&self.device)?.to_f32())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oom_message;
+
+    #[test]
+    fn out_of_memory_is_one_line_with_needed_and_free() {
+        let m = oom_message("NVIDIA H200", 3 << 30, Some((1 << 29, 141 << 30)));
+        assert_eq!(
+            m,
+            "out of GPU memory on NVIDIA H200: 3072.0 MiB more needed, 512.0 MiB of 144384.0 MiB free \
+             (try a smaller --width / --height)"
+        );
+        assert!(!m.contains('\n'));
+        assert!(oom_message("GPU", 1 << 20, None).contains("1.0 MiB more needed, free memory unknown"));
     }
 }

@@ -14,13 +14,16 @@
 //! without nvcc everything compiles, and [`CudaDevice::new`] returns the "built without CUDA
 //! kernels" error, so no GPU path can be reached.
 
+pub mod blas;
 pub mod decompress;
 mod device;
 pub mod kernels;
 pub mod norm;
+pub mod ops;
 pub mod params;
 pub mod pointwise;
 pub mod sparse24;
+pub mod tensor_ops;
 
 pub mod attention;
 pub mod unstructured;

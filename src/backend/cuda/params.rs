@@ -292,6 +292,151 @@ assert_layout!(TimestepParams, size = 32, {
     freq_shift = 28,
 });
 
+/// `SdsAffineParams`: affine map and dtype casts (`cuda/tensor.cu`, launcher `tensor_ops.rs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AffineParams {
+    pub x: u64,
+    pub y: u64,
+    pub n: i32,
+    pub mul: f32,
+    pub add: f32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for AffineParams {}
+
+assert_layout!(AffineParams, size = 32, {
+    x = 0,
+    y = 8,
+    n = 16,
+    mul = 20,
+    add = 24,
+    reserved = 28,
+});
+
+/// `SDS_STRIDED_MAX_RANK`: the most dims a strided copy takes.
+pub const STRIDED_MAX_RANK: usize = 6;
+
+/// `SdsStridedCopyParams`: strided gather for permute / narrow (`cuda/tensor.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StridedCopyParams {
+    pub x: u64,
+    pub y: u64,
+    pub n: i32,
+    pub rank: i32,
+    pub offset: i32,
+    pub reserved: i32,
+    pub dims: [i32; STRIDED_MAX_RANK],
+    pub strides: [i32; STRIDED_MAX_RANK],
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for StridedCopyParams {}
+
+assert_layout!(StridedCopyParams, size = 80, {
+    x = 0,
+    y = 8,
+    n = 16,
+    rank = 20,
+    offset = 24,
+    reserved = 28,
+    dims = 32,
+    strides = 56,
+});
+
+/// `SdsEmbeddingParams`: embedding gather (`cuda/tensor.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmbeddingParams {
+    pub table: u64,
+    pub ids: u64,
+    pub y: u64,
+    pub count: i32,
+    pub dim: i32,
+    pub vocab: i32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for EmbeddingParams {}
+
+assert_layout!(EmbeddingParams, size = 40, {
+    table = 0,
+    ids = 8,
+    y = 16,
+    count = 24,
+    dim = 28,
+    vocab = 32,
+    reserved = 36,
+});
+
+/// `SdsSoftmaxParams`: scaled (causal) softmax over the last dim (`cuda/tensor.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SoftmaxParams {
+    pub x: u64,
+    pub y: u64,
+    pub rows: i32,
+    pub cols: i32,
+    pub scale: f32,
+    pub causal: u32,
+    pub q_len: i32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for SoftmaxParams {}
+
+assert_layout!(SoftmaxParams, size = 40, {
+    x = 0,
+    y = 8,
+    rows = 16,
+    cols = 20,
+    scale = 24,
+    causal = 28,
+    q_len = 32,
+    reserved = 36,
+});
+
+/// `SdsIm2colParams`: im2col of one image (`cuda/tensor.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Im2colParams {
+    pub x: u64,
+    pub col: u64,
+    pub c_in: i32,
+    pub h: i32,
+    pub w: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub stride: i32,
+    pub pad: i32,
+    pub out_h: i32,
+    pub out_w: i32,
+    pub reserved: i32,
+}
+
+// SAFETY: plain old data with the C layout asserted below; kernels take it by value.
+unsafe impl DeviceRepr for Im2colParams {}
+
+assert_layout!(Im2colParams, size = 56, {
+    x = 0,
+    col = 8,
+    c_in = 16,
+    h = 20,
+    w = 24,
+    kh = 28,
+    kw = 32,
+    stride = 36,
+    pad = 40,
+    out_h = 44,
+    out_w = 48,
+    reserved = 52,
+});
+
 /// `(size, [(field, offset)])` of a mirrored struct, for the header cross-check below.
 #[cfg(test)]
 macro_rules! layout_of {
@@ -365,6 +510,30 @@ mod tests {
             "SdsTimestepParams" => {
                 Some(layout_of!(TimestepParams { timesteps, y, count, dim, flip_sin_to_cos, freq_shift }))
             }
+            "SdsAffineParams" => Some(layout_of!(AffineParams { x, y, n, mul, add, reserved })),
+            "SdsStridedCopyParams" => {
+                Some(layout_of!(StridedCopyParams { x, y, n, rank, offset, reserved, dims, strides }))
+            }
+            "SdsEmbeddingParams" => {
+                Some(layout_of!(EmbeddingParams { table, ids, y, count, dim, vocab, reserved }))
+            }
+            "SdsSoftmaxParams" => {
+                Some(layout_of!(SoftmaxParams { x, y, rows, cols, scale, causal, q_len, reserved }))
+            }
+            "SdsIm2colParams" => Some(layout_of!(Im2colParams {
+                x,
+                col,
+                c_in,
+                h,
+                w,
+                kh,
+                kw,
+                stride,
+                pad,
+                out_h,
+                out_w,
+                reserved
+            })),
             _ => None,
         }
     }

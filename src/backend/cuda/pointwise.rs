@@ -446,6 +446,24 @@ pub fn concat_channels(
     run(device, &l)
 }
 
+/// `y[outer, a_inner + b_inner]` = rows of `a[outer, a_inner]` followed by `b[outer, b_inner]`
+/// (concatenation along any dim).
+pub fn concat(
+    device: &CudaDevice,
+    outer: usize,
+    a_inner: usize,
+    b_inner: usize,
+    a: &DeviceValues,
+    b: &DeviceValues,
+    y: &mut DeviceValues,
+) -> Result<()> {
+    let mut l = plan_concat(outer, a_inner, b_inner, Operand::of(a), Operand::of(b), Operand::of(y))?;
+    l.params.a = a.device_ptr(device);
+    l.params.b = b.device_ptr(device);
+    l.params.y = y.device_ptr(device);
+    run(device, &l)
+}
+
 /// The timestep embedding of `timesteps` (f32 on the device) into `y[count, dim]`.
 pub fn timestep_embedding(
     device: &CudaDevice,

@@ -392,6 +392,12 @@ pub struct Sp24Kernels {
     sm_count: usize,
 }
 
+// SAFETY: the module and function handles are context-level driver objects that any thread may
+// use once the context is current (`load` and every launch bind it); nothing here is mutated
+// after `load`. Needed to share one loaded module among the layers of a model.
+unsafe impl Send for Sp24Kernels {}
+unsafe impl Sync for Sp24Kernels {}
+
 impl Drop for Sp24Kernels {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
