@@ -582,17 +582,16 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             let mut achieved = (0.0, 0.0);
             let mut old_te = None;
             let mut old_unet = None;
-            if p.target.prunes(ComponentKind::TextEncoder) && p.method.needs_calibration() {
-                // Wanda / OWL: the Linear layers of a fresh dense copy, pruned by `prune_linears`
-                // (the decisions `convert` makes), run compressed.
-                let mut m = ClipTextModel::new(&te.var_builder("text_encoder"), &te_config)?;
-                let linears = te.prunable(m.linears_mut(), &selection);
-                achieved.0 =
-                    prune_linears(linears, &prune_opts(p), calibration.text_encoder.as_ref())?.sparsity();
-                old_te = Some(sd.replace_text_encoder(m));
-            } else if p.target.prunes(ComponentKind::TextEncoder) {
+            // A component's builder: magnitude / random zero the pruned weights in memory (the
+            // masks `convert` computes); Wanda / OWL load the dense weights and prune the loaded
+            // Linear layers with `prune_linears` (the decisions `convert` makes), run compressed.
+            let calibrated = p.method.needs_calibration();
+            let builder = |dense: &DenseComponent, label: &str| -> Result<(VarBuilder, f64)> {
+                if calibrated {
+                    return Ok((dense.var_builder(label), 0.0));
+                }
                 let (t, a) = prune_in_memory(
-                    &te,
+                    dense,
                     &selection,
                     p.method,
                     opts.scope,
@@ -600,28 +599,29 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
                     p.sparsity,
                     opts.prune_seed,
                 )?;
+                Ok((VarBuilder::new(Arc::new(ComponentStore::from_tensors(label, t))), a))
+            };
+            if p.target.prunes(ComponentKind::TextEncoder) {
+                let (vb, a) = builder(&te, "pruned text_encoder")?;
+                let mut m = ClipTextModel::new(&vb, &te_config)?;
                 achieved.0 = a;
-                let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("pruned text_encoder", t)));
-                old_te = Some(sd.replace_text_encoder(ClipTextModel::new(&vb, &te_config)?));
+                if calibrated {
+                    let linears = te.prunable(m.linears_mut(), &selection);
+                    achieved.0 =
+                        prune_linears(linears, &prune_opts(p), calibration.text_encoder.as_ref())?.sparsity();
+                }
+                old_te = Some(sd.replace_text_encoder(m));
             }
-            if p.target.prunes(ComponentKind::Unet) && p.method.needs_calibration() {
-                let mut m = UNet2DConditionModel::load(&unet.var_builder("unet"), &unet_config)?;
-                let linears = unet.prunable(m.linears_mut(), &selection);
-                achieved.1 = prune_linears(linears, &prune_opts(p), calibration.unet.as_ref())?.sparsity();
-                old_unet = Some(sd.replace_unet(m));
-            } else if p.target.prunes(ComponentKind::Unet) {
-                let (t, a) = prune_in_memory(
-                    &unet,
-                    &selection,
-                    p.method,
-                    opts.scope,
-                    opts.pattern,
-                    p.sparsity,
-                    opts.prune_seed,
-                )?;
+            if p.target.prunes(ComponentKind::Unet) {
+                let (vb, a) = builder(&unet, "pruned unet")?;
+                let mut m = UNet2DConditionModel::load(&vb, &unet_config)?;
                 achieved.1 = a;
-                let vb = VarBuilder::new(Arc::new(ComponentStore::from_tensors("pruned unet", t)));
-                old_unet = Some(sd.replace_unet(UNet2DConditionModel::load(&vb, &unet_config)?));
+                if calibrated {
+                    let linears = unet.prunable(m.linears_mut(), &selection);
+                    achieved.1 =
+                        prune_linears(linears, &prune_opts(p), calibration.unet.as_ref())?.sparsity();
+                }
+                old_unet = Some(sd.replace_unet(m));
             }
             let rel = format!(
                 "images/{}-{}-{}-{}{}-{:.4}",
