@@ -89,23 +89,23 @@ fn ddim_matches_diffusers(device: &Device) -> sdsparse::Result<()> {
 }
 test_device!(ddim_matches_diffusers);
 
-fn euler_matches_diffusers(device: &Device) -> sdsparse::Result<()> {
+/// A 6-step run of the tiny fixture with `kind` against diffusers' `NAME_final_latents` and
+/// `NAME.png`, with the timesteps diffusers used.
+fn scheduler_matches(device: &Device, kind: SchedulerKind, name: &str, t: &[f32; 6]) -> sdsparse::Result<()> {
     let sd = StableDiffusion::load(&model_dir(), device)?;
     let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
-    let png = fixture("tiny-sd2-eps/reference/euler.png");
-    let t = [831.0, 665.0, 499.0, 333.0, 167.0, 1.0];
-    check_run(&sd, SchedulerKind::Euler, 6, &refs["euler_final_latents"], Some(&t), &png);
+    let png = fixture(&format!("tiny-sd2-eps/reference/{name}.png"));
+    check_run(&sd, kind, 6, &refs[&format!("{name}_final_latents")], Some(t), &png);
     Ok(())
+}
+
+fn euler_matches_diffusers(device: &Device) -> sdsparse::Result<()> {
+    scheduler_matches(device, SchedulerKind::Euler, "euler", &[831.0, 665.0, 499.0, 333.0, 167.0, 1.0])
 }
 test_device!(euler_matches_diffusers);
 
 fn dpmpp2m_matches_diffusers(device: &Device) -> sdsparse::Result<()> {
-    let sd = StableDiffusion::load(&model_dir(), device)?;
-    let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
-    let png = fixture("tiny-sd2-eps/reference/dpmpp2m.png");
-    let t = [853.0, 711.0, 569.0, 427.0, 285.0, 143.0];
-    check_run(&sd, SchedulerKind::DpmPp2m, 6, &refs["dpmpp2m_final_latents"], Some(&t), &png);
-    Ok(())
+    scheduler_matches(device, SchedulerKind::DpmPp2m, "dpmpp2m", &[853.0, 711.0, 569.0, 427.0, 285.0, 143.0])
 }
 test_device!(dpmpp2m_matches_diffusers);
 
