@@ -191,24 +191,30 @@ const DNN_SYMBOLS: &[&str] = &[
     "cudnnDestroyActivationDescriptor",
 ];
 
-impl DnnHandle {
-    /// Loads cuDNN and makes a handle on `dev`'s stream; any failure is the reason string.
-    pub fn new(dev: &CudaDevice) -> std::result::Result<DnnHandle, String> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { sys::is_culib_present() } {
-            return Err("cuDNN not found (libcudnn.so.9 could not be loaded; it is a separate install, \
+/// Whether cuDNN can be used here, without a GPU: the library loads, has every symbol we call
+/// and is version 9 or newer. Its version ("9.10.2"), or why not (one line). Never panics.
+pub fn probe() -> std::result::Result<String, String> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("cuDNN not found (libcudnn.so.9 could not be loaded; it is a separate install, \
                         e.g. pip install nvidia-cudnn-cu13 with its lib folder on LD_LIBRARY_PATH)"
-                .into());
-        }
-        // SAFETY: the library is present (checked above), so culib() does not panic.
-        if let Some(s) = super::libs::missing_symbol!(unsafe { sys::culib() }, DNN_SYMBOLS) {
-            return Err(format!("cuDNN lacks {s} (cuDNN 9 needed)"));
-        }
-        let (major, minor, patch) = decode_version(dnn::get_version());
-        if major < 9 {
-            return Err(format!("cuDNN {major}.{minor}.{patch} is too old (cuDNN 9 needed)"));
-        }
-        let version = format!("{major}.{minor}.{patch}");
+            .into());
+    }
+    // SAFETY: the library is present (checked above), so culib() does not panic.
+    if let Some(s) = super::libs::missing_symbol!(unsafe { sys::culib() }, DNN_SYMBOLS) {
+        return Err(format!("cuDNN lacks {s} (cuDNN 9 needed)"));
+    }
+    let (major, minor, patch) = decode_version(dnn::get_version());
+    if major < 9 {
+        return Err(format!("cuDNN {major}.{minor}.{patch} is too old (cuDNN 9 needed)"));
+    }
+    Ok(format!("{major}.{minor}.{patch}"))
+}
+
+impl DnnHandle {
+    /// Loads cuDNN ([`probe`]) and makes a handle on `dev`'s stream; any failure is the reason.
+    pub fn new(dev: &CudaDevice) -> std::result::Result<DnnHandle, String> {
+        let version = probe()?;
         dev.context().bind_to_thread().map_err(|e| format!("cannot bind the CUDA context: {e}"))?;
         let handle = std::panic::catch_unwind(dnn::create_handle)
             .map_err(|_| "cuDNN panicked while creating a handle".to_string())?
@@ -281,27 +287,18 @@ fn tensor(data: sys::cudnnDataType_t, dims: [i32; 4]) -> Result<TensorDesc> {
     Ok(d)
 }
 
-/// `y = conv(x, w) (+ bias)` on `h`'s device; `y` is overwritten. See the module docs.
-pub fn cudnn_conv(
-    dev: &CudaDevice,
-    h: &mut DnnHandle,
-    s: ConvShape,
-    x: &DeviceValues,
-    w: &DeviceValues,
-    bias: Option<&DeviceValues>,
-    y: &mut DeviceValues,
-) -> Result<DnnRun> {
-    let dtype = x.dtype();
-    if w.dtype() != dtype || y.dtype() != dtype {
-        return Err(Error::Invalid(format!(
-            "cuDNN conv: input {}, filter {}, output {} (one dtype needed)",
-            dtype.name(),
-            w.dtype().name(),
-            y.dtype().name()
-        )));
-    }
-    let p = plan_conv(s, dtype, (x.len(), w.len(), y.len()), bias.map(|b| (b.dtype(), b.len())))?;
-    dev.context().bind_to_thread().map_err(super::device::driver_err("cannot bind the CUDA context"))?;
+/// The descriptors of a planned convolution.
+struct Descriptors {
+    x: TensorDesc,
+    y: TensorDesc,
+    w: FilterDesc,
+    conv: ConvDesc,
+}
+
+/// Builds `p`'s descriptors and checks that cuDNN's own output shape
+/// (`cudnnGetConvolution2dForwardOutputDim`) is the planned one, so a descriptor mistake is an
+/// error, not a wrong image. Host-only cuDNN calls: no GPU or handle needed.
+fn descriptors(p: &ConvPlan) -> Result<Descriptors> {
     let xd = tensor(p.data, p.x)?;
     let yd = tensor(p.data, p.y)?;
     let wd = FilterDesc(dnn::create_filter_descriptor().map_err(dnn_err("filter descriptor"))?);
@@ -337,10 +334,36 @@ pub fn cudnn_conv(
     .map_err(dnn_err("output dimensions"))?;
     if o != p.y {
         return Err(Error::Cuda(format!(
-            "cuDNN conv {s:?}: cuDNN computes output {o:?}, we planned {:?}",
-            p.y
+            "cuDNN conv: cuDNN computes output {o:?} for input {:?} and filter {:?}, we planned {:?}",
+            p.x, p.w, p.y
         )));
     }
+
+    Ok(Descriptors { x: xd, y: yd, w: wd, conv: cd })
+}
+
+/// `y = conv(x, w) (+ bias)` on `h`'s device; `y` is overwritten. See the module docs.
+pub fn cudnn_conv(
+    dev: &CudaDevice,
+    h: &mut DnnHandle,
+    s: ConvShape,
+    x: &DeviceValues,
+    w: &DeviceValues,
+    bias: Option<&DeviceValues>,
+    y: &mut DeviceValues,
+) -> Result<DnnRun> {
+    let dtype = x.dtype();
+    if w.dtype() != dtype || y.dtype() != dtype {
+        return Err(Error::Invalid(format!(
+            "cuDNN conv: input {}, filter {}, output {} (one dtype needed)",
+            dtype.name(),
+            w.dtype().name(),
+            y.dtype().name()
+        )));
+    }
+    let p = plan_conv(s, dtype, (x.len(), w.len(), y.len()), bias.map(|b| (b.dtype(), b.len())))?;
+    dev.context().bind_to_thread().map_err(super::device::driver_err("cannot bind the CUDA context"))?;
+    let Descriptors { x: xd, y: yd, w: wd, conv: cd } = descriptors(&p)?;
 
     let key = (p.x, p.w, p.pad, p.stride, dtype);
     let chosen = match h.algos.get(&key) {
@@ -574,6 +597,44 @@ mod tests {
         assert_eq!(pick_algorithm(&list, DType::F16), Some((A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0)));
         assert_eq!(pick_algorithm(&list[..3], DType::F32), None);
         assert_eq!(pick_algorithm(&[], DType::F32), None);
+    }
+
+    /// cuDNN's own output shape against our plan, for SD2's convolution kinds in every dtype.
+    /// Descriptors are host-side in cuDNN, so this runs without a GPU wherever cuDNN is
+    /// installed (`LD_LIBRARY_PATH=<site-packages>/nvidia/cudnn/lib cargo test --lib dnn::`);
+    /// elsewhere it says so and checks nothing.
+    #[test]
+    fn cudnn_descriptors_agree_with_plans() {
+        let version = match probe() {
+            Ok(v) => v,
+            Err(why) => {
+                println!("cuDNN not installed here, descriptors not checked: {why}");
+                return;
+            }
+        };
+        let shapes = [
+            shape(2, 4, 64, 320, 3, 1, 1),   // UNet conv_in
+            shape(2, 320, 64, 320, 3, 2, 1), // Downsample2D
+            shape(1, 512, 64, 512, 3, 1, 1), // VAE decoder block
+            shape(1, 4, 64, 4, 1, 1, 0),     // post_quant_conv
+            shape(1, 8, 17, 8, 3, 2, 1),     // odd input, stride 2
+            shape(3, 5, 7, 6, 3, 1, 0),      // no padding
+        ];
+        for s in shapes {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let p = plan_conv(s, dtype, lens(s), None).unwrap();
+                if let Err(e) = descriptors(&p) {
+                    panic!("cuDNN {version}: {s:?} {}: {e}", dtype.name());
+                }
+            }
+        }
+        // A plan one output row short (a wrong out_hw) is refused by cuDNN's own shape.
+        let s = shapes[1];
+        let mut bad = plan_conv(s, DType::F32, lens(s), None).unwrap();
+        bad.y[2] -= 1;
+        let e = descriptors(&bad).err().expect("a wrong output shape passed").to_string();
+        assert!(e.contains("cuDNN computes output [2, 320, 32, 32]"), "{e}");
+        println!("cuDNN {version}: descriptors agree with the plans for {} shapes x 3 dtypes", shapes.len());
     }
 
     fn tolerances(d: DType) -> (f64, f64) {

@@ -242,6 +242,24 @@ mod tests {
     }
 
     #[test]
+    fn library_probes_never_panic() {
+        // On this machine the libraries may or may not be installed: either way the probes
+        // answer (a version, or one line saying why not) instead of panicking in cudarc's loader.
+        for (name, got) in [
+            ("cuBLASLt", super::super::lt::probe().map(|()| "present".to_string())),
+            ("cuDNN", super::super::dnn::probe()),
+        ] {
+            match got {
+                Ok(v) => println!("{name}: {v}"),
+                Err(why) => {
+                    println!("{name}: {why}");
+                    assert!(why.contains(name) && !why.contains('\n'), "{why}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn summary_names_what_ran_and_why() {
         let mut u = BackendUse::default();
         assert_eq!(

@@ -217,18 +217,25 @@ const LT_SYMBOLS: &[&str] = &[
     "cublasLtMatmulAlgoGetHeuristic",
 ];
 
+/// Whether cuBLASLt can be used here, without a GPU: the library loads and has every symbol we
+/// call; otherwise why not (one line). Never panics.
+pub fn probe() -> std::result::Result<(), String> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("cuBLASLt could not be loaded (libcublasLt.so.13 not found)".into());
+    }
+    // SAFETY: the library is present (checked above), so culib() does not panic.
+    if let Some(s) = super::libs::missing_symbol!(unsafe { sys::culib() }, LT_SYMBOLS) {
+        return Err(format!("cuBLASLt lacks {s} (older than CUDA 13?)"));
+    }
+    Ok(())
+}
+
 impl LtHandle {
-    /// Loads cuBLASLt and makes a handle and workspace (32 MiB on Hopper, 4 MiB before, as
-    /// NVIDIA recommends); any failure is the reason string, never a panic.
+    /// Loads cuBLASLt ([`probe`]) and makes a handle and workspace (32 MiB on Hopper, 4 MiB
+    /// before, as NVIDIA recommends); any failure is the reason string, never a panic.
     pub fn new(dev: &CudaDevice) -> std::result::Result<LtHandle, String> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { sys::is_culib_present() } {
-            return Err("cuBLASLt could not be loaded (libcublasLt.so.13 not found)".into());
-        }
-        // SAFETY: the library is present (checked above), so culib() does not panic.
-        if let Some(s) = super::libs::missing_symbol!(unsafe { sys::culib() }, LT_SYMBOLS) {
-            return Err(format!("cuBLASLt lacks {s} (older than CUDA 13?)"));
-        }
+        probe()?;
         dev.context().bind_to_thread().map_err(|e| format!("cannot bind the CUDA context: {e}"))?;
         let handle = std::panic::catch_unwind(lt::create_handle)
             .map_err(|_| "cuBLASLt panicked while creating a handle".to_string())?
@@ -280,6 +287,59 @@ fn lt_err(what: &str) -> impl Fn(lt::CublasError) -> Error + '_ {
     move |e| Error::Cuda(format!("cuBLASLt {what}: {e}"))
 }
 
+/// The matmul descriptor (f32 compute and scale, W transposed, the epilogue and bias pointer)
+/// and the A / B / D layouts of a plan. Host-only cuBLASLt calls: no GPU needed.
+fn descriptors(p: &LtPlan, bias_ptr: Option<u64>) -> Result<(Desc, MatLayout, MatLayout, MatLayout)> {
+    let desc =
+        Desc(lt::create_matmul_desc(p.compute, sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err("desc"))?);
+    let set = |attr, ptr: *const std::ffi::c_void, size| {
+        // SAFETY: `desc` is live; `ptr` points to `size` bytes of the attribute's type.
+        unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, size) }.map_err(lt_err("desc attribute"))
+    };
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    // cublasOperation_t (an int): CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+    let (trans, no_trans) = (1i32, 0i32);
+    let sz = std::mem::size_of::<i32>();
+    set(A::CUBLASLT_MATMUL_DESC_TRANSA, &trans as *const _ as *const _, sz)?;
+    set(A::CUBLASLT_MATMUL_DESC_TRANSB, &no_trans as *const _ as *const _, sz)?;
+    set(
+        A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+        &p.epilogue as *const _ as *const _,
+        std::mem::size_of_val(&p.epilogue),
+    )?;
+    if let Some(bp) = bias_ptr {
+        set(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp as *const u64 as *const _, std::mem::size_of::<u64>())?;
+    }
+    let layout = |t, lay: Layout| -> Result<MatLayout> {
+        Ok(MatLayout(lt::create_matrix_layout(t, lay.rows, lay.cols, lay.ld).map_err(lt_err("layout"))?))
+    };
+    let (la, lb, ld) = (layout(p.in_type, p.a)?, layout(p.in_type, p.b)?, layout(p.out_type, p.d)?);
+    Ok((desc, la, lb, ld))
+}
+
+/// The heuristic's preferences: the workspace it may use and the operands' real alignment.
+fn preference(ws: usize, aligns: [u32; 4]) -> Result<Pref> {
+    let pref = Pref(lt::create_matmul_pref().map_err(lt_err("preference"))?);
+    use sys::cublasLtMatmulPreferenceAttributes_t as P;
+    let set_pref = |attr, ptr: *const std::ffi::c_void, size| {
+        // SAFETY: `pref` is live; `ptr` points to `size` bytes of the attribute's type.
+        unsafe { lt::set_matmul_pref_attribute(pref.0, attr, ptr, size) }.map_err(lt_err("preference"))
+    };
+    set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as *const _, 8)?;
+    for (attr, a) in [
+        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+    ]
+    .into_iter()
+    .zip(aligns)
+    {
+        set_pref(attr, &a as *const u32 as *const _, 4)?;
+    }
+    Ok(pref)
+}
+
 /// `y = epilogue(x · Wᵀ (+ bias))` on `h`'s device (see [`LtLinear`]); `y` is overwritten.
 pub fn lt_linear(
     dev: &CudaDevice,
@@ -310,55 +370,13 @@ pub fn lt_linear(
     let aligns = [alignment(a_ptr), alignment(b_ptr), alignment(d_ptr), alignment(d_ptr)];
     dev.context().bind_to_thread().map_err(super::device::driver_err("cannot bind the CUDA context"))?;
 
-    let desc =
-        Desc(lt::create_matmul_desc(p.compute, sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err("desc"))?);
-    let set = |attr, ptr: *const std::ffi::c_void, size| {
-        // SAFETY: `desc` is live; `ptr` points to `size` bytes of the attribute's type.
-        unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, size) }.map_err(lt_err("desc attribute"))
-    };
-    use sys::cublasLtMatmulDescAttributes_t as A;
-    // cublasOperation_t (an int): CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-    let (trans, no_trans) = (1i32, 0i32);
-    let sz = std::mem::size_of::<i32>();
-    set(A::CUBLASLT_MATMUL_DESC_TRANSA, &trans as *const _ as *const _, sz)?;
-    set(A::CUBLASLT_MATMUL_DESC_TRANSB, &no_trans as *const _ as *const _, sz)?;
-    set(
-        A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-        &p.epilogue as *const _ as *const _,
-        std::mem::size_of_val(&p.epilogue),
-    )?;
-    if let Some(bp) = bias_ptr {
-        set(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp as *const u64 as *const _, std::mem::size_of::<u64>())?;
-    }
-    let layout = |t, lay: Layout| -> Result<MatLayout> {
-        Ok(MatLayout(lt::create_matrix_layout(t, lay.rows, lay.cols, lay.ld).map_err(lt_err("layout"))?))
-    };
-    let (la, lb, ld) = (layout(p.in_type, p.a)?, layout(p.in_type, p.b)?, layout(p.out_type, p.d)?);
+    let (desc, la, lb, ld) = descriptors(&p, bias_ptr)?;
 
     let key = (*l, aligns);
     let algo = match h.algos.get(&key) {
         Some(a) => *a,
         None => {
-            let pref = Pref(lt::create_matmul_pref().map_err(lt_err("preference"))?);
-            let ws = h.workspace.len();
-            use sys::cublasLtMatmulPreferenceAttributes_t as P;
-            let set_pref = |attr, ptr: *const std::ffi::c_void, size| {
-                // SAFETY: `pref` is live; `ptr` points to `size` bytes of the attribute's type.
-                unsafe { lt::set_matmul_pref_attribute(pref.0, attr, ptr, size) }
-                    .map_err(lt_err("preference"))
-            };
-            set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as *const _, 8)?;
-            for (attr, a) in [
-                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-            ]
-            .into_iter()
-            .zip(aligns)
-            {
-                set_pref(attr, &a as *const u32 as *const _, 4)?;
-            }
+            let pref = preference(h.workspace.len(), aligns)?;
             // SAFETY: every descriptor is live; C and D share one layout (beta = 0).
             let found =
                 unsafe { lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) };
@@ -493,6 +511,39 @@ mod tests {
         assert_eq!(alignment(0x7f00_0000_0000 + 2 * 8), 16);
         assert_eq!(alignment(0x7f00_0000_0000 + 128), 128);
         assert_eq!(alignment(0x7f00_0000_0000 + 2), 2);
+    }
+
+    /// The descriptors and preferences of real plans accepted by the real cuBLASLt (attribute
+    /// types and sizes included). Host-side calls, so this runs without a GPU wherever
+    /// cuBLASLt is installed (`LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib`); elsewhere it
+    /// says so and checks nothing.
+    #[test]
+    fn cublaslt_accepts_the_descriptors() {
+        if let Err(why) = probe() {
+            println!("cuBLASLt not installed here, descriptors not checked: {why}");
+            return;
+        }
+        let cases = [
+            (lin(154, 96, 64, Epilogue::Bias), Some(DType::F32)),
+            (
+                LtLinear {
+                    x_dtype: DType::F16,
+                    y_dtype: DType::F32,
+                    ..lin(77, 256, 64, Epilogue::GeluTanhBias)
+                },
+                Some(DType::F32),
+            ),
+            (LtLinear { x_dtype: DType::BF16, y_dtype: DType::BF16, ..lin(8, 16, 32, Epilogue::None) }, None),
+        ];
+        for (l, bias) in cases {
+            let p = plan_lt_linear(&l, l.m * l.k, l.n * l.k, l.m * l.n, bias.map(|d| (d, l.n))).unwrap();
+            let bias_ptr = bias.map(|_| 0x7f00_0000_0000u64);
+            if let Err(e) = descriptors(&p, bias_ptr) {
+                panic!("{l:?}: {e}");
+            }
+            preference(32 << 20, [256, 256, 16, 16]).unwrap();
+        }
+        println!("cuBLASLt accepts the descriptors of {} plans", cases.len());
     }
 
     /// The tanh-approximate GELU of cuBLASLt's GELU epilogue.
