@@ -495,7 +495,7 @@ pub fn cudnn_conv(
 mod tests {
     use super::*;
     use crate::backend::cpu;
-    use crate::backend::test_util::{check_close, host_data, TestRng};
+    use crate::backend::test_util::{check_close, dtype_tolerances as tolerances, host_data, TestRng};
     use crate::backend::Device;
     use crate::test_device;
 
@@ -635,14 +635,6 @@ mod tests {
         let e = descriptors(&bad).err().expect("a wrong output shape passed").to_string();
         assert!(e.contains("cuDNN computes output [2, 320, 32, 32]"), "{e}");
         println!("cuDNN {version}: descriptors agree with the plans for {} shapes x 3 dtypes", shapes.len());
-    }
-
-    fn tolerances(d: DType) -> (f64, f64) {
-        match d {
-            DType::F32 => (1e-5, 1e-4),
-            DType::F16 => (2e-3, 1e-2),
-            DType::BF16 => (1e-2, 4e-2),
-        }
     }
 
     /// cuDNN against the CPU reference convolution (`cpu::conv::conv2d`, direct), fresh random

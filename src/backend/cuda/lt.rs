@@ -439,7 +439,7 @@ pub fn lt_linear(
 mod tests {
     use super::*;
     use crate::backend::cpu;
-    use crate::backend::test_util::{check_close, host_data, TestRng};
+    use crate::backend::test_util::{check_close, dtype_tolerances as tolerances, host_data, TestRng};
     use crate::backend::Device;
     use crate::test_device;
 
@@ -565,15 +565,6 @@ mod tests {
             y.iter_mut().for_each(|v| *v = gelu_tanh(*v));
         }
         y
-    }
-
-    /// The bound per storage dtype: f32 exact-ish (full f32 accumulation), f16 / bf16 rounding.
-    fn tolerances(d: DType) -> (f64, f64) {
-        match d {
-            DType::F32 => (1e-5, 1e-4),
-            DType::F16 => (2e-3, 1e-2),
-            DType::BF16 => (1e-2, 4e-2),
-        }
     }
 
     fn lt_linear_matches_cpu(device: &Device) -> Result<()> {
