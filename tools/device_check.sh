@@ -71,8 +71,19 @@ export CARGO_MANIFEST_DIR="$root" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1 CRITER
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())' 2>&1 | tail -1
 } >"$out/env.txt" 2>&1
 
-# cuDNN is loaded at run time by name (libcudnn.so.9): use the system's, else a pip-installed one
-# (nvidia-cudnn-cu13 / -cu12, e.g. torch's) by putting its lib folder on LD_LIBRARY_PATH.
+# cuBLAS(Lt) and cuDNN are loaded at run time by name (libcublasLt.so.13, libcudnn.so.9): use the
+# system's, else pip-installed ones (nvidia-cublas / the nvidia cu13 bundle, nvidia-cudnn-cu13 or
+# -cu12, e.g. torch's) by putting their lib folders on LD_LIBRARY_PATH.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so\.13'; then
+    for m in nvidia.cu13 nvidia.cublas; do
+        d=$(python3 -c "import $m, os; print(os.path.join(list($m.__path__)[0], 'lib'))" 2>/dev/null || true)
+        if [[ -n "$d" && -e "$d/libcublasLt.so.13" ]]; then
+            export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            echo "cuBLAS: $d" >>"$out/env.txt"
+            break
+        fi
+    done
+fi
 cudnn_dir=""
 if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9'; then
     cudnn_dir=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null || true)
