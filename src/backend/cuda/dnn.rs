@@ -152,7 +152,47 @@ pub enum DnnRun {
     NotSupported(String),
 }
 
-type AlgoKey = ([i32; 4], [i32; 4], i32, i32, DType);
+/// How the forward algorithm is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlgoChoice {
+    /// `cudnnGetConvolutionForwardAlgorithm_v7`: cuDNN's heuristics, nothing run (the default).
+    Heuristic,
+    /// `cudnnFindConvolutionForwardAlgorithm`: every candidate timed once per shape
+    /// (`SDSPARSE_GPU_CONV_ALGO=find`).
+    Find,
+    /// This algorithm (tests: to exercise the fused-bias and plain paths deliberately).
+    Fixed(sys::cudnnConvolutionFwdAlgo_t),
+}
+
+/// Options of [`cudnn_conv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvOptions {
+    pub algo: AlgoChoice,
+    /// Fuse the bias where cuDNN allows it (else the caller adds it).
+    pub fuse_bias: bool,
+}
+
+impl ConvOptions {
+    /// The default, or `SDSPARSE_GPU_CONV_ALGO=heuristic|find` (anything else is an error).
+    pub fn from_env() -> Result<ConvOptions> {
+        Self::parse(std::env::var("SDSPARSE_GPU_CONV_ALGO").ok().as_deref())
+    }
+    /// [`Self::from_env`] on a given value.
+    pub fn parse(value: Option<&str>) -> Result<ConvOptions> {
+        let algo = match value.map(str::trim) {
+            None | Some("") | Some("heuristic") => AlgoChoice::Heuristic,
+            Some("find") => AlgoChoice::Find,
+            Some(v) => {
+                return Err(Error::Invalid(format!(
+                    "SDSPARSE_GPU_CONV_ALGO={v:?}: expected heuristic or find"
+                )))
+            }
+        };
+        Ok(ConvOptions { algo, fuse_bias: true })
+    }
+}
+
+type AlgoKey = ([i32; 4], [i32; 4], i32, i32, DType, AlgoChoice);
 
 /// A cuDNN handle on the device's stream, its workspace and the algorithm cache.
 pub struct DnnHandle {
@@ -183,6 +223,7 @@ const DNN_SYMBOLS: &[&str] = &[
     "cudnnDestroyConvolutionDescriptor",
     "cudnnGetConvolution2dForwardOutputDim",
     "cudnnGetConvolutionForwardAlgorithm_v7",
+    "cudnnFindConvolutionForwardAlgorithm",
     "cudnnGetConvolutionForwardWorkspaceSize",
     "cudnnConvolutionForward",
     "cudnnConvolutionBiasActivationForward",
@@ -343,9 +384,11 @@ fn descriptors(p: &ConvPlan) -> Result<Descriptors> {
 }
 
 /// `y = conv(x, w) (+ bias)` on `h`'s device; `y` is overwritten. See the module docs.
+#[allow(clippy::too_many_arguments)]
 pub fn cudnn_conv(
     dev: &CudaDevice,
     h: &mut DnnHandle,
+    opts: ConvOptions,
     s: ConvShape,
     x: &DeviceValues,
     w: &DeviceValues,
@@ -365,27 +408,47 @@ pub fn cudnn_conv(
     dev.context().bind_to_thread().map_err(super::device::driver_err("cannot bind the CUDA context"))?;
     let Descriptors { x: xd, y: yd, w: wd, conv: cd } = descriptors(&p)?;
 
-    let key = (p.x, p.w, p.pad, p.stride, dtype);
+    let key = (p.x, p.w, p.pad, p.stride, dtype, opts.algo);
     let chosen = match h.algos.get(&key) {
         Some(c) => *c,
         None => {
-            let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 8];
-            let mut count = 0i32;
-            // SAFETY: live handle and descriptors; `perf` has room for the 8 requested results.
-            unsafe {
-                dnn::get_convolution_forward_algorithm(
-                    h.handle,
-                    xd.0,
-                    wd.0,
-                    cd.0,
-                    yd.0,
-                    8,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
-            }
-            .map_err(dnn_err("algorithm heuristic"))?;
-            let c = pick_algorithm(&perf[..count.clamp(0, 8) as usize], dtype);
+            let c = match opts.algo {
+                AlgoChoice::Fixed(a) => Some((a, 0)),
+                search => {
+                    let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 8];
+                    let mut count = 0i32;
+                    // SAFETY: live handle and descriptors; `perf` has room for the 8 requested
+                    // results (Find allocates and frees its own buffers).
+                    unsafe {
+                        if search == AlgoChoice::Find {
+                            sys::cudnnFindConvolutionForwardAlgorithm(
+                                h.handle,
+                                xd.0,
+                                wd.0,
+                                cd.0,
+                                yd.0,
+                                8,
+                                &mut count,
+                                perf.as_mut_ptr(),
+                            )
+                            .result()
+                        } else {
+                            dnn::get_convolution_forward_algorithm(
+                                h.handle,
+                                xd.0,
+                                wd.0,
+                                cd.0,
+                                yd.0,
+                                8,
+                                &mut count,
+                                perf.as_mut_ptr(),
+                            )
+                        }
+                    }
+                    .map_err(dnn_err("algorithm search"))?;
+                    pick_algorithm(&perf[..count.clamp(0, 8) as usize], dtype)
+                }
+            };
             h.algos.insert(key, c);
             c
         }
@@ -398,9 +461,15 @@ pub fn cudnn_conv(
         )));
     };
     // SAFETY: live handle and descriptors.
-    let ws_bytes =
-        unsafe { dnn::get_convolution_forward_workspace_size(h.handle, xd.0, wd.0, cd.0, yd.0, algo) }
-            .map_err(dnn_err("workspace size"))?;
+    let ws_bytes = match unsafe {
+        dnn::get_convolution_forward_workspace_size(h.handle, xd.0, wd.0, cd.0, yd.0, algo)
+    } {
+        Ok(b) => b,
+        Err(e) if not_supported(&e) => {
+            return Ok(DnnRun::NotSupported(format!("cuDNN: {algo:?} does not support {s:?}: {e}")))
+        }
+        Err(e) => return Err(Error::Cuda(format!("cuDNN workspace size: {e}"))),
+    };
     if ws_bytes > 0 && h.workspace.as_ref().is_none_or(|b| b.len() < ws_bytes) {
         h.workspace = None; // free the old one first
         h.workspace = Some(dev.alloc_zeros::<u8>(ws_bytes)?);
@@ -410,8 +479,8 @@ pub fn cudnn_conv(
     let (one, zero) = (1.0f32, 0.0f32); // f32 scaling parameters for every storage dtype here
     let algo_name = format!("{algo:?}").trim_start_matches("CUDNN_CONVOLUTION_FWD_ALGO_").to_string();
 
-    if let (Some(b), sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) =
-        (bias, algo)
+    if let (Some(b), true, sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) =
+        (bias, opts.fuse_bias, algo)
     {
         let bd = tensor(p.data, [1, p.y[1], 1, 1])?;
         let ad = ActDesc(dnn::create_activation_descriptor().map_err(dnn_err("activation descriptor"))?);
@@ -551,6 +620,18 @@ mod tests {
     }
 
     #[test]
+    fn algorithm_choice_parses() {
+        assert_eq!(
+            ConvOptions::parse(None).unwrap(),
+            ConvOptions { algo: AlgoChoice::Heuristic, fuse_bias: true }
+        );
+        assert_eq!(ConvOptions::parse(Some("find")).unwrap().algo, AlgoChoice::Find);
+        assert_eq!(ConvOptions::parse(Some(" heuristic ")).unwrap().algo, AlgoChoice::Heuristic);
+        let e = ConvOptions::parse(Some("fastest")).unwrap_err().to_string();
+        assert!(e.contains("SDSPARSE_GPU_CONV_ALGO") && e.contains("expected heuristic or find"), "{e}");
+    }
+
+    #[test]
     fn versions_decode_and_algorithms_are_picked_safely() {
         assert_eq!(decode_version(91002), (9, 10, 2));
         assert_eq!(decode_version(90100), (9, 1, 0));
@@ -641,6 +722,7 @@ mod tests {
     /// inputs, with and without bias, in every storage dtype.
     fn cudnn_conv_matches_cpu(device: &Device) -> Result<()> {
         let mut rng = TestRng::fresh("cudnn_conv");
+        let mut fused = 0;
         let cases = [
             (shape(2, 32, 16, 48, 3, 1, 1), true, DType::F32),
             (shape(1, 16, 17, 16, 3, 2, 1), true, DType::F32),
@@ -656,43 +738,65 @@ mod tests {
             let w = round(rng.vec(wl).into_iter().map(|v| v * 0.2).collect());
             let b = with_bias.then(|| round(rng.vec(s.c_out)));
             let expected = cpu::conv::conv2d(&x, &w, b.as_deref(), s);
-            let got = match device {
-                Device::Cpu => expected.clone(),
-                Device::Cuda(dev) => {
-                    let h = match super::super::libs::dnn(dev) {
-                        Ok(h) => h,
-                        Err(why) if std::env::var("SDSPARSE_REQUIRE_CUDNN").as_deref() != Ok("1") => {
-                            // Not "skipped": the device check counts that word as no GPU.
-                            println!("cudnn_conv_matches_cpu: cuDNN unavailable, not checked: {why}");
-                            return Ok(());
-                        }
-                        Err(why) => return Err(Error::Cuda(why)),
-                    };
-                    let mut h = h.lock().map_err(|_| Error::Cuda("cuDNN handle poisoned".into()))?;
-                    let up = |v: &[f32]| DeviceValues::upload(dev, &host_data(v, dtype));
-                    let bd = b.as_deref().map(up).transpose()?;
-                    let mut y = DeviceValues::poisoned(dev, dtype, yl)?;
-                    let ran = cudnn_conv(dev, &mut h, s, &up(&x)?, &up(&w)?, bd.as_ref(), &mut y)?;
-                    println!("cudnn {} {s:?} {}: {ran:?}", h.version(), dtype.name());
-                    let mut got = y.to_host(dev)?.to_f32();
-                    match ran {
-                        DnnRun::Ran { fused_bias: false, .. } => {
-                            if let Some(b) = &b {
-                                let plane = yl / (s.batch * s.c_out);
-                                for (i, v) in got.iter_mut().enumerate() {
-                                    *v += b[(i / plane) % s.c_out];
-                                }
+            let Device::Cuda(dev) = device else {
+                // The CPU variant checks the reference against itself (as the other GPU tests).
+                let (norm, elem) = tolerances(dtype);
+                check_close(&expected, &expected, norm, elem).map_err(Error::Invalid)?;
+                continue;
+            };
+            let h = match super::super::libs::dnn(dev) {
+                Ok(h) => h,
+                Err(why) if std::env::var("SDSPARSE_REQUIRE_CUDNN").as_deref() != Ok("1") => {
+                    // Not "skipped": the device check counts that word as no GPU.
+                    println!("cudnn_conv_matches_cpu: cuDNN unavailable, not checked: {why}");
+                    return Ok(());
+                }
+                Err(why) => return Err(Error::Cuda(why)),
+            };
+            let mut h = h.lock().map_err(|_| Error::Cuda("cuDNN handle poisoned".into()))?;
+            let up = |v: &[f32]| DeviceValues::upload(dev, &host_data(v, dtype));
+            let (xd, wd) = (up(&x)?, up(&w)?);
+            let bd = b.as_deref().map(up).transpose()?;
+            // cuDNN's own choice (what the pipeline runs), timed search, and the algorithm that
+            // allows the fused bias, fused and not: every path of `cudnn_conv`.
+            let precomp = AlgoChoice::Fixed(
+                sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            );
+            let variants = [
+                ConvOptions { algo: AlgoChoice::Heuristic, fuse_bias: true },
+                ConvOptions { algo: AlgoChoice::Find, fuse_bias: true },
+                ConvOptions { algo: precomp, fuse_bias: true },
+                ConvOptions { algo: precomp, fuse_bias: false },
+            ];
+            for opts in variants {
+                let mut y = DeviceValues::poisoned(dev, dtype, yl)?;
+                let ran = cudnn_conv(dev, &mut h, opts, s, &xd, &wd, bd.as_ref(), &mut y)?;
+                println!("cudnn {} {s:?} {} {opts:?}: {ran:?}", h.version(), dtype.name());
+                let mut got = y.to_host(dev)?.to_f32();
+                match ran {
+                    DnnRun::Ran { fused_bias: false, .. } => {
+                        if let Some(b) = &b {
+                            let plane = yl / (s.batch * s.c_out);
+                            for (i, v) in got.iter_mut().enumerate() {
+                                *v += b[(i / plane) % s.c_out];
                             }
                         }
-                        DnnRun::Ran { fused_bias: true, .. } => {}
-                        DnnRun::NotSupported(why) => return Err(Error::Cuda(format!("{s:?}: {why}"))),
                     }
-                    got
+                    DnnRun::Ran { fused_bias: true, .. } => fused += 1,
+                    // cuDNN's own choices must run; a fixed algorithm may be unsupported for a dtype.
+                    DnnRun::NotSupported(why) if matches!(opts.algo, AlgoChoice::Fixed(_)) => {
+                        println!("  not supported by cuDNN, not checked: {why}");
+                        continue;
+                    }
+                    DnnRun::NotSupported(why) => return Err(Error::Cuda(format!("{s:?} {opts:?}: {why}"))),
                 }
-            };
-            let (norm, elem) = tolerances(dtype);
-            check_close(&got, &expected, norm, elem)
-                .map_err(|e| Error::Invalid(format!("{s:?} {}: {e}", dtype.name())))?;
+                let (norm, elem) = tolerances(dtype);
+                check_close(&got, &expected, norm, elem)
+                    .map_err(|e| Error::Invalid(format!("{s:?} {} {opts:?}: {e}", dtype.name())))?;
+            }
+        }
+        if matches!(device, Device::Cuda(_)) {
+            println!("cudnn_conv_matches_cpu: the fused-bias path ran {fused} times");
         }
         Ok(())
     }

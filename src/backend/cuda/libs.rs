@@ -91,6 +91,15 @@ pub fn conv_override() -> Result<Override> {
     env_override(&CELL, CONV_VAR, ("cudnn", "im2col"))
 }
 
+/// `SDSPARSE_GPU_CONV_ALGO`: how cuDNN's algorithm is chosen (read once per process).
+pub fn conv_options() -> Result<super::dnn::ConvOptions> {
+    static CELL: OnceLock<Result<super::dnn::ConvOptions>> = OnceLock::new();
+    match CELL.get_or_init(super::dnn::ConvOptions::from_env) {
+        Ok(o) => Ok(*o),
+        Err(e) => Err(Error::Invalid(e.to_string())),
+    }
+}
+
 /// The first of `names` that does not resolve in a cudarc `culib()` library, if any. cudarc
 /// resolves symbols lazily and panics on a missing one, so a library older than the bindings is
 /// detected here, before any call. (A macro: the library type is `libloading`'s, which this

@@ -416,7 +416,16 @@ fn conv2d_cudnn(
     let (ho, wo) = s.out_hw();
     let mut y = output(dev, xv.dtype(), s.batch * s.c_out * ho * wo)?;
     let mut h = handle.lock().map_err(|_| Error::Cuda("cuDNN handle poisoned".into()))?;
-    match dnn::cudnn_conv(dev, &mut h, s, xv, values(w)?, bias.map(values).transpose()?, &mut y)? {
+    match dnn::cudnn_conv(
+        dev,
+        &mut h,
+        libs::conv_options()?,
+        s,
+        xv,
+        values(w)?,
+        bias.map(values).transpose()?,
+        &mut y,
+    )? {
         dnn::DnnRun::Ran { fused_bias, .. } => {
             let version = h.version().to_string();
             libs::record(dev, |u| {
