@@ -983,5 +983,10 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
             mib(b)
         );
     }
+    // Which libraries the convolutions and dense Linears actually ran on (cuDNN / cuBLASLt, or
+    // the cuBLAS fallbacks and why), counted since the process started.
+    if let Device::Cuda(dev) = sd.device() {
+        s += &format!("{}\n", crate::backend::cuda::libs::usage(dev).summary());
+    }
     s
 }

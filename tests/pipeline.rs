@@ -63,6 +63,11 @@ fn check_run(
         "{kind:?}: final latents rel err {e:.3e}; PNG within 1/255 on {:.4}% (max diff {max})",
         frac * 100.0
     );
+    // Which libraries ran the convolutions and dense Linears (cuDNN / cuBLASLt or the cuBLAS
+    // fallbacks, and why): the device check's log shows it next to the agreement.
+    if let Device::Cuda(dev) = sd.device() {
+        println!("{kind:?}: {}", sdsparse::backend::cuda::libs::usage(dev).summary());
+    }
     assert!(e < 1e-4, "{kind:?}: final latents rel err {e}");
     assert!(frac >= 0.999, "{kind:?}: only {frac} of the pixels within 1/255");
 }

@@ -8,6 +8,9 @@
 //! - [`norm`] (group norm + SiLU, layer norm) and [`pointwise`] (GELU, SiLU, GEGLU, broadcast
 //!   add, CFG combine, nearest upsampling, concatenation, timestep embedding): the activation
 //!   kernels for f32 / f16 / bf16 storage, with host-checked launch plans.
+//! - [`lt`] (dense Linear through cuBLASLt with bias / GELU epilogues) and [`dnn`] (convolutions
+//!   through cuDNN), both loaded at run time; [`libs`] chooses them or the cuBLAS fallbacks and
+//!   records which ran.
 //!
 //! A kernel family is a `cuda/<name>.cu` file (compiled by build.rs into the one fatbin), a
 //! parameter struct in the header mirrored in `params.rs`, and a launcher file here. In a build
@@ -17,7 +20,10 @@
 pub mod blas;
 pub mod decompress;
 mod device;
+pub mod dnn;
 pub mod kernels;
+pub mod libs;
+pub mod lt;
 pub mod norm;
 pub mod ops;
 pub mod params;

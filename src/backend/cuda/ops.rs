@@ -11,8 +11,11 @@
 use super::blas::{self, Gemm};
 use super::decompress::DeviceValues;
 use super::device::{CudaDevice, CudaStorage};
+use super::libs::{self, Choice};
+use super::lt::{Epilogue, LtLinear, LtRun};
 use super::pointwise::{self, Unary};
 use super::tensor_ops::{self, Binary, Im2colShape, StridedView};
+use super::{dnn, lt};
 use super::{norm, weight_to_dense};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::cpu::conv::ConvShape;
@@ -64,6 +67,9 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>, out_shape: &[usize]
     if m == 0 {
         return Err(Error::Shape(format!("linear: empty input {:?}", x.shape())));
     }
+    if let Some(y) = linear_cublaslt(&dev, x, w_t, bias, (m, n, k), out_shape)? {
+        return Ok(y);
+    }
     let mut y = output(&dev, xv.dtype(), m * n)?;
     blas::sgemm(&dev, &Gemm::new(m, n, k, true), xv, values(w_t)?, &mut y)?;
     let y = wrap(&dev, y, out_shape);
@@ -87,11 +93,15 @@ pub fn matmul(
     Ok(wrap(&dev, y, out_shape))
 }
 
-/// Convolution as im2col (our kernel, all images into one column buffer) + one batched cuBLAS
-/// SGEMM with the weight shared across the batch; a 1x1 stride-1 convolution skips im2col.
-/// (cuDNN is not wired: this is the path that runs.)
+/// Convolution through cuDNN ([`conv2d_cudnn`]) when it loads, else (or with
+/// `SDSPARSE_GPU_CONV=im2col`) as im2col (our kernel, all images into one column buffer) + one
+/// batched cuBLAS SGEMM with the weight shared across the batch; a 1x1 stride-1 convolution
+/// skips im2col.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, s: ConvShape) -> Result<Tensor> {
     let dev = device_of(x)?;
+    if let Some(y) = conv2d_cudnn(&dev, x, w, bias, s)? {
+        return Ok(y);
+    }
     let (ho, wo) = s.out_hw();
     let plane = ho * wo;
     let kdim = s.c_in * s.kh * s.kw;
@@ -327,4 +337,108 @@ pub fn cfg_combine(pred: &Tensor, guidance: f32, out_shape: &[usize]) -> Result<
     let mut y = output(&dev, pv.dtype(), n)?;
     pointwise::cfg_combine(&dev, n, guidance, pv, &mut y)?;
     Ok(wrap(&dev, y, out_shape))
+}
+
+/// A dense Linear through cuBLASLt with the bias fused as its epilogue, or `None` (recorded
+/// with the reason) when cuBLASLt is not loaded, forced off (`SDSPARSE_GPU_LINEAR=sgemm`), or
+/// has no algorithm for the layout: the caller then runs SGEMM + the bias kernel. The GELU
+/// epilogue is not used here: it is the tanh approximation and SD2's text encoder uses the exact
+/// GELU (`lt.rs`).
+fn linear_cublaslt(
+    dev: &CudaDevice,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (m, n, k): (usize, usize, usize),
+    out_shape: &[usize],
+) -> Result<Option<Tensor>> {
+    let fallback = |why: String| {
+        libs::record(dev, |u| {
+            u.sgemm_linear_calls += 1;
+            u.linear_fallback.get_or_insert(why);
+        });
+        Ok(None)
+    };
+    let loaded = libs::lt(dev);
+    let handle = match libs::choose("cuBLASLt", libs::LINEAR_VAR, libs::linear_override()?, &loaded)? {
+        Choice::Library(h) => h,
+        Choice::Fallback(why) => return fallback(why),
+    };
+    let (xv, wv) = (values(x)?, values(w)?);
+    let bv = bias.map(values).transpose()?;
+    if wv.dtype() != xv.dtype() || bv.is_some_and(|b| b.dtype() != xv.dtype()) {
+        return fallback(format!(
+            "weight {} / bias with {} activations",
+            wv.dtype().name(),
+            xv.dtype().name()
+        ));
+    }
+    let epilogue = if bias.is_some() { Epilogue::Bias } else { Epilogue::None };
+    let l = LtLinear { m, n, k, x_dtype: xv.dtype(), y_dtype: xv.dtype(), epilogue };
+    let mut y = output(dev, xv.dtype(), m * n)?;
+    let mut h = handle.lock().map_err(|_| Error::Cuda("cuBLASLt handle poisoned".into()))?;
+    match lt::lt_linear(dev, &mut h, &l, xv, wv, bv, &mut y)? {
+        LtRun::Ran => {
+            libs::record(dev, |u| match epilogue {
+                Epilogue::None => u.lt_calls.0 += 1,
+                Epilogue::Bias => u.lt_calls.1 += 1,
+                Epilogue::GeluTanhBias => u.lt_calls.2 += 1,
+            });
+            Ok(Some(wrap(dev, y, out_shape)))
+        }
+        LtRun::NotSupported(why) => fallback(why),
+    }
+}
+
+/// A convolution through cuDNN, the bias fused where cuDNN allows it (else the add kernel), or
+/// `None` (recorded with the reason) when cuDNN is not loaded, forced off
+/// (`SDSPARSE_GPU_CONV=im2col`) or has no algorithm: the caller then runs im2col + cuBLAS.
+fn conv2d_cudnn(
+    dev: &CudaDevice,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    s: ConvShape,
+) -> Result<Option<Tensor>> {
+    let fallback = |why: String| {
+        libs::record(dev, |u| {
+            u.im2col_calls += 1;
+            u.conv_fallback.get_or_insert(why);
+        });
+        Ok(None)
+    };
+    let loaded = libs::dnn(dev);
+    let handle = match libs::choose("cuDNN", libs::CONV_VAR, libs::conv_override()?, &loaded)? {
+        Choice::Library(h) => h,
+        Choice::Fallback(why) => return fallback(why),
+    };
+    let xv = values(x)?;
+    let (ho, wo) = s.out_hw();
+    let mut y = output(dev, xv.dtype(), s.batch * s.c_out * ho * wo)?;
+    let mut h = handle.lock().map_err(|_| Error::Cuda("cuDNN handle poisoned".into()))?;
+    match dnn::cudnn_conv(
+        dev,
+        &mut h,
+        libs::conv_options()?,
+        s,
+        xv,
+        values(w)?,
+        bias.map(values).transpose()?,
+        &mut y,
+    )? {
+        dnn::DnnRun::Ran { fused_bias, .. } => {
+            let version = h.version().to_string();
+            libs::record(dev, |u| {
+                u.cudnn_calls += 1;
+                u.cudnn_fused_bias += fused_bias as u64;
+                u.cudnn_version.get_or_insert(version);
+            });
+            let y = wrap(dev, y, &[s.batch, s.c_out, ho, wo]);
+            match bias {
+                Some(b) if !fused_bias => binary(Binary::Add, &y, &b.reshape(&[s.c_out, 1, 1])?).map(Some),
+                _ => Ok(Some(y)),
+            }
+        }
+        dnn::DnnRun::NotSupported(why) => fallback(why),
+    }
 }
