@@ -4,15 +4,23 @@
 //! `backend::ops` validates shapes before it gets here (the same one-line errors on every
 //! device), so these functions only translate shapes into launches. Outputs are allocated
 //! NaN-poisoned (all bytes 0xFF), so an element a kernel fails to write shows up as NaN in the
-//! pipeline's finiteness checks instead of as a plausible stale value. Storage is f32 today:
-//! the cuBLAS path is SGEMM, and every other kernel is instantiated for f32 / f16 / bf16 so
-//! f16 activations need only the storage and GEMM dtype change (docs/CUDA.md).
+//! pipeline's finiteness checks instead of as a plausible stale value.
+//!
+//! Activation dtype (f32, f16 or bf16; docs/CUDA.md): every op writes its output in the dtype
+//! of its activation input; a dense Linear / conv weight, uploaded at load in the activation
+//! dtype, decides its product's dtype (an f32 input from the host — latents, the timestep
+//! embedding — is cast to it there, so the pipeline's f32 boundaries need no special code);
+//! other operands in another dtype (a bias, a second addend, K / V) are cast to the
+//! activation's. GEMMs: SGEMM for f32, `cublasGemmStridedBatchedEx` with f32 accumulation for
+//! f16 / bf16 ([`blas::gemm`]); norms and softmax compute in f32 inside the kernels (their
+//! `gamma` / `beta` are f32).
 
 use super::blas::{self, Gemm};
 use super::decompress::DeviceValues;
 use super::device::{CudaDevice, CudaStorage};
 use super::pointwise::{self, Unary};
 use super::tensor_ops::{self, Binary, Im2colShape, StridedView};
+use super::attention::{self, AttentionShape, HeadLayout};
 use super::{norm, weight_to_dense};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::cpu::conv::ConvShape;
@@ -45,6 +53,22 @@ fn wrap(dev: &CudaDevice, v: DeviceValues, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(CudaStorage::from_values(dev, v)), shape)
 }
 
+/// `t` in `dtype` on its GPU: shared when it already is, else converted by the cast kernels
+/// (f32 ↔ f16 / bf16 directly, f16 ↔ bf16 through f32; round to nearest even).
+pub fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let from = t.dtype();
+    if from == dtype {
+        return Ok(t.clone());
+    }
+    if from != DType::F32 && dtype != DType::F32 {
+        return to_dtype(&to_dtype(t, DType::F32)?, dtype);
+    }
+    let dev = device_of(t)?;
+    let mut y = output(&dev, dtype, t.numel())?;
+    tensor_ops::cast(&dev, t.numel(), values(t)?, &mut y)?;
+    Ok(wrap(&dev, y, t.shape()))
+}
+
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)`. A dense weight is a GPU tensor (uploaded at load);
 /// a compressed weight reaching this op (not placed by `model::Linear`, which runs sparse
 /// weights through `SparseLinear`) is expanded on the GPU for this call.
@@ -60,12 +84,14 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>, out_shape: &[usize]
             &expanded
         }
     };
-    let xv = values(x)?;
     if m == 0 {
         return Err(Error::Shape(format!("linear: empty input {:?}", x.shape())));
     }
+    // The weight's dtype (the activation dtype it was uploaded in) decides the product's.
+    let x = to_dtype(x, w_t.dtype())?;
+    let xv = values(&x)?;
     let mut y = output(&dev, xv.dtype(), m * n)?;
-    blas::sgemm(&dev, &Gemm::new(m, n, k, true), xv, values(w_t)?, &mut y)?;
+    blas::gemm(&dev, &Gemm::new(m, n, k, true), xv, values(w_t)?, &mut y)?;
     let y = wrap(&dev, y, out_shape);
     match bias {
         Some(b) => binary(Binary::Add, &y, b),
@@ -82,27 +108,30 @@ pub fn matmul(
 ) -> Result<Tensor> {
     let dev = device_of(a)?;
     let av = values(a)?;
+    let b = to_dtype(b, av.dtype())?;
     let mut y = output(&dev, av.dtype(), batch * m * n)?;
-    blas::sgemm(&dev, &Gemm::batched(batch, m, n, k, false), av, values(b)?, &mut y)?;
+    blas::gemm(&dev, &Gemm::batched(batch, m, n, k, false), av, values(&b)?, &mut y)?;
     Ok(wrap(&dev, y, out_shape))
 }
 
 /// Convolution as im2col (our kernel, all images into one column buffer) + one batched cuBLAS
-/// SGEMM with the weight shared across the batch; a 1x1 stride-1 convolution skips im2col.
+/// GEMM with the weight shared across the batch; a 1x1 stride-1 convolution skips im2col.
 /// (cuDNN is not wired: this is the path that runs.)
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, s: ConvShape) -> Result<Tensor> {
     let dev = device_of(x)?;
     let (ho, wo) = s.out_hw();
     let plane = ho * wo;
     let kdim = s.c_in * s.kh * s.kw;
-    let xv = values(x)?;
+    // As for Linear: the weight's dtype decides (im2col runs in it too).
+    let x = to_dtype(x, w.dtype())?;
+    let xv = values(&x)?;
     let mut y = output(&dev, xv.dtype(), s.batch * s.c_out * plane)?;
     let pointwise = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0;
     // Row-major per image: y[c_out, plane] = W[c_out, kdim] · col[kdim, plane].
     let g =
         Gemm { stride_a: 0, stride_b: kdim * plane, ..Gemm::batched(s.batch, s.c_out, plane, kdim, false) };
     if pointwise {
-        blas::sgemm(&dev, &g, values(w)?, xv, &mut y)?;
+        blas::gemm(&dev, &g, values(w)?, xv, &mut y)?;
     } else {
         let is = Im2colShape {
             c_in: s.c_in,
@@ -117,7 +146,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, s: ConvShape) -> Re
         for b in 0..s.batch {
             tensor_ops::im2col(&dev, is, (xv, b), (&mut col, b * kdim * plane))?;
         }
-        blas::sgemm(&dev, &g, values(w)?, &col, &mut y)?;
+        blas::gemm(&dev, &g, values(w)?, &col, &mut y)?;
     }
     let y = wrap(&dev, y, &[s.batch, s.c_out, ho, wo]);
     match bias {
@@ -147,8 +176,8 @@ pub fn group_norm(
         eps,
         silu,
         xv,
-        values(gamma)?,
-        values(beta)?,
+        values(&to_dtype(gamma, DType::F32)?)?,
+        values(&to_dtype(beta, DType::F32)?)?,
         &mut y,
     )?;
     Ok(wrap(&dev, y, x.shape()))
@@ -159,14 +188,101 @@ pub fn layer_norm(x: &Tensor, dim: usize, gamma: &Tensor, beta: &Tensor, eps: f3
     let dev = device_of(x)?;
     let xv = values(x)?;
     let mut y = output(&dev, xv.dtype(), x.numel())?;
-    norm::layer_norm(&dev, x.numel() / dim, dim, eps, xv, values(gamma)?, values(beta)?, &mut y)?;
+    let (gamma, beta) = (to_dtype(gamma, DType::F32)?, to_dtype(beta, DType::F32)?);
+    norm::layer_norm(&dev, x.numel() / dim, dim, eps, xv, values(&gamma)?, values(&beta)?, &mut y)?;
     Ok(wrap(&dev, y, x.shape()))
 }
 
-/// Attention on `[B, H, S, D]` tensors: `S = scale · Q·Kᵀ` (cuBLAS, batched over B·H), the f32
-/// softmax kernel (with the causal mask), `P·V` (cuBLAS). Exact f32, any head dim (the VAE's
-/// single 512-wide head included); the scores take B·H·Sq·Sk f32 values of GPU memory.
-/// Our flash kernel (`attention.rs`, f16, head dim 64) is not used by the f32 pipeline.
+/// Which attention path runs for activations of `dtype` (the choice [`attention`] makes, a
+/// pure function so the routing is unit-tested on the host):
+/// - f16, head dim 64, no causal mask: our flash kernel (`attention.rs`, `cuda/attention.cu`):
+///   f16 Q/K/V/O, `Q·Kᵀ` on tensor cores into f32 accumulators, f32 online softmax, P rounded
+///   to f16 for `P·V` (the UNet's heads);
+/// - otherwise (f32, bf16, a causal mask — the text encoder —, any other head dim — the VAE's
+///   single 512-wide head —, or `SDSPARSE_GPU_ATTENTION=softmax`): the scores path.
+///
+/// Neither path stores scores in f16, so `upcast_attention` (SD2.1 768-v, whose f16 scores
+/// overflow in diffusers without it) needs no flag here: both compute `Q·Kᵀ` and the softmax in
+/// f32 for every block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    Flash,
+    Scores,
+}
+
+pub fn attention_path(dtype: DType, head_dim: usize, causal: bool) -> AttentionPath {
+    let forced = std::env::var("SDSPARSE_GPU_ATTENTION").is_ok_and(|v| v == "softmax");
+    if dtype == DType::F16 && head_dim == attention::HEAD_DIM && !causal && !forced {
+        AttentionPath::Flash
+    } else {
+        AttentionPath::Scores
+    }
+}
+
+/// The scores path on `[B, H, S, D]` tensors: `S = scale · Q·Kᵀ` into f32 (SGEMM, or GemmEx
+/// with f16 / bf16 inputs and an f32 result), the f32 softmax kernel (causal mask folded in),
+/// P cast to the activation dtype, `P·V` (cuBLAS). Any head dim; the scores take B·H·Sq·Sk f32
+/// values of GPU memory (64 MiB for the VAE's 4096 positions).
+fn attention_scores(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, scale: f32, causal: bool) -> Result<Tensor> {
+    let dev = device_of(q)?;
+    let bh = s.batch * s.heads;
+    let qv = values(q)?;
+    let mut scores = output(&dev, DType::F32, bh * s.sq * s.sk)?;
+    let qk = Gemm { alpha: scale, ..Gemm::batched(bh, s.sq, s.sk, s.d, true) };
+    blas::gemm(&dev, &qk, qv, values(k)?, &mut scores)?;
+    let mut probs = output(&dev, DType::F32, bh * s.sq * s.sk)?;
+    tensor_ops::softmax(&dev, (bh * s.sq, s.sk), 1.0, causal.then_some(s.sq), &scores, &mut probs)?;
+    drop(scores);
+    let probs = if qv.dtype() == DType::F32 {
+        probs
+    } else {
+        let mut p = output(&dev, qv.dtype(), bh * s.sq * s.sk)?;
+        tensor_ops::cast(&dev, bh * s.sq * s.sk, &probs, &mut p)?;
+        p
+    };
+    let mut out = output(&dev, qv.dtype(), bh * s.sq * s.d)?;
+    blas::gemm(&dev, &Gemm::batched(bh, s.sq, s.d, s.sk, false), &probs, values(v)?, &mut out)?;
+    Ok(wrap(&dev, out, &[s.batch, s.heads, s.sq, s.d]))
+}
+
+/// The flash kernel on f16 operands addressed through `layouts` (Q, K, V, O); the output is a
+/// new buffer in O's layout.
+fn attention_flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    scale: f32,
+    layouts: [HeadLayout; 4],
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let dev = device_of(q)?;
+    let shape = AttentionShape { batch: s.batch, heads: s.heads, seq_q: s.sq, seq_kv: s.sk, scale };
+    let o = output(&dev, DType::F16, s.batch * s.heads * s.sq * s.d)?;
+    let (qv, kv, vv) = (values(q)?, values(k)?, values(v)?);
+    if [qv.dtype(), kv.dtype(), vv.dtype()] != [DType::F16; 3] {
+        return Err(Error::Invalid("flash attention takes f16 Q, K, V".into()));
+    }
+    let lens = [qv.len(), kv.len(), vv.len(), o.len()];
+    if let Some((mut params, grid)) = attention::plan_attention(&shape, lens, layouts)? {
+        params.q = qv.device_ptr(&dev);
+        params.k = kv.device_ptr(&dev);
+        params.v = vv.device_ptr(&dev);
+        params.o = o.device_ptr(&dev);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: grid,
+            block_dim: (attention::FLASH_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: plan_attention checked that every buffer holds what its layout addresses for
+        // this shape; the buffers live until after the launch (queued on the device's stream).
+        unsafe { dev.launch("sdsparse_attn_fwd_d64", cfg, &params)? };
+    }
+    Ok(wrap(&dev, o, out_shape))
+}
+
+/// Attention on `[B, H, S, D]` tensors, in the dtype of `q` (K and V cast to it), through the
+/// path [`attention_path`] picks.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -175,22 +291,19 @@ pub fn attention(
     scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
-    let dev = device_of(q)?;
-    let bh = s.batch * s.heads;
-    let qv = values(q)?;
-    let mut scores = output(&dev, qv.dtype(), bh * s.sq * s.sk)?;
-    let qk = Gemm { alpha: scale, ..Gemm::batched(bh, s.sq, s.sk, s.d, true) };
-    blas::sgemm(&dev, &qk, qv, values(k)?, &mut scores)?;
-    let mut probs = output(&dev, qv.dtype(), bh * s.sq * s.sk)?;
-    tensor_ops::softmax(&dev, (bh * s.sq, s.sk), 1.0, causal.then_some(s.sq), &scores, &mut probs)?;
-    drop(scores);
-    let mut out = output(&dev, qv.dtype(), bh * s.sq * s.d)?;
-    blas::sgemm(&dev, &Gemm::batched(bh, s.sq, s.d, s.sk, false), &probs, values(v)?, &mut out)?;
-    Ok(wrap(&dev, out, q.shape()))
+    let (k, v) = (to_dtype(k, q.dtype())?, to_dtype(v, q.dtype())?);
+    match attention_path(q.dtype(), s.d, causal) {
+        AttentionPath::Flash => {
+            let l = |seq| HeadLayout::bhsd(s.heads, seq);
+            attention_flash(q, &k, &v, s, scale, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape())
+        }
+        AttentionPath::Scores => attention_scores(q, &k, &v, s, scale, causal),
+    }
 }
 
-/// [`attention`] on head-interleaved `[B, S, H·D]` tensors: the heads are split and merged with
-/// the strided-copy kernel.
+/// [`attention`] on head-interleaved `[B, S, H·D]` tensors: the flash kernel reads and writes
+/// that layout in place; the scores path splits and merges the heads with the strided-copy
+/// kernel.
 pub fn attention_interleaved(
     q: &Tensor,
     k: &Tensor,
@@ -199,8 +312,13 @@ pub fn attention_interleaved(
     scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
+    let (k, v) = (to_dtype(k, q.dtype())?, to_dtype(v, q.dtype())?);
+    if attention_path(q.dtype(), s.d, causal) == AttentionPath::Flash {
+        let l = |seq| HeadLayout::bshd(s.heads, seq);
+        return attention_flash(q, &k, &v, s, scale, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape());
+    }
     let split = |t: &Tensor, len: usize| permute(&t.reshape(&[s.batch, len, s.heads, s.d])?, &[0, 2, 1, 3]);
-    let out = attention(&split(q, s.sq)?, &split(k, s.sk)?, &split(v, s.sk)?, s, scale, causal)?;
+    let out = attention_scores(&split(q, s.sq)?, &split(&k, s.sk)?, &split(&v, s.sk)?, s, scale, causal)?;
     permute(&out, &[0, 2, 1, 3])?.reshape(q.shape())
 }
 
@@ -237,8 +355,9 @@ pub fn geglu(x: &Tensor, half: usize, out_shape: &[usize]) -> Result<Tensor> {
 pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dev = device_of(a)?;
     let av = values(a)?;
+    let b = to_dtype(b, av.dtype())?;
     let mut y = output(&dev, av.dtype(), a.numel())?;
-    tensor_ops::binary(&dev, op, (a.shape(), b.shape()), av, values(b)?, &mut y)?;
+    tensor_ops::binary(&dev, op, (a.shape(), b.shape()), av, values(&b)?, &mut y)?;
     Ok(wrap(&dev, y, a.shape()))
 }
 
@@ -287,8 +406,9 @@ pub fn cat(xs: &[&Tensor], dim: usize, outer: usize, inner: usize) -> Result<Ten
     for t in &xs[1..] {
         let (a_inner, b_inner) = (acc.shape()[dim] * inner, t.shape()[dim] * inner);
         let av = values(&acc)?;
+        let t = to_dtype(t, av.dtype())?;
         let mut y = output(&dev, av.dtype(), outer * (a_inner + b_inner))?;
-        pointwise::concat(&dev, outer, a_inner, b_inner, av, values(t)?, &mut y)?;
+        pointwise::concat(&dev, outer, a_inner, b_inner, av, values(&t)?, &mut y)?;
         let mut shape = acc.shape().to_vec();
         shape[dim] += t.shape()[dim];
         acc = wrap(&dev, y, &shape);
