@@ -331,7 +331,12 @@ impl StableDiffusion {
     /// bf16 or f32 on CUDA, where weights are uploaded in it and the GEMMs accumulate in f32
     /// (norms and softmax in f32 inside the kernels); f32 only on the CPU (another dtype is a
     /// one-line error, before anything is read).
-    pub fn load_as(path: &Path, single_file: &SingleFileOptions, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_as(
+        path: &Path,
+        single_file: &SingleFileOptions,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         check_device(device)?;
         check_dtype(device, dtype)?;
         Self::load_source_as(&ModelSource::open(path, single_file)?, device, dtype)
@@ -374,9 +379,7 @@ impl StableDiffusion {
                 (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes)
             }
             ModelSource::SingleFile(s) => {
-                let vb = |c: &str| -> Result<VarBuilder> {
-                    on(VarBuilder::new(Arc::new(s.store(c)?)))
-                };
+                let vb = |c: &str| -> Result<VarBuilder> { on(VarBuilder::new(Arc::new(s.store(c)?))) };
                 let label =
                     |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
                 let cfg = |rel: &str| s.config_text(rel);

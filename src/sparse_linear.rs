@@ -14,9 +14,9 @@
 //! CUDA path has not yet run on a GPU (see
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
+use crate::backend::cuda::decompress::{DeviceValues, F16Bits};
 use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
 use crate::backend::cuda::unstructured::{DeviceTiledWeight, Epilogue, TiledBitmapWeight, UnstructuredGemm};
-use crate::backend::cuda::decompress::{DeviceValues, F16Bits};
 use crate::backend::cuda::{self, kernels, CudaDevice, CudaStorage};
 use crate::backend::{ops, Device, Storage, Tensor};
 use crate::error::{Error, Result};
@@ -185,7 +185,15 @@ impl SparseLinear {
                 let epi = Sp24Epilogue { bias: bd.as_deref(), ..Default::default() };
                 let x_bits = F16Bits::of(device, f16_values(&xd)?);
                 let mut y_bits = F16Bits::of_mut(device, &mut yd);
-                kernels.gemm(device.stream(), kernels.choose(m, n, k), &x_bits, m, weight, &epi, &mut y_bits)?;
+                kernels.gemm(
+                    device.stream(),
+                    kernels.choose(m, n, k),
+                    &x_bits,
+                    m,
+                    weight,
+                    &epi,
+                    &mut y_bits,
+                )?;
                 drop((x_bits, y_bits));
                 result(device, x, yd, &out_shape)
             }

@@ -14,7 +14,8 @@
 #               kernels' norm and pointwise families, 2:4, unstructured, attention), split by variant
 #   3 sanitizer compute-sanitizer memcheck on the small cases of every kernel
 #   4 pipeline  the GPU pipeline (tests/pipeline.rs): the tiny fixture on CUDA in f32 against
-#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), and converted
+#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), in f16 (latents
+#               < 2e-2, image within 2/255 on 99% of pixels) and bf16 (provisional 8e-2), and converted
 #               unstructured / 2:4 checkpoints on CUDA against the CPU, expanded (f32, < 1e-4)
 #               and through the sparse kernels (f16 activations, < 2e-2)
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
@@ -131,13 +132,16 @@ done
 
 # 2. Every GPU test (SDSPARSE_REQUIRE_GPU=1: a missing GPU fails instead of skipping).
 step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --skip cuda::norm:: --skip cuda::pointwise:: \
-    --skip cuda::tensor_ops:: --skip cuda::blas:: --test-threads=1 --nocapture
+    --skip cuda::tensor_ops:: --skip cuda::blas:: --skip cuda::ops:: --test-threads=1 --nocapture
 # The activation kernels (norm.cu, pointwise.cu) against their CPU twins, one family per process.
 step tests tests-lib-norm 90 -- "$(exe test-sdsparse)" cuda::norm::tests:: --test-threads=1 --nocapture
 step tests tests-lib-pointwise 90 -- "$(exe test-sdsparse)" cuda::pointwise::tests:: --test-threads=1 --nocapture
 # The pipeline's other kernels (tensor.cu, eltwise sub/mul/div) and the cuBLAS SGEMM mapping.
 step tests tests-lib-tensor 90 -- "$(exe test-sdsparse)" cuda::tensor_ops::tests:: --test-threads=1 --nocapture
 step tests tests-lib-blas 90 -- "$(exe test-sdsparse)" cuda::blas::tests:: --test-threads=1 --nocapture
+# The model ops with f16 / bf16 activations (GemmEx, flash and scores attention, upcast range)
+# against the f32 CPU reference.
+step tests tests-lib-ops-half 120 -- "$(exe test-sdsparse)" cuda::ops::tests:: --test-threads=1 --nocapture
 for v in v1 v2 v3; do
     step tests "tests-sp24-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_ --test-threads=1 --nocapture
 done
@@ -177,16 +181,20 @@ else
         "test-sdsparse cuda::pointwise::tests::add_and_cfg_match_cpu::cuda" "test-sdsparse cuda::norm::tests::group_norm_matches_cpu::cuda" \
         "test-sparse_linear sparse_linear_matches_the_reference::cuda" \
         "test-sdsparse cuda::tensor_ops::tests::softmax_matches_cpu::cuda" "test-sdsparse cuda::tensor_ops::tests::im2col_matches_cpu::cuda" \
-        "test-sdsparse cuda::tensor_ops::tests::strided_copies_match_cpu::cuda" "test-sdsparse cuda::blas::tests::sgemm_matches_cpu::cuda"; do
+        "test-sdsparse cuda::tensor_ops::tests::strided_copies_match_cpu::cuda" "test-sdsparse cuda::blas::tests::sgemm_matches_cpu::cuda" \
+        "test-sdsparse cuda::blas::tests::gemm_ex_matches_cpu::cuda"; do
         read -r e filter <<<"$t"
         label="${filter%::cuda}" && label="${label##*::}" # one log per case, not per executable
         step sanitizer "memcheck-${e#test-}-$label" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
     done
 fi
 
-# 4. The GPU pipeline (f32 activations) on the tiny fixture: dense against diffusers, then the
-# sparse checkpoints against the CPU, expanded to f32 and through the sparse kernels.
+# 4. The GPU pipeline on the tiny fixture: dense against diffusers with f32, f16 and bf16
+# activations, then the sparse checkpoints against the CPU, expanded (f32 activations) and
+# through the sparse kernels (f16 activations).
 step pipeline pipeline-dense-f32 120 -- "$(exe test-pipeline)" _matches_diffusers::cuda --test-threads=1 --nocapture
+step pipeline pipeline-dense-f16 120 -- "$(exe test-pipeline)" gpu_f16_matches_diffusers --exact --nocapture
+step pipeline pipeline-dense-bf16 120 -- "$(exe test-pipeline)" gpu_bf16_matches_diffusers --exact --nocapture
 step pipeline pipeline-sparse-expanded 120 SDSPARSE_GPU_SPARSE=dense -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 step pipeline pipeline-sparse-kernels 120 -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 

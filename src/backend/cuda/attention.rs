@@ -138,6 +138,9 @@ unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
 /// Threads per CTA of the flash kernel (`sds_attn::THREADS`: 4 warps of 16 query rows).
 pub const FLASH_THREADS: u32 = 128;
 
+/// The parameters and grid of one attention launch.
+pub type AttentionLaunch = (AttentionParams, (u32, u32, u32));
+
 /// Checks an attention launch on the host and builds its parameters (device addresses left 0
 /// for the caller) and grid (`ceil(seq_q / 64)` x `batch · heads`): every operand buffer
 /// (`lens`: Q, K, V, O elements) holds what its [`HeadLayout`] addresses, strides are
@@ -147,7 +150,7 @@ pub fn plan_attention(
     s: &AttentionShape,
     lens: [usize; 4],
     layouts: [HeadLayout; 4],
-) -> Result<Option<(AttentionParams, (u32, u32, u32))>> {
+) -> Result<Option<AttentionLaunch>> {
     if s.batch == 0 || s.heads == 0 || s.seq_q == 0 {
         return Ok(None);
     }
@@ -264,5 +267,48 @@ impl FusedAttention {
         // SAFETY: params mirrors the kernel's struct; buffer extents were checked above and the
         // buffers stay borrowed until after the launch.
         unsafe { launch_with_params(stream, f, grid, block, 0, &params) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_plans_check_their_arguments() {
+        let s = AttentionShape { batch: 2, heads: 5, seq_q: 70, seq_kv: 77, scale: 0.125 };
+        let l = |seq| HeadLayout::bshd(5, seq);
+        let layouts = [l(70), l(77), l(77), l(70)];
+        let lens = [2 * 70 * 320, 2 * 77 * 320, 2 * 77 * 320, 2 * 70 * 320];
+        let (p, grid) = plan_attention(&s, lens, layouts).unwrap().unwrap();
+        // ceil(70 / 64) query tiles x (batch x heads).
+        assert_eq!(grid, (2, 10, 1));
+        assert_eq!((p.q_stride, p.k_stride), ([70 * 320, 320, 64], [77 * 320, 320, 64]));
+        assert_eq!((p.batch, p.heads, p.seq_q, p.seq_kv, p.scale), (2, 5, 70, 77, 0.125));
+        // [B, H, S, D] strides.
+        let bhsd = [
+            HeadLayout::bhsd(5, 70),
+            HeadLayout::bhsd(5, 77),
+            HeadLayout::bhsd(5, 77),
+            HeadLayout::bhsd(5, 70),
+        ];
+        let (p, _) = plan_attention(&s, lens, bhsd).unwrap().unwrap();
+        assert_eq!(p.o_stride, [5 * 70 * 64, 64, 70 * 64]);
+        // Each operand one element short.
+        for i in 0..4 {
+            let mut short = lens;
+            short[i] -= 1;
+            let e = plan_attention(&s, short, layouts).unwrap_err().to_string();
+            assert!(e.contains(["q", "k", "v", "o"][i]) && e.contains("needs"), "{e}");
+        }
+        // Strides that break the 16-byte rows, zero keys, too many (batch, head) pairs, a
+        // non-finite scale; an empty batch is nothing to do.
+        let odd = HeadLayout { stride_b: 77 * 324, stride_s: 324, stride_h: 68 };
+        assert!(plan_attention(&s, [1 << 20; 4], [odd, l(77), l(77), l(70)]).is_err());
+        assert!(plan_attention(&AttentionShape { seq_kv: 0, ..s }, lens, layouts).is_err());
+        let many = AttentionShape { batch: 65536, heads: 1, ..s };
+        assert!(plan_attention(&many, [usize::MAX; 4], [HeadLayout::bshd(1, 77); 4]).is_err());
+        assert!(plan_attention(&AttentionShape { scale: f32::NAN, ..s }, lens, layouts).is_err());
+        assert!(plan_attention(&AttentionShape { batch: 0, ..s }, lens, layouts).unwrap().is_none());
     }
 }

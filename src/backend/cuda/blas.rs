@@ -253,7 +253,13 @@ pub fn gemm_ex(
 
 /// The dense GEMM for any activation dtype: [`sgemm`] when every operand is f32 (exact f32, the
 /// f32 pipeline's 1e-4 agreement), else [`gemm_ex`].
-pub fn gemm(device: &CudaDevice, g: &Gemm, a: &DeviceValues, b: &DeviceValues, c: &mut DeviceValues) -> Result<()> {
+pub fn gemm(
+    device: &CudaDevice,
+    g: &Gemm,
+    a: &DeviceValues,
+    b: &DeviceValues,
+    c: &mut DeviceValues,
+) -> Result<()> {
     if (a.dtype(), b.dtype(), c.dtype()) == (DType::F32, DType::F32, DType::F32) {
         sgemm(device, g, a, b, c)
     } else {

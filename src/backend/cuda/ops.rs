@@ -15,12 +15,12 @@
 //! f16 / bf16 ([`blas::gemm`]); norms and softmax compute in f32 inside the kernels (their
 //! `gamma` / `beta` are f32).
 
+use super::attention::{self, AttentionShape, HeadLayout};
 use super::blas::{self, Gemm};
 use super::decompress::DeviceValues;
 use super::device::{CudaDevice, CudaStorage};
 use super::pointwise::{self, Unary};
 use super::tensor_ops::{self, Binary, Im2colShape, StridedView};
-use super::attention::{self, AttentionShape, HeadLayout};
 use super::{norm, weight_to_dense};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::cpu::conv::ConvShape;
@@ -223,7 +223,14 @@ pub fn attention_path(dtype: DType, head_dim: usize, causal: bool) -> AttentionP
 /// with f16 / bf16 inputs and an f32 result), the f32 softmax kernel (causal mask folded in),
 /// P cast to the activation dtype, `P·V` (cuBLAS). Any head dim; the scores take B·H·Sq·Sk f32
 /// values of GPU memory (64 MiB for the VAE's 4096 positions).
-fn attention_scores(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, scale: f32, causal: bool) -> Result<Tensor> {
+fn attention_scores(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
     let dev = device_of(q)?;
     let bh = s.batch * s.heads;
     let qv = values(q)?;
@@ -447,4 +454,190 @@ pub fn cfg_combine(pred: &Tensor, guidance: f32, out_shape: &[usize]) -> Result<
     let mut y = output(&dev, pv.dtype(), n)?;
     pointwise::cfg_combine(&dev, n, guidance, pv, &mut y)?;
     Ok(wrap(&dev, y, out_shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::pointwise::test_support::rounded;
+    use crate::backend::ops as dispatch;
+    use crate::backend::test_util::{check_close, TestRng};
+    use crate::test_device;
+
+    #[test]
+    fn attention_routing() {
+        use AttentionPath::*;
+        // The UNet's heads (head dim 64) in f16: the flash kernel.
+        assert_eq!(attention_path(DType::F16, 64, false), Flash);
+        // The text encoder's causal mask: the flash kernel has none, so the scores path.
+        assert_eq!(attention_path(DType::F16, 64, true), Scores);
+        // The VAE mid-block's single 512-wide head, and any other head dim.
+        assert_eq!(attention_path(DType::F16, 512, false), Scores);
+        assert_eq!(attention_path(DType::F16, 40, false), Scores);
+        // The flash kernel is f16-only.
+        assert_eq!(attention_path(DType::BF16, 64, false), Scores);
+        assert_eq!(attention_path(DType::F32, 64, false), Scores);
+    }
+
+    /// `values` as a tensor of `shape` on `device` in `dtype` (on the CPU: f32, rounded to
+    /// `dtype`, the CPU twin's input).
+    fn on(device: &Device, values: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = Tensor::from_vec(rounded(values, dtype), shape)?;
+        match device {
+            Device::Cpu => Ok(t),
+            Device::Cuda(dev) => crate::backend::cuda::to_cuda_as(&t, dev, dtype),
+        }
+    }
+
+    /// The bound of a GPU op with `dtype` activations against the f32 CPU reference on the same
+    /// (rounded) inputs: the output's rounding (f16 2^-11, bf16 2^-8) plus f32 accumulation
+    /// order; f32 activations are held to 1e-5 / 1e-4.
+    fn bounds(dtype: DType) -> (f64, f64) {
+        match dtype {
+            DType::F32 => (1e-5, 1e-4),
+            DType::F16 => (2e-3, 1e-2),
+            DType::BF16 => (1e-2, 4e-2),
+        }
+    }
+
+    /// Runs `op` on `device` (inputs in `dtype`) and on the CPU (f32 inputs rounded to
+    /// `dtype`), and checks that the GPU output is in `dtype`, finite and within [`bounds`].
+    fn compare(
+        what: &str,
+        device: &Device,
+        dtype: DType,
+        inputs: &[(&[f32], &[usize])],
+        op: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<()> {
+        let cpu = inputs.iter().map(|(v, s)| on(&Device::Cpu, v, s, dtype)).collect::<Result<Vec<_>>>()?;
+        let expected = op(&cpu)?.to_vec()?;
+        let got = match device {
+            Device::Cpu => expected.clone(),
+            Device::Cuda(_) => {
+                let gpu = inputs.iter().map(|(v, s)| on(device, v, s, dtype)).collect::<Result<Vec<_>>>()?;
+                let y = op(&gpu)?;
+                if y.dtype() != dtype {
+                    return Err(Error::Invalid(format!(
+                        "{what}: output in {}, activations in {}",
+                        y.dtype().name(),
+                        dtype.name()
+                    )));
+                }
+                y.to_vec()?
+            }
+        };
+        let (norm, elem) = bounds(dtype);
+        let err = check_close(&got, &expected, norm, elem)
+            .map_err(|e| Error::Invalid(format!("{what} ({}): {e}", dtype.name())))?;
+        println!("{what} ({}): relative error {err:.2e}", dtype.name());
+        Ok(())
+    }
+
+    /// Every op whose CUDA arm changed for half-precision activations, in f32, f16 and bf16, on
+    /// fresh random inputs against the f32 CPU reference: Linear (GemmEx, bias in the
+    /// activation dtype, an f32 host input cast to the weight's dtype), conv (im2col in the
+    /// activation dtype, 1x1 and strided), group / layer norm (f32 statistics and parameters),
+    /// attention through both paths (flash for f16 head dim 64, in [B, H, S, D] and
+    /// head-interleaved layouts; the scores path with the causal mask and for the VAE's
+    /// 512-wide single head), matmul and the casts.
+    fn half_ops_match_cpu(device: &Device) -> Result<()> {
+        let mut rng = TestRng::fresh("half_ops");
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (x, w, b) = (rng.vec(154 * 320), rng.vec(640 * 320), rng.vec(640));
+            compare("linear", device, dtype, &[(&x, &[2, 77, 320]), (&w, &[640, 320]), (&b, &[640])], |t| {
+                dispatch::linear(&t[0], &Weight::Dense(t[1].clone()), Some(&t[2]))
+            })?;
+            // An f32 input (from the host) meets a weight in the activation dtype.
+            compare("linear, f32 input", device, dtype, &[(&x, &[154, 320]), (&w, &[640, 320])], |t| {
+                dispatch::linear(&t[0].to_dtype(DType::F32)?, &Weight::Dense(t[1].clone()), None)
+            })?;
+            let (x, w, b) = (rng.vec(2 * 8 * 9 * 11), rng.vec(16 * 8 * 9), rng.vec(16));
+            for (stride, pad) in [(1, 1), (2, 1), (1, 0)] {
+                compare(
+                    &format!("conv2d 3x3 stride {stride} pad {pad}"),
+                    device,
+                    dtype,
+                    &[(&x, &[2, 8, 9, 11]), (&w, &[16, 8, 3, 3]), (&b, &[16])],
+                    |t| dispatch::conv2d(&t[0], &t[1], Some(&t[2]), stride, pad),
+                )?;
+            }
+            let w1 = rng.vec(16 * 8);
+            compare("conv2d 1x1", device, dtype, &[(&x, &[2, 8, 9, 11]), (&w1, &[16, 8, 1, 1])], |t| {
+                dispatch::conv2d(&t[0], &t[1], None, 1, 0)
+            })?;
+            let x: Vec<f32> = rng.vec(2 * 32 * 35).iter().map(|v| 0.5 + 2.0 * v).collect();
+            let (g, b) = (rng.vec(32), rng.vec(32));
+            for silu in [false, true] {
+                let norm_on = |t: &Tensor, dev: &Device| -> Result<Tensor> {
+                    // gamma / beta are f32 on every device (what the norm kernels read).
+                    let p = |v: &[f32]| dispatch::to_device(&Tensor::from_vec(v.to_vec(), &[32])?, dev);
+                    dispatch::group_norm(t, 8, &p(&g)?, &p(&b)?, 1e-5, silu)
+                };
+                compare(&format!("group_norm silu {silu}"), device, dtype, &[(&x, &[2, 32, 5, 7])], |t| {
+                    norm_on(&t[0], &t[0].device())
+                })?;
+            }
+            let x = rng.vec(77 * 320);
+            let (g, b) = (rng.vec(320), rng.vec(320));
+            compare("layer_norm", device, dtype, &[(&x, &[77, 320])], |t| {
+                let p =
+                    |v: &[f32]| dispatch::to_device(&Tensor::from_vec(v.to_vec(), &[320])?, &t[0].device());
+                dispatch::layer_norm(&t[0], &p(&g)?, &p(&b)?, 1e-5)
+            })?;
+            // Attention: UNet-like heads (flash in f16), the causal text encoder, the VAE head.
+            for (b_, h, sq, sk, d, causal) in
+                [(2, 5, 70, 77, 64, false), (2, 5, 77, 77, 64, true), (1, 1, 256, 256, 512, false)]
+            {
+                let (q, k, v) =
+                    (rng.vec(b_ * h * sq * d), rng.vec(b_ * h * sk * d), rng.vec(b_ * h * sk * d));
+                compare(
+                    &format!("attention [{b_}, {h}, {sq}/{sk}, {d}] causal {causal}"),
+                    device,
+                    dtype,
+                    &[(&q, &[b_, h, sq, d]), (&k, &[b_, h, sk, d]), (&v, &[b_, h, sk, d])],
+                    |t| dispatch::attention(&t[0], &t[1], &t[2], 1.0 / (d as f32).sqrt(), causal),
+                )?;
+            }
+            let (q, k, v) = (rng.vec(2 * 70 * 320), rng.vec(2 * 77 * 320), rng.vec(2 * 77 * 320));
+            compare(
+                "attention_heads [2, 70/77, 5 x 64]",
+                device,
+                dtype,
+                &[(&q, &[2, 70, 320]), (&k, &[2, 77, 320]), (&v, &[2, 77, 320])],
+                |t| dispatch::attention_heads(&t[0], &t[1], &t[2], 5, 0.125, false),
+            )?;
+            let (a, bm) = (rng.vec(3 * 17 * 40), rng.vec(3 * 40 * 23));
+            compare("matmul", device, dtype, &[(&a, &[3, 17, 40]), (&bm, &[3, 40, 23])], |t| {
+                dispatch::matmul(&t[0], &t[1])
+            })?;
+        }
+        Ok(())
+    }
+    test_device!(half_ops_match_cpu);
+
+    /// `upcast_attention`: scores past f16's largest finite value (65504). Query `i` equals key
+    /// `i` (32 · ±1 in all 64 dims, so their dot product is 65536): stored in f16, that score
+    /// would be inf and the softmax NaN (diffusers' reason for the flag). Both of our paths
+    /// keep scores in f32, so the result is finite and matches the f32 reference (each output
+    /// row is V's row `i`: the softmax is one-hot).
+    fn attention_scores_past_f16_range(device: &Device) -> Result<()> {
+        let mut rng = TestRng::fresh("upcast");
+        let (h, s, d) = (2, 96, 64);
+        let signs: Vec<f32> =
+            (0..h * s * d).map(|_| if rng.uniform() < 0.5 { -32.0 } else { 32.0 }).collect();
+        let v = rng.vec(h * s * d);
+        for dtype in [DType::F16, DType::BF16] {
+            for causal in [false, true] {
+                compare(
+                    &format!("attention with scores of 65536, causal {causal}"),
+                    device,
+                    dtype,
+                    &[(&signs, &[1, h, s, d]), (&signs, &[1, h, s, d]), (&v, &[1, h, s, d])],
+                    |t| dispatch::attention(&t[0], &t[1], &t[2], 0.125, causal),
+                )?;
+            }
+        }
+        Ok(())
+    }
+    test_device!(attention_scores_past_f16_range);
 }
