@@ -1006,8 +1006,9 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
     let unet_total: Duration = t.unet_steps.iter().sum();
     let mut s = String::new();
     s += &format!(
-        "device {}, scheduler {}, {} UNet calls\n",
+        "device {} ({} activations), scheduler {}, {} UNet calls\n",
         sd.device().name(),
+        sd.activation_dtype().name(),
         g.scheduler,
         t.unet_steps.len()
     );
