@@ -456,6 +456,16 @@ impl StableDiffusion {
     pub fn activation_dtype(&self) -> DType {
         self.dtype
     }
+    /// Names the activation dtype in a non-finite-value error when it is f16, whose range
+    /// (65504) a checkpoint's activations can exceed; bf16 and f32 have f32's range.
+    fn f16_note(&self) -> &'static str {
+        if self.dtype == DType::F16 {
+            " with f16 activations (if the checkpoint overflows f16, try --dtype bf16 or f32)"
+        } else {
+            ""
+        }
+    }
+
     /// A host tensor (latents) on the pipeline's device in its activation dtype: the f32 →
     /// f16 / bf16 boundary of a CUDA run.
     fn to_activations(&self, t: &Tensor) -> Result<Tensor> {
@@ -709,7 +719,7 @@ impl StableDiffusion {
         drop(latents);
         // The image is finished in f32 (a no-op on the CPU).
         let decoded = decoded.to_dtype(DType::F32)?;
-        check_finite(&decoded, || "the VAE decoder's output".into())?;
+        check_finite(&decoded, || format!("the VAE decoder's output{}", self.f16_note()))?;
         let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
         let image =
             Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;
@@ -766,7 +776,9 @@ impl StableDiffusion {
                 e
             }
         };
-        check_finite(&context, || "the text encoder's output (the prompt embeddings)".into())?;
+        check_finite(&context, || {
+            format!("the text encoder's output (the prompt embeddings){}", self.f16_note())
+        })?;
 
         let noise = match &req.init_latents {
             Some(t) => t.to_vec()?,
@@ -795,7 +807,9 @@ impl StableDiffusion {
             // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
             // run here, naming the step, instead of ending as a black image.
             let n = timesteps.len();
-            check_finite(&guided_out, || format!("the UNet's output at step {}/{n} (timestep {t})", i + 1))?;
+            check_finite(&guided_out, || {
+                format!("the UNet's output at step {}/{n} (timestep {t}){}", i + 1, self.f16_note())
+            })?;
             latents = sched.step(&guided_out, i, &latents)?;
             check_finite(&latents, || {
                 format!("the latents after {} step {}/{n} (timestep {t})", sched.name(), i + 1)
