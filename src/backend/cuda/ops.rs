@@ -220,8 +220,8 @@ pub fn attention_path(dtype: DType, head_dim: usize, causal: bool) -> AttentionP
 }
 
 /// The scores path on `[B, H, S, D]` tensors: `S = scale · Q·Kᵀ` into f32 (SGEMM, or GemmEx
-/// with f16 / bf16 inputs and an f32 result), the f32 softmax kernel (causal mask folded in),
-/// P cast to the activation dtype, `P·V` (cuBLAS). Any head dim; the scores take B·H·Sq·Sk f32
+/// with f16 / bf16 inputs and an f32 result), the softmax kernel reading f32 scores (causal
+/// mask folded in) and writing P in the activation dtype, `P·V` (cuBLAS). Any head dim; the scores take B·H·Sq·Sk f32
 /// values of GPU memory (64 MiB for the VAE's 4096 positions).
 fn attention_scores(
     q: &Tensor,
@@ -237,16 +237,10 @@ fn attention_scores(
     let mut scores = output(&dev, DType::F32, bh * s.sq * s.sk)?;
     let qk = Gemm { alpha: scale, ..Gemm::batched(bh, s.sq, s.sk, s.d, true) };
     blas::gemm(&dev, &qk, qv, values(k)?, &mut scores)?;
-    let mut probs = output(&dev, DType::F32, bh * s.sq * s.sk)?;
+    // P straight in the activation dtype (the f32 → f16 / bf16 softmax kernels).
+    let mut probs = output(&dev, qv.dtype(), bh * s.sq * s.sk)?;
     tensor_ops::softmax(&dev, (bh * s.sq, s.sk), 1.0, causal.then_some(s.sq), &scores, &mut probs)?;
     drop(scores);
-    let probs = if qv.dtype() == DType::F32 {
-        probs
-    } else {
-        let mut p = output(&dev, qv.dtype(), bh * s.sq * s.sk)?;
-        tensor_ops::cast(&dev, bh * s.sq * s.sk, &probs, &mut p)?;
-        p
-    };
     let mut out = output(&dev, qv.dtype(), bh * s.sq * s.d)?;
     blas::gemm(&dev, &Gemm::batched(bh, s.sq, s.d, s.sk, false), &probs, values(v)?, &mut out)?;
     Ok(wrap(&dev, out, &[s.batch, s.heads, s.sq, s.d]))
