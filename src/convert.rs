@@ -1114,7 +1114,7 @@ fn dense_entry(store: &ComponentStore, c: &str, n: &str) -> Result<(StDtype, Vec
 /// verified) and the stored bytes that took, for progress.
 fn dense_bytes<'a>(store: &'a ComponentStore, n: &str) -> Result<(Cow<'a, [u8]>, u64)> {
     if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
-        let weight = crate::format::codec::load_compressed(store, n)?;
+        let weight = crate::checkpoint::compressed::load_compressed(store, n)?;
         let b = match &weight {
             Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
             Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),

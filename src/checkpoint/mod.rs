@@ -12,6 +12,7 @@
 //! `vb.get_weight(..)` returns a Linear [`Weight`] (dense in its stored dtype, or
 //! compressed, as stored).
 
+pub mod compressed;
 pub mod expected;
 mod ldm_yaml;
 pub mod pickle;
