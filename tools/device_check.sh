@@ -15,7 +15,8 @@
 #               attention), split by variant
 #   3 sanitizer compute-sanitizer memcheck on the small cases of every kernel
 #   4 pipeline  the GPU pipeline (tests/pipeline.rs): the tiny fixture on CUDA in f32 against
-#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), and converted
+#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), in f16 (latents
+#               < 2e-2, image within 2/255 on 99% of pixels) and bf16 (provisional 8e-2), and converted
 #               unstructured / 2:4 checkpoints on CUDA against the CPU, expanded (f32, < 1e-4)
 #               and through the sparse kernels (f16 activations, < 2e-2)
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
@@ -157,7 +158,8 @@ done
 
 # 2. Every GPU test (SDSPARSE_REQUIRE_GPU=1: a missing GPU fails instead of skipping).
 step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --skip cuda::norm:: --skip cuda::pointwise:: \
-    --skip cuda::tensor_ops:: --skip cuda::blas:: --skip cuda::lt:: --skip cuda::dnn:: --test-threads=1 --nocapture
+    --skip cuda::tensor_ops:: --skip cuda::blas:: --skip cuda::lt:: --skip cuda::dnn:: --skip cuda::ops:: \
+    --test-threads=1 --nocapture
 # The activation kernels (norm.cu, pointwise.cu) against their CPU twins, one family per process.
 step tests tests-lib-norm 90 -- "$(exe test-sdsparse)" cuda::norm::tests:: --test-threads=1 --nocapture
 step tests tests-lib-pointwise 90 -- "$(exe test-sdsparse)" cuda::pointwise::tests:: --test-threads=1 --nocapture
@@ -170,6 +172,9 @@ step tests tests-lib-blas 90 -- "$(exe test-sdsparse)" cuda::blas::tests:: --tes
 # (SDSPARSE_REQUIRE_CUDNN=1, set above when found) a cuDNN that cannot load fails the step.
 step tests tests-lib-cublaslt 90 -- "$(exe test-sdsparse)" cuda::lt::tests:: --test-threads=1 --nocapture
 step tests tests-lib-cudnn 90 -- "$(exe test-sdsparse)" cuda::dnn::tests:: --test-threads=1 --nocapture
+# The model ops with f16 / bf16 activations (GemmEx, flash and scores attention, upcast range)
+# against the f32 CPU reference.
+step tests tests-lib-ops-half 120 -- "$(exe test-sdsparse)" cuda::ops::tests:: --test-threads=1 --nocapture
 for v in v1 v2 v3; do
     step tests "tests-sp24-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_ --test-threads=1 --nocapture
 done
@@ -210,23 +215,27 @@ else
         "test-sparse_linear sparse_linear_matches_the_reference::cuda" \
         "test-sdsparse cuda::tensor_ops::tests::softmax_matches_cpu::cuda" "test-sdsparse cuda::tensor_ops::tests::im2col_matches_cpu::cuda" \
         "test-sdsparse cuda::tensor_ops::tests::strided_copies_match_cpu::cuda" "test-sdsparse cuda::blas::tests::sgemm_matches_cpu::cuda" \
-        "test-sdsparse cuda::lt::tests::lt_linear_matches_cpu::cuda"; do
+        "test-sdsparse cuda::lt::tests::lt_linear_matches_cpu::cuda" \
+        "test-sdsparse cuda::blas::tests::gemm_ex_matches_cpu::cuda"; do
         # (cuDNN is not run under memcheck: loading its engine libraries under the sanitizer could
-        # take most of the 420 s budget; its descriptors are checked against cuDNN's own shapes.)
+        # take most of the budget; its descriptors are checked against cuDNN's own shapes.)
         read -r e filter <<<"$t"
         label="${filter%::cuda}" && label="${label##*::}" # one log per case, not per executable
         step sanitizer "memcheck-${e#test-}-$label" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
     done
 fi
 
-# 4. The GPU pipeline (f32 activations) on the tiny fixture: dense against diffusers, then the
-# sparse checkpoints against the CPU, expanded to f32 and through the sparse kernels.
+# 4. The GPU pipeline on the tiny fixture: dense against diffusers with f32, f16 and bf16
+# activations, then the sparse checkpoints against the CPU, expanded (f32 activations) and
+# through the sparse kernels (f16 activations).
 step pipeline pipeline-dense-f32 120 -- "$(exe test-pipeline)" _matches_diffusers::cuda --test-threads=1 --nocapture
 # The same with the library paths forced off (im2col + cuBLAS convolutions, SGEMM + bias kernel
 # Linears), so both backends are held to diffusers in one run; each run prints the "GPU: conv
 # ..., dense Linear ..." line naming what ran.
 step pipeline pipeline-dense-f32-fallbacks 120 SDSPARSE_GPU_CONV=im2col SDSPARSE_GPU_LINEAR=sgemm -- \
     "$(exe test-pipeline)" ddim_matches_diffusers::cuda --exact --nocapture
+step pipeline pipeline-dense-f16 120 -- "$(exe test-pipeline)" gpu_f16_matches_diffusers --exact --nocapture
+step pipeline pipeline-dense-bf16 120 -- "$(exe test-pipeline)" gpu_bf16_matches_diffusers --exact --nocapture
 step pipeline pipeline-sparse-expanded 120 SDSPARSE_GPU_SPARSE=dense -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 step pipeline pipeline-sparse-kernels 120 -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 

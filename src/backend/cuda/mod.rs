@@ -2,7 +2,8 @@
 //!
 //! - [`CudaDevice`] opens a GPU (clear errors for "no driver", "no GPU", "built without CUDA
 //!   kernels"), loads the fatbin once, looks kernels up by name and launches them.
-//! - [`CudaStorage`] is the f32 data of a GPU tensor.
+//! - [`CudaStorage`] is the data of a GPU tensor in f32, f16 or bf16 (the activation dtype,
+//!   `--dtype`; weights are uploaded in it, see [`to_cuda_as`]).
 //! - [`params`] mirrors the kernel parameter structs of `cuda/include/sdsparse_params.h`.
 //! - [`decompress`] holds sparse weights on the GPU and expands them to dense.
 //! - [`norm`] (group norm + SiLU, layer norm) and [`pointwise`] (GELU, SiLU, GEGLU, broadcast
@@ -49,6 +50,20 @@ pub fn to_cuda(t: &Tensor, device: &CudaDevice) -> Result<Tensor> {
         _ => {
             let host = t.to_vec()?;
             Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_host(device, &host)?), t.shape()))
+        }
+    }
+}
+
+/// A tensor copied to the GPU in `dtype` (the activation dtype the weights are uploaded in):
+/// converted on the host before the copy (so an f16 upload moves 2 bytes per value and no f32
+/// copy is ever made on the device), or on the device when it is there already.
+pub fn to_cuda_as(t: &Tensor, device: &CudaDevice, dtype: crate::format::DType) -> Result<Tensor> {
+    match t.storage() {
+        Storage::Cuda(s) if s.device() == *device => t.to_dtype(dtype),
+        _ => {
+            let host = t.to_host_data()?.to_dtype(dtype);
+            let values = decompress::DeviceValues::upload(device, &host)?;
+            Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_values(device, values)), t.shape()))
         }
     }
 }
