@@ -16,6 +16,7 @@
 
 pub mod blas;
 pub mod decompress;
+pub mod graph;
 mod device;
 pub mod kernels;
 pub mod norm;
