@@ -532,3 +532,96 @@ fn result(
     let y = device.dtoh(yd)?;
     Tensor::from_vec(y.into_iter().map(|b| f16::from_bits(b).to_f32()).collect(), shape)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::test_util::{check_close, random_sparse24, TestRng, GPU_ELEM_TOL, GPU_NORM_TOL};
+    use crate::format::DType;
+    use crate::tune::{decide, measure, Measurement};
+
+    /// Wraps a real GPU probe and negates one output element of one variant: the planted bug
+    /// the first-use check must catch on the GPU.
+    struct Planted<P: KernelProbe> {
+        inner: P,
+        bad: String,
+    }
+
+    impl<P: KernelProbe> KernelProbe for Planted<P> {
+        fn candidates(&self) -> Vec<String> {
+            self.inner.candidates()
+        }
+        fn reference(&mut self) -> Result<Vec<f32>> {
+            self.inner.reference()
+        }
+        fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
+            let mut y = self.inner.run(candidate)?;
+            if candidate == self.bad {
+                y[123] = -y[123] + 1.0;
+            }
+            Ok(y)
+        }
+        fn time_ms(&mut self, candidate: &str) -> Result<f64> {
+            self.inner.time_ms(candidate)
+        }
+    }
+
+    fn report(ms: &[Measurement]) {
+        for m in ms {
+            println!("  {:<14} {:?} {:?} ms", m.candidate, m.check, m.ms);
+        }
+    }
+
+    /// On a GPU: every 2:4 and unstructured variant agrees with cuBLAS on an SD2 shape, the
+    /// fastest is chosen, and a variant with a planted one-element bug is rejected (and would
+    /// have been the choice: it is planted on the fastest).
+    fn first_use_check_on_real_kernels(device: &Device) -> Result<()> {
+        let Device::Cuda(dev) = device else { return Ok(()) };
+        let (m, n, k) = (154, 320, 1024);
+        let kernels = sparse24_kernels(dev)?;
+        let mut probe = Sp24Probe::new(dev, &kernels, m, n, k)?;
+        let ms = measure(&mut probe)?;
+        println!("2:4 [{m}, {n}, {k}] on {}:", dev.gpu_name());
+        report(&ms);
+        let Choice::Kernel(best) = decide(&ms) else {
+            return Err(Error::Msg(format!("no 2:4 variant agreed with cuBLAS: {ms:?}")));
+        };
+        let mut planted = Planted { inner: probe, bad: best.clone() };
+        let ms2 = measure(&mut planted)?;
+        report(&ms2);
+        assert!(ms2.iter().any(|m| m.candidate == best && m.check.is_err()), "planted bug not caught");
+        assert_ne!(decide(&ms2), Choice::Kernel(best));
+
+        let gemm = unstructured_gemm(dev)?;
+        let mut probe = UnsProbe::new(dev, &gemm, m, n, k)?;
+        let ms = measure(&mut probe)?;
+        println!("unstructured [{m}, {n}, {k}]:");
+        report(&ms);
+        assert!(ms.iter().all(|m| m.check.is_ok()), "an unstructured variant disagrees: {ms:?}");
+        Ok(())
+    }
+    crate::test_device!(first_use_check_on_real_kernels);
+
+    /// On a GPU: a shape class forced to the dense fallback runs decompress + cuBLAS and matches
+    /// the CPU reference (f32, so 1e-5), and the kernel path matches it within the f16 bound.
+    fn dense_fallback_matches_the_reference(device: &Device) -> Result<()> {
+        let Device::Cuda(dev) = device else { return Ok(()) };
+        let (m, n, k) = (77, 192, 256);
+        let mut rng = TestRng::fresh("fallback");
+        let w = random_sparse24(&mut rng, n, k, DType::F16);
+        let x = Tensor::from_vec(rng.vec_f16(m * k, 1.0), &[m, k])?;
+        let bias = Tensor::from_vec(rng.vec(n), &[n])?;
+        let cpu = SparseLinear::new(w.clone().into(), &Device::Cpu)?.forward(&x, Some(&bias))?.to_vec()?;
+        let layer = SparseLinear::new(w.into(), device)?;
+        let class = ShapeClass::new(Family::Sparse24, m, n, k);
+        let kernel = layer.forward(&x, Some(&bias))?.to_vec()?;
+        check_close(&kernel, &cpu, GPU_NORM_TOL, GPU_ELEM_TOL).map_err(Error::Msg)?;
+        tune::tuner().lock().map_err(|_| Error::Msg("tuner".into()))?.override_choice(&gpu_key(dev), class, Choice::Dense);
+        let xg = ops::to_device(&x, device)?;
+        let bg = ops::to_device(&bias, device)?;
+        let dense = layer.forward(&xg, Some(&bg))?.to_vec()?;
+        check_close(&dense, &cpu, 1e-5, 1e-4).map_err(Error::Msg)?;
+        Ok(())
+    }
+    crate::test_device!(dense_fallback_matches_the_reference);
+}
