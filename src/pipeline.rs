@@ -693,7 +693,14 @@ impl StableDiffusion {
     /// One UNet call with classifier-free guidance on device tensors: `x` the scaled latents,
     /// `t_freq` their timestep features (`[2B, C]` when guided). Device work only, so a CUDA
     /// graph can capture it.
-    fn unet_step(&self, x: &Tensor, t_freq: &Tensor, context: &Tensor, guided: bool, guidance: f32) -> Result<Tensor> {
+    fn unet_step(
+        &self,
+        x: &Tensor,
+        t_freq: &Tensor,
+        context: &Tensor,
+        guided: bool,
+        guidance: f32,
+    ) -> Result<Tensor> {
         if guided {
             let out = self.unet.forward_frequencies(&ops::cat(&[x, x], 0)?, t_freq, context)?;
             ops::cfg_combine(&out, guidance)
@@ -762,18 +769,25 @@ impl StableDiffusion {
             // text embeddings and every activation stay on the device.
             let x_host = sched.scale_model_input(&latents, i)?;
             let batch = if guided { 2 } else { 1 } * x_host.shape()[0];
-            let key = StepKey { latents: x_host.shape().to_vec(), guidance: guided.then_some(req.guidance.to_bits()) };
+            let key = StepKey {
+                latents: x_host.shape().to_vec(),
+                guidance: guided.then_some(req.guidance.to_bits()),
+            };
             let guided_out = match (graphs.plan(&key), &gpu) {
                 (StepPlan::Replay, Some(_)) => {
                     let g = graphs.graph(&key).ok_or_else(|| Error::Cuda("graph vanished".into()))?;
                     cuda_graph::write_f32(&g.x, &x_host.to_vec()?)?;
-                    cuda_graph::write_f32(&g.t_freq, &self.unet.timestep_frequencies(&vec![t; batch])?.to_vec()?)?;
+                    cuda_graph::write_f32(
+                        &g.t_freq,
+                        &self.unet.timestep_frequencies(&vec![t; batch])?.to_vec()?,
+                    )?;
                     cuda_graph::launch(&g.graph)?;
                     ops::to_device(&g.out, &Device::Cpu)?
                 }
                 (StepPlan::Capture, Some(dev)) => {
                     let x = ops::to_device(&x_host, &self.device)?;
-                    let t_freq = ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
+                    let t_freq =
+                        ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
                     let mut out_shape = x_host.shape().to_vec();
                     out_shape[1] = self.unet.config().out_channels;
                     let out = ops::to_device(&Tensor::zeros(&out_shape), &self.device)?;
@@ -797,8 +811,12 @@ impl StableDiffusion {
                 }
                 _ => {
                     let x = ops::to_device(&x_host, &self.device)?;
-                    let t_freq = ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
-                    ops::to_device(&self.unet_step(&x, &t_freq, &context, guided, req.guidance)?, &Device::Cpu)?
+                    let t_freq =
+                        ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
+                    ops::to_device(
+                        &self.unet_step(&x, &t_freq, &context, guided, req.guidance)?,
+                        &Device::Cpu,
+                    )?
                 }
             };
             // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
@@ -1055,7 +1073,9 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
     if let Device::Cuda(_) = sd.device() {
         s += &match t.cuda_graphs {
             0 => "  UNet steps ran eagerly (no CUDA graph)\n".to_string(),
-            n => format!("  UNet steps replayed from {n} CUDA graph(s) after one eager step and one capture\n"),
+            n => {
+                format!("  UNet steps replayed from {n} CUDA graph(s) after one eager step and one capture\n")
+            }
         };
     }
     s += "weight memory (dense weights as stored, biases and norms as f32, sparse as stored):\n";

@@ -12,17 +12,17 @@
 //! the device. The CUDA path has not yet run on a GPU (see
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
-use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
 use crate::backend::cuda::sparse24::Sp24Variant;
+use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
 use crate::backend::cuda::unstructured::{
     DeviceTiledWeight, Epilogue, GemmPlan, GemmVariant, TiledBitmapWeight, UnstructuredGemm,
 };
-use crate::backend::profile::{self, OpKind};
-use crate::tune::{self, Choice, Family, GpuKey, KernelProbe, ShapeClass};
 use crate::backend::cuda::{kernels, tensor_ops, CudaDevice, CudaStorage};
+use crate::backend::profile::{self, OpKind};
 use crate::backend::{ops, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::{BitmapWeight, Sparse24Weight, Weight};
+use crate::tune::{self, Choice, Family, GpuKey, KernelProbe, ShapeClass};
 use half::f16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -54,8 +54,18 @@ pub struct SparseLinear {
 
 enum Imp {
     Cpu(Weight),
-    Cuda24 { device: CudaDevice, kernels: Arc<Sp24Kernels>, weight: Sparse24Gpu, dense: OnceLock<Tensor> },
-    CudaBitmap { device: CudaDevice, gemm: Arc<UnstructuredGemm>, weight: DeviceTiledWeight, dense: OnceLock<Tensor> },
+    Cuda24 {
+        device: CudaDevice,
+        kernels: Arc<Sp24Kernels>,
+        weight: Sparse24Gpu,
+        dense: OnceLock<Tensor>,
+    },
+    CudaBitmap {
+        device: CudaDevice,
+        gemm: Arc<UnstructuredGemm>,
+        weight: DeviceTiledWeight,
+        dense: OnceLock<Tensor>,
+    },
 }
 
 /// The kernel modules, loaded once per GPU and shared by every layer (a model has hundreds).
@@ -182,12 +192,15 @@ impl SparseLinear {
             _ if m == 0 => Ok(Tensor::zeros(&out_shape)),
             Imp::Cuda24 { device, kernels, weight, dense } => {
                 let class = ShapeClass::new(Family::Sparse24, m, n, k);
-                let variant = match dispatch(device, class, &mut || sp24_candidates(kernels, m, n, k), &mut || {
-                    Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k)?))
-                })? {
-                    Choice::Dense => return dense_fallback(device, dense, x, bias, || sp24_decode(device, weight)),
-                    Choice::Kernel(name) => sp24_variant(kernels, &name)?,
-                };
+                let variant =
+                    match dispatch(device, class, &mut || sp24_candidates(kernels, m, n, k), &mut || {
+                        Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k)?))
+                    })? {
+                        Choice::Dense => {
+                            return dense_fallback(device, dense, x, bias, || sp24_decode(device, weight))
+                        }
+                        Choice::Kernel(name) => sp24_variant(kernels, &name)?,
+                    };
                 let _p = profile::scope(OpKind::Linear24);
                 let (xd, bd) = operands(device, x, bias)?;
                 let mut yd = device.alloc_zeros::<u16>(m * n)?;
@@ -197,12 +210,15 @@ impl SparseLinear {
             }
             Imp::CudaBitmap { device, gemm, weight, dense } => {
                 let class = ShapeClass::new(Family::Unstructured, m, n, k);
-                let variant = match dispatch(device, class, &mut || uns_candidates(gemm, m, n, k), &mut || {
-                    Ok(Box::new(UnsProbe::new(device, gemm, m, n, k)?))
-                })? {
-                    Choice::Dense => return dense_fallback(device, dense, x, bias, || uns_decode(device, weight)),
-                    Choice::Kernel(name) => uns_variant(&name)?,
-                };
+                let variant =
+                    match dispatch(device, class, &mut || uns_candidates(gemm, m, n, k), &mut || {
+                        Ok(Box::new(UnsProbe::new(device, gemm, m, n, k)?))
+                    })? {
+                        Choice::Dense => {
+                            return dense_fallback(device, dense, x, bias, || uns_decode(device, weight))
+                        }
+                        Choice::Kernel(name) => uns_variant(&name)?,
+                    };
                 let _p = profile::scope(OpKind::LinearUnstructured);
                 let (xd, bd) = operands(device, x, bias)?;
                 let mut yd = device.alloc_zeros::<u16>(m * n)?;
@@ -243,7 +259,9 @@ fn dispatch(
 ) -> Result<Choice> {
     if !tune::enabled() {
         let first = candidates().into_iter().next();
-        return first.map(Choice::Kernel).ok_or_else(|| Error::Cuda(format!("no kernel variant for {class}")));
+        return first
+            .map(Choice::Kernel)
+            .ok_or_else(|| Error::Cuda(format!("no kernel variant for {class}")));
     }
     let mut tuner = tune::tuner().lock().map_err(|_| Error::Cuda("kernel tuner poisoned".into()))?;
     tuner.choose(&gpu_key(device), class, make_probe, &mut |note| eprintln!("note: {note}"))
@@ -282,8 +300,14 @@ fn dense_fallback(
 /// read it, uploaded: done once per layer, only on fallback).
 fn sp24_decode(device: &CudaDevice, w: &Sparse24Gpu) -> Result<Tensor> {
     let values = device.dtoh(&w.values)?.into_iter().map(f16::from_bits).collect();
-    let packed =
-        Sparse24Packed { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad, values, meta: device.dtoh(&w.meta)? };
+    let packed = Sparse24Packed {
+        n: w.n,
+        k: w.k,
+        n_pad: w.n_pad,
+        k_pad: w.k_pad,
+        values,
+        meta: device.dtoh(&w.meta)?,
+    };
     ops::to_device(&Tensor::from_vec(packed.decode_dense(), &[w.n, w.k])?, &Device::Cuda(device.clone()))
 }
 
@@ -386,16 +410,33 @@ struct Sp24Probe {
 }
 
 impl Sp24Probe {
-    fn new(device: &CudaDevice, kernels: &Arc<Sp24Kernels>, m: usize, n: usize, k: usize) -> Result<Sp24Probe> {
+    fn new(
+        device: &CudaDevice,
+        kernels: &Arc<Sp24Kernels>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Sp24Probe> {
         let mut rng = crate::backend::test_util::TestRng::new(0x24 ^ (n * 131 + k) as u64);
         let w = crate::backend::test_util::random_sparse24(&mut rng, n, k, crate::format::DType::F16);
-        let dense_w = crate::backend::cuda::weight_to_dense(&Weight::Sparse24(w.clone()), &Device::Cuda(device.clone()))?;
+        let dense_w = crate::backend::cuda::weight_to_dense(
+            &Weight::Sparse24(w.clone()),
+            &Device::Cuda(device.clone()),
+        )?;
         let (x, x_f32) = random_input(device, m, k)?;
         let w = Sparse24Gpu::upload(device.stream(), &Sparse24Packed::pack(&w)?)?;
         Ok(Sp24Probe { device: device.clone(), kernels: kernels.clone(), m, n, k, x, x_f32, w, dense_w })
     }
     fn launch(&self, variant: Sp24Variant, y: &mut cudarc::driver::CudaSlice<u16>) -> Result<()> {
-        self.kernels.gemm(self.device.stream(), variant, &self.x, self.m, &self.w, &Sp24Epilogue::default(), y)
+        self.kernels.gemm(
+            self.device.stream(),
+            variant,
+            &self.x,
+            self.m,
+            &self.w,
+            &Sp24Epilogue::default(),
+            y,
+        )
     }
 }
 
@@ -435,16 +476,24 @@ struct UnsProbe {
 }
 
 impl UnsProbe {
-    fn new(device: &CudaDevice, gemm: &Arc<UnstructuredGemm>, m: usize, n: usize, k: usize) -> Result<UnsProbe> {
+    fn new(
+        device: &CudaDevice,
+        gemm: &Arc<UnstructuredGemm>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<UnsProbe> {
         let mut rng = crate::backend::test_util::TestRng::new(0xb17 ^ (n * 131 + k) as u64);
         let w = crate::backend::test_util::random_bitmap(&mut rng, n, k, 0.5, crate::format::DType::F16);
-        let dense_w = crate::backend::cuda::weight_to_dense(&Weight::Bitmap(w.clone()), &Device::Cuda(device.clone()))?;
+        let dense_w =
+            crate::backend::cuda::weight_to_dense(&Weight::Bitmap(w.clone()), &Device::Cuda(device.clone()))?;
         let (x, x_f32) = random_input(device, m, k)?;
         let w = DeviceTiledWeight::upload(device.stream(), &TiledBitmapWeight::from_bitmap(&w)?)?;
         Ok(UnsProbe { device: device.clone(), gemm: gemm.clone(), m, n, k, x, x_f32, w, dense_w })
     }
     fn launch(&self, variant: GemmVariant, y: &mut cudarc::driver::CudaSlice<u16>) -> Result<()> {
-        let plan = GemmPlan::choose_for(variant, self.m, self.n, self.k, self.w.gpu_bytes, self.gemm.sm_count());
+        let plan =
+            GemmPlan::choose_for(variant, self.m, self.n, self.k, self.w.gpu_bytes, self.gemm.sm_count());
         self.gemm.forward_plan(self.device.stream(), plan, &self.x, self.m, &self.w, &Epilogue::default(), y)
     }
 }
@@ -616,7 +665,11 @@ mod tests {
         let class = ShapeClass::new(Family::Sparse24, m, n, k);
         let kernel = layer.forward(&x, Some(&bias))?.to_vec()?;
         check_close(&kernel, &cpu, GPU_NORM_TOL, GPU_ELEM_TOL).map_err(Error::Msg)?;
-        tune::tuner().lock().map_err(|_| Error::Msg("tuner".into()))?.override_choice(&gpu_key(dev), class, Choice::Dense);
+        tune::tuner().lock().map_err(|_| Error::Msg("tuner".into()))?.override_choice(
+            &gpu_key(dev),
+            class,
+            Choice::Dense,
+        );
         let xg = ops::to_device(&x, device)?;
         let bg = ops::to_device(&bias, device)?;
         let dense = layer.forward(&xg, Some(&bg))?.to_vec()?;

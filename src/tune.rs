@@ -309,7 +309,8 @@ impl Tuner {
         for n in notes(&class, &measurements, &choice) {
             note(n);
         }
-        let ms = measurements.iter().find(|m| Choice::Kernel(m.candidate.clone()) == choice).and_then(|m| m.ms);
+        let ms =
+            measurements.iter().find(|m| Choice::Kernel(m.candidate.clone()) == choice).and_then(|m| m.ms);
         self.cache.insert(gpu, class, choice.clone(), ms);
         if let Some(p) = &self.path {
             if let Err(e) = self.cache.save(p) {
@@ -416,7 +417,9 @@ mod tests {
                     let mut y = self.gemm(self.k);
                     let rms = (y.iter().map(|v| v * v).sum::<f32>() / y.len() as f32).sqrt();
                     let i = (0..y.len())
-                        .min_by(|&a, &b| (y[a].abs() - rms / 2.0).abs().total_cmp(&(y[b].abs() - rms / 2.0).abs()))
+                        .min_by(|&a, &b| {
+                            (y[a].abs() - rms / 2.0).abs().total_cmp(&(y[b].abs() - rms / 2.0).abs())
+                        })
                         .expect("non-empty");
                     y[i] = -y[i];
                     Ok(y)
@@ -466,7 +469,10 @@ mod tests {
         assert_eq!(choice, Choice::Dense);
         let class = ShapeClass::new(Family::Unstructured, 100, 320, 64);
         let n = notes(&class, &ms, &choice);
-        assert!(n.last().is_some_and(|l| l.contains("decompressed + cuBLAS") && l.contains("M <= 128")), "{n:?}");
+        assert!(
+            n.last().is_some_and(|l| l.contains("decompressed + cuBLAS") && l.contains("M <= 128")),
+            "{n:?}"
+        );
         // Ties go to the earlier (heuristic) candidate; NaN times never win.
         let ok = |c: &str, ms: f64| Measurement { candidate: c.into(), check: Ok(1e-4), ms: Some(ms) };
         assert_eq!(decide(&[ok("h", 1.0), ok("o", 1.0)]), Choice::Kernel("h".into()));
@@ -511,9 +517,13 @@ mod tests {
         assert_eq!(back.lookup(&GpuKey { kernels: "12345678".into(), ..h200.clone() }, &c1), None);
         assert_eq!(back.lookup(&h200, &ShapeClass::new(Family::Sparse24, 8192, 320, 320)), None);
         // M is bucketed: 3000 and 4096 share a class.
-        assert_eq!(back.lookup(&h200, &ShapeClass::new(Family::Sparse24, 3000, 320, 320)), back.lookup(&h200, &c1));
+        assert_eq!(
+            back.lookup(&h200, &ShapeClass::new(Family::Sparse24, 3000, 320, 320)),
+            back.lookup(&h200, &c1)
+        );
         // No temporary file is left beside it.
-        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("dispatch.json")]);
         Ok(())
     }
@@ -538,7 +548,8 @@ mod tests {
         let mut notes = Vec::new();
         let gpu = key("NVIDIA H200", 13000);
         let class = ShapeClass::new(Family::Sparse24, 154, 320, 64);
-        let mut make = || -> Result<Box<dyn KernelProbe>> { Ok(Box::new(FakeProbe::new(vec![("a", Bug::None, 1.0)]))) };
+        let mut make =
+            || -> Result<Box<dyn KernelProbe>> { Ok(Box::new(FakeProbe::new(vec![("a", Bug::None, 1.0)]))) };
         assert_eq!(t.choose(&gpu, class, &mut make, &mut |n| notes.push(n))?, Choice::Kernel("a".into()));
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert_eq!(TuneCache::load(&path).0.lookup(&gpu, &class), Some(&Choice::Kernel("a".into())));

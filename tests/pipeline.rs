@@ -224,7 +224,8 @@ fn gpu_sparse_checkpoints_match_cpu() {
 /// The device check's pipeline step runs it; without a GPU it skips.
 #[test]
 fn gpu_cuda_graphs_match_eager_steps() {
-    let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip("gpu_cuda_graphs_match_eager_steps") else {
+    let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip("gpu_cuda_graphs_match_eager_steps")
+    else {
         return;
     };
     let req = reference_request(4, SchedulerKind::Ddim);
@@ -387,7 +388,8 @@ fn cli_generate_matches_diffusers() {
         assert!(table.lines().any(|l| l.trim_start().starts_with(row)), "row {row} missing: {table}");
     }
     // The text encoder has no convolution; the VAE has one (at least conv_in).
-    let conv: Vec<&str> = table.lines().find(|l| l.trim_start().starts_with("conv")).unwrap().split_whitespace().collect();
+    let conv: Vec<&str> =
+        table.lines().find(|l| l.trim_start().starts_with("conv")).unwrap().split_whitespace().collect();
     assert_eq!(conv[2].parse::<f64>().unwrap(), 0.0, "{table}");
     assert!(conv[4].parse::<f64>().unwrap() > 0.0, "{table}");
     let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));

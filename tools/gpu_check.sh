@@ -14,7 +14,8 @@
 #
 # Staged: .device/bundle.tgz (the lib unit-test, 2:4 / unstructured / attention test and bench
 # executables, release, debug info stripped, gzip-compressed: each embeds the 8 MB fatbin),
-# .device/check.sh (= tools/device_check.sh), .device/peers/ (the PyTorch peer scripts),
+# and the release `sdsparse` CLI (full-size stage), .device/check.sh (= tools/device_check.sh),
+# .device/peers/ (the PyTorch peer scripts, the diffusers fp16 pipeline peer among them),
 # .device/manifest.txt (commit, sizes), and, when pip can fetch them here, the compute-sanitizer
 # wheel (CUDA 13.0) and a diffusers wheel for the pipeline peer. Test data (tests/fixtures) is
 # tracked, so it travels with the working tree, not in .device/.
@@ -72,8 +73,13 @@ for line in sys.stdin:
         --lib --test sparse24_gemm --test unstructured_gemm --test attention_gpu --test sparse_linear --test pipeline | collect
     nice -n 19 cargo bench --no-run --message-format=json-render-diagnostics \
         --bench gemm_sparse24 --bench gemm_unstructured --bench attention | collect
+    # The CLI for the full-size stage (synth, convert, generate --device cuda).
+    nice -n 19 cargo build --release --bin sdsparse
+    cp target/release/sdsparse "$bins/sdsparse"
+    strip --strip-debug "$bins/sdsparse"
+    echo "gpu_check: staged $bins/sdsparse ($(du -m "$bins/sdsparse" | cut -f1) MB)" >&2
     for e in test-sdsparse test-sparse24_gemm test-unstructured_gemm test-attention_gpu test-sparse_linear test-pipeline \
-        bench-gemm_sparse24 bench-gemm_unstructured bench-attention; do
+        bench-gemm_sparse24 bench-gemm_unstructured bench-attention sdsparse; do
         [[ -x "$bins/$e" ]] || { echo "gpu_check: $e was not built" >&2; exit 1; }
     done
     tar -czf "$stage_dir/bundle.tgz" -C "$bins" .
@@ -84,7 +90,7 @@ rm -rf "$bins"
 cp tools/device_check.sh "$stage_dir/check.sh"
 chmod +x "$stage_dir/check.sh"
 mkdir -p "$stage_dir/peers"
-cp tools/bench_peers_gemm.py tools/bench_peers_unstructured.py "$stage_dir/peers/"
+cp tools/bench_peers_gemm.py tools/bench_peers_unstructured.py tools/bench_gpu_peer_sd.py "$stage_dir/peers/"
 
 # Wheels the GPU machine cannot download itself (best effort: the check reports what is missing).
 if ! ls "$stage_dir"/nvidia_cuda_sanitizer_api-13.0.*.whl >/dev/null 2>&1; then
@@ -93,7 +99,7 @@ if ! ls "$stage_dir"/nvidia_cuda_sanitizer_api-13.0.*.whl >/dev/null 2>&1; then
 fi
 if ! ls "$stage_dir"/diffusers-*.whl >/dev/null 2>&1; then
     pip download -q --no-deps -d "$stage_dir" diffusers 2>/dev/null ||
-        echo "gpu_check: could not fetch a diffusers wheel (only the not-yet pipeline step would use it)" >&2
+        echo "gpu_check: could not fetch a diffusers wheel (the full-size stage's peer will say 'peer skipped')" >&2
 fi
 
 {

@@ -192,7 +192,10 @@ pub struct Profile {
 impl Profile {
     /// Calls and time of one op kind over all stages.
     pub fn total(&self, kind: OpKind) -> (u64, Duration) {
-        self.times.iter().filter(|((k, _), _)| *k == kind).fold((0, Duration::ZERO), |a, (_, v)| (a.0 + v.0, a.1 + v.1))
+        self.times
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .fold((0, Duration::ZERO), |a, (_, v)| (a.0 + v.0, a.1 + v.1))
     }
 
     /// Time of every op in `stage`.
@@ -218,7 +221,7 @@ impl Profile {
         );
         s += &format!("  {:<20} {:>7}", "op", "calls");
         for st in &stages {
-            s += &format!(" {:>10}", format!("{} ms", st.label()));
+            s += &format!(" {:>11}", format!("{} ms", st.label()));
         }
         s += &format!(" {:>10} {:>6}\n", "total ms", "share");
         let mut kinds: Vec<OpKind> = self.times.keys().map(|(k, _)| *k).collect();
@@ -227,20 +230,21 @@ impl Profile {
             let (calls, total) = self.total(kind);
             s += &format!("  {:<20} {calls:>7}", kind.label());
             for st in &stages {
-                s += &format!(" {:>10.1}", ms(self.times.get(&(kind, *st)).map_or(Duration::ZERO, |v| v.1)));
+                s += &format!(" {:>11.1}", ms(self.times.get(&(kind, *st)).map_or(Duration::ZERO, |v| v.1)));
             }
-            let share = if all_ops.is_zero() { 0.0 } else { 100.0 * total.as_secs_f64() / all_ops.as_secs_f64() };
+            let share =
+                if all_ops.is_zero() { 0.0 } else { 100.0 * total.as_secs_f64() / all_ops.as_secs_f64() };
             s += &format!(" {:>10.1} {share:>5.1}%\n", ms(total));
         }
         s += &format!("  {:<20} {:>7}", "all ops", "");
         for st in &stages {
-            s += &format!(" {:>10.1}", ms(self.stage_ops(*st)));
+            s += &format!(" {:>11.1}", ms(self.stage_ops(*st)));
         }
         s += &format!(" {:>10.1}\n", ms(all_ops));
         s += &format!("  {:<20} {:>7}", "outside ops", "");
         for st in &stages {
             let wall = self.stages.get(st).copied().unwrap_or_default();
-            s += &format!(" {:>10.1}", ms(wall.saturating_sub(self.stage_ops(*st))));
+            s += &format!(" {:>11.1}", ms(wall.saturating_sub(self.stage_ops(*st))));
         }
         s += "\n";
         s

@@ -144,10 +144,8 @@ pub fn copy_f32(src: &Tensor, dst: &Tensor) -> Result<()> {
     let (sp, _gs) = s.slice()?.device_ptr(dev.stream());
     let (dp, _gd) = d.slice()?.device_ptr(dev.stream());
     // SAFETY: both address at least numel f32 of live allocations of this device.
-    unsafe {
-        cudarc::driver::result::memcpy_dtod_async(dp, sp, src.numel() * 4, dev.stream().cu_stream())
-    }
-    .map_err(driver_err("device to device copy failed"))
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dp, sp, src.numel() * 4, dev.stream().cu_stream()) }
+        .map_err(driver_err("device to device copy failed"))
 }
 
 #[cfg(test)]

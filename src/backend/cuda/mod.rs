@@ -16,8 +16,8 @@
 
 pub mod blas;
 pub mod decompress;
-pub mod graph;
 mod device;
+pub mod graph;
 pub mod kernels;
 pub mod norm;
 pub mod ops;
