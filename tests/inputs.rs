@@ -276,6 +276,25 @@ fn size_errors_speak_in_pixels() {
     assert!(files_in(dir.path()).is_empty());
 }
 
+/// A component folder (`unet/`) given where the pipeline folder belongs: the error names it
+/// and the folder to give instead (not the tokenizer it lacks), for generate and convert.
+#[test]
+fn a_component_folder_is_named_as_such() {
+    let unet = fixture().join("unet");
+    let m = s(&unet);
+    let dir = tempfile::tempdir().unwrap();
+    let out = s(&dir.path().join("o.png"));
+    let parent = s(&fixture());
+    let e = expect_one_line_error(
+        &["generate", "--model", &m, "--prompt", "x", "--steps", "1", "--out", &out, "--device", "cpu"],
+        "one component (unet) of a pipeline",
+    );
+    assert!(e.contains(&parent), "{e}");
+    let conv = s(&dir.path().join("sparse"));
+    expect_one_line_error(&["convert", "--model", &m, "--out", &conv], "one component (unet) of a pipeline");
+    assert!(files_in(dir.path()).is_empty());
+}
+
 // ---- 4. tokenizer.json-only folders, whole-checkpoint validation -----------------------
 
 /// `tokenizer/` as transformers 5 saves it: only tokenizer.json (+ tokenizer_config.json),

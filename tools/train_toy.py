@@ -108,7 +108,7 @@ def make_dataset(rng, n):
     return x, np.array(ids)
 
 
-def build_models():
+def build_models(unet_channels=(16, 32)):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -131,7 +131,7 @@ def build_models():
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(16, 32),
+        block_out_channels=tuple(unet_channels),
         # Attention at the 8x8 level and in the mid block only (the 16x16 level is convolutions): the CPU budget.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -310,6 +310,11 @@ def main():
     ap.add_argument("--save-every-min", type=float, default=5.0)
     ap.add_argument("--resume", metavar="DIR", default=None,
                     help="continue UNet + text encoder training from a saved folder (VAE phase skipped)")
+    ap.add_argument("--init-from", metavar="DIR", default=None,
+                    help="take the VAE and text encoder of a trained folder and train a NEW UNet (--unet-channels) "
+                         "with the text encoder (VAE phase skipped; the latent space is kept)")
+    ap.add_argument("--unet-channels", default="16,32",
+                    help="the UNet's block_out_channels (two levels), e.g. 32,64 (more redundancy to prune)")
     ap.add_argument("--high-t-fraction", type=float, default=0.0,
                     help="fraction of each UNet batch with timesteps drawn from [600, 1000)")
     ap.add_argument("--offset-noise", type=float, default=0.0,
@@ -338,14 +343,26 @@ def main():
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    text_encoder, unet, vae = build_models()
+    unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
+    text_encoder, unet, vae = build_models(unet_channels)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in
                 (("text_encoder", text_encoder), ("unet", unet), ("vae", vae))}
     log(f"parameters: {n_params}")
     info = {"seed": args.seed, "threads": args.threads, "params": n_params, "args": vars(args),
             "torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
 
-    if args.resume:
+    if args.init_from:
+        # A fresh UNet on a trained folder's VAE (so its latent space and scaling factor) and text encoder.
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.init_from, "text_encoder")).float()
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.init_from, "vae")).float()
+        with open(os.path.join(args.init_from, "train_info.json")) as f:
+            info["vae_and_text_encoder_from"] = json.load(f)
+        vae_done = 0
+        log(f"VAE and text encoder from {args.init_from}; new UNet {unet_channels}")
+    elif args.resume:
         # Continue from a saved folder: its text encoder, UNet and VAE (the VAE, and so the latent space, is kept).
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -396,7 +413,7 @@ def main():
             stds.append(post.std)
         rec = vae.decode(means[0][:8]).sample
     mean, std = torch.cat(means), torch.cat(stds)
-    if args.resume:
+    if args.resume or args.init_from:
         scaling = float(vae.config.scaling_factor)
     else:
         scaling = float(1.0 / mean.std())

@@ -27,6 +27,21 @@ impl ModelSource {
         if !path.exists() {
             return Err(Error::Checkpoint(format!("{}: not found", path.display())));
         }
+        // A component folder (unet/, vae/, ...) given for the pipeline: its config.json sits where
+        // model_index.json would, and the loader would otherwise complain about the tokenizer.
+        if !path.join("model_index.json").exists()
+            && path.join("config.json").is_file()
+            && !path.join("unet").exists()
+        {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            return Err(Error::Checkpoint(format!(
+                "{}: this is one component ({name}) of a pipeline, not the pipeline; give the folder that holds \
+                 model_index.json (probably {})",
+                path.display(),
+                parent.display()
+            )));
+        }
         if !opts.is_default() {
             return Err(Error::Invalid(format!(
                 "{}: --config, --prediction-type, --upcast-attention and --no-ema apply to single-file \

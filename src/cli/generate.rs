@@ -92,7 +92,8 @@ pub fn select_device(choice: &str) -> Result<Device, Error> {
                 Ok(Device::Cpu)
             }
         },
-        "cuda" => cuda_device().map_err(|why| Error::Msg(format!("--device cuda: {why}"))),
+        "cuda" => cuda_device()
+            .map_err(|why| Error::Msg(format!("--device cuda: {}", why.trim_start_matches("CUDA: ")))),
         other => Err(Error::Invalid(format!("--device must be auto, cpu or cuda, got {other:?}"))),
     }
 }

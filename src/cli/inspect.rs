@@ -57,6 +57,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     }
     for c in &comps {
         let kind = match &c.header {
+            // A component written in the sparse format with nothing pruned (the VAE) is not "sparse".
+            Some(h) if c.tensors.iter().all(|t| t.format == "dense") => {
+                format!("sdsparse format v{}, not pruned, from {}", h.format_version, h.source)
+            }
             Some(h) => {
                 format!("sparse (format v{}, {} {}, from {})", h.format_version, h.method, h.scope, h.source)
             }

@@ -118,9 +118,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let dense = &results.points[0];
+    let reused = match results.reused_points {
+        0 => String::new(),
+        n => format!(", {n} reused from results.json"),
+    };
     outln!(
-        "{} points measured in {:.1} s (dense task score {})",
-        results.points.len() - 1,
+        "{} points measured{reused} in {:.1} s (dense task score {})",
+        results.measured_points,
         start.elapsed().as_secs_f64(),
         dense.task_score.map(|s| format!("{s:.3}")).unwrap_or_else(|| "n/a: no task.json".into())
     );

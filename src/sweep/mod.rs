@@ -224,6 +224,13 @@ pub struct SweepResults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibrated_with: Option<String>,
     pub points: Vec<PointResult>,
+    /// How many of this run's planned points were already in `results.json` (resumed, not
+    /// measured again); not stored.
+    #[serde(skip)]
+    pub reused_points: usize,
+    /// How many planned points this run measured; not stored.
+    #[serde(skip)]
+    pub measured_points: usize,
 }
 
 /// What decides the wanda / owl points beyond the point itself (`None` without such points).
@@ -498,10 +505,15 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             has_task: spec.is_some(),
             calibrated_with: calibrated_with(opts),
             points: Vec::new(),
+            reused_points: 0,
+            measured_points: 0,
         }
     };
+    let planned = points.len();
     let todo: Vec<Point> =
         points.into_iter().filter(|p| !results.points.iter().any(|r| r.key() == opts.key(p))).collect();
+    results.reused_points = planned - todo.len();
+    results.measured_points = todo.len();
 
     let per_point = prompts.len() * opts.seeds;
     // Points at sparsity 0 are the dense model: measured once, by the dense run.
