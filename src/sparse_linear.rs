@@ -589,7 +589,7 @@ mod tests {
     use crate::format::DType;
     use crate::tune::{decide, measure, Measurement};
 
-    /// Wraps a real GPU probe and negates one output element of one variant: the planted bug
+    /// Wraps a real GPU probe and moves one output element of one variant: the planted bug
     /// the first-use check must catch on the GPU.
     struct Planted<P: KernelProbe> {
         inner: P,
@@ -606,7 +606,7 @@ mod tests {
         fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
             let mut y = self.inner.run(candidate)?;
             if candidate == self.bad {
-                y[123] = -y[123] + 1.0;
+                y[123] += 1.0 + y[123].abs();
             }
             Ok(y)
         }

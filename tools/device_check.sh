@@ -3,7 +3,7 @@
 # builds and stages everything into .device/ and copies this script to .device/check.sh; then one
 # device call runs it from the repository root:
 #
-#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=540)
+#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=570)
 #
 #   bash .device/check.sh OUT_DIR [--dry-run] [--only STEP,...] [--budget SECONDS]
 #
@@ -23,12 +23,12 @@
 #   6 fullsize  full-size SD2.1-base with random f16 weights synthesised here (sdsparse synth),
 #               converted to study-sparse (TE 0.475 / UNet 0.35) and 2:4-UNet checkpoints; each
 #               generates 512x512, 50 DDIM steps, CFG 7.5 on the GPU (dense also without CUDA
-#               graphs), a 10-step --profile run of each gives the per-op table, and diffusers
+#               graphs), a 5-step --profile run of each gives the per-op table, and diffusers
 #               fp16 (SDPA) runs the same folder in the same run (peers/bench_gpu_peer_sd.py;
 #               "peer skipped: ..." without torch / diffusers). $OUT/fullsize.md collects it.
 # OUT_DIR gets summary.md (a table of every step: ok / FAIL / timeout / skipped, seconds, log)
 # and logs/<step>.log. The run stops starting new steps when --budget (default 500 s) is spent,
-# and steps 1-5 stop --reserve seconds (default 220) earlier so that the full-size stage still
+# and steps 1-5 stop --reserve seconds (default 240) earlier so that the full-size stage still
 # runs (a step started late gets at most 30 s more): the whole run ends within about 9 minutes.
 # --dry-run runs everything that needs no GPU (unpacking, every executable's test list, tool
 # discovery) and reports the GPU steps as "dry run". The sparse kernels' tuning cache is
@@ -45,7 +45,7 @@ shift
 dry=0
 only=""
 budget=500
-reserve=220
+reserve=240
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry=1 ;;
@@ -237,10 +237,10 @@ step fullsize fullsize-convert-study 90 -- "$sds" convert --model "$fs/dense" --
 step fullsize fullsize-study 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/study" --out "$out/fullsize/study.png"
 step fullsize fullsize-convert-24 90 -- "$sds" convert --model "$fs/dense" --out "$fs/unet24" --text-encoder-sparsity 0 --unet-pattern 2:4 --force
 step fullsize fullsize-unet24 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/unet24" --out "$out/fullsize/unet24.png"
-step fullsize fullsize-dense-nographs 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/dense" --no-cuda-graphs --out "$out/fullsize/dense-nographs.png"
 for c in dense study unet24; do
-    step fullsize "fullsize-profile-$c" 60 -- "$sds" "${gen[@]}" --steps 10 --profile --model "$fs/$c" --out "$out/fullsize/profile-$c.png"
+    step fullsize "fullsize-profile-$c" 60 -- "$sds" "${gen[@]}" --steps 5 --profile --model "$fs/$c" --out "$out/fullsize/profile-$c.png"
 done
+step fullsize fullsize-dense-nographs 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/dense" --no-cuda-graphs --out "$out/fullsize/dense-nographs.png"
 if wanted fullsize; then
     {
         echo "# Full-size SD2.1-base (random f16 weights), 512x512, 50 DDIM steps, CFG 7.5"
@@ -252,7 +252,7 @@ if wanted fullsize; then
         done
         for l in "$out"/logs/fullsize-profile-*.log; do
             [[ -f "$l" ]] || continue
-            echo; echo "## $(basename "$l" .log) (10 steps, stream synchronised around every op, graphs off)"; echo '```'
+            echo; echo "## $(basename "$l" .log) (5 steps, stream synchronised around every op, graphs off)"; echo '```'
             sed -n '/^per-op time/,$p' "$l" | grep -v "^wrote"
             echo '```'
         done
