@@ -66,8 +66,10 @@ rows=()
 # Unpack the executables (staged compressed to fit the carry limit).
 bin=/tmp/sdsparse-device-bin
 rm -rf "$bin" && mkdir -p "$bin"
-if ! tar -xzf "$here/bundle.tgz" -C "$bin"; then
-    echo "check.sh: cannot unpack $here/bundle.tgz" >&2
+# xz-compressed (gpu_check.sh); Python's tarfile unpacks it where tar has no xz.
+if ! tar -xJf "$here/bundle.tar.xz" -C "$bin" 2>/dev/null &&
+    ! python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$here/bundle.tar.xz" "$bin"; then
+    echo "check.sh: cannot unpack $here/bundle.tar.xz" >&2
     exit 1
 fi
 export CARGO_MANIFEST_DIR="$root" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1 CRITERION_HOME="$out/criterion" \
