@@ -11,6 +11,7 @@
 //   sdsparse_strided_copy_<T>      y[prod(dims)] gathered through strides (rank <= 6)
 //   sdsparse_embedding_<T>         y[count][dim] = table[ids[r]]
 //   sdsparse_softmax_<T>           one CTA per row, kThreads threads, f32 max / sum reductions
+//   sdsparse_softmax_f32_<D>       the same from f32 scores into f16 / bf16 probabilities
 //   sdsparse_im2col_<T>            col[c_in * kh * kw][out_h * out_w] of one image
 // All but the softmax: one output element per thread, grid ceil(outputs / kThreads); the
 // launchers check every tensor has < 2^31 elements, so 32-bit flat indices cannot wrap.
@@ -96,7 +97,9 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
     return r;
 }
 
-template <typename T>
+// TI: the scores' storage; TO: the probabilities' (TI, or f16 / bf16 from f32 scores: the
+// attention scores path writes P in the activation dtype straight from its f32 scores).
+template <typename TI, typename TO>
 __device__ __forceinline__ void softmax(const SdsSoftmaxParams& p) {
     __shared__ float scratch[kWarps];
     const unsigned row = blockIdx.x;  // grid = rows exactly, so no early return before barriers
@@ -110,15 +113,15 @@ __device__ __forceinline__ void softmax(const SdsSoftmaxParams& p) {
     }
     const unsigned base = row * cols;  // rows * cols < 2^31 (launcher)
     float m = -INFINITY;
-    for (unsigned j = threadIdx.x; j < end; j += kThreads) m = fmaxf(m, sds_dtype::load<T>(p.x, base + j) * p.scale);
+    for (unsigned j = threadIdx.x; j < end; j += kThreads) m = fmaxf(m, sds_dtype::load<TI>(p.x, base + j) * p.scale);
     m = block_reduce<true>(m, scratch);
     float s = 0.0f;
-    for (unsigned j = threadIdx.x; j < end; j += kThreads) s += expf(sds_dtype::load<T>(p.x, base + j) * p.scale - m);
+    for (unsigned j = threadIdx.x; j < end; j += kThreads) s += expf(sds_dtype::load<TI>(p.x, base + j) * p.scale - m);
     s = block_reduce<false>(s, scratch);
     const float inv = end > 0 ? 1.0f / s : 0.0f;  // a row without visible columns gives zeros, not NaN
     for (unsigned j = threadIdx.x; j < cols; j += kThreads) {
-        const float v = j < end ? expf(sds_dtype::load<T>(p.x, base + j) * p.scale - m) * inv : 0.0f;
-        sds_dtype::store<T>(p.y, base + j, v);
+        const float v = j < end ? expf(sds_dtype::load<TI>(p.x, base + j) * p.scale - m) * inv : 0.0f;
+        sds_dtype::store<TO>(p.y, base + j, v);
     }
 }
 
@@ -157,7 +160,7 @@ __device__ __forceinline__ void im2col(const SdsIm2colParams& p) {
         sds_tensor::embedding<T>(p);                                                                   \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(sds_tensor::kThreads) sdsparse_softmax_##NAME(const SdsSoftmaxParams p) { \
-        sds_tensor::softmax<T>(p);                                                                     \
+        sds_tensor::softmax<T, T>(p);                                                                   \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(sds_tensor::kThreads) sdsparse_im2col_##NAME(const SdsIm2colParams p) { \
         sds_tensor::im2col<T>(p);                                                                      \
@@ -171,6 +174,15 @@ SDS_FOR_EACH_DTYPE(SDS_TENSOR_KERNELS)
         sds_tensor::cast<S, D>(p);                                                                     \
     }
 
+// Softmax from f32 scores into f16 / bf16 probabilities.
+#define SDS_SOFTMAX_NARROW_KERNEL(DN, D)                                                               \
+    extern "C" __global__ void __launch_bounds__(sds_tensor::kThreads)                                 \
+        sdsparse_softmax_f32_##DN(const SdsSoftmaxParams p) {                                          \
+        sds_tensor::softmax<float, D>(p);                                                              \
+    }
+SDS_SOFTMAX_NARROW_KERNEL(f16, __half)
+SDS_SOFTMAX_NARROW_KERNEL(bf16, __nv_bfloat16)
+
 SDS_CAST_KERNEL(f32, float, f16, __half)
 SDS_CAST_KERNEL(f16, __half, f32, float)
 SDS_CAST_KERNEL(f32, float, bf16, __nv_bfloat16)
@@ -178,3 +190,4 @@ SDS_CAST_KERNEL(bf16, __nv_bfloat16, f32, float)
 
 #undef SDS_TENSOR_KERNELS
 #undef SDS_CAST_KERNEL
+#undef SDS_SOFTMAX_NARROW_KERNEL

@@ -34,9 +34,17 @@ extern "C" {
 #define SDSPARSE_ERR_OTHER 8
 
 #define SDSPARSE_DEVICE_CPU 0
-/* The pipeline on the first CUDA GPU (sm_80+, f32 activations); no GPU, no kernels in the build or
-   no cuBLAS is SDSPARSE_ERR_CUDA with the reason. */
+/* The pipeline on the first CUDA GPU (sm_80+; f16 activations unless sdsparse_open_dtype asks
+   otherwise); no GPU, no kernels in the build or no cuBLAS is SDSPARSE_ERR_CUDA with the reason. */
 #define SDSPARSE_DEVICE_CUDA 1
+
+/* Activation dtypes (sdsparse_open_dtype): DEFAULT is f16 on CUDA and f32 on the CPU. On CUDA,
+   GEMMs accumulate and norms / softmax compute in f32 whatever the dtype; the CPU computes in f32
+   only (F16 / BF16 there are SDSPARSE_ERR_INVALID_ARGUMENT). */
+#define SDSPARSE_DTYPE_DEFAULT 0
+#define SDSPARSE_DTYPE_F32 1
+#define SDSPARSE_DTYPE_F16 2
+#define SDSPARSE_DTYPE_BF16 3
 
 /* Bumped whenever a struct layout or a signature below changes. */
 #define SDSPARSE_ABI_VERSION 1
@@ -92,6 +100,9 @@ const char *sdsparse_last_error(void);
 /* Loads a diffusers SD2 pipeline folder (dense, or converted by sdsparse) on `device`
  * (SDSPARSE_DEVICE_*). On success *out is the model; on failure *out is NULL. */
 int sdsparse_open(const char *path, int device, sdsparse_model **out);
+
+/* sdsparse_open with the activation dtype (SDSPARSE_DTYPE_*). */
+int sdsparse_open_dtype(const char *path, int device, int dtype, sdsparse_model **out);
 
 /* Frees a model (NULL is a no-op). */
 void sdsparse_free(sdsparse_model *model);

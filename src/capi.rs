@@ -33,6 +33,11 @@ pub const SDSPARSE_ERR_OTHER: c_int = 8;
 pub const SDSPARSE_DEVICE_CPU: c_int = 0;
 pub const SDSPARSE_DEVICE_CUDA: c_int = 1;
 
+pub const SDSPARSE_DTYPE_DEFAULT: c_int = 0;
+pub const SDSPARSE_DTYPE_F32: c_int = 1;
+pub const SDSPARSE_DTYPE_F16: c_int = 2;
+pub const SDSPARSE_DTYPE_BF16: c_int = 3;
+
 /// Bumped whenever a struct layout or a signature of the header changes.
 pub const SDSPARSE_ABI_VERSION: u32 = 1;
 
@@ -184,10 +189,33 @@ pub unsafe extern "C" fn sdsparse_open(
     device: c_int,
     out: *mut *mut SdsparseModel,
 ) -> c_int {
+    // SAFETY: the caller's contract is sdsparse_open_dtype's.
+    unsafe { sdsparse_open_dtype(path, device, SDSPARSE_DTYPE_DEFAULT, out) }
+}
+
+/// `sdsparse_open` with the activation dtype (`SDSPARSE_DTYPE_*`; DEFAULT: f16 on CUDA, f32
+/// on the CPU, which computes in f32 only: f16 / bf16 there are an invalid argument).
+///
+/// # Safety
+/// As `sdsparse_open`.
+#[no_mangle]
+pub unsafe extern "C" fn sdsparse_open_dtype(
+    path: *const c_char,
+    device: c_int,
+    dtype: c_int,
+    out: *mut *mut SdsparseModel,
+) -> c_int {
     guard(|| {
         let out = non_null_mut(out, "out")?;
         *out = std::ptr::null_mut();
         let path = PathBuf::from(req_str(path, "path")?);
+        let dtype = match dtype {
+            SDSPARSE_DTYPE_DEFAULT => None,
+            SDSPARSE_DTYPE_F32 => Some(crate::DType::F32),
+            SDSPARSE_DTYPE_F16 => Some(crate::DType::F16),
+            SDSPARSE_DTYPE_BF16 => Some(crate::DType::BF16),
+            other => return Err(invalid(format!("dtype must be one of SDSPARSE_DTYPE_*, got {other}"))),
+        };
         let device = match device {
             SDSPARSE_DEVICE_CPU => Device::Cpu,
             SDSPARSE_DEVICE_CUDA => Device::Cuda(CudaDevice::new(0)?),
@@ -197,7 +225,8 @@ pub unsafe extern "C" fn sdsparse_open(
                 )))
             }
         };
-        let sd = StableDiffusion::load(&path, &device)?;
+        let dtype = dtype.unwrap_or_else(|| device.default_activation_dtype());
+        let sd = StableDiffusion::load_as(&path, &Default::default(), &device, dtype)?;
         *out = Box::into_raw(Box::new(SdsparseModel { sd }));
         Ok(())
     })

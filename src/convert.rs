@@ -674,12 +674,7 @@ fn convert_component(
     // Global scope: one exact cut over every unstructured layer of the component.
     if let (Scope::Global, Some(p), false) = (opts.scope, plan, opts.method.needs_calibration()) {
         if p.pattern == Pattern::Unstructured {
-            let idx: Vec<usize> = jobs
-                .iter()
-                .enumerate()
-                .filter(|(_, j)| matches!(j.action, Action::Prune { .. }))
-                .map(|(i, _)| i)
-                .collect();
+            let idx = pruned_jobs(&jobs);
             let total: usize = idx.iter().map(|&i| jobs[i].numel()).sum();
             let k = prune::prune_count(p.sparsity, total);
             let cuts = prune::find_cuts(idx.len(), k, |f| {
@@ -851,6 +846,15 @@ fn convert_component(
     })
 }
 
+/// The indices of the jobs that prune their tensor.
+fn pruned_jobs(jobs: &[Job]) -> Vec<usize> {
+    jobs.iter()
+        .enumerate()
+        .filter(|(_, j)| matches!(j.action, Action::Prune { .. }))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Decides the Wanda / OWL cut of every pruned job of a component (see
 /// [`wanda::decide`]) and records it in the jobs. Returns OWL's groups.
 fn plan_activation_aware(
@@ -860,12 +864,7 @@ fn plan_activation_aware(
     opts: &ConvertOptions,
     stats: Option<&ActivationStats>,
 ) -> Result<Vec<OwlGroup>> {
-    let idx: Vec<usize> = jobs
-        .iter()
-        .enumerate()
-        .filter(|(_, j)| matches!(j.action, Action::Prune { .. }))
-        .map(|(i, _)| i)
-        .collect();
+    let idx = pruned_jobs(jobs);
     let mut layers = Vec::with_capacity(idx.len());
     let mut rms = Vec::with_capacity(idx.len());
     for &i in &idx {
@@ -1114,7 +1113,7 @@ fn dense_entry(store: &ComponentStore, c: &str, n: &str) -> Result<(StDtype, Vec
 /// verified) and the stored bytes that took, for progress.
 fn dense_bytes<'a>(store: &'a ComponentStore, n: &str) -> Result<(Cow<'a, [u8]>, u64)> {
     if store.sparse_header().is_some_and(|h| h.layers.contains_key(n)) {
-        let weight = crate::format::codec::load_compressed(store, n)?;
+        let weight = crate::checkpoint::compressed::load_compressed(store, n)?;
         let b = match &weight {
             Weight::Sparse24(s) => s.values.as_bytes().len() + s.meta.len(),
             Weight::Bitmap(b) => b.values.as_bytes().len() + b.bitmap.len(),

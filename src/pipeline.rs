@@ -17,6 +17,7 @@ use crate::backend::profile::{self, Stage};
 use crate::backend::{ops, Device, Tensor};
 use crate::checkpoint::{ComponentStore, ModelSource, SingleFileOptions, VarBuilder};
 use crate::error::{Error, Result};
+use crate::format::DType;
 use crate::model::clip_text::ClipTextConfig;
 use crate::model::clip_text::ClipTextModel;
 use crate::model::config::UNetConfig;
@@ -210,6 +211,17 @@ fn check_device(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The CPU computes in f32 only (it is the reference); f16 / bf16 activations are for CUDA.
+fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "--dtype {}: the CPU backend computes in f32 only (f16 / bf16 activations are for --device cuda)",
+            dtype.name()
+        )));
+    }
+    Ok(())
+}
+
 /// A loaded SD2-family pipeline.
 pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
@@ -220,6 +232,8 @@ pub struct StableDiffusion {
     /// UNet `sample_size` after diffusers' load-time correction (see [`load_notes`]).
     sample_size: usize,
     device: Device,
+    /// The activation dtype (f16 by default on CUDA, f32 on the CPU).
+    dtype: DType,
     memory: WeightMemory,
     /// GPU memory the load took (weights in their device layouts), when on CUDA.
     gpu_bytes: Option<u64>,
@@ -316,13 +330,34 @@ impl StableDiffusion {
     /// [`Self::load`] with options for a single-file checkpoint (`--config`,
     /// `--prediction-type`, `--upcast-attention`, `--no-ema`).
     pub fn load_with(path: &Path, single_file: &SingleFileOptions, device: &Device) -> Result<Self> {
-        check_device(device)?;
-        Self::load_source(&ModelSource::open(path, single_file)?, device)
+        Self::load_as(path, single_file, device, device.default_activation_dtype())
     }
 
-    /// Loads an opened [`ModelSource`].
-    pub fn load_source(src: &ModelSource, device: &Device) -> Result<Self> {
+    /// [`Self::load_with`] with activations in `dtype` (`--dtype`): f16 (the CUDA default),
+    /// bf16 or f32 on CUDA, where weights are uploaded in it and the GEMMs accumulate in f32
+    /// (norms and softmax in f32 inside the kernels); f32 only on the CPU (another dtype is a
+    /// one-line error, before anything is read).
+    pub fn load_as(
+        path: &Path,
+        single_file: &SingleFileOptions,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         check_device(device)?;
+        check_dtype(device, dtype)?;
+        Self::load_source_as(&ModelSource::open(path, single_file)?, device, dtype)
+    }
+
+    /// Loads an opened [`ModelSource`] (the device's default activation dtype).
+    pub fn load_source(src: &ModelSource, device: &Device) -> Result<Self> {
+        Self::load_source_as(src, device, device.default_activation_dtype())
+    }
+
+    /// Loads an opened [`ModelSource`] with activations in `dtype` (see [`Self::load_as`]).
+    pub fn load_source_as(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        check_device(device)?;
+        check_dtype(device, dtype)?;
+        let on = |vb: VarBuilder| vb.on_device(device).with_activation_dtype(dtype);
         let start = Instant::now();
         let free_before = match device {
             Device::Cuda(d) => Some(d.memory_info()?.0),
@@ -331,9 +366,18 @@ impl StableDiffusion {
         let (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes) = match src {
             ModelSource::Folder(dir) => {
                 let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-                let text_encoder = ClipTextModel::from_dir_on(&dir.join("text_encoder"), device)?;
-                let unet = UNet2DConditionModel::from_dir_on(&dir.join("unet"), device)?;
-                let vae = VaeDecoder::from_dir_on(&dir.join("vae"), device)?;
+                let text_encoder = ClipTextModel::new(
+                    &on(VarBuilder::from_dir(&dir.join("text_encoder"))?)?,
+                    &ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?,
+                )?;
+                let unet = UNet2DConditionModel::load(
+                    &on(VarBuilder::from_dir(&dir.join("unet"))?)?,
+                    &UNetConfig::from_file(&dir.join("unet"))?,
+                )?;
+                let vae = VaeDecoder::new(
+                    &on(VarBuilder::from_dir(&dir.join("vae"))?)?,
+                    &VaeConfig::from_file(&dir.join("vae").join("config.json"))?,
+                )?;
                 let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
                 let (sample_size, unet_note) =
                     corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
@@ -341,9 +385,7 @@ impl StableDiffusion {
                 (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes)
             }
             ModelSource::SingleFile(s) => {
-                let vb = |c: &str| -> Result<VarBuilder> {
-                    Ok(VarBuilder::new(Arc::new(s.store(c)?)).on_device(device))
-                };
+                let vb = |c: &str| -> Result<VarBuilder> { on(VarBuilder::new(Arc::new(s.store(c)?))) };
                 let label =
                     |e: Error, rel: &str| Error::Checkpoint(format!("{} ({rel}): {e}", s.path.display()));
                 let cfg = |rel: &str| s.config_text(rel);
@@ -407,6 +449,7 @@ impl StableDiffusion {
             scheduler_config,
             sample_size,
             device: device.clone(),
+            dtype,
             memory,
             load_time: start.elapsed(),
             notes,
@@ -415,6 +458,25 @@ impl StableDiffusion {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+    /// The activation dtype the models compute in (f32 on the CPU).
+    pub fn activation_dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Names the activation dtype in a non-finite-value error when it is f16, whose range
+    /// (65504) a checkpoint's activations can exceed; bf16 and f32 have f32's range.
+    fn f16_note(&self) -> &'static str {
+        if self.dtype == DType::F16 {
+            " with f16 activations (if the checkpoint overflows f16, try --dtype bf16 or f32)"
+        } else {
+            ""
+        }
+    }
+
+    /// A host tensor (latents) on the pipeline's device in its activation dtype: the f32 →
+    /// f16 / bf16 boundary of a CUDA run.
+    fn to_activations(&self, t: &Tensor) -> Result<Tensor> {
+        ops::to_device(t, &self.device)?.to_dtype(self.dtype)
     }
     pub fn memory(&self) -> &WeightMemory {
         &self.memory
@@ -586,6 +648,9 @@ impl StableDiffusion {
             Device::Cuda(d) => {
                 let f = self.vae_scale_factor() as u128;
                 let tokens = (dw as u128 / f) * (dh as u128 / f);
+                // Feature maps in the activation dtype; the attention scores and
+                // probabilities are f32 whatever it is.
+                let map = map / 4 * self.dtype.size_in_bytes() as u128;
                 (map * 13 + tokens * tokens * 4 * 2, d.memory_info()?.0 as u128, "free GPU memory")
             }
         };
@@ -652,7 +717,7 @@ impl StableDiffusion {
         let mut timings = d.timings;
         profile::set_stage(Stage::Vae);
         let tv = Instant::now();
-        let latents = ops::to_device(&d.latents, &self.device)?;
+        let latents = self.to_activations(&d.latents)?;
         let (decoded, vae_tiles) = if req.vae_tiling {
             let tile = self.vae_tile_size(req)?;
             let (img, grid) = self.vae.decode_tiled(&latents, tile)?;
@@ -661,7 +726,9 @@ impl StableDiffusion {
             (self.vae.decode(&latents)?, None)
         };
         drop(latents);
-        check_finite(&decoded, || "the VAE decoder's output".into())?;
+        // The image is finished in f32 (a no-op on the CPU).
+        let decoded = decoded.to_dtype(DType::F32)?;
+        check_finite(&decoded, || format!("the VAE decoder's output{}", self.f16_note()))?;
         let image = ops::affine(&decoded, 0.5, 0.5)?.to_vec()?;
         let image =
             Tensor::from_vec(image.into_iter().map(|v| v.clamp(0.0, 1.0)).collect(), decoded.shape())?;
@@ -703,9 +770,9 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         if guided {
             let out = self.unet.forward_frequencies(&ops::cat(&[x, x], 0)?, t_freq, context)?;
-            ops::cfg_combine(&out, guidance)
+            ops::cfg_combine(&out.to_dtype(DType::F32)?, guidance)
         } else {
-            self.unet.forward_frequencies(x, t_freq, context)
+            self.unet.forward_frequencies(x, t_freq, context)?.to_dtype(DType::F32)
         }
     }
 
@@ -743,7 +810,9 @@ impl StableDiffusion {
                 e
             }
         };
-        check_finite(&context, || "the text encoder's output (the prompt embeddings)".into())?;
+        check_finite(&context, || {
+            format!("the text encoder's output (the prompt embeddings){}", self.f16_note())
+        })?;
 
         let noise = match &req.init_latents {
             Some(t) => t.to_vec()?,
@@ -767,6 +836,8 @@ impl StableDiffusion {
             // pipeline's device.
             // On a GPU only the latents cross the bus (in, and the guided prediction out); the
             // text embeddings and every activation stay on the device.
+            // With f16 / bf16 activations the UNet's input is cast on the device and its output
+            // widened to f32 there, so the CFG combine and the scheduler run in f32.
             let x_host = sched.scale_model_input(&latents, i)?;
             let batch = if guided { 2 } else { 1 } * x_host.shape()[0];
             let key = StepKey {
@@ -776,8 +847,8 @@ impl StableDiffusion {
             let guided_out = match (graphs.plan(&key), &gpu) {
                 (StepPlan::Replay, Some(_)) => {
                     let g = graphs.graph(&key).ok_or_else(|| Error::Cuda("graph vanished".into()))?;
-                    cuda_graph::write_f32(&g.x, &x_host.to_vec()?)?;
-                    cuda_graph::write_f32(
+                    cuda_graph::write_values(&g.x, &x_host.to_vec()?)?;
+                    cuda_graph::write_values(
                         &g.t_freq,
                         &self.unet.timestep_frequencies(&vec![t; batch])?.to_vec()?,
                     )?;
@@ -785,7 +856,7 @@ impl StableDiffusion {
                     ops::to_device(&g.out, &Device::Cpu)?
                 }
                 (StepPlan::Capture, Some(dev)) => {
-                    let x = ops::to_device(&x_host, &self.device)?;
+                    let x = self.to_activations(&x_host)?;
                     let t_freq =
                         ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
                     let mut out_shape = x_host.shape().to_vec();
@@ -810,7 +881,7 @@ impl StableDiffusion {
                     }
                 }
                 _ => {
-                    let x = ops::to_device(&x_host, &self.device)?;
+                    let x = self.to_activations(&x_host)?;
                     let t_freq =
                         ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
                     ops::to_device(
@@ -822,7 +893,9 @@ impl StableDiffusion {
             // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
             // run here, naming the step, instead of ending as a black image.
             let n = timesteps.len();
-            check_finite(&guided_out, || format!("the UNet's output at step {}/{n} (timestep {t})", i + 1))?;
+            check_finite(&guided_out, || {
+                format!("the UNet's output at step {}/{n} (timestep {t}){}", i + 1, self.f16_note())
+            })?;
             latents = sched.step(&guided_out, i, &latents)?;
             check_finite(&latents, || {
                 format!("the latents after {} step {}/{n} (timestep {t})", sched.name(), i + 1)
@@ -1051,8 +1124,9 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
     let unet_total: Duration = t.unet_steps.iter().sum();
     let mut s = String::new();
     s += &format!(
-        "device {}, scheduler {}, {} UNet calls\n",
+        "device {} ({} activations), scheduler {}, {} UNet calls\n",
         sd.device().name(),
+        sd.activation_dtype().name(),
         g.scheduler,
         t.unet_steps.len()
     );
@@ -1094,6 +1168,11 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
             "  on the GPU: {:.2} MiB taken at load (dense f32, sparse packed for the kernels or expanded)\n",
             mib(b)
         );
+    }
+    // Which libraries the convolutions and dense Linears actually ran on (cuDNN / cuBLASLt, or
+    // the cuBLAS fallbacks and why), counted since the process started.
+    if let Device::Cuda(dev) = sd.device() {
+        s += &format!("{}\n", crate::backend::cuda::libs::usage(dev).summary());
     }
     s
 }

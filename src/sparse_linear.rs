@@ -5,24 +5,27 @@
 //! On the CPU the product runs the reference path of [`crate::backend::ops::linear`] (the one
 //! layer expanded into a scratch buffer, then the dense f32 GEMM): exactly the dense-with-zeros
 //! result. On CUDA the weight is packed into the kernel layouts at [`SparseLinear::new`] (2:4
-//! `mma.sp` metadata order, tiled bitmaps) and uploaded; each [`SparseLinear::forward`] rounds
-//! the activations to f16, runs the kernel the dispatcher picks (f32 accumulation) and returns
-//! f16-rounded results widened to f32. Host tensors go to the GPU and back; GPU tensors (the
-//! pipeline's) stay there: the f32 → f16 rounding, the GEMM and the widening back all run on
-//! the device. The CUDA path has not yet run on a GPU (see
+//! `mma.sp` metadata order, tiled bitmaps) and uploaded; each [`SparseLinear::forward`] runs
+//! the kernel the dispatcher picks on f16 activations (f32 accumulation). GPU tensors (the
+//! pipeline's) stay on the device and the result comes in the input's dtype: f16 activations
+//! (the CUDA default) go to the kernels as they are, no copy or cast; f32 and bf16 ones are
+//! rounded to f16 by the cast kernel (bf16 through f32: the kernels are f16-only) and the f16
+//! result converted back. Host tensors (f32) go to the GPU and come back widened to f32. The
+//! CUDA path has not yet run on a GPU (see
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
-use crate::backend::cuda::sparse24::Sp24Variant;
-use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
+use crate::backend::cuda::decompress::{DeviceValues, F16Bits};
+use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sp24Variant, Sparse24Gpu, Sparse24Packed};
 use crate::backend::cuda::unstructured::{
     DeviceTiledWeight, Epilogue, GemmPlan, GemmVariant, TiledBitmapWeight, UnstructuredGemm,
 };
-use crate::backend::cuda::{kernels, tensor_ops, CudaDevice, CudaStorage};
+use crate::backend::cuda::{self, kernels, CudaDevice, CudaStorage};
 use crate::backend::profile::{self, OpKind};
 use crate::backend::{ops, Device, Storage, Tensor};
 use crate::error::{Error, Result};
-use crate::format::{BitmapWeight, Sparse24Weight, Weight};
+use crate::format::{BitmapWeight, DType, Sparse24Weight, Weight};
 use crate::tune::{self, Choice, Family, GpuKey, KernelProbe, ShapeClass};
+use cudarc::driver::CudaSlice;
 use half::f16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -203,10 +206,13 @@ impl SparseLinear {
                     };
                 let _p = profile::scope(OpKind::Linear24);
                 let (xd, bd) = operands(device, x, bias)?;
-                let mut yd = device.alloc_zeros::<u16>(m * n)?;
+                let mut yd = f16_output(device, m * n)?;
                 let epi = Sp24Epilogue { bias: bd.as_deref(), ..Default::default() };
-                kernels.gemm(device.stream(), variant, &xd, m, weight, &epi, &mut yd)?;
-                result(device, x, &yd, &out_shape)
+                let x_bits = F16Bits::of(device, f16_values(&xd)?);
+                let mut y_bits = F16Bits::of_mut(device, &mut yd);
+                kernels.gemm(device.stream(), variant, &x_bits, m, weight, &epi, &mut y_bits)?;
+                drop((x_bits, y_bits));
+                result(device, x, yd, &out_shape)
             }
             Imp::CudaBitmap { device, gemm, weight, dense } => {
                 let class = ShapeClass::new(Family::Unstructured, m, n, k);
@@ -221,11 +227,14 @@ impl SparseLinear {
                     };
                 let _p = profile::scope(OpKind::LinearUnstructured);
                 let (xd, bd) = operands(device, x, bias)?;
-                let mut yd = device.alloc_zeros::<u16>(m * n)?;
+                let mut yd = f16_output(device, m * n)?;
                 let epi = Epilogue { bias: bd.as_deref(), ..Default::default() };
+                let x_bits = F16Bits::of(device, f16_values(&xd)?);
+                let mut y_bits = F16Bits::of_mut(device, &mut yd);
                 let plan = GemmPlan::choose_for(variant, m, n, k, weight.gpu_bytes, gemm.sm_count());
-                gemm.forward_plan(device.stream(), plan, &xd, m, weight, &epi, &mut yd)?;
-                result(device, x, &yd, &out_shape)
+                gemm.forward_plan(device.stream(), plan, &x_bits, m, weight, &epi, &mut y_bits)?;
+                drop((x_bits, y_bits));
+                result(device, x, yd, &out_shape)
             }
         }
     }
@@ -286,13 +295,14 @@ fn dense_fallback(
     };
     let gpu = Device::Cuda(device.clone());
     let on_host = matches!(x.storage(), Storage::Cpu(_));
-    let xg = ops::to_device(x, &gpu)?;
-    let bg = bias.map(|b| ops::to_device(b, &gpu)).transpose()?;
+    // In f32 (the expanded weight's dtype), the result back in the input's dtype.
+    let xg = ops::to_device(x, &gpu)?.to_dtype(DType::F32)?;
+    let bg = bias.map(|b| ops::to_device(b, &gpu)?.to_dtype(DType::F32)).transpose()?;
     let y = ops::linear(&xg, &Weight::Dense(w), bg.as_ref())?;
     if on_host {
         ops::to_device(&y, &Device::Cpu)
     } else {
-        Ok(y)
+        y.to_dtype(x.dtype())
     }
 }
 
@@ -545,41 +555,51 @@ impl std::ops::Deref for DeviceBias<'_> {
     }
 }
 
-type Operands<'a> = (cudarc::driver::CudaSlice<u16>, Option<DeviceBias<'a>>);
+/// The activations as an f16 GPU tensor and the bias as f32 on the GPU (what the kernels'
+/// epilogue reads).
+type Operands<'a> = (Tensor, Option<DeviceBias<'a>>);
 
-/// `x` as f16 bits and `bias` as f32 on the GPU: converted there when they are GPU tensors
-/// (the cast kernel), else rounded on the host and uploaded.
+/// `x` in f16 on the GPU: shared when it is an f16 GPU tensor already (the pipeline's CUDA
+/// default, no copy), converted by the cast kernels for f32 / bf16 GPU tensors, rounded on the
+/// host and uploaded for host tensors. `bias` as f32 on the GPU likewise.
 fn operands<'a>(device: &CudaDevice, x: &Tensor, bias: Option<&'a Tensor>) -> Result<Operands<'a>> {
-    let xd = match x.storage() {
-        Storage::Cuda(s) => tensor_ops::f32_to_f16_bits(device, x.numel(), s.values())?,
-        Storage::Cpu(_) => {
-            let x16: Vec<u16> = x.to_vec()?.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
-            device.htod(&x16)?
-        }
-    };
+    let xd = cuda::to_cuda_as(x, device, DType::F16)?;
     let bd = match bias.map(|b| (b, b.storage())) {
         None => None,
-        Some((_, Storage::Cuda(s))) => Some(DeviceBias::Borrowed(s.slice()?)),
-        Some((b, Storage::Cpu(_))) => Some(DeviceBias::Owned(device.htod(&b.to_vec()?)?)),
+        Some((_, Storage::Cuda(s))) if s.dtype() == DType::F32 => Some(DeviceBias::Borrowed(s.slice()?)),
+        Some((b, _)) => Some(DeviceBias::Owned(device.htod(&b.to_vec()?)?)),
     };
     Ok((xd, bd))
 }
 
-/// The f16 result widened to f32: a GPU tensor when `x` was one, else a host tensor (waits for
-/// the kernel; reports its errors).
-fn result(
-    device: &CudaDevice,
-    x: &Tensor,
-    yd: &cudarc::driver::CudaSlice<u16>,
-    shape: &[usize],
-) -> Result<Tensor> {
-    let n = shape.iter().product();
-    if let Storage::Cuda(_) = x.storage() {
-        let y = tensor_ops::f16_bits_to_f32(device, n, yd)?;
-        return Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_values(device, y)), shape));
+/// The f16 buffer of an f16 GPU tensor made by [`operands`].
+fn f16_values(t: &Tensor) -> Result<&CudaSlice<f16>> {
+    match t.storage() {
+        Storage::Cuda(s) => match s.values() {
+            DeviceValues::F16(v) => Ok(v),
+            other => Err(Error::Cuda(format!("expected f16 activations, found {}", other.dtype().name()))),
+        },
+        Storage::Cpu(_) => Err(Error::Cuda("expected a GPU tensor".into())),
     }
-    let y = device.dtoh(yd)?;
-    Tensor::from_vec(y.into_iter().map(|b| f16::from_bits(b).to_f32()).collect(), shape)
+}
+
+/// A NaN-poisoned f16 output (an element a kernel misses shows as NaN).
+fn f16_output(device: &CudaDevice, len: usize) -> Result<CudaSlice<f16>> {
+    device.alloc_poisoned(len.max(1))
+}
+
+/// The f16 result in `x`'s dtype: a GPU tensor when `x` was one (f16 as it is, else converted
+/// by the cast kernels), else a host f32 tensor (waits for the kernel; reports its errors).
+fn result(device: &CudaDevice, x: &Tensor, yd: CudaSlice<f16>, shape: &[usize]) -> Result<Tensor> {
+    if let Storage::Cuda(_) = x.storage() {
+        let y = Tensor::from_storage(
+            Storage::Cuda(CudaStorage::from_values(device, DeviceValues::F16(yd))),
+            shape,
+        );
+        return y.to_dtype(x.dtype());
+    }
+    let y = device.dtoh(&yd)?;
+    Tensor::from_vec(y.into_iter().map(|v| v.to_f32()).collect(), shape)
 }
 
 #[cfg(test)]

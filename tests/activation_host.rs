@@ -358,6 +358,18 @@ fn host_tensor_kernels() {
             run(&l);
             let reference = rounded(&cpu::attention::softmax_scaled(&x.values(), cols, scale, causal), dtype);
             check(&format!("{} [{rows}, {cols}] causal {causal:?}", l.kernel), &y, &reference);
+            // f32 scores into probabilities of this dtype (the attention scores path).
+            if dtype != DType::F32 {
+                let x =
+                    Buf::of(&rng.vec(rows * cols).iter().map(|v| 8.0 * v).collect::<Vec<_>>(), DType::F32);
+                let y = Buf::poisoned(rows * cols, dtype);
+                let mut l = plan_softmax(rows, cols, scale, causal, x.op(), y.op()).unwrap();
+                (l.params.x, l.params.y) = (x.ptr(), y.ptr());
+                run(&l);
+                let reference =
+                    rounded(&cpu::attention::softmax_scaled(&x.values(), cols, scale, causal), dtype);
+                check(&format!("{} [{rows}, {cols}] causal {causal:?}", l.kernel), &y, &reference);
+            }
         }
         // im2col: 3x3 pad 1, stride 2, 1x1; exact.
         for (c_in, h, w, k, stride, pad) in [(3, 5, 7, 3, 1, 1), (2, 8, 8, 3, 2, 1), (4, 3, 5, 1, 1, 0)] {

@@ -11,10 +11,12 @@
 # in a process of its own (a sticky CUDA fault in one cannot hide the others, kernel review T2):
 #   1 probe     identity probes (X = I so Y = W^T exactly) for every GEMM variant
 #   2 tests     every GPU test with SDSPARSE_REQUIRE_GPU=1 (lib decompress tests, the activation
-#               kernels' norm and pointwise families, 2:4, unstructured, attention), split by variant
+#               kernels' norm and pointwise families, cuBLAS, cuBLASLt, cuDNN, 2:4, unstructured,
+#               attention), split by variant
 #   3 sanitizer compute-sanitizer memcheck on the small cases of every kernel
 #   4 pipeline  the GPU pipeline (tests/pipeline.rs): the tiny fixture on CUDA in f32 against
-#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), and converted
+#               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), in f16 (latents
+#               < 2e-2, image within 2/255 on 99% of pixels) and bf16 (provisional 8e-2), and converted
 #               unstructured / 2:4 checkpoints on CUDA against the CPU, expanded (f32, < 1e-4)
 #               and through the sparse kernels (f16 activations, < 2e-2)
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
@@ -83,6 +85,31 @@ export CARGO_MANIFEST_DIR="$root" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1 CRITER
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())' 2>&1 | tail -1
 } >"$out/env.txt" 2>&1
 
+# cuBLAS(Lt) and cuDNN are loaded at run time by name (libcublasLt.so.13, libcudnn.so.9): use the
+# system's, else pip-installed ones (nvidia-cublas / the nvidia cu13 bundle, nvidia-cudnn-cu13 or
+# -cu12, e.g. torch's) by putting their lib folders on LD_LIBRARY_PATH.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so\.13'; then
+    for m in nvidia.cu13 nvidia.cublas; do
+        d=$(python3 -c "import $m, os; print(os.path.join(list($m.__path__)[0], 'lib'))" 2>/dev/null || true)
+        if [[ -n "$d" && -e "$d/libcublasLt.so.13" ]]; then
+            export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            echo "cuBLAS: $d" >>"$out/env.txt"
+            break
+        fi
+    done
+fi
+cudnn_dir=""
+if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9'; then
+    cudnn_dir=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null || true)
+    [[ -n "$cudnn_dir" && -e "$cudnn_dir/libcudnn.so.9" ]] && export LD_LIBRARY_PATH="$cudnn_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" || cudnn_dir=""
+fi
+if ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9' || [[ -n "$cudnn_dir" ]]; then
+    export SDSPARSE_REQUIRE_CUDNN=1
+    echo "cuDNN: found ${cudnn_dir:-(system)}" >>"$out/env.txt"
+else
+    echo "cuDNN: not found (convolutions run im2col + cuBLAS; the cuDNN test reports itself unchecked)" >>"$out/env.txt"
+fi
+
 wanted() { [[ -z "$only" || ",$only," == *",$1,"* ]]; }
 
 # step GROUP NAME TIMEOUT_S [ENV=VALUE ...] -- COMMAND...: runs one process, records a row.
@@ -147,13 +174,23 @@ done
 
 # 2. Every GPU test (SDSPARSE_REQUIRE_GPU=1: a missing GPU fails instead of skipping).
 step tests tests-lib-cuda 90 -- "$(exe test-sdsparse)" ::cuda --skip cuda::norm:: --skip cuda::pointwise:: \
-    --skip cuda::tensor_ops:: --skip cuda::blas:: --test-threads=1 --nocapture
+    --skip cuda::tensor_ops:: --skip cuda::blas:: --skip cuda::lt:: --skip cuda::dnn:: --skip cuda::ops:: \
+    --test-threads=1 --nocapture
 # The activation kernels (norm.cu, pointwise.cu) against their CPU twins, one family per process.
 step tests tests-lib-norm 90 -- "$(exe test-sdsparse)" cuda::norm::tests:: --test-threads=1 --nocapture
 step tests tests-lib-pointwise 90 -- "$(exe test-sdsparse)" cuda::pointwise::tests:: --test-threads=1 --nocapture
 # The pipeline's other kernels (tensor.cu, eltwise sub/mul/div) and the cuBLAS SGEMM mapping.
 step tests tests-lib-tensor 90 -- "$(exe test-sdsparse)" cuda::tensor_ops::tests:: --test-threads=1 --nocapture
 step tests tests-lib-blas 90 -- "$(exe test-sdsparse)" cuda::blas::tests:: --test-threads=1 --nocapture
+# cuBLASLt Linear (bias / GELU+bias epilogues, f32 / f16 / bf16) and cuDNN convolutions against
+# the CPU; each prints what ran (cuBLASLt's outcome per case, the cuDNN version and algorithm).
+# Without cuDNN on this machine the cuDNN test says "cuDNN unavailable, not checked"; with it
+# (SDSPARSE_REQUIRE_CUDNN=1, set above when found) a cuDNN that cannot load fails the step.
+step tests tests-lib-cublaslt 90 -- "$(exe test-sdsparse)" cuda::lt::tests:: --test-threads=1 --nocapture
+step tests tests-lib-cudnn 90 -- "$(exe test-sdsparse)" cuda::dnn::tests:: --test-threads=1 --nocapture
+# The model ops with f16 / bf16 activations (GemmEx, flash and scores attention, upcast range)
+# against the f32 CPU reference.
+step tests tests-lib-ops-half 120 -- "$(exe test-sdsparse)" cuda::ops::tests:: --test-threads=1 --nocapture
 for v in v1 v2 v3; do
     step tests "tests-sp24-$v" 120 SDSPARSE_GPU_VARIANTS=$v -- "$(exe test-sparse24_gemm)" gpu_ --test-threads=1 --nocapture
 done
@@ -193,16 +230,28 @@ else
         "test-sdsparse cuda::pointwise::tests::add_and_cfg_match_cpu::cuda" "test-sdsparse cuda::norm::tests::group_norm_matches_cpu::cuda" \
         "test-sparse_linear sparse_linear_matches_the_reference::cuda" \
         "test-sdsparse cuda::tensor_ops::tests::softmax_matches_cpu::cuda" "test-sdsparse cuda::tensor_ops::tests::im2col_matches_cpu::cuda" \
-        "test-sdsparse cuda::tensor_ops::tests::strided_copies_match_cpu::cuda" "test-sdsparse cuda::blas::tests::sgemm_matches_cpu::cuda"; do
+        "test-sdsparse cuda::tensor_ops::tests::strided_copies_match_cpu::cuda" "test-sdsparse cuda::blas::tests::sgemm_matches_cpu::cuda" \
+        "test-sdsparse cuda::lt::tests::lt_linear_matches_cpu::cuda" \
+        "test-sdsparse cuda::blas::tests::gemm_ex_matches_cpu::cuda"; do
+        # (cuDNN is not run under memcheck: loading its engine libraries under the sanitizer could
+        # take most of the budget; its descriptors are checked against cuDNN's own shapes.)
         read -r e filter <<<"$t"
         label="${filter%::cuda}" && label="${label##*::}" # one log per case, not per executable
         step sanitizer "memcheck-${e#test-}-$label" 150 -- "$san" --tool memcheck --error-exitcode 1 "$(exe "$e")" "$filter" --test-threads=1 --nocapture
     done
 fi
 
-# 4. The GPU pipeline (f32 activations) on the tiny fixture: dense against diffusers, then the
-# sparse checkpoints against the CPU, expanded to f32 and through the sparse kernels.
+# 4. The GPU pipeline on the tiny fixture: dense against diffusers with f32, f16 and bf16
+# activations, then the sparse checkpoints against the CPU, expanded (f32 activations) and
+# through the sparse kernels (f16 activations).
 step pipeline pipeline-dense-f32 120 -- "$(exe test-pipeline)" _matches_diffusers::cuda --test-threads=1 --nocapture
+# The same with the library paths forced off (im2col + cuBLAS convolutions, SGEMM + bias kernel
+# Linears), so both backends are held to diffusers in one run; each run prints the "GPU: conv
+# ..., dense Linear ..." line naming what ran.
+step pipeline pipeline-dense-f32-fallbacks 120 SDSPARSE_GPU_CONV=im2col SDSPARSE_GPU_LINEAR=sgemm -- \
+    "$(exe test-pipeline)" ddim_matches_diffusers::cuda --exact --nocapture
+step pipeline pipeline-dense-f16 120 -- "$(exe test-pipeline)" gpu_f16_matches_diffusers --exact --nocapture
+step pipeline pipeline-dense-bf16 120 -- "$(exe test-pipeline)" gpu_bf16_matches_diffusers --exact --nocapture
 step pipeline pipeline-sparse-expanded 120 SDSPARSE_GPU_SPARSE=dense -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 step pipeline pipeline-sparse-kernels 120 -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 # CUDA graphs of the UNet step: replayed steps give the eager steps' latents.

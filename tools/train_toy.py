@@ -20,8 +20,12 @@ counts are recorded in train_info.json (rerun with those counts to reproduce suc
 
 The output folder is written every `--save-every-min` minutes (to OUT.tmp, then renamed), so a partial run is usable.
 
-Usage (from scratch; the committed model is a chain of resumed runs, recorded in its train_info.json):
+Usage (from scratch; the committed model is a chain of runs, recorded in its train_info.json):
   nice -n 19 python3 tools/train_toy.py --out assets/toy-shapes --offset-noise 0.25 --high-t-fraction 0.5 --threads 1
+The committed UNet is the wider one (channels 32/64, 1.0 M parameters; the 16/32 one, 0.26 M, had too little
+redundancy to keep its quality at the study's 35%), trained fresh on the VAE and text encoder of a 16/32 run:
+  python3 tools/train_toy.py --out OUT --init-from PREVIOUS --unet-channels 32,64 --offset-noise 0.25 \
+      --high-t-fraction 0.5 --threads 1 --lr 1e-3 --unet-steps 16000
 Offset noise matters most: without it the model reads the background colour off the noisy latent's mean
 instead of the caption (dense task score 0.25 without, 0.92 with; docs/STUDY.md).
 Needs: pip install torch diffusers transformers safetensors numpy pillow

@@ -1,7 +1,8 @@
 //! The tensor type: a shape plus storage on one device, contiguous row-major; views are
 //! materialised (simple and fast enough for SD2's shapes).
 //!
-//! Element types: activations are always f32 (the CPU backend is the f32 reference). Weights
+//! Element types: activations are f32 on the CPU (the f32 reference) and f32, f16 or bf16 on
+//! CUDA (`--dtype`; docs/CUDA.md), where every op computes in f32 inside. Weights
 //! may stay in the dtype their checkpoint stores (f16 / bf16 / f32, [`CpuStorage`]) so that
 //! memory follows the checkpoint's size; the ops that take weights (`ops::linear`,
 //! `ops::conv2d`, `ops::embedding`) widen them to f32 at use, which is exact. Every other op
@@ -189,16 +190,15 @@ impl Tensor {
     }
 
     /// The data converted to `dtype` (a cheap shared clone when it already is): widening is
-    /// exact, narrowing rounds to nearest even. GPU tensors are f32 only for now.
+    /// exact, narrowing rounds to nearest even. GPU tensors are converted on the GPU (the cast
+    /// kernels of `cuda/tensor.cu`).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if self.dtype() == dtype {
             return Ok(self.clone());
         }
+        let _p = super::profile::scope(super::profile::OpKind::Layout);
         let Storage::Cpu(s) = &self.storage else {
-            return Err(Error::Invalid(format!(
-                "to_dtype({}): GPU tensors hold f32 only; copy it to the CPU first",
-                dtype.name()
-            )));
+            return cuda::ops::to_dtype(self, dtype);
         };
         let host = match (s, dtype) {
             (CpuStorage::F16(v), DType::F32) => HostData::F32(v.as_slice().to_f32_vec()),

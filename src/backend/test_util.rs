@@ -167,6 +167,17 @@ pub const GPU_NORM_TOL: f64 = 2e-3;
 /// Element-wise bound of the GPU kernel tests, relative to `|ref| + rms(ref)`.
 pub const GPU_ELEM_TOL: f64 = 1e-2;
 
+/// `(norm, element-wise)` bounds of a library GEMM / convolution (cuBLAS(Lt), cuDNN) against
+/// the f32 CPU reference when its operands are stored in `dtype` (inputs already rounded to it):
+/// f32 with f32 accumulation and no TF32 is 1e-5 / 1e-4; f16 and bf16 outputs add their rounding.
+pub fn dtype_tolerances(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-5, 1e-4),
+        DType::F16 => (2e-3, 1e-2),
+        DType::BF16 => (1e-2, 4e-2),
+    }
+}
+
 /// The kernel check of kernel review T1: `‖out − ref‖ / ‖ref‖ <= norm_tol` AND every element
 /// `|out − ref| <= elem_tol · (|ref| + rms(ref))`, so one wrong element or a one-key mask
 /// error cannot hide in a norm. NaN (an unwritten, NaN-poisoned output) never passes. Returns

@@ -5,11 +5,14 @@
 //!
 //! [`VarBuilder`] is how models get their weights, candle-style: `vb.pp("down_blocks.0")`
 //! narrows the name prefix, `vb.get("weight", &[..])` returns an f32 [`Tensor`] checked
-//! against the expected shape, `vb.get_stored(..)` the same in the checkpoint's dtype (for
-//! the large weights the ops widen at use: convolutions, embedding tables),
+//! against the expected shape (norm parameters), `vb.get_stored(..)` the same in the
+//! checkpoint's dtype on the CPU and in the activation dtype on CUDA (the large weights:
+//! convolutions, embedding tables), `vb.get_act(..)` a tensor that joins the activations
+//! (biases, position embeddings: f32 on the CPU, the activation dtype on CUDA),
 //! `vb.get_weight(..)` returns a Linear [`Weight`] (dense in its stored dtype, or
 //! compressed, as stored).
 
+pub mod compressed;
 pub mod expected;
 mod ldm_yaml;
 pub mod pickle;
@@ -24,9 +27,9 @@ pub use store::{
     Backing, ComponentStore, MappedTensor, RawTensor, SafetensorsFile,
 };
 
-use crate::backend::{ops, Device, Tensor};
+use crate::backend::{Device, Tensor};
 use crate::error::{Error, Result};
-use crate::format::Weight;
+use crate::format::{DType, Weight};
 use std::sync::Arc;
 
 /// Prefixed access to one component's tensors, placed on one device: [`VarBuilder::get`]
@@ -36,16 +39,31 @@ pub struct VarBuilder {
     store: Arc<ComponentStore>,
     prefix: String,
     device: Device,
+    /// The activation dtype on CUDA (weights are uploaded in it); f32 on the CPU.
+    dtype: DType,
 }
 
 impl VarBuilder {
     pub fn new(store: Arc<ComponentStore>) -> Self {
-        VarBuilder { store, prefix: String::new(), device: Device::Cpu }
+        VarBuilder { store, prefix: String::new(), device: Device::Cpu, dtype: DType::F32 }
     }
 
-    /// The same builder placing its tensors on `device`.
+    /// The same builder placing its tensors on `device`, with that device's default
+    /// activation dtype ([`Device::default_activation_dtype`]).
     pub fn on_device(self, device: &Device) -> Self {
-        VarBuilder { device: device.clone(), ..self }
+        VarBuilder { device: device.clone(), dtype: device.default_activation_dtype(), ..self }
+    }
+
+    /// The same builder with activation dtype `dtype` (CUDA: dense weights, biases and tables
+    /// uploaded in it). The CPU computes in f32 only: anything else is a one-line error.
+    pub fn with_activation_dtype(self, dtype: DType) -> Result<Self> {
+        if matches!(self.device, Device::Cpu) && dtype != DType::F32 {
+            return Err(Error::Invalid(format!(
+                "{} activations are for CUDA; the CPU backend computes in f32 (use --dtype f32)",
+                dtype.name()
+            )));
+        }
+        Ok(VarBuilder { dtype, ..self })
     }
 
     /// The device the model's tensors are placed on.
@@ -53,11 +71,26 @@ impl VarBuilder {
         &self.device
     }
 
-    /// `t` moved to this builder's device (for tensors a model reads from the store itself).
+    /// The activation dtype (f32 on the CPU).
+    pub fn activation_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `t` moved to this builder's device (for weights a model reads from the store itself):
+    /// as stored on the CPU, in the activation dtype on CUDA.
     pub fn place(&self, t: Tensor) -> Result<Tensor> {
-        match self.device {
+        match &self.device {
             Device::Cpu => Ok(t),
-            _ => ops::to_device(&t, &self.device),
+            Device::Cuda(d) => crate::backend::cuda::to_cuda_as(&t, d, self.dtype),
+        }
+    }
+
+    /// `t` moved to this builder's device in `dtype` (for tensors whose dtype the kernels fix:
+    /// norm parameters are f32).
+    fn place_as(&self, t: Tensor, dtype: DType) -> Result<Tensor> {
+        match &self.device {
+            Device::Cpu => t.to_dtype(dtype),
+            Device::Cuda(d) => crate::backend::cuda::to_cuda_as(&t, d, dtype),
         }
     }
 
@@ -70,7 +103,7 @@ impl VarBuilder {
     pub fn pp(&self, name: impl std::fmt::Display) -> VarBuilder {
         let prefix =
             if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        VarBuilder { store: self.store.clone(), prefix, device: self.device.clone() }
+        VarBuilder { store: self.store.clone(), prefix, device: self.device.clone(), dtype: self.dtype }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -89,14 +122,27 @@ impl VarBuilder {
         &self.store
     }
 
-    /// An f32 tensor of exactly `shape` (errors name the tensor and both shapes).
+    /// An f32 tensor of exactly `shape` (errors name the tensor and both shapes), on every
+    /// device: norm parameters (the norm kernels read f32 `gamma` / `beta`).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.get_stored(name, shape)?.to_dtype(crate::format::DType::F32)
+        self.place_as(self.read(name, shape)?, DType::F32)
     }
 
-    /// A tensor of exactly `shape` in its stored dtype (f32, f16 or bf16; not widened), for
-    /// weights that `ops::conv2d` / `ops::embedding` / `ops::linear` widen at use.
+    /// A tensor that joins the activations (a bias, a position embedding): f32 on the CPU, the
+    /// activation dtype on CUDA (so adding it needs no per-call cast).
+    pub fn get_act(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.place_as(self.read(name, shape)?, self.dtype)
+    }
+
+    /// A tensor of exactly `shape`: in its stored dtype on the CPU (f32, f16 or bf16; not
+    /// widened; `ops::conv2d` / `ops::embedding` / `ops::linear` widen at use), in the
+    /// activation dtype on CUDA (the dtype the GEMMs and kernels read).
     pub fn get_stored(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.place(self.read(name, shape)?)
+    }
+
+    /// The host tensor `name`, checked to have `shape`.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = self.path(name);
         let t = self.store.tensor_stored(&full)?;
         if t.shape() != shape {
@@ -107,7 +153,7 @@ impl VarBuilder {
                 shape
             )));
         }
-        self.place(t)
+        Ok(t)
     }
 
     /// A Linear weight `[out, in]`: dense, or compressed as stored in a sparse checkpoint; in

@@ -430,8 +430,8 @@ impl ComponentStore {
     /// shape, in its values' dtype. NaN / infinite values are refused.
     pub fn tensor_stored(&self, name: &str) -> Result<Tensor> {
         let Some(stored) = self.resolve(name) else {
-            if let Some((stored, _)) = crate::format::codec::compressed_name(self, name) {
-                let w = crate::format::codec::load_compressed(self, &stored)?;
+            if let Some((stored, _)) = crate::checkpoint::compressed::compressed_name(self, name) {
+                let w = crate::checkpoint::compressed::load_compressed(self, &stored)?;
                 let shape = self.sparse.as_ref().map(|h| h.layers[&stored].shape.clone()).unwrap_or_default();
                 let values = w.to_dense_host()?;
                 self.check_finite_host(&stored, &values)?;
@@ -496,7 +496,7 @@ impl ComponentStore {
         if self.contains(name) {
             return Ok(Weight::Dense(self.tensor_stored(name)?));
         }
-        let w = crate::format::codec::load_compressed(self, name)?;
+        let w = crate::checkpoint::compressed::load_compressed(self, name)?;
         let values = match &w {
             Weight::Sparse24(s) => Some(&s.values),
             Weight::Bitmap(b) => Some(&b.values),

@@ -3,6 +3,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use sdsparse::backend::cuda::CudaDevice;
 use sdsparse::backend::{profile, Device};
+use sdsparse::format::DType;
 use sdsparse::output;
 use sdsparse::pipeline::{self, GenerateRequest, StableDiffusion};
 use sdsparse::scheduler::SchedulerKind;
@@ -62,6 +63,10 @@ pub struct GenerateArgs {
     /// auto (CUDA when a GPU and kernels are present, else CPU), cpu, or cuda.
     #[arg(long, value_name = "auto|cpu|cuda", default_value = "auto")]
     pub device: String,
+    /// Activation dtype on CUDA: f16 (default), bf16 or f32; accumulation, norms and softmax
+    /// are f32 in every case. The CPU computes in f32 only.
+    #[arg(long, value_name = "f16|bf16|f32")]
+    pub dtype: Option<String>,
     /// Replace an existing --out / --save-latents file (without it, an existing file is an error).
     #[arg(long)]
     pub force: bool,
@@ -98,6 +103,31 @@ pub fn select_device(choice: &str) -> Result<Device, Error> {
     }
 }
 
+/// The activation dtype for `device` from `--dtype`: the device's default when not given; on
+/// the CPU, anything but f32 is an error for `--device cpu` and a note (then f32) when `auto`
+/// fell back to the CPU.
+pub fn select_dtype(choice: Option<&str>, device: &Device, device_choice: &str) -> Result<DType, Error> {
+    let Some(name) = choice else {
+        return Ok(device.default_activation_dtype());
+    };
+    let dtype = match name {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        "f32" => DType::F32,
+        other => return Err(Error::Invalid(format!("--dtype must be f16, bf16 or f32, got {other:?}"))),
+    };
+    if device.is_cpu() && dtype != DType::F32 {
+        if device_choice == "auto" {
+            eprintln!("note: --dtype {name} is for CUDA; the CPU computes in f32");
+            return Ok(DType::F32);
+        }
+        return Err(Error::Invalid(format!(
+            "--dtype {name}: the CPU backend computes in f32 only (f16 / bf16 activations are for --device cuda)"
+        )));
+    }
+    Ok(dtype)
+}
+
 /// A CUDA device for the pipeline, or why there is none.
 fn cuda_device() -> Result<Device, String> {
     // Errors (no kernels in this build, no driver, no GPU, GPU too old) come back as text.
@@ -132,10 +162,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
     let device = select_device(&args.device)?;
+    let dtype = select_dtype(args.dtype.as_deref(), &device, &args.device)?;
     sdsparse::tune::set_retune(args.retune);
 
     args.single_file.print_notes(&args.model)?;
-    let mut sd = StableDiffusion::load_with(&args.model, &args.single_file.options(), &device)?;
+    let mut sd = StableDiffusion::load_as(&args.model, &args.single_file.options(), &device, dtype)?;
     if args.no_cuda_graphs {
         sd.set_cuda_graphs(false);
     }
@@ -183,7 +214,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         calls,
         req.guidance,
         match &device {
-            Device::Cuda(d) => format!("{} ({}, f32 activations)", d.name(), d.gpu_name()),
+            Device::Cuda(d) => format!("{} ({}, {} activations)", d.name(), d.gpu_name(), dtype.name()),
             Device::Cpu => device.name(),
         }
     );

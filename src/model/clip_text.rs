@@ -278,7 +278,7 @@ impl ClipTextModel {
         // The token table (49408 x 1024 for SD2) stays in its stored dtype; lookups widen rows.
         let token_embedding = emb.pp("token_embedding").get_stored("weight", &[config.vocab_size, h])?;
         let position_embedding =
-            emb.pp("position_embedding").get("weight", &[config.max_position_embeddings, h])?;
+            emb.pp("position_embedding").get_act("weight", &[config.max_position_embeddings, h])?;
         let layers_vb = vb.pp("encoder").pp("layers");
         let layers = (0..config.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(&layers_vb.pp(i), config))

@@ -2,16 +2,17 @@
 //! through which calibration sees each layer's inputs (Wanda / OWL, `crate::calibrate`).
 //!
 //! The weight stays in its stored form (dense, 2:4 or unstructured-sparse) from loading to
-//! the kernel call. On CUDA ([`place_weight`]) a dense weight is uploaded at load, and a
-//! compressed one is packed once for the sparse GEMM kernels ([`SparseLinear`]), or, with
+//! the kernel call. On CUDA ([`place_weight`]) a dense weight is uploaded at load in the
+//! activation dtype, and a compressed one is packed once for the sparse GEMM kernels
+//! ([`SparseLinear`]; its bias stays f32, what their epilogue reads), or, with
 //! `SDSPARSE_GPU_SPARSE=dense` or when the kernels cannot take its shape, expanded once to a
-//! dense f32 GPU weight (decompression kernels) that cuBLAS multiplies. Each layer knows its weight's name in its component (`…to_q.weight`),
+//! dense GPU weight in the activation dtype (decompression kernels) that cuBLAS multiplies. Each layer knows its weight's name in its component (`…to_q.weight`),
 //! so statistics and pruning decisions are keyed by the names checkpoints use.
 
 use crate::backend::{cuda, ops, Device, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
-use crate::format::Weight;
+use crate::format::{DType, Weight};
 use crate::sparse_linear::SparseLinear;
 use std::sync::Arc;
 
@@ -32,32 +33,38 @@ pub struct Linear {
     observer: Option<Arc<dyn LinearObserver>>,
     /// Where the layer runs; on CUDA, `weight` is a GPU tensor or `sparse_gpu` is set.
     device: Device,
+    /// The activation dtype on `device` (what a dense weight is uploaded in).
+    dtype: DType,
     /// The compressed weight packed for the GPU sparse kernels (CUDA only).
     sparse_gpu: Option<Arc<SparseLinear>>,
 }
 
 /// Whether compressed weights on CUDA run through the sparse kernels (default) or are expanded
-/// once to dense f32 weights for cuBLAS (`SDSPARSE_GPU_SPARSE=dense`: exact f32 products; the
-/// sparse kernels round activations to f16).
+/// once to dense weights in the activation dtype for cuBLAS (`SDSPARSE_GPU_SPARSE=dense`: with
+/// f32 activations, exact f32 products; the sparse kernels compute on f16 activations).
 pub fn gpu_sparse_kernels() -> bool {
     std::env::var("SDSPARSE_GPU_SPARSE").map(|v| v != "dense").unwrap_or(true)
 }
 
-/// `weight` placed on `device` (see the module docs): the weight to keep and, for the sparse
-/// kernels, the packed GPU layer.
-pub fn place_weight(weight: Weight, device: &Device) -> Result<(Weight, Option<Arc<SparseLinear>>)> {
-    let Device::Cuda(_) = device else {
+/// `weight` placed on `device` with activations in `dtype` (see the module docs): the weight to
+/// keep and, for the sparse kernels, the packed GPU layer.
+pub fn place_weight(
+    weight: Weight,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Weight, Option<Arc<SparseLinear>>)> {
+    let Device::Cuda(dev) = device else {
         return Ok((weight, None));
     };
     match weight {
-        Weight::Dense(t) => Ok((Weight::Dense(ops::to_device(&t, device)?), None)),
+        Weight::Dense(t) => Ok((Weight::Dense(cuda::to_cuda_as(&t, dev, dtype)?), None)),
         sparse => {
             let (_, in_features) = sparse.dims2()?;
             if gpu_sparse_kernels() && in_features.is_multiple_of(8) {
                 let layer = SparseLinear::new(sparse.clone(), device)?;
                 Ok((sparse, Some(Arc::new(layer))))
             } else {
-                Ok((Weight::Dense(cuda::weight_to_dense(&sparse, device)?), None))
+                Ok((Weight::Dense(cuda::weight_to_dense(&sparse, device)?.to_dtype(dtype)?), None))
             }
         }
     }
@@ -80,14 +87,22 @@ impl Linear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`.
     pub fn load(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = vb.get_weight("weight", out_features, in_features)?;
-        let bias = if bias { Some(vb.get("bias", &[out_features])?) } else { None };
-        let (weight, sparse_gpu) = place_weight(weight, vb.device())?;
+        let dtype = vb.activation_dtype();
+        let (weight, sparse_gpu) = place_weight(weight, vb.device(), dtype)?;
+        // The sparse kernels' epilogue reads an f32 bias; cuBLAS's bias add, one in the
+        // activation dtype.
+        let bias = match (bias, &sparse_gpu) {
+            (false, _) => None,
+            (true, Some(_)) => Some(vb.get("bias", &[out_features])?),
+            (true, None) => Some(vb.get_act("bias", &[out_features])?),
+        };
         Ok(Linear {
             name: vb.path("weight"),
             weight,
             bias,
             observer: None,
             device: vb.device().clone(),
+            dtype,
             sparse_gpu,
         })
     }
@@ -98,13 +113,14 @@ impl Linear {
         let w = vb
             .get_stored("weight", &[out_features, in_features, 1, 1])?
             .reshape(&[out_features, in_features])?;
-        let bias = Some(vb.get("bias", &[out_features])?);
+        let bias = Some(vb.get_act("bias", &[out_features])?);
         Ok(Linear {
             name: vb.path("weight"),
             weight: Weight::Dense(w),
             bias,
             observer: None,
             device: vb.device().clone(),
+            dtype: vb.activation_dtype(),
             sparse_gpu: None,
         })
     }
@@ -129,7 +145,12 @@ impl Linear {
         if old != new {
             return Err(Error::Shape(format!("linear weight {old:?} cannot be replaced by {new:?}")));
         }
-        let (weight, sparse_gpu) = place_weight(weight, &self.device)?;
+        let (weight, sparse_gpu) = place_weight(weight, &self.device, self.dtype)?;
+        // The bias goes where the new weight's product wants it (f32 for the sparse kernels).
+        if let (Some(b), Device::Cuda(_)) = (&self.bias, &self.device) {
+            let want = if sparse_gpu.is_some() { DType::F32 } else { self.dtype };
+            self.bias = Some(b.to_dtype(want)?);
+        }
         self.weight = weight;
         self.sparse_gpu = sparse_gpu;
         Ok(())

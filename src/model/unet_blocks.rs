@@ -28,7 +28,7 @@ impl Conv2d {
         Ok(Conv2d {
             // Kept in the checkpoint's dtype; `ops::conv2d` widens it per call.
             weight: vb.get_stored("weight", &[out_channels, in_channels, kernel, kernel])?,
-            bias: vb.get("bias", &[out_channels])?,
+            bias: vb.get_act("bias", &[out_channels])?,
             stride,
             padding,
         })

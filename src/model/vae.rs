@@ -157,8 +157,8 @@ struct Conv2d {
 impl Conv2d {
     fn new(vb: &VarBuilder, cin: usize, cout: usize, kernel: usize) -> Result<Self> {
         Ok(Conv2d {
-            weight: vb.get_stored("weight", &[cout, cin, kernel, kernel])?, // widened per call
-            bias: vb.get("bias", &[cout])?,
+            weight: vb.get_stored("weight", &[cout, cin, kernel, kernel])?, // widened per call on the CPU
+            bias: vb.get_act("bias", &[cout])?,
             padding: kernel / 2,
         })
     }
@@ -231,7 +231,7 @@ impl AttnLinear {
         }
         Ok(AttnLinear {
             weight: Weight::Dense(vb.place(w.reshape(&[channels, channels])?)?),
-            bias: vb.get("bias", &[channels])?,
+            bias: vb.get_act("bias", &[channels])?,
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -35,6 +35,10 @@ int main(int argc, char **argv) {
            SDSPARSE_ERR_CHECKPOINT, "/nonexistent/sdsparse-model");
     expect("model NULL after failure", model == NULL ? 0 : 1, 0, "");
     expect("open bad device", sdsparse_open(model_dir, 7, &model), SDSPARSE_ERR_INVALID_ARGUMENT, "device");
+    expect("open bad dtype", sdsparse_open_dtype(model_dir, SDSPARSE_DEVICE_CPU, 9, &model),
+           SDSPARSE_ERR_INVALID_ARGUMENT, "dtype");
+    expect("open f16 on the CPU", sdsparse_open_dtype(model_dir, SDSPARSE_DEVICE_CPU, SDSPARSE_DTYPE_F16, &model),
+           SDSPARSE_ERR_INVALID_ARGUMENT, "f32 only");
     expect("open invalid UTF-8", sdsparse_open("\xff\xfe", SDSPARSE_DEVICE_CPU, &model), SDSPARSE_ERR_INVALID_ARGUMENT,
            "UTF-8");
     expect("open model", sdsparse_open(model_dir, SDSPARSE_DEVICE_CPU, &model), SDSPARSE_OK, "");

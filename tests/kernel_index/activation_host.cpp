@@ -43,7 +43,9 @@ struct Entry {
 const Entry kKernels[] = {SDS_FOR_EACH_DTYPE(SDS_HOST_ENTRIES) SDS_HOST_ENTRY(sdsparse_cast_f32_f16, SdsAffineParams)
                               SDS_HOST_ENTRY(sdsparse_cast_f16_f32, SdsAffineParams)
                               SDS_HOST_ENTRY(sdsparse_cast_f32_bf16, SdsAffineParams)
-                              SDS_HOST_ENTRY(sdsparse_cast_bf16_f32, SdsAffineParams)};
+                              SDS_HOST_ENTRY(sdsparse_cast_bf16_f32, SdsAffineParams)
+                              SDS_HOST_ENTRY(sdsparse_softmax_f32_f16, SdsSoftmaxParams)
+                              SDS_HOST_ENTRY(sdsparse_softmax_f32_bf16, SdsSoftmaxParams)};
 }  // namespace
 
 // Runs kernel `name` (its extern "C" name in the fatbin) on `params` (a pointer to its parameter

@@ -131,6 +131,70 @@ const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_kv) == 140);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, scale) == 144);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, reserved) == 148);
 
+// SAFETY: AttentionParams is the #[repr(C)] mirror of SdsAttentionParams (layout asserted
+// above): plain integers and device addresses.
+unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
+
+/// Threads per CTA of the flash kernel (`sds_attn::THREADS`: 4 warps of 16 query rows).
+pub const FLASH_THREADS: u32 = 128;
+
+/// The parameters and grid of one attention launch.
+pub type AttentionLaunch = (AttentionParams, (u32, u32, u32));
+
+/// Checks an attention launch on the host and builds its parameters (device addresses left 0
+/// for the caller) and grid (`ceil(seq_q / 64)` x `batch · heads`): every operand buffer
+/// (`lens`: Q, K, V, O elements) holds what its [`HeadLayout`] addresses, strides are
+/// multiples of 8 elements (16-byte `cp.async` rows), sizes fit `i32`, batch x heads fits
+/// grid.y, and there is at least one key. `None`: nothing to compute (an empty batch).
+pub fn plan_attention(
+    s: &AttentionShape,
+    lens: [usize; 4],
+    layouts: [HeadLayout; 4],
+) -> Result<Option<AttentionLaunch>> {
+    if s.batch == 0 || s.heads == 0 || s.seq_q == 0 {
+        return Ok(None);
+    }
+    if s.seq_kv == 0 {
+        return Err(Error::Invalid("attention over zero keys".into()));
+    }
+    if !s.scale.is_finite() {
+        return Err(Error::Invalid(format!("attention scale {} is not finite", s.scale)));
+    }
+    let seqs = [s.seq_q, s.seq_kv, s.seq_kv, s.seq_q];
+    for (i, name) in ["q", "k", "v", "o"].iter().enumerate() {
+        let need = layouts[i].min_len(s.batch, s.heads, seqs[i]);
+        if lens[i] < need {
+            return Err(Error::Shape(format!(
+                "attention operand {name} holds {} elements, {s:?} with {:?} needs {need}",
+                lens[i], layouts[i]
+            )));
+        }
+    }
+    let to_i32 =
+        |v: usize| i32::try_from(v).map_err(|_| Error::Invalid(format!("attention size {v} exceeds i32")));
+    if s.batch * s.heads > 65535 {
+        return Err(Error::Invalid(format!("batch x heads = {} exceeds 65535", s.batch * s.heads)));
+    }
+    let params = AttentionParams {
+        q: 0,
+        k: 0,
+        v: 0,
+        o: 0,
+        q_stride: strides(&layouts[0])?,
+        k_stride: strides(&layouts[1])?,
+        v_stride: strides(&layouts[2])?,
+        o_stride: strides(&layouts[3])?,
+        batch: to_i32(s.batch)?,
+        heads: to_i32(s.heads)?,
+        seq_q: to_i32(s.seq_q)?,
+        seq_kv: to_i32(s.seq_kv)?,
+        scale: s.scale,
+        reserved: 0,
+    };
+    let grid = (s.seq_q.div_ceil(BLOCK_Q) as u32, (s.batch * s.heads) as u32, 1);
+    Ok(Some((params, grid)))
+}
+
 /// Kernel variants of `cuda/attention.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionVariant {
@@ -187,55 +251,64 @@ impl FusedAttention {
         v: (&CudaSlice<u16>, HeadLayout),
         o: (&mut CudaSlice<u16>, HeadLayout),
     ) -> Result<()> {
-        let s = shape;
-        if s.batch == 0 || s.heads == 0 || s.seq_q == 0 {
+        let lens = [q.0.len(), k.0.len(), v.0.len(), o.0.len()];
+        let Some((mut params, grid)) = plan_attention(shape, lens, [q.1, k.1, v.1, o.1])? else {
             return Ok(());
-        }
-        if s.seq_kv == 0 {
-            return Err(Error::Invalid("attention over zero keys".into()));
-        }
-        let fits = |len: usize, l: &HeadLayout, seq: usize| len >= l.min_len(s.batch, s.heads, seq);
-        if !fits(q.0.len(), &q.1, s.seq_q)
-            || !fits(k.0.len(), &k.1, s.seq_kv)
-            || !fits(v.0.len(), &v.1, s.seq_kv)
-            || !fits(o.0.len(), &o.1, s.seq_q)
-        {
-            return Err(Error::Shape(format!("attention operands too small for {s:?}")));
-        }
-        let to_i32 = |v: usize| {
-            i32::try_from(v).map_err(|_| Error::Invalid(format!("attention size {v} exceeds i32")))
         };
-        if s.batch * s.heads > 65535 {
-            return Err(Error::Invalid(format!("batch x heads = {} exceeds 65535", s.batch * s.heads)));
-        }
         let (q_ptr, _gq) = q.0.device_ptr(stream);
         let (k_ptr, _gk) = k.0.device_ptr(stream);
         let (v_ptr, _gv) = v.0.device_ptr(stream);
-        let o_layout = o.1;
         let (o_ptr, _go) = o.0.device_ptr_mut(stream);
-        let params = AttentionParams {
-            q: q_ptr,
-            k: k_ptr,
-            v: v_ptr,
-            o: o_ptr,
-            q_stride: strides(&q.1)?,
-            k_stride: strides(&k.1)?,
-            v_stride: strides(&v.1)?,
-            o_stride: strides(&o_layout)?,
-            batch: to_i32(s.batch)?,
-            heads: to_i32(s.heads)?,
-            seq_q: to_i32(s.seq_q)?,
-            seq_kv: to_i32(s.seq_kv)?,
-            scale: s.scale,
-            reserved: 0,
-        };
-        let grid = (s.seq_q.div_ceil(BLOCK_Q) as u32, (s.batch * s.heads) as u32, 1);
+        (params.q, params.k, params.v, params.o) = (q_ptr, k_ptr, v_ptr, o_ptr);
         let (f, block) = match variant {
-            AttentionVariant::Flash => (self.flash, (128, 1, 1)),
+            AttentionVariant::Flash => (self.flash, (FLASH_THREADS, 1, 1)),
             AttentionVariant::Naive => (self.naive, (64, 1, 1)),
         };
         // SAFETY: params mirrors the kernel's struct; buffer extents were checked above and the
         // buffers stay borrowed until after the launch.
         unsafe { launch_with_params(stream, f, grid, block, 0, &params) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_plans_check_their_arguments() {
+        let s = AttentionShape { batch: 2, heads: 5, seq_q: 70, seq_kv: 77, scale: 0.125 };
+        let l = |seq| HeadLayout::bshd(5, seq);
+        let layouts = [l(70), l(77), l(77), l(70)];
+        let lens = [2 * 70 * 320, 2 * 77 * 320, 2 * 77 * 320, 2 * 70 * 320];
+        let (p, grid) = plan_attention(&s, lens, layouts).unwrap().unwrap();
+        // ceil(70 / 64) query tiles x (batch x heads).
+        assert_eq!(grid, (2, 10, 1));
+        assert_eq!((p.q_stride, p.k_stride), ([70 * 320, 320, 64], [77 * 320, 320, 64]));
+        assert_eq!((p.batch, p.heads, p.seq_q, p.seq_kv, p.scale), (2, 5, 70, 77, 0.125));
+        // [B, H, S, D] strides.
+        let bhsd = [
+            HeadLayout::bhsd(5, 70),
+            HeadLayout::bhsd(5, 77),
+            HeadLayout::bhsd(5, 77),
+            HeadLayout::bhsd(5, 70),
+        ];
+        let (p, _) = plan_attention(&s, lens, bhsd).unwrap().unwrap();
+        assert_eq!(p.o_stride, [5 * 70 * 64, 64, 70 * 64]);
+        // Each operand one element short.
+        for i in 0..4 {
+            let mut short = lens;
+            short[i] -= 1;
+            let e = plan_attention(&s, short, layouts).unwrap_err().to_string();
+            assert!(e.contains(["q", "k", "v", "o"][i]) && e.contains("needs"), "{e}");
+        }
+        // Strides that break the 16-byte rows, zero keys, too many (batch, head) pairs, a
+        // non-finite scale; an empty batch is nothing to do.
+        let odd = HeadLayout { stride_b: 77 * 324, stride_s: 324, stride_h: 68 };
+        assert!(plan_attention(&s, [1 << 20; 4], [odd, l(77), l(77), l(70)]).is_err());
+        assert!(plan_attention(&AttentionShape { seq_kv: 0, ..s }, lens, layouts).is_err());
+        let many = AttentionShape { batch: 65536, heads: 1, ..s };
+        assert!(plan_attention(&many, [usize::MAX; 4], [HeadLayout::bshd(1, 77); 4]).is_err());
+        assert!(plan_attention(&AttentionShape { scale: f32::NAN, ..s }, lens, layouts).is_err());
+        assert!(plan_attention(&AttentionShape { batch: 0, ..s }, lens, layouts).unwrap().is_none());
     }
 }

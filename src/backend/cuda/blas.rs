@@ -10,6 +10,7 @@
 use super::decompress::DeviceValues;
 use super::device::CudaDevice;
 use crate::error::{Error, Result};
+use crate::format::DType;
 use cudarc::cublas::sys::cublasOperation_t;
 
 /// One (batched) row-major product `C[b] = alpha · A[b] · op(B[b])`, `A[b]` `[m, k]` at
@@ -164,6 +165,108 @@ pub fn sgemm(
     .map_err(|e| Error::Cuda(format!("cuBLAS SGEMM {g:?} failed: {e}")))
 }
 
+/// The operand types of a mixed-precision product ([`gemm_ex`]): `A` and `B` share one storage
+/// type (f16, bf16 or f32), `C` is that type or f32 (the attention scores), accumulation is
+/// always f32 (`CUBLAS_COMPUTE_32F`, no reduced-precision reductions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmTypes {
+    pub ab: DType,
+    pub c: DType,
+}
+
+/// Checks the dtypes of `A`, `B`, `C` for [`gemm_ex`] on the host: `A` and `B` must match, `C`
+/// must be their type or f32. A mismatch is a one-line error naming the three.
+pub fn plan_gemm_types(a: DType, b: DType, c: DType) -> Result<GemmTypes> {
+    if a != b || (c != a && c != DType::F32) {
+        return Err(Error::Invalid(format!(
+            "gemm: operands A {}, B {}, C {}: A and B must share a dtype and C must be that dtype or f32",
+            a.name(),
+            b.name(),
+            c.name()
+        )));
+    }
+    Ok(GemmTypes { ab: a, c })
+}
+
+fn cuda_type(d: DType) -> cudarc::cublas::sys::cudaDataType {
+    use cudarc::cublas::sys::cudaDataType::*;
+    match d {
+        DType::F16 => CUDA_R_16F,
+        DType::BF16 => CUDA_R_16BF,
+        DType::F32 => CUDA_R_32F,
+    }
+}
+
+/// Runs `g` through `cublasGemmStridedBatchedEx`: f16 / bf16 (or f32) `a`, `b`, `c` in their
+/// storage type or f32 ([`plan_gemm_types`]), f32 accumulation and f32 `alpha` / `beta`
+/// (`CUBLAS_COMPUTE_32F`; tensor cores for f16 / bf16 inputs). The same row-major mapping and
+/// extent checks as [`sgemm`] ([`plan_gemm`]).
+pub fn gemm_ex(
+    device: &CudaDevice,
+    g: &Gemm,
+    a: &DeviceValues,
+    b: &DeviceValues,
+    c: &mut DeviceValues,
+) -> Result<()> {
+    let t = plan_gemm_types(a.dtype(), b.dtype(), c.dtype())?;
+    let p = plan_gemm(g, a.len(), b.len(), c.len())?;
+    let blas = device.blas()?;
+    device.context().bind_to_thread().map_err(super::device::driver_err("cannot bind the CUDA context"))?;
+    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    let size = t.ab.size_in_bytes();
+    let a_ptr = a.device_ptr(device) + (g.a_offset * size) as u64;
+    let b_ptr = b.device_ptr(device) + (g.b_offset * size) as u64;
+    let c_ptr = c.device_ptr(device);
+    let beta = 0.0f32;
+    // SAFETY: as in `sgemm` (extents checked by plan_gemm, the handle on the device's stream);
+    // the data types passed match the buffers' (checked by plan_gemm_types), and alpha / beta
+    // are f32 as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            op(p.transa),
+            cublasOperation_t::CUBLAS_OP_N,
+            p.m,
+            p.n,
+            p.k,
+            (&g.alpha) as *const f32 as *const std::ffi::c_void,
+            b_ptr as *const std::ffi::c_void,
+            cuda_type(t.ab),
+            p.lda,
+            p.stride_a,
+            a_ptr as *const std::ffi::c_void,
+            cuda_type(t.ab),
+            p.ldb,
+            p.stride_b,
+            (&beta) as *const f32 as *const std::ffi::c_void,
+            c_ptr as *mut std::ffi::c_void,
+            cuda_type(t.c),
+            p.ldc,
+            p.stride_c,
+            p.batch,
+            cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        )
+    }
+    .map_err(|e| Error::Cuda(format!("cuBLAS GemmEx ({} -> {}) {g:?} failed: {e}", t.ab.name(), t.c.name())))
+}
+
+/// The dense GEMM for any activation dtype: [`sgemm`] when every operand is f32 (exact f32, the
+/// f32 pipeline's 1e-4 agreement), else [`gemm_ex`].
+pub fn gemm(
+    device: &CudaDevice,
+    g: &Gemm,
+    a: &DeviceValues,
+    b: &DeviceValues,
+    c: &mut DeviceValues,
+) -> Result<()> {
+    if (a.dtype(), b.dtype(), c.dtype()) == (DType::F32, DType::F32, DType::F32) {
+        sgemm(device, g, a, b, c)
+    } else {
+        gemm_ex(device, g, a, b, c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +329,72 @@ mod tests {
         Ok(())
     }
     test_device!(sgemm_matches_cpu);
+
+    /// `cublasGemmStridedBatchedEx` with f16 / bf16 operands (f32 accumulation) against the CPU
+    /// twin on the dtype-rounded inputs: C in the operand dtype (Linear, conv, `P·V`) and in f32
+    /// (the attention scores). The bound is the output rounding of the dtype (f16 2^-11, bf16
+    /// 2^-8) plus accumulation order; C in f32 is held to 1e-4.
+    fn gemm_ex_matches_cpu(device: &Device) -> Result<()> {
+        use crate::backend::cuda::pointwise::test_support::{download, output, rounded, upload};
+        let mut rng = TestRng::fresh("gemm_ex");
+        let cases = [
+            Gemm::new(154, 96, 64, true),
+            Gemm { stride_a: 0, ..Gemm::batched(3, 32, 81, 36, false) },
+            Gemm { alpha: 0.125, ..Gemm::batched(10, 77, 77, 64, true) },
+            Gemm { a_offset: 5, b_offset: 3, ..Gemm::new(7, 13, 11, false) },
+        ];
+        for dtype in [DType::F16, DType::BF16] {
+            for c_dtype in [dtype, DType::F32] {
+                for g in cases {
+                    let a = rounded(&rng.vec(g.a_offset + (g.batch - 1) * g.stride_a + g.m * g.k), dtype);
+                    let b = rounded(&rng.vec(g.b_offset + (g.batch - 1) * g.stride_b + g.k * g.n), dtype);
+                    let expected = rounded(&reference(&g, &a, &b), c_dtype);
+                    let got = match device {
+                        Device::Cpu => expected.clone(),
+                        Device::Cuda(dev) => {
+                            let mut c = output(dev, c_dtype, expected.len())?;
+                            gemm(dev, &g, &upload(dev, &a, dtype)?, &upload(dev, &b, dtype)?, &mut c)?;
+                            download(dev, &c)?
+                        }
+                    };
+                    let (norm, elem) = match c_dtype {
+                        DType::F32 => (1e-5, 1e-4),
+                        DType::F16 => (2e-3, 1e-2),
+                        DType::BF16 => (1e-2, 4e-2),
+                    };
+                    check_close(&got, &expected, norm, elem).map_err(|e| {
+                        Error::Invalid(format!("{} -> {} {g:?}: {e}", dtype.name(), c_dtype.name()))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+    test_device!(gemm_ex_matches_cpu);
+
+    #[test]
+    fn gemm_types_are_checked_on_the_host() {
+        use DType::*;
+        for (a, b, c, ok) in [
+            (F16, F16, F16, true),
+            (F16, F16, F32, true),
+            (BF16, BF16, BF16, true),
+            (BF16, BF16, F32, true),
+            (F32, F32, F32, true),
+            (F16, BF16, F16, false),
+            (F16, F32, F32, false),
+            (F32, F32, F16, false),
+            (F16, F16, BF16, false),
+            (BF16, BF16, F16, false),
+        ] {
+            let got = plan_gemm_types(a, b, c);
+            assert_eq!(got.is_ok(), ok, "{a:?} {b:?} {c:?}: {got:?}");
+            if let Err(e) = got {
+                let msg = e.to_string();
+                assert!(msg.contains("must share a dtype") && !msg.contains('\n'), "{msg}");
+            }
+        }
+    }
 
     #[test]
     fn plans_map_row_major_to_cublas() {

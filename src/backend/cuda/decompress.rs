@@ -83,6 +83,54 @@ impl DeviceValues {
     }
 }
 
+/// An f16 device buffer seen as the `u16` bit patterns the sparse GEMM kernels take, without
+/// a copy (the f16 activations go to `SparseLinear` natively). The alias never frees the
+/// allocation (its drop leaks the handle); the borrow it carries keeps the owner alive and, for
+/// [`F16Bits::of_mut`], unaliased.
+pub struct F16Bits<'a> {
+    slice: std::mem::ManuallyDrop<CudaSlice<u16>>,
+    _owner: std::marker::PhantomData<&'a mut CudaSlice<f16>>,
+}
+
+impl<'a> F16Bits<'a> {
+    fn alias(device: &CudaDevice, ptr: u64, len: usize) -> F16Bits<'a> {
+        // SAFETY: `ptr` is a live allocation of `len` f16 values on this device's stream, and
+        // u16 has f16's size and alignment; the alias is never freed (Drop leaks it).
+        let slice = unsafe { device.stream().upgrade_device_ptr::<u16>(ptr, len) };
+        F16Bits { slice: std::mem::ManuallyDrop::new(slice), _owner: std::marker::PhantomData }
+    }
+    /// A read-only operand (the kernels' `x`).
+    pub fn of(device: &CudaDevice, s: &'a CudaSlice<f16>) -> F16Bits<'a> {
+        Self::alias(device, device.device_ptr(s), s.len())
+    }
+    /// An output the kernel writes.
+    pub fn of_mut(device: &CudaDevice, s: &'a mut CudaSlice<f16>) -> F16Bits<'a> {
+        Self::alias(device, device.device_ptr_mut(s), s.len())
+    }
+}
+
+impl std::ops::Deref for F16Bits<'_> {
+    type Target = CudaSlice<u16>;
+    fn deref(&self) -> &CudaSlice<u16> {
+        &self.slice
+    }
+}
+
+impl std::ops::DerefMut for F16Bits<'_> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<u16> {
+        &mut self.slice
+    }
+}
+
+impl Drop for F16Bits<'_> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; leak() releases the handle without freeing the memory,
+        // which belongs to the aliased buffer.
+        let slice = unsafe { std::mem::ManuallyDrop::take(&mut self.slice) };
+        slice.leak();
+    }
+}
+
 /// The short type name used in kernel names.
 pub(super) fn kernel_type(dtype: DType) -> &'static str {
     match dtype {

@@ -6,13 +6,14 @@
 //! happen inside a capture), the second is captured, every later one replays. A capture that
 //! fails (an op that is not capturable, a driver without graph support) turns graphs off for
 //! that shape with one note, and the step runs eagerly. The device side is [`capture`] (cudarc
-//! 0.19's `CudaStream::begin_capture` / `end_capture`) and [`write_f32`], which updates a
+//! 0.19's `CudaStream::begin_capture` / `end_capture`) and [`write_values`], which updates a
 //! graph's input buffer in place (a replay reads the addresses captured, so inputs are copied
 //! into fixed buffers before each launch).
 //!
 //! Graphs are off with `SDSPARSE_CUDA_GRAPHS=0` (or `generate --no-cuda-graphs`), and while the
 //! per-op profiler runs (it synchronises around every op, which a capture forbids).
 
+use super::decompress::DeviceValues;
 use super::device::{driver_err, CudaDevice};
 use crate::backend::{Storage, Tensor};
 use crate::error::{Error, Result};
@@ -114,22 +115,34 @@ pub fn launch(graph: &CudaGraph) -> Result<()> {
     graph.launch().map_err(driver_err("graph launch failed"))
 }
 
-/// Overwrites the f32 GPU tensor `t` in place with `values` (stream-ordered; the host slice may
-/// be dropped on return), keeping its address, which a captured graph reads.
-pub fn write_f32(t: &Tensor, values: &[f32]) -> Result<()> {
+/// Overwrites the GPU tensor `t` in place with `values` converted to its dtype (f32, f16 or
+/// bf16; stream-ordered; the host buffer may be dropped on return), keeping its address, which a
+/// captured graph reads.
+pub fn write_values(t: &Tensor, values: &[f32]) -> Result<()> {
     let Storage::Cuda(s) = t.storage() else {
-        return Err(Error::Invalid("write_f32: not a GPU tensor".into()));
+        return Err(Error::Invalid("write_values: not a GPU tensor".into()));
     };
-    let slice = s.slice()?;
-    if values.len() != t.numel() || slice.len() < values.len() {
-        return Err(Error::Shape(format!("write_f32: {} values for {:?}", values.len(), t.shape())));
+    if values.len() != t.numel() || s.len() < values.len() {
+        return Err(Error::Shape(format!("write_values: {} values for {:?}", values.len(), t.shape())));
     }
     let dev = s.device();
-    let (ptr, _guard) = slice.device_ptr(dev.stream());
-    // SAFETY: `ptr` addresses at least `values.len()` f32 of a live allocation of this device;
-    // a copy from pageable host memory is staged before the call returns.
-    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, values, dev.stream().cu_stream()) }
-        .map_err(driver_err("host to device copy failed"))
+    let stream = dev.stream().cu_stream();
+    // SAFETY (each arm): the pointer addresses at least `values.len()` elements of a live
+    // allocation of this device; a copy from pageable host memory is staged before it returns.
+    let copied = match s.values() {
+        DeviceValues::F32(d) => unsafe {
+            cudarc::driver::result::memcpy_htod_async(dev.device_ptr(d), values, stream)
+        },
+        DeviceValues::F16(d) => {
+            let h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev.device_ptr(d), &h[..], stream) }
+        }
+        DeviceValues::BF16(d) => {
+            let h: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev.device_ptr(d), &h[..], stream) }
+        }
+    };
+    copied.map_err(driver_err("host to device copy failed"))
 }
 
 /// Copies the f32 GPU tensor `src` into `dst` (same element count; stream-ordered, capturable).

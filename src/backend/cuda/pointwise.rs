@@ -489,7 +489,7 @@ pub fn timestep_embedding(
 
 /// Helpers of the GPU-vs-CPU-twin tests (here and in `norm.rs`).
 #[cfg(test)]
-pub(super) mod test_support {
+pub(crate) mod test_support {
     use super::DeviceValues;
     use crate::backend::cuda::CudaDevice;
     use crate::backend::test_util::{check_close, host_data, GPU_ELEM_TOL, GPU_NORM_TOL};

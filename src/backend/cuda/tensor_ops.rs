@@ -246,7 +246,9 @@ pub fn plan_embedding(
 }
 
 /// Softmax of `x[rows, cols] * scale` over the last dim; `causal_q_len = Some(q)` masks as
-/// `cpu::attention::softmax_scaled` (its CPU twin). One CTA per row.
+/// `cpu::attention::softmax_scaled` (its CPU twin). One CTA per row. `y` is in `x`'s dtype, or
+/// in f16 / bf16 from f32 scores (`sdsparse_softmax_f32_<dtype>`: the attention scores path
+/// writes P in the activation dtype directly).
 pub fn plan_softmax(
     rows: usize,
     cols: usize,
@@ -263,10 +265,17 @@ pub fn plan_softmax(
     if causal_q_len == Some(0) {
         return Err(Error::Invalid(format!("{op}: causal mask over 0 queries")));
     }
+    // The probabilities: in the scores' dtype, or narrowed from f32 scores.
+    let narrowing = x.dtype == DType::F32 && y.dtype != DType::F32;
     check_operand(op, "input", x, x.dtype, n as usize)?;
-    check_operand(op, "output", y, x.dtype, n as usize)?;
+    check_operand(op, "output", y, if narrowing { y.dtype } else { x.dtype }, n as usize)?;
+    let kernel = if narrowing {
+        format!("sdsparse_softmax_f32_{}", kernel_type(y.dtype))
+    } else {
+        kernel_name(op, x.dtype)
+    };
     Ok(Launch {
-        kernel: kernel_name(op, x.dtype),
+        kernel,
         cfg: LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 },
         params: SoftmaxParams {
             rows: to_i32(op, "rows", rows)?,
@@ -654,15 +663,20 @@ mod tests {
             (33, 1000, 1.0, None),
             (2 * 10, 14, 0.3, Some(10)),
         ];
-        for dtype in DTYPES {
+        // (scores, probabilities): each dtype in place, and f32 scores into f16 / bf16
+        // probabilities (the attention scores path).
+        let pairs =
+            DTYPES.map(|d| (d, d)).into_iter().chain([(DType::F32, DType::F16), (DType::F32, DType::BF16)]);
+        for (dtype, out_dtype) in pairs {
             for (rows, cols, scale, causal) in cases {
                 let x = rounded(&rng.vec(rows * cols).iter().map(|v| 8.0 * v).collect::<Vec<_>>(), dtype);
-                let expected = rounded(&cpu::attention::softmax_scaled(&x, cols, scale, causal), dtype);
-                let plan = plan_softmax(rows, cols, scale, causal, op(dtype, x.len()), op(dtype, x.len()))?;
+                let expected = rounded(&cpu::attention::softmax_scaled(&x, cols, scale, causal), out_dtype);
+                let plan =
+                    plan_softmax(rows, cols, scale, causal, op(dtype, x.len()), op(out_dtype, x.len()))?;
                 let got = match device {
                     Device::Cpu => expected.clone(),
                     Device::Cuda(dev) => {
-                        let mut y = output(dev, dtype, x.len())?;
+                        let mut y = output(dev, out_dtype, x.len())?;
                         softmax(dev, (rows, cols), scale, causal, &upload(dev, &x, dtype)?, &mut y)?;
                         download(dev, &y)?
                     }
@@ -775,6 +789,16 @@ mod tests {
         assert!(plan_softmax(2, 3, f32::INFINITY, None, f32op(6), f32op(6)).is_err());
         assert!(plan_softmax(2, 3, 1.0, Some(0), f32op(6), f32op(6)).is_err());
         assert!(plan_softmax(2, 3, 1.0, None, f32op(5), f32op(6)).is_err());
+        // f32 scores into f16 / bf16 probabilities; no other mixed pair.
+        let half = |d: DType, n: usize| Operand::new(d, n);
+        let l = plan_softmax(2, 3, 1.0, None, f32op(6), half(DType::F16, 6)).unwrap();
+        assert_eq!(l.kernel, "sdsparse_softmax_f32_f16");
+        let l = plan_softmax(2, 3, 1.0, None, f32op(6), half(DType::BF16, 6)).unwrap();
+        assert_eq!(l.kernel, "sdsparse_softmax_f32_bf16");
+        assert_eq!(plan_softmax(2, 3, 1.0, None, f32op(6), f32op(6)).unwrap().kernel, "sdsparse_softmax_f32");
+        assert!(plan_softmax(2, 3, 1.0, None, half(DType::F16, 6), f32op(6)).is_err());
+        assert!(plan_softmax(2, 3, 1.0, None, half(DType::F16, 6), half(DType::BF16, 6)).is_err());
+        assert!(plan_softmax(2, 3, 1.0, None, f32op(6), half(DType::F16, 5)).is_err());
         // im2col: the kernel fits, the column buffer's size.
         let s = Im2colShape { c_in: 4, h: 8, w: 8, kh: 3, kw: 3, stride: 2, pad: 1 };
         let l = plan_im2col(s, f32op(256), f32op(36 * 16)).unwrap();
