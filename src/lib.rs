@@ -84,6 +84,8 @@ pub mod sweep;
 pub mod synth;
 #[doc(hidden)]
 pub mod toy;
+#[doc(hidden)]
+pub mod tune;
 
 mod capi;
 mod sparse_linear;

@@ -12,6 +12,8 @@
 //! ([`GaussianNoise`]), which is NOT torch's RNG: a seed gives the same image here on every
 //! machine, but not the image diffusers gives for that seed.
 
+use crate::backend::cuda::graph::{self as cuda_graph, StepGraphs, StepPlan};
+use crate::backend::profile::{self, Stage};
 use crate::backend::{ops, Device, Tensor};
 use crate::checkpoint::{ComponentStore, ModelSource, SingleFileOptions, VarBuilder};
 use crate::error::{Error, Result};
@@ -87,6 +89,8 @@ pub struct Timings {
     pub unet_steps: Vec<Duration>,
     /// VAE decode and conversion to `[0, 1]`.
     pub vae: Duration,
+    /// CUDA graphs of the UNet step captured (0: every step ran eagerly).
+    pub cuda_graphs: usize,
 }
 
 /// The result of one generation.
@@ -235,6 +239,8 @@ pub struct StableDiffusion {
     gpu_bytes: Option<u64>,
     load_time: Duration,
     notes: Vec<String>,
+    /// Capture the UNet step in a CUDA graph and replay it (CUDA only; [`Self::set_cuda_graphs`]).
+    cuda_graphs: bool,
 }
 
 /// The scheduler config of a pipeline folder with the corrections diffusers'
@@ -434,6 +440,7 @@ impl StableDiffusion {
             _ => None,
         };
         Ok(StableDiffusion {
+            cuda_graphs: crate::backend::cuda::graph::enabled_by_env(),
             gpu_bytes,
             tokenizer,
             text_encoder,
@@ -661,6 +668,7 @@ impl StableDiffusion {
     /// Text embeddings `[2, 77, C]` for `[negative, prompt]` (or `[1, 77, C]`, prompt only,
     /// when guidance is off) and whether the prompt was truncated.
     pub fn encode_prompt(&self, prompt: &str, negative: &str, guided: bool) -> Result<(Tensor, bool)> {
+        profile::set_stage(Stage::TextEncoder);
         let cond = self.tokenizer.encode_with_info(prompt);
         let embeddings = if guided {
             let uncond = self.tokenizer.encode_with_info(negative);
@@ -707,6 +715,7 @@ impl StableDiffusion {
     /// completing what [`Self::generate`] returns.
     pub fn decode(&self, req: &GenerateRequest, d: Denoised) -> Result<Generated> {
         let mut timings = d.timings;
+        profile::set_stage(Stage::Vae);
         let tv = Instant::now();
         let latents = self.to_activations(&d.latents)?;
         let (decoded, vae_tiles) = if req.vae_tiling {
@@ -740,6 +749,31 @@ impl StableDiffusion {
     /// every UNet call. Calibration (`crate::calibrate`) runs this with observers attached.
     pub fn denoise(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Denoised> {
         self.denoise_inner(req, None, progress)
+    }
+
+    /// Captures the UNet step in a CUDA graph and replays it (default: on, unless
+    /// `SDSPARSE_CUDA_GRAPHS=0`); no effect on the CPU.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+    }
+
+    /// One UNet call with classifier-free guidance on device tensors: `x` the scaled latents,
+    /// `t_freq` their timestep features (`[2B, C]` when guided). Device work only, so a CUDA
+    /// graph can capture it.
+    fn unet_step(
+        &self,
+        x: &Tensor,
+        t_freq: &Tensor,
+        context: &Tensor,
+        guided: bool,
+        guidance: f32,
+    ) -> Result<Tensor> {
+        if guided {
+            let out = self.unet.forward_frequencies(&ops::cat(&[x, x], 0)?, t_freq, context)?;
+            ops::cfg_combine(&out.to_dtype(DType::F32)?, guidance)
+        } else {
+            self.unet.forward_frequencies(x, t_freq, context)?.to_dtype(DType::F32)
+        }
     }
 
     fn denoise_inner(
@@ -788,6 +822,14 @@ impl StableDiffusion {
         let mut latents = Tensor::from_vec(noise.into_iter().map(|v| v * sigma).collect(), &shape)?;
 
         let timesteps = sched.timesteps().to_vec();
+        profile::set_stage(Stage::Unet);
+        // CUDA graphs of the UNet step (one per shape; off while profiling, which synchronises
+        // around every op, and with SDSPARSE_CUDA_GRAPHS=0).
+        let gpu = match &self.device {
+            Device::Cuda(d) if self.cuda_graphs && !profile::active() => Some(d.clone()),
+            _ => None,
+        };
+        let mut graphs: StepGraphs<StepKey, StepGraph> = StepGraphs::new(gpu.is_some());
         for (i, &t) in timesteps.iter().enumerate() {
             let ts = Instant::now();
             // Schedulers work on host copies (the latents are small); the UNet runs on the
@@ -796,14 +838,58 @@ impl StableDiffusion {
             // text embeddings and every activation stay on the device.
             // With f16 / bf16 activations the UNet's input is cast on the device and its output
             // widened to f32 there, so the CFG combine and the scheduler run in f32.
-            let x_in = self.to_activations(&sched.scale_model_input(&latents, i)?)?;
-            let guided_out = if guided {
-                let out = self.unet.forward(&ops::cat(&[&x_in, &x_in], 0)?, t, &context)?;
-                ops::cfg_combine(&out.to_dtype(DType::F32)?, req.guidance)?
-            } else {
-                self.unet.forward(&x_in, t, &context)?.to_dtype(DType::F32)?
+            let x_host = sched.scale_model_input(&latents, i)?;
+            let batch = if guided { 2 } else { 1 } * x_host.shape()[0];
+            let key = StepKey {
+                latents: x_host.shape().to_vec(),
+                guidance: guided.then_some(req.guidance.to_bits()),
             };
-            let guided_out = ops::to_device(&guided_out, &Device::Cpu)?;
+            let guided_out = match (graphs.plan(&key), &gpu) {
+                (StepPlan::Replay, Some(_)) => {
+                    let g = graphs.graph(&key).ok_or_else(|| Error::Cuda("graph vanished".into()))?;
+                    cuda_graph::write_values(&g.x, &x_host.to_vec()?)?;
+                    cuda_graph::write_values(
+                        &g.t_freq,
+                        &self.unet.timestep_frequencies(&vec![t; batch])?.to_vec()?,
+                    )?;
+                    cuda_graph::launch(&g.graph)?;
+                    ops::to_device(&g.out, &Device::Cpu)?
+                }
+                (StepPlan::Capture, Some(dev)) => {
+                    let x = self.to_activations(&x_host)?;
+                    let t_freq =
+                        ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
+                    let mut out_shape = x_host.shape().to_vec();
+                    out_shape[1] = self.unet.config().out_channels;
+                    let out = ops::to_device(&Tensor::zeros(&out_shape), &self.device)?;
+                    let captured = cuda_graph::capture(dev, || {
+                        let y = self.unet_step(&x, &t_freq, &context, guided, req.guidance)?;
+                        cuda_graph::copy_f32(&y, &out)
+                    });
+                    match captured {
+                        Ok(graph) => {
+                            cuda_graph::launch(&graph)?;
+                            let host = ops::to_device(&out, &Device::Cpu)?;
+                            graphs.captured(&key, StepGraph { graph, x, t_freq, out });
+                            host
+                        }
+                        Err(e) => {
+                            eprintln!("note: {}", graphs.capture_failed(&key, &e.to_string()));
+                            let y = self.unet_step(&x, &t_freq, &context, guided, req.guidance)?;
+                            ops::to_device(&y, &Device::Cpu)?
+                        }
+                    }
+                }
+                _ => {
+                    let x = self.to_activations(&x_host)?;
+                    let t_freq =
+                        ops::to_device(&self.unet.timestep_frequencies(&vec![t; batch])?, &self.device)?;
+                    ops::to_device(
+                        &self.unet_step(&x, &t_freq, &context, guided, req.guidance)?,
+                        &Device::Cpu,
+                    )?
+                }
+            };
             // One pass over the (small) UNet output and latents per step: a NaN / inf stops the
             // run here, naming the step, instead of ending as a black image.
             let n = timesteps.len();
@@ -817,8 +903,26 @@ impl StableDiffusion {
             timings.unet_steps.push(ts.elapsed());
             progress(i + 1, timesteps.len());
         }
+        timings.cuda_graphs = graphs.len();
         Ok(Denoised { latents, scheduler: sched.name(), timesteps, timings, prompt_truncated })
     }
+}
+
+/// A UNet step's shape: the scaled latents' shape and, with guidance, the scale (baked into
+/// the captured CFG combine).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StepKey {
+    latents: Vec<usize>,
+    guidance: Option<u32>,
+}
+
+/// A captured UNet step and the fixed buffers it reads (latents, timestep features) and
+/// writes (the guided prediction).
+struct StepGraph {
+    graph: cudarc::driver::CudaGraph,
+    x: Tensor,
+    t_freq: Tensor,
+    out: Tensor,
 }
 
 /// The result of [`StableDiffusion::denoise`]: what [`Generated`] holds minus the image.
@@ -1040,6 +1144,14 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
         None => String::new(),
     };
     s += &format!("  VAE decode    {:>10.1} ms{tiling}\n", ms(t.vae));
+    if let Device::Cuda(_) = sd.device() {
+        s += &match t.cuda_graphs {
+            0 => "  UNet steps ran eagerly (no CUDA graph)\n".to_string(),
+            n => {
+                format!("  UNet steps replayed from {n} CUDA graph(s) after one eager step and one capture\n")
+            }
+        };
+    }
     s += "weight memory (dense weights as stored, biases and norms as f32, sparse as stored):\n";
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for ((component, format), (tensors, params, bytes)) in &sd.memory().entries {

@@ -15,12 +15,16 @@
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
 use crate::backend::cuda::decompress::{DeviceValues, F16Bits};
-use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sparse24Gpu, Sparse24Packed};
-use crate::backend::cuda::unstructured::{DeviceTiledWeight, Epilogue, TiledBitmapWeight, UnstructuredGemm};
+use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sp24Variant, Sparse24Gpu, Sparse24Packed};
+use crate::backend::cuda::unstructured::{
+    DeviceTiledWeight, Epilogue, GemmPlan, GemmVariant, TiledBitmapWeight, UnstructuredGemm,
+};
 use crate::backend::cuda::{self, kernels, CudaDevice, CudaStorage};
+use crate::backend::profile::{self, OpKind};
 use crate::backend::{ops, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::{BitmapWeight, DType, Sparse24Weight, Weight};
+use crate::tune::{self, Choice, Family, GpuKey, KernelProbe, ShapeClass};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use std::collections::HashMap;
@@ -53,8 +57,18 @@ pub struct SparseLinear {
 
 enum Imp {
     Cpu(Weight),
-    Cuda24 { device: CudaDevice, kernels: Arc<Sp24Kernels>, weight: Sparse24Gpu },
-    CudaBitmap { device: CudaDevice, gemm: Arc<UnstructuredGemm>, weight: DeviceTiledWeight },
+    Cuda24 {
+        device: CudaDevice,
+        kernels: Arc<Sp24Kernels>,
+        weight: Sparse24Gpu,
+        dense: OnceLock<Tensor>,
+    },
+    CudaBitmap {
+        device: CudaDevice,
+        gemm: Arc<UnstructuredGemm>,
+        weight: DeviceTiledWeight,
+        dense: OnceLock<Tensor>,
+    },
 }
 
 /// The kernel modules, loaded once per GPU and shared by every layer (a model has hundreds).
@@ -126,13 +140,13 @@ impl SparseLinear {
                     Weight::Sparse24(w) => {
                         let kernels = sparse24_kernels(dev)?;
                         let weight = Sparse24Gpu::upload(dev.stream(), &Sparse24Packed::pack(w)?)?;
-                        Imp::Cuda24 { device: dev.clone(), kernels, weight }
+                        Imp::Cuda24 { device: dev.clone(), kernels, weight, dense: OnceLock::new() }
                     }
                     Weight::Bitmap(w) => {
                         let gemm = unstructured_gemm(dev)?;
                         let weight =
                             DeviceTiledWeight::upload(dev.stream(), &TiledBitmapWeight::from_bitmap(w)?)?;
-                        Imp::CudaBitmap { device: dev.clone(), gemm, weight }
+                        Imp::CudaBitmap { device: dev.clone(), gemm, weight, dense: OnceLock::new() }
                     }
                     Weight::Dense(_) => return Err(Error::Invalid(
                         "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU"
@@ -179,35 +193,339 @@ impl SparseLinear {
         match &self.imp {
             Imp::Cpu(w) => ops::linear(x, w, bias),
             _ if m == 0 => Ok(Tensor::zeros(&out_shape)),
-            Imp::Cuda24 { device, kernels, weight } => {
+            Imp::Cuda24 { device, kernels, weight, dense } => {
+                let class = ShapeClass::new(Family::Sparse24, m, n, k);
+                let variant =
+                    match dispatch(device, class, &mut || sp24_candidates(kernels, m, n, k), &mut || {
+                        Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k)?))
+                    })? {
+                        Choice::Dense => {
+                            return dense_fallback(device, dense, x, bias, || sp24_decode(device, weight))
+                        }
+                        Choice::Kernel(name) => sp24_variant(kernels, &name)?,
+                    };
+                let _p = profile::scope(OpKind::Linear24);
                 let (xd, bd) = operands(device, x, bias)?;
                 let mut yd = f16_output(device, m * n)?;
                 let epi = Sp24Epilogue { bias: bd.as_deref(), ..Default::default() };
                 let x_bits = F16Bits::of(device, f16_values(&xd)?);
                 let mut y_bits = F16Bits::of_mut(device, &mut yd);
-                kernels.gemm(
-                    device.stream(),
-                    kernels.choose(m, n, k),
-                    &x_bits,
-                    m,
-                    weight,
-                    &epi,
-                    &mut y_bits,
-                )?;
+                kernels.gemm(device.stream(), variant, &x_bits, m, weight, &epi, &mut y_bits)?;
                 drop((x_bits, y_bits));
                 result(device, x, yd, &out_shape)
             }
-            Imp::CudaBitmap { device, gemm, weight } => {
+            Imp::CudaBitmap { device, gemm, weight, dense } => {
+                let class = ShapeClass::new(Family::Unstructured, m, n, k);
+                let variant =
+                    match dispatch(device, class, &mut || uns_candidates(gemm, m, n, k), &mut || {
+                        Ok(Box::new(UnsProbe::new(device, gemm, m, n, k)?))
+                    })? {
+                        Choice::Dense => {
+                            return dense_fallback(device, dense, x, bias, || uns_decode(device, weight))
+                        }
+                        Choice::Kernel(name) => uns_variant(&name)?,
+                    };
+                let _p = profile::scope(OpKind::LinearUnstructured);
                 let (xd, bd) = operands(device, x, bias)?;
                 let mut yd = f16_output(device, m * n)?;
                 let epi = Epilogue { bias: bd.as_deref(), ..Default::default() };
                 let x_bits = F16Bits::of(device, f16_values(&xd)?);
                 let mut y_bits = F16Bits::of_mut(device, &mut yd);
-                gemm.forward(device.stream(), &x_bits, m, weight, &epi, &mut y_bits)?;
+                let plan = GemmPlan::choose_for(variant, m, n, k, weight.gpu_bytes, gemm.sm_count());
+                gemm.forward_plan(device.stream(), plan, &x_bits, m, weight, &epi, &mut y_bits)?;
                 drop((x_bits, y_bits));
                 result(device, x, yd, &out_shape)
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Self-checking dispatch (crate::tune): the GPU side of the first-use check
+// ---------------------------------------------------------------------------------------
+
+/// The tuner's key for this GPU: model, driver version and the embedded kernels' CRC-32.
+fn gpu_key(device: &CudaDevice) -> GpuKey {
+    static KERNELS: OnceLock<String> = OnceLock::new();
+    static DRIVER: OnceLock<i32> = OnceLock::new();
+    let kernels = KERNELS.get_or_init(|| format!("{:08x}", kernels::fatbin().map_or(0, crc32fast::hash)));
+    let driver = *DRIVER.get_or_init(|| {
+        let mut v = 0;
+        // SAFETY: writes one int; the driver is loaded (a CudaDevice exists).
+        let _ = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        v
+    });
+    GpuKey { gpu: device.gpu_name().to_string(), driver, kernels: kernels.clone() }
+}
+
+/// The choice for `class`: the tuner's (first-use check, cache), or with `SDSPARSE_TUNE=off`
+/// the heuristic's first candidate unchecked. Notes go to stderr, one line each.
+fn dispatch(
+    device: &CudaDevice,
+    class: ShapeClass,
+    candidates: &mut dyn FnMut() -> Vec<String>,
+    make_probe: &mut dyn FnMut() -> Result<Box<dyn KernelProbe>>,
+) -> Result<Choice> {
+    if !tune::enabled() {
+        let first = candidates().into_iter().next();
+        return first
+            .map(Choice::Kernel)
+            .ok_or_else(|| Error::Cuda(format!("no kernel variant for {class}")));
+    }
+    let mut tuner = tune::tuner().lock().map_err(|_| Error::Cuda("kernel tuner poisoned".into()))?;
+    tuner.choose(&gpu_key(device), class, make_probe, &mut |note| eprintln!("note: {note}"))
+}
+
+/// Runs the layer as decompress + cuBLAS (its class had no agreeing kernel): the weight is
+/// expanded to dense f32 on the GPU once, then every call is `ops::linear` (SGEMM).
+fn dense_fallback(
+    device: &CudaDevice,
+    dense: &OnceLock<Tensor>,
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    decode: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let w = match dense.get() {
+        Some(w) => w.clone(),
+        None => {
+            let w = decode()?;
+            let _ = dense.set(w.clone());
+            w
+        }
+    };
+    let gpu = Device::Cuda(device.clone());
+    let on_host = matches!(x.storage(), Storage::Cpu(_));
+    // In f32 (the expanded weight's dtype), the result back in the input's dtype.
+    let xg = ops::to_device(x, &gpu)?.to_dtype(DType::F32)?;
+    let bg = bias.map(|b| ops::to_device(b, &gpu)?.to_dtype(DType::F32)).transpose()?;
+    let y = ops::linear(&xg, &Weight::Dense(w), bg.as_ref())?;
+    if on_host {
+        ops::to_device(&y, &Device::Cpu)
+    } else {
+        y.to_dtype(x.dtype())
+    }
+}
+
+/// The dense f32 `[n, k]` GPU weight of a packed 2:4 weight (downloaded, decoded as the kernels
+/// read it, uploaded: done once per layer, only on fallback).
+fn sp24_decode(device: &CudaDevice, w: &Sparse24Gpu) -> Result<Tensor> {
+    let values = device.dtoh(&w.values)?.into_iter().map(f16::from_bits).collect();
+    let packed = Sparse24Packed {
+        n: w.n,
+        k: w.k,
+        n_pad: w.n_pad,
+        k_pad: w.k_pad,
+        values,
+        meta: device.dtoh(&w.meta)?,
+    };
+    ops::to_device(&Tensor::from_vec(packed.decode_dense(), &[w.n, w.k])?, &Device::Cuda(device.clone()))
+}
+
+/// As [`sp24_decode`] for a tiled bitmap weight.
+fn uns_decode(device: &CudaDevice, w: &DeviceTiledWeight) -> Result<Tensor> {
+    let tiled = TiledBitmapWeight {
+        rows: w.rows,
+        cols: w.cols,
+        tiles_n: w.rows.div_ceil(crate::backend::cuda::unstructured::TILE_N),
+        tiles_k: w.tiles_k,
+        bitmap: device.dtoh(&w.bitmap)?,
+        tile_offsets: device.dtoh(&w.tile_offsets)?,
+        values: device.dtoh(&w.values)?.into_iter().map(f16::from_bits).collect(),
+    };
+    ops::to_device(&Tensor::from_vec(tiled.to_dense(), &[w.rows, w.cols])?, &Device::Cuda(device.clone()))
+}
+
+/// The 2:4 variants this GPU runs, the heuristic's choice for `(m, n, k)` first; the `v1`
+/// oracle is left out (it is the correctness reference of the tests, never fast).
+fn sp24_candidates(kernels: &Sp24Kernels, m: usize, n: usize, k: usize) -> Vec<String> {
+    let first = kernels.choose(m, n, k);
+    let mut names = vec![first.name()];
+    for v in Sp24Variant::all_for(kernels.compute_capability()) {
+        if v != first && v != Sp24Variant::Direct {
+            names.push(v.name());
+        }
+    }
+    names
+}
+
+fn sp24_variant(kernels: &Sp24Kernels, name: &str) -> Result<Sp24Variant> {
+    Sp24Variant::all_for(kernels.compute_capability())
+        .into_iter()
+        .find(|v| v.name() == name)
+        .ok_or_else(|| Error::Cuda(format!("no 2:4 kernel variant {name} on this GPU")))
+}
+
+/// The unstructured variants this GPU runs (split-K planned per variant as the dispatcher
+/// plans it), the heuristic's first; the naive oracle is left out.
+fn uns_candidates(gemm: &UnstructuredGemm, m: usize, _n: usize, _k: usize) -> Vec<String> {
+    let first = GemmVariant::for_rows(m);
+    let mut names = vec![first.name().to_string()];
+    for v in [GemmVariant::Bm32, GemmVariant::Bm64, GemmVariant::Bm128, GemmVariant::WgmmaBm128] {
+        if v != first && gemm.supports(v) {
+            names.push(v.name().to_string());
+        }
+    }
+    names
+}
+
+fn uns_variant(name: &str) -> Result<GemmVariant> {
+    GemmVariant::ALL
+        .into_iter()
+        .find(|v| v.name() == name)
+        .ok_or_else(|| Error::Cuda(format!("no unstructured kernel variant {name}")))
+}
+
+/// Milliseconds per call of `launch` (CUDA events over 5 calls after one warm-up).
+fn time_launches(device: &CudaDevice, launch: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    const REPS: usize = 5;
+    let err = |e: cudarc::driver::DriverError| Error::Cuda(format!("timing events: {e}"));
+    launch()?;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = device.context().new_event(flags).map_err(err)?;
+    let end = device.context().new_event(flags).map_err(err)?;
+    start.record(device.stream()).map_err(err)?;
+    for _ in 0..REPS {
+        launch()?;
+    }
+    end.record(device.stream()).map_err(err)?;
+    Ok(f64::from(start.elapsed_ms(&end).map_err(err)?) / REPS as f64)
+}
+
+/// Random f16 activations `[m, k]` on the GPU (bits) and the same values as an f32 GPU tensor.
+fn random_input(device: &CudaDevice, m: usize, k: usize) -> Result<(cudarc::driver::CudaSlice<u16>, Tensor)> {
+    let mut rng = crate::backend::test_util::TestRng::new(0x5eed_0000 ^ (m * 31 + k) as u64);
+    let x = rng.vec_f16(m * k, 1.0);
+    let bits = crate::backend::test_util::to_f16_bits(&x);
+    let xt = ops::to_device(&Tensor::from_vec(x, &[m, k])?, &Device::Cuda(device.clone()))?;
+    Ok((device.htod(&bits)?, xt))
+}
+
+/// cuBLAS on the decompressed weight: `x · Wᵀ`, f32 (the reference of the first-use check).
+fn cublas_reference(x: &Tensor, dense_w: &Tensor) -> Result<Vec<f32>> {
+    ops::linear(x, &Weight::Dense(dense_w.clone()), None)?.to_vec()
+}
+
+/// The first-use check of the 2:4 kernels on one shape: a random 2:4 weight `[n, k]`, random
+/// activations `[m, k]`, cuBLAS on the weight decompressed by the decompression kernel.
+struct Sp24Probe {
+    device: CudaDevice,
+    kernels: Arc<Sp24Kernels>,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: cudarc::driver::CudaSlice<u16>,
+    x_f32: Tensor,
+    w: Sparse24Gpu,
+    dense_w: Tensor,
+}
+
+impl Sp24Probe {
+    fn new(
+        device: &CudaDevice,
+        kernels: &Arc<Sp24Kernels>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Sp24Probe> {
+        let mut rng = crate::backend::test_util::TestRng::new(0x24 ^ (n * 131 + k) as u64);
+        let w = crate::backend::test_util::random_sparse24(&mut rng, n, k, crate::format::DType::F16);
+        let dense_w = crate::backend::cuda::weight_to_dense(
+            &Weight::Sparse24(w.clone()),
+            &Device::Cuda(device.clone()),
+        )?;
+        let (x, x_f32) = random_input(device, m, k)?;
+        let w = Sparse24Gpu::upload(device.stream(), &Sparse24Packed::pack(&w)?)?;
+        Ok(Sp24Probe { device: device.clone(), kernels: kernels.clone(), m, n, k, x, x_f32, w, dense_w })
+    }
+    fn launch(&self, variant: Sp24Variant, y: &mut cudarc::driver::CudaSlice<u16>) -> Result<()> {
+        self.kernels.gemm(
+            self.device.stream(),
+            variant,
+            &self.x,
+            self.m,
+            &self.w,
+            &Sp24Epilogue::default(),
+            y,
+        )
+    }
+}
+
+impl KernelProbe for Sp24Probe {
+    fn candidates(&self) -> Vec<String> {
+        sp24_candidates(&self.kernels, self.m, self.n, self.k)
+    }
+    fn reference(&mut self) -> Result<Vec<f32>> {
+        cublas_reference(&self.x_f32, &self.dense_w)
+    }
+    fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
+        let variant = sp24_variant(&self.kernels, candidate)?;
+        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n)?;
+        self.launch(variant, &mut y)?;
+        Ok(self.device.dtoh(&y)?.into_iter().map(|b| f16::from_bits(b).to_f32()).collect())
+    }
+    fn time_ms(&mut self, candidate: &str) -> Result<f64> {
+        let variant = sp24_variant(&self.kernels, candidate)?;
+        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n)?;
+        let device = self.device.clone();
+        time_launches(&device, &mut || self.launch(variant, &mut y))
+    }
+}
+
+/// The first-use check of the unstructured kernels on one shape (a random bitmap weight at
+/// 50% density; otherwise as [`Sp24Probe`]).
+struct UnsProbe {
+    device: CudaDevice,
+    gemm: Arc<UnstructuredGemm>,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: cudarc::driver::CudaSlice<u16>,
+    x_f32: Tensor,
+    w: DeviceTiledWeight,
+    dense_w: Tensor,
+}
+
+impl UnsProbe {
+    fn new(
+        device: &CudaDevice,
+        gemm: &Arc<UnstructuredGemm>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<UnsProbe> {
+        let mut rng = crate::backend::test_util::TestRng::new(0xb17 ^ (n * 131 + k) as u64);
+        let w = crate::backend::test_util::random_bitmap(&mut rng, n, k, 0.5, crate::format::DType::F16);
+        let dense_w =
+            crate::backend::cuda::weight_to_dense(&Weight::Bitmap(w.clone()), &Device::Cuda(device.clone()))?;
+        let (x, x_f32) = random_input(device, m, k)?;
+        let w = DeviceTiledWeight::upload(device.stream(), &TiledBitmapWeight::from_bitmap(&w)?)?;
+        Ok(UnsProbe { device: device.clone(), gemm: gemm.clone(), m, n, k, x, x_f32, w, dense_w })
+    }
+    fn launch(&self, variant: GemmVariant, y: &mut cudarc::driver::CudaSlice<u16>) -> Result<()> {
+        let plan =
+            GemmPlan::choose_for(variant, self.m, self.n, self.k, self.w.gpu_bytes, self.gemm.sm_count());
+        self.gemm.forward_plan(self.device.stream(), plan, &self.x, self.m, &self.w, &Epilogue::default(), y)
+    }
+}
+
+impl KernelProbe for UnsProbe {
+    fn candidates(&self) -> Vec<String> {
+        uns_candidates(&self.gemm, self.m, self.n, self.k)
+    }
+    fn reference(&mut self) -> Result<Vec<f32>> {
+        cublas_reference(&self.x_f32, &self.dense_w)
+    }
+    fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
+        let variant = uns_variant(candidate)?;
+        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n)?;
+        self.launch(variant, &mut y)?;
+        Ok(self.device.dtoh(&y)?.into_iter().map(|b| f16::from_bits(b).to_f32()).collect())
+    }
+    fn time_ms(&mut self, candidate: &str) -> Result<f64> {
+        let variant = uns_variant(candidate)?;
+        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n)?;
+        let device = self.device.clone();
+        time_launches(&device, &mut || self.launch(variant, &mut y))
     }
 }
 
@@ -282,4 +600,101 @@ fn result(device: &CudaDevice, x: &Tensor, yd: CudaSlice<f16>, shape: &[usize]) 
     }
     let y = device.dtoh(&yd)?;
     Tensor::from_vec(y.into_iter().map(|v| v.to_f32()).collect(), shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::test_util::{check_close, random_sparse24, TestRng, GPU_ELEM_TOL, GPU_NORM_TOL};
+    use crate::format::DType;
+    use crate::tune::{decide, measure, Measurement};
+
+    /// Wraps a real GPU probe and moves one output element of one variant: the planted bug
+    /// the first-use check must catch on the GPU.
+    struct Planted<P: KernelProbe> {
+        inner: P,
+        bad: String,
+    }
+
+    impl<P: KernelProbe> KernelProbe for Planted<P> {
+        fn candidates(&self) -> Vec<String> {
+            self.inner.candidates()
+        }
+        fn reference(&mut self) -> Result<Vec<f32>> {
+            self.inner.reference()
+        }
+        fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
+            let mut y = self.inner.run(candidate)?;
+            if candidate == self.bad {
+                y[123] += 1.0 + y[123].abs();
+            }
+            Ok(y)
+        }
+        fn time_ms(&mut self, candidate: &str) -> Result<f64> {
+            self.inner.time_ms(candidate)
+        }
+    }
+
+    fn report(ms: &[Measurement]) {
+        for m in ms {
+            println!("  {:<14} {:?} {:?} ms", m.candidate, m.check, m.ms);
+        }
+    }
+
+    /// On a GPU: every 2:4 and unstructured variant agrees with cuBLAS on an SD2 shape, the
+    /// fastest is chosen, and a variant with a planted one-element bug is rejected (and would
+    /// have been the choice: it is planted on the fastest).
+    fn first_use_check_on_real_kernels(device: &Device) -> Result<()> {
+        let Device::Cuda(dev) = device else { return Ok(()) };
+        let (m, n, k) = (154, 320, 1024);
+        let kernels = sparse24_kernels(dev)?;
+        let mut probe = Sp24Probe::new(dev, &kernels, m, n, k)?;
+        let ms = measure(&mut probe)?;
+        println!("2:4 [{m}, {n}, {k}] on {}:", dev.gpu_name());
+        report(&ms);
+        let Choice::Kernel(best) = decide(&ms) else {
+            return Err(Error::Msg(format!("no 2:4 variant agreed with cuBLAS: {ms:?}")));
+        };
+        let mut planted = Planted { inner: probe, bad: best.clone() };
+        let ms2 = measure(&mut planted)?;
+        report(&ms2);
+        assert!(ms2.iter().any(|m| m.candidate == best && m.check.is_err()), "planted bug not caught");
+        assert_ne!(decide(&ms2), Choice::Kernel(best));
+
+        let gemm = unstructured_gemm(dev)?;
+        let mut probe = UnsProbe::new(dev, &gemm, m, n, k)?;
+        let ms = measure(&mut probe)?;
+        println!("unstructured [{m}, {n}, {k}]:");
+        report(&ms);
+        assert!(ms.iter().all(|m| m.check.is_ok()), "an unstructured variant disagrees: {ms:?}");
+        Ok(())
+    }
+    crate::test_device!(first_use_check_on_real_kernels);
+
+    /// On a GPU: a shape class forced to the dense fallback runs decompress + cuBLAS and matches
+    /// the CPU reference (f32, so 1e-5), and the kernel path matches it within the f16 bound.
+    fn dense_fallback_matches_the_reference(device: &Device) -> Result<()> {
+        let Device::Cuda(dev) = device else { return Ok(()) };
+        let (m, n, k) = (77, 192, 256);
+        let mut rng = TestRng::fresh("fallback");
+        let w = random_sparse24(&mut rng, n, k, DType::F16);
+        let x = Tensor::from_vec(rng.vec_f16(m * k, 1.0), &[m, k])?;
+        let bias = Tensor::from_vec(rng.vec(n), &[n])?;
+        let cpu = SparseLinear::new(w.clone().into(), &Device::Cpu)?.forward(&x, Some(&bias))?.to_vec()?;
+        let layer = SparseLinear::new(w.into(), device)?;
+        let class = ShapeClass::new(Family::Sparse24, m, n, k);
+        let kernel = layer.forward(&x, Some(&bias))?.to_vec()?;
+        check_close(&kernel, &cpu, GPU_NORM_TOL, GPU_ELEM_TOL).map_err(Error::Msg)?;
+        tune::tuner().lock().map_err(|_| Error::Msg("tuner".into()))?.override_choice(
+            &gpu_key(dev),
+            class,
+            Choice::Dense,
+        );
+        let xg = ops::to_device(&x, device)?;
+        let bg = ops::to_device(&bias, device)?;
+        let dense = layer.forward(&xg, Some(&bg))?.to_vec()?;
+        check_close(&dense, &cpu, 1e-5, 1e-4).map_err(Error::Msg)?;
+        Ok(())
+    }
+    crate::test_device!(dense_fallback_matches_the_reference);
 }

@@ -332,6 +332,28 @@ fn gpu_sparse_checkpoints_match_cpu() {
     }
 }
 
+/// CUDA graphs of the UNet step: the run that replays a captured step (steps 3 and 4 of 4:
+/// step 1 eager, step 2 captured) gives the eager run's latents, and one graph was captured.
+/// The device check's pipeline step runs it; without a GPU it skips.
+#[test]
+fn gpu_cuda_graphs_match_eager_steps() {
+    let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip("gpu_cuda_graphs_match_eager_steps")
+    else {
+        return;
+    };
+    let req = reference_request(4, SchedulerKind::Ddim);
+    let mut sd = StableDiffusion::load(&model_dir(), &Device::Cuda(dev)).unwrap();
+    sd.set_cuda_graphs(false);
+    let eager = sd.generate(&req, &mut |_, _| {}).unwrap();
+    sd.set_cuda_graphs(true);
+    let graphed = sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(eager.timings.cuda_graphs, 0);
+    assert_eq!(graphed.timings.cuda_graphs, 1, "the step was not captured (see the note above)");
+    let e = rel_err(&graphed.latents.to_vec().unwrap(), eager.latents.as_slice().unwrap());
+    println!("graph replay vs eager: latents rel err {e:.3e}");
+    assert!(e < 1e-6, "graph replay vs eager latents rel err {e}");
+}
+
 /// `--device cuda` on a machine without a usable GPU: one line naming the reason, a non-zero
 /// exit, and no output file. (On a machine with a GPU this checks nothing and says so.)
 #[test]
@@ -484,6 +506,7 @@ fn cli_generate_matches_diffusers() {
             "4",
             "--guidance",
             "7.5",
+            "--profile",
         ])
         .args(["--scheduler", "ddim", "--device", "cpu", "--init-latents"])
         .arg(fixture("tiny-sd2-eps/reference/init_latents.safetensors"))
@@ -496,6 +519,20 @@ fn cli_generate_matches_diffusers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("text encoder") && stderr.contains("weight memory"), "report missing: {stderr}");
+    // --profile: the per-op table, host timers on the CPU, a column per stage, and the
+    // results unchanged (the latents bound below).
+    let table = stderr.split("per-op time on cpu (host timers)").nth(1).unwrap_or_else(|| panic!("{stderr}"));
+    for col in ["text enc ms", "UNet ms", "VAE ms", "total ms"] {
+        assert!(table.contains(col), "column {col} missing: {table}");
+    }
+    for row in ["linear dense", "conv", "attention", "norms", "elementwise", "all ops", "outside ops"] {
+        assert!(table.lines().any(|l| l.trim_start().starts_with(row)), "row {row} missing: {table}");
+    }
+    // The text encoder has no convolution; the VAE has one (at least conv_in).
+    let conv: Vec<&str> =
+        table.lines().find(|l| l.trim_start().starts_with("conv")).unwrap().split_whitespace().collect();
+    assert_eq!(conv[2].parse::<f64>().unwrap(), 0.0, "{table}");
+    assert!(conv[4].parse::<f64>().unwrap() > 0.0, "{table}");
     let refs = load_f32(&fixture("tiny-sd2-eps/reference/reference.safetensors"));
     let got = pipeline::load_latents(&lat).unwrap();
     let e = rel_err(&got.to_vec().unwrap(), refs["ddim_final_latents"].as_slice().unwrap());

@@ -3,7 +3,7 @@
 # builds and stages everything into .device/ and copies this script to .device/check.sh; then one
 # device call runs it from the repository root:
 #
-#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=540)
+#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=570)
 #
 #   bash .device/check.sh OUT_DIR [--dry-run] [--only STEP,...] [--budget SECONDS]
 #
@@ -22,11 +22,19 @@
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
 #               PyTorch peers (cuBLAS, cuSPARSELt via to_sparse_semi_structured, SDPA) if torch
 #               with CUDA is installed there
+#   6 fullsize  full-size SD2.1-base with random f16 weights synthesised here (sdsparse synth),
+#               converted to study-sparse (TE 0.475 / UNet 0.35) and 2:4-UNet checkpoints; each
+#               generates 512x512, 50 DDIM steps, CFG 7.5 on the GPU (dense also without CUDA
+#               graphs), a 5-step --profile run of each gives the per-op table, and diffusers
+#               fp16 (SDPA) runs the same folder in the same run (peers/bench_gpu_peer_sd.py;
+#               "peer skipped: ..." without torch / diffusers). $OUT/fullsize.md collects it.
 # OUT_DIR gets summary.md (a table of every step: ok / FAIL / timeout / skipped, seconds, log)
-# and logs/<step>.log. The whole run stops starting new steps when --budget (default 420 s) is
-# spent (a step started late gets at most 30 s more), so the whole run ends within 8 minutes. --dry-run runs everything that needs no GPU (unpacking,
-# every executable's test list, tool discovery) and reports the GPU steps as "dry run".
-# Exit status: 0 when every step that ran passed.
+# and logs/<step>.log. The run stops starting new steps when --budget (default 500 s) is spent,
+# and steps 1-5 stop --reserve seconds (default 240) earlier so that the full-size stage still
+# runs (a step started late gets at most 30 s more): the whole run ends within about 9 minutes.
+# --dry-run runs everything that needs no GPU (unpacking, every executable's test list, tool
+# discovery) and reports the GPU steps as "dry run". The sparse kernels' tuning cache is
+# $OUT/dispatch.json (SDSPARSE_TUNE_CACHE). Exit status: 0 when every step that ran passed.
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,16 +42,18 @@ root="$(cd "$here/.." && pwd)"
 cd "$root" || exit 1
 
 out="${1:-}"
-[[ -n "$out" && "$out" != --* ]] || { sed -n '2,27p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+[[ -n "$out" && "$out" != --* ]] || { sed -n '2,35p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 shift
 dry=0
 only=""
-budget=420
+budget=500
+reserve=240
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry=1 ;;
         --only) only="$2"; shift ;;
         --budget) budget="$2"; shift ;;
+        --reserve) reserve="$2"; shift ;;
         *) echo "check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -58,11 +68,14 @@ rows=()
 # Unpack the executables (staged compressed to fit the carry limit).
 bin=/tmp/sdsparse-device-bin
 rm -rf "$bin" && mkdir -p "$bin"
-if ! tar -xzf "$here/bundle.tgz" -C "$bin"; then
-    echo "check.sh: cannot unpack $here/bundle.tgz" >&2
+# xz-compressed (gpu_check.sh); Python's tarfile unpacks it where tar has no xz.
+if ! tar -xJf "$here/bundle.tar.xz" -C "$bin" 2>/dev/null &&
+    ! python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$here/bundle.tar.xz" "$bin"; then
+    echo "check.sh: cannot unpack $here/bundle.tar.xz" >&2
     exit 1
 fi
-export CARGO_MANIFEST_DIR="$root" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1 CRITERION_HOME="$out/criterion"
+export CARGO_MANIFEST_DIR="$root" SDSPARSE_REQUIRE_GPU=1 RUST_BACKTRACE=1 CRITERION_HOME="$out/criterion" \
+    SDSPARSE_TUNE_CACHE="$out/dispatch.json"
 
 {
     date -u
@@ -107,7 +120,7 @@ step() {
     while [[ $# -gt 0 && "$1" != -- ]]; do envs+=("$1"); shift; done
     shift
     wanted "$group" || return 0
-    local log="logs/$name.log" left=$((budget - ($(date +%s) - start)))
+    local log="logs/$name.log" left=$((budget - reserve - ($(date +%s) - start)))
     if ((left <= 0)); then
         rows+=("| $group | $name | skipped (budget of ${budget}s spent) | 0 | |")
         return 0
@@ -130,7 +143,10 @@ step() {
         *) result="FAIL (exit $rc)"; status=1 ;;
     esac
     # A GPU step that printed "skipped" did not reach the GPU: a failure on this machine.
-    if [[ $rc == 0 ]] && grep -q "skipped" "$out/$log"; then
+    # A peer without torch / diffusers says "peer skipped: <why>": reported, not a failure.
+    if [[ $rc == 0 ]] && grep -q "^peer skipped" "$out/$log"; then
+        result="skipped ($(grep -m1 '^peer skipped' "$out/$log" | cut -c15-))"
+    elif [[ $rc == 0 ]] && grep -q "skipped" "$out/$log"; then
         result="FAIL (skipped: no GPU?)"
         status=1
     fi
@@ -141,7 +157,7 @@ step() {
 exe() { echo "$bin/$1"; }
 
 # Every staged executable must at least list its tests here (also in a dry run).
-for e in "$bin"/*; do
+for e in "$bin"/test-* "$bin"/bench-*; do
     if ! "$e" --list >"$out/logs/list-$(basename "$e").txt" 2>&1; then
         rows+=("| setup | list $(basename "$e") | FAIL | 0 | logs/list-$(basename "$e").txt |")
         status=1
@@ -238,6 +254,8 @@ step pipeline pipeline-dense-f16 120 -- "$(exe test-pipeline)" gpu_f16_matches_d
 step pipeline pipeline-dense-bf16 120 -- "$(exe test-pipeline)" gpu_bf16_matches_diffusers --exact --nocapture
 step pipeline pipeline-sparse-expanded 120 SDSPARSE_GPU_SPARSE=dense -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 step pipeline pipeline-sparse-kernels 120 -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
+# CUDA graphs of the UNet step: replayed steps give the eager steps' latents.
+step pipeline pipeline-cuda-graphs 90 -- "$(exe test-pipeline)" gpu_cuda_graphs_match_eager_steps --exact --nocapture
 
 # 5. Short benches (cuBLAS dense f16 in the same process) and the PyTorch peers.
 crit=(--bench --warm-up-time 0.2 --measurement-time 0.4 --sample-size 10)
@@ -249,6 +267,47 @@ if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1 |
     step bench peers-unstructured-attention 120 -- python3 "$here/peers/bench_peers_unstructured.py" --out "$out/peers.jsonl" --iters 20 --repeats 3
 else
     wanted bench && rows+=("| bench | PyTorch peers | skipped (no torch with CUDA on this machine) | 0 | |")
+fi
+
+# 6. Full size: SD2.1-base, random f16 weights, 512x512, 50 DDIM steps, CFG, against diffusers fp16.
+reserve=0
+fs=/tmp/sdsparse-fullsize
+sds="$(exe sdsparse)"
+prompt="a photograph of an astronaut riding a horse"
+gen=(generate --prompt "$prompt" --guidance 7.5 --scheduler ddim --width 512 --height 512 --seed 0 --device cuda --force)
+if wanted fullsize && ((!dry)); then rm -rf "$fs"; mkdir -p "$fs" "$out/fullsize"; fi
+step fullsize fullsize-synth 150 -- "$sds" synth --preset sd2.1-base --dtype f16 --out "$fs/dense" --force
+step fullsize fullsize-dense 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/dense" --out "$out/fullsize/dense.png"
+# diffusers fp16 (SDPA) on the same folder; its wheel is staged (the machine has no network).
+pyp=/tmp/sdsparse-py
+if wanted fullsize && ((!dry)) && ls "$here"/diffusers-*.whl >/dev/null 2>&1; then
+    rm -rf "$pyp" && python3 -m zipfile -e "$(find "$here" -maxdepth 1 -name 'diffusers-*.whl' | head -1)" "$pyp" 2>/dev/null
+fi
+step fullsize peer-diffusers-fp16 150 PYTHONPATH="$pyp:${PYTHONPATH:-}" -- python3 "$here/peers/bench_gpu_peer_sd.py" "$fs/dense" --json "$out/fullsize/peer.json"
+step fullsize fullsize-convert-study 90 -- "$sds" convert --model "$fs/dense" --out "$fs/study" --force
+step fullsize fullsize-study 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/study" --out "$out/fullsize/study.png"
+step fullsize fullsize-convert-24 90 -- "$sds" convert --model "$fs/dense" --out "$fs/unet24" --text-encoder-sparsity 0 --unet-pattern 2:4 --force
+step fullsize fullsize-unet24 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/unet24" --out "$out/fullsize/unet24.png"
+for c in dense study unet24; do
+    step fullsize "fullsize-profile-$c" 60 -- "$sds" "${gen[@]}" --steps 5 --profile --model "$fs/$c" --out "$out/fullsize/profile-$c.png"
+done
+step fullsize fullsize-dense-nographs 90 -- "$sds" "${gen[@]}" --steps 50 --model "$fs/dense" --no-cuda-graphs --out "$out/fullsize/dense-nographs.png"
+if wanted fullsize; then
+    {
+        echo "# Full-size SD2.1-base (random f16 weights), 512x512, 50 DDIM steps, CFG 7.5"
+        for l in "$out"/logs/fullsize-{dense,study,unet24,dense-nographs}.log "$out"/logs/peer-diffusers-fp16.log; do
+            [[ -f "$l" ]] || continue
+            echo; echo "## $(basename "$l" .log)"; echo '```'
+            grep -E "^(generating|device|diffusers|note|peer|torch)|^  (load|text encoder|UNet|VAE decode|generate|GPU weights|on the GPU|total)" "$l"
+            echo '```'
+        done
+        for l in "$out"/logs/fullsize-profile-*.log; do
+            [[ -f "$l" ]] || continue
+            echo; echo "## $(basename "$l" .log) (5 steps, stream synchronised around every op, graphs off)"; echo '```'
+            sed -n '/^per-op time/,$p' "$l" | grep -v "^wrote"
+            echo '```'
+        done
+    } >"$out/fullsize.md"
 fi
 
 {

@@ -8,13 +8,14 @@
 #
 # Then, in a session that has the GPU machine (no cargo, no network there), ONE call:
 #
-#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=540)
+#   run(carry=[".device"], command="bash .device/check.sh \"$OUT\"", timeout_s=570)
 #
 # and read $OUT/summary.md (tools/device_check.sh says what each step does).
 #
-# Staged: .device/bundle.tgz (the lib unit-test, 2:4 / unstructured / attention test and bench
-# executables, release, debug info stripped, gzip-compressed: each embeds the 8 MB fatbin),
-# .device/check.sh (= tools/device_check.sh), .device/peers/ (the PyTorch peer scripts),
+# Staged: .device/bundle.tar.xz (the lib unit-test, 2:4 / unstructured / attention / pipeline test
+# and bench executables, release, debug info stripped, xz-compressed: each embeds the 8 MB fatbin),
+# and the release `sdsparse` CLI (full-size stage), .device/check.sh (= tools/device_check.sh),
+# .device/peers/ (the PyTorch peer scripts, the diffusers fp16 pipeline peer among them),
 # .device/manifest.txt (commit, sizes), and, when pip can fetch them here, the compute-sanitizer
 # wheel (CUDA 13.0) and a diffusers wheel for the pipeline peer. Test data (tests/fixtures) is
 # tracked, so it travels with the working tree, not in .device/.
@@ -72,19 +73,26 @@ for line in sys.stdin:
         --lib --test sparse24_gemm --test unstructured_gemm --test attention_gpu --test sparse_linear --test pipeline | collect
     nice -n 19 cargo bench --no-run --message-format=json-render-diagnostics \
         --bench gemm_sparse24 --bench gemm_unstructured --bench attention | collect
+    # The CLI for the full-size stage (synth, convert, generate --device cuda).
+    nice -n 19 cargo build --release --bin sdsparse
+    cp target/release/sdsparse "$bins/sdsparse"
+    strip --strip-debug "$bins/sdsparse"
+    echo "gpu_check: staged $bins/sdsparse ($(du -m "$bins/sdsparse" | cut -f1) MB)" >&2
     for e in test-sdsparse test-sparse24_gemm test-unstructured_gemm test-attention_gpu test-sparse_linear test-pipeline \
-        bench-gemm_sparse24 bench-gemm_unstructured bench-attention; do
+        bench-gemm_sparse24 bench-gemm_unstructured bench-attention sdsparse; do
         [[ -x "$bins/$e" ]] || { echo "gpu_check: $e was not built" >&2; exit 1; }
     done
-    tar -czf "$stage_dir/bundle.tgz" -C "$bins" .
+    # xz, not gzip: the ten executables (each embedding the 8 MB fatbin, the CLI also the toy
+    # model) are ~51 MB as .tgz, over the carry limit with the wheels; ~33 MB as .tar.xz.
+    XZ_OPT="-6 -T2" nice -n 19 tar -cJf "$stage_dir/bundle.tar.xz" -C "$bins" .
 fi
-[[ -f "$stage_dir/bundle.tgz" ]] || { echo "gpu_check: no $stage_dir/bundle.tgz; run without --no-build" >&2; exit 1; }
+[[ -f "$stage_dir/bundle.tar.xz" ]] || { echo "gpu_check: no $stage_dir/bundle.tar.xz; run without --no-build" >&2; exit 1; }
 rm -rf "$bins"
 
 cp tools/device_check.sh "$stage_dir/check.sh"
 chmod +x "$stage_dir/check.sh"
 mkdir -p "$stage_dir/peers"
-cp tools/bench_peers_gemm.py tools/bench_peers_unstructured.py "$stage_dir/peers/"
+cp tools/bench_peers_gemm.py tools/bench_peers_unstructured.py tools/bench_gpu_peer_sd.py "$stage_dir/peers/"
 
 # Wheels the GPU machine cannot download itself (best effort: the check reports what is missing).
 if ! ls "$stage_dir"/nvidia_cuda_sanitizer_api-13.0.*.whl >/dev/null 2>&1; then
@@ -93,12 +101,12 @@ if ! ls "$stage_dir"/nvidia_cuda_sanitizer_api-13.0.*.whl >/dev/null 2>&1; then
 fi
 if ! ls "$stage_dir"/diffusers-*.whl >/dev/null 2>&1; then
     pip download -q --no-deps -d "$stage_dir" diffusers 2>/dev/null ||
-        echo "gpu_check: could not fetch a diffusers wheel (only the not-yet pipeline step would use it)" >&2
+        echo "gpu_check: could not fetch a diffusers wheel (the full-size stage's peer will say 'peer skipped')" >&2
 fi
 
 {
     echo "sdsparse $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty tree)'), staged $(date -u +%Y-%m-%dT%H:%MZ)"
-    echo "bundle.tgz built $(date -u -r "$stage_dir/bundle.tgz" +%Y-%m-%dT%H:%MZ)$( ((build)) || echo ' (earlier run: --no-build)')"
+    echo "bundle.tar.xz built $(date -u -r "$stage_dir/bundle.tar.xz" +%Y-%m-%dT%H:%MZ)$( ((build)) || echo ' (earlier run: --no-build)')"
     echo "nvcc $("$NVCC" --version | tail -1)"
     (cd "$stage_dir" && find . -type f -printf '%8s B  %p\n' | sort -k3)
 } >"$stage_dir/manifest.txt"
@@ -121,4 +129,4 @@ else
     echo "gpu_check: FAIL: the dry run failed (summary: $dry_out/summary.md)" >&2
     exit 1
 fi
-echo "gpu_check: ready: run(carry=[\".device\"], command=\"bash .device/check.sh \\\"\$OUT\\\"\", timeout_s=540)" >&2
+echo "gpu_check: ready: run(carry=[\".device\"], command=\"bash .device/check.sh \\\"\$OUT\\\"\", timeout_s=570)" >&2

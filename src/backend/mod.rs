@@ -12,6 +12,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod ops;
+pub mod profile;
 mod tensor;
 pub mod test_util;
 

@@ -12,6 +12,7 @@
 use super::cuda::ops as gpu;
 use super::cuda::pointwise::Unary;
 use super::cuda::tensor_ops::Binary;
+use super::profile::{self, OpKind};
 use super::{cpu, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::Weight;
@@ -39,6 +40,11 @@ fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
 /// `y[.., N] = x[.., K] · W[N, K]^T (+ bias[N])`, for a dense, 2:4 or bitmap weight. Sparse
 /// weights run from their compressed form; results match the dense-with-zeros product.
 pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _p = profile::scope(match w {
+        Weight::Dense(_) => OpKind::LinearDense,
+        Weight::Sparse24(_) => OpKind::Linear24,
+        Weight::Bitmap(_) => OpKind::LinearUnstructured,
+    });
     let (n, k) = w.dims2()?;
     let x_shape = x.shape();
     if x_shape.last() != Some(&k) {
@@ -77,6 +83,7 @@ pub fn linear(x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// Batched matrix product `a[.., M, K] · b[.., K, N]` (equal leading dims).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Matmul);
     let (sa, sb) = (a.shape(), b.shape());
     let r = sa.len();
     if r < 2 || sb.len() != r || sa[..r - 2] != sb[..r - 2] || sa[r - 1] != sb[r - 2] {
@@ -101,6 +108,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Conv);
     let (batch, c_in, h, wd) = x.dims4()?;
     let (c_out, wc_in, kh, kw) = w.dims4()?;
     if wc_in != c_in {
@@ -144,6 +152,7 @@ pub fn group_norm(
     eps: f32,
     silu: bool,
 ) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Norm);
     let shape = x.shape();
     if shape.len() < 2 {
         return Err(Error::Shape(format!("group_norm: input {shape:?} has no channel dim")));
@@ -180,6 +189,7 @@ pub fn group_norm(
 
 /// Layer norm over the last dim with affine.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Norm);
     let dim = *x.shape().last().ok_or_else(|| Error::Shape("layer_norm: scalar input".into()))?;
     if gamma.shape() != [dim] || beta.shape() != [dim] {
         return Err(Error::Shape(format!(
@@ -201,6 +211,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result
 /// `k, v[B, H, Sk, D]`; returns `[B, H, Sq, D]`. Softmax in f32. The causal mask hides key
 /// `j` from query `i` when `j > i + Sk − Sq` (the usual `j > i` when `Sq == Sk`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, causal: bool) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Attention);
     let (b, h, sq, d) = q.dims4()?;
     let (kb, kh, sk, kd) = k.dims4()?;
     if (kb, kh, kd) != (b, h, d) || v.shape() != k.shape() {
@@ -233,6 +244,7 @@ pub fn attention_heads(
     scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Attention);
     let (b, sq, hd) = q.dims3()?;
     let (kb, sk, khd) = k.dims3()?;
     if heads == 0 || hd % heads != 0 || (kb, khd) != (b, hd) || v.shape() != k.shape() {
@@ -262,6 +274,7 @@ pub fn attention_heads(
 
 /// Softmax over the last dim.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     let dim = *x.shape().last().ok_or_else(|| Error::Shape("softmax_last: scalar input".into()))?;
     match placement("softmax_last", &[x])? {
         On::Cpu => cpu_tensor(cpu::attention::softmax_last(x.as_slice()?, dim), x.shape()),
@@ -284,11 +297,13 @@ fn unary(
 
 /// Exact (erf) GELU.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     unary("gelu", x, cpu::elementwise::gelu, |x| gpu::unary(Unary::Gelu, x))
 }
 
 /// GEGLU: splits the last dim in halves `[h, g]` and returns `h * gelu(g)`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     let shape = x.shape();
     let last = *shape.last().ok_or_else(|| Error::Shape("geglu: scalar input".into()))?;
     if last % 2 != 0 {
@@ -303,6 +318,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     unary("silu", x, cpu::elementwise::silu, |x| gpu::unary(Unary::Silu, x))
 }
 
@@ -341,36 +357,43 @@ fn broadcast_op(
 /// (e.g. `[B, C, H, W] + [B, C, 1, 1]`, `[B, S, C] + [C]`). As addition commutes, `a` may
 /// also be the one broadcast to `b`'s shape.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     broadcast_op(Binary::Add, a, b, true, |x, y| x + y)
 }
 
 /// Elementwise `a * b` with the same broadcasting as [`add`].
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     broadcast_op(Binary::Mul, a, b, true, |x, y| x * y)
 }
 
 /// Elementwise `a - b` with `b` broadcast to `a`'s shape.
 pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     broadcast_op(Binary::Sub, a, b, false, |x, y| x - y)
 }
 
 /// Elementwise `a / b` with `b` broadcast to `a`'s shape.
 pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     broadcast_op(Binary::Div, a, b, false, |x, y| x / y)
 }
 
 /// `x * mul + add` elementwise.
 pub fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     unary("affine", x, |v| cpu::elementwise::affine(v, mul, add), |x| gpu::affine(x, mul, add))
 }
 
 /// `x * factor` elementwise.
 pub fn scale(x: &Tensor, factor: f32) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     affine(x, factor, 0.0)
 }
 
 /// Materialised permutation of the axes (`perm[i]` = source axis of output axis `i`).
 pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     let shape = x.shape();
     let mut seen = vec![false; shape.len()];
     let valid = perm.len() == shape.len()
@@ -387,6 +410,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 
 /// Swaps two axes (a [`permute`] shorthand).
 pub fn transpose(x: &Tensor, dim0: usize, dim1: usize) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     let rank = x.rank();
     if dim0 >= rank || dim1 >= rank {
         return Err(Error::Shape(format!("transpose: axes {dim0}, {dim1} of {:?}", x.shape())));
@@ -398,6 +422,7 @@ pub fn transpose(x: &Tensor, dim0: usize, dim1: usize) -> Result<Tensor> {
 
 /// Concatenation along `dim`.
 pub fn cat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     let first = xs.first().ok_or_else(|| Error::Shape("cat: no tensors".into()))?;
     let shape = first.shape();
     if dim >= shape.len() {
@@ -424,6 +449,7 @@ pub fn cat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
 
 /// The slice `start..start+len` along `dim`.
 pub fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     let shape = x.shape();
     if dim >= shape.len() || start.checked_add(len).is_none_or(|end| end > shape[dim]) {
         return Err(Error::Shape(format!("narrow: {start}..{start}+{len} along dim {dim} of {shape:?}")));
@@ -442,6 +468,7 @@ pub fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor
 
 /// Splits `dim` into `n` equal parts (like `torch.chunk` with a divisible size).
 pub fn chunk(x: &Tensor, n: usize, dim: usize) -> Result<Vec<Tensor>> {
+    let _p = profile::scope(OpKind::Layout);
     let size =
         *x.shape().get(dim).ok_or_else(|| Error::Shape(format!("chunk: dim {dim} of {:?}", x.shape())))?;
     if n == 0 || size % n != 0 {
@@ -452,6 +479,7 @@ pub fn chunk(x: &Tensor, n: usize, dim: usize) -> Result<Vec<Tensor>> {
 
 /// Nearest-neighbour 2x upsampling of `[B, C, H, W]`.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     let (b, c, h, w) = x.dims4()?;
     match placement("upsample_nearest2x", &[x])? {
         On::Cpu => {
@@ -468,6 +496,7 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 /// `2^(levels-1)` (`forward_upsample_size`); for `out = 2 * in` it equals
 /// [`upsample_nearest2x`].
 pub fn upsample_nearest_to(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     let (b, c, h, w) = x.dims4()?;
     if out_h == 2 * h && out_w == 2 * w {
         return upsample_nearest2x(x);
@@ -487,6 +516,7 @@ pub fn upsample_nearest_to(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
 /// Rows of an embedding table `table[V, C]` for `ids` → `[ids.len(), C]` in f32; the table
 /// may be stored in f16 / bf16 (only the rows asked for are widened).
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Embedding);
     let (vocab, dim) = table.dims2()?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(Error::Invalid(format!("embedding: id {bad} outside a table of {vocab} rows")));
@@ -511,6 +541,7 @@ pub fn timestep_embedding(
     flip_sin_to_cos: bool,
     freq_shift: f32,
 ) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Embedding);
     if dim / 2 == 0 || (dim / 2) as f32 == freq_shift {
         return Err(Error::Invalid(format!(
             "timestep_embedding: dim {dim} with frequency shift {freq_shift} has no frequencies"
@@ -525,6 +556,7 @@ pub fn timestep_embedding(
 /// Classifier-free guidance on the batched UNet output `pred[2, ..]` (`[uncond, cond]`, as
 /// diffusers batches it): `uncond + guidance · (cond − uncond)`, shape `[1, ..]`.
 pub fn cfg_combine(pred: &Tensor, guidance: f32) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Elementwise);
     let shape = pred.shape();
     if shape.first() != Some(&2) {
         return Err(Error::Shape(format!("cfg_combine: prediction {shape:?} is not a batch of 2")));
@@ -542,6 +574,7 @@ pub fn cfg_combine(pred: &Tensor, guidance: f32) -> Result<Tensor> {
 
 /// Moves a tensor to `device` (a no-op when it is there already).
 pub fn to_device(x: &Tensor, device: &Device) -> Result<Tensor> {
+    let _p = profile::scope(OpKind::Layout);
     match (x.storage(), device) {
         (Storage::Cpu(_), Device::Cpu) => Ok(x.clone()),
         (Storage::Cuda(_), Device::Cpu) => Tensor::from_vec(x.to_vec()?, x.shape()),

@@ -196,6 +196,7 @@ impl Tensor {
         if self.dtype() == dtype {
             return Ok(self.clone());
         }
+        let _p = super::profile::scope(super::profile::OpKind::Layout);
         let Storage::Cpu(s) = &self.storage else {
             return cuda::ops::to_dtype(self, dtype);
         };

@@ -2,7 +2,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sdsparse::backend::cuda::CudaDevice;
-use sdsparse::backend::Device;
+use sdsparse::backend::{profile, Device};
 use sdsparse::format::DType;
 use sdsparse::output;
 use sdsparse::pipeline::{self, GenerateRequest, StableDiffusion};
@@ -70,6 +70,19 @@ pub struct GenerateArgs {
     /// Replace an existing --out / --save-latents file (without it, an existing file is an error).
     #[arg(long)]
     pub force: bool,
+    /// Print the time per op kind (Linear dense / 2:4 / unstructured, conv, attention, norms,
+    /// elementwise, ...) per stage (text encoder, UNet, VAE); on a GPU the stream is
+    /// synchronised around every op and CUDA graphs are off. Also SDSPARSE_PROFILE=1.
+    #[arg(long)]
+    pub profile: bool,
+    /// Measure the sparse kernel variants again on this GPU instead of using the cached choices
+    /// (~/.cache/sdsparse/dispatch.json), and replace them.
+    #[arg(long)]
+    pub retune: bool,
+    /// Run every UNet step eagerly instead of replaying a CUDA graph of it (also
+    /// SDSPARSE_CUDA_GRAPHS=0).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 /// The device `--device` asks for. CUDA needs a GPU and a build with kernels; `auto` falls
@@ -150,9 +163,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
     let device = select_device(&args.device)?;
     let dtype = select_dtype(args.dtype.as_deref(), &device, &args.device)?;
+    sdsparse::tune::set_retune(args.retune);
 
     args.single_file.print_notes(&args.model)?;
     let mut sd = StableDiffusion::load_as(&args.model, &args.single_file.options(), &device, dtype)?;
+    if args.no_cuda_graphs {
+        sd.set_cuda_graphs(false);
+    }
+    let profiling = args.profile || profile::requested_by_env();
+    if profiling {
+        profile::start(match &device {
+            Device::Cuda(d) => Some(d.clone()),
+            Device::Cpu => None,
+        });
+    }
     for note in sd.notes() {
         eprintln!("note: {note}");
     }
@@ -227,6 +251,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("wrote latents {}", p.display());
     }
     eprint!("{}", pipeline::report(&sd, &generated));
+    if let Some(p) = profile::finish() {
+        eprint!("{}", p.table());
+    }
     outln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -182,19 +182,28 @@ impl UNet2DConditionModel {
             return Err(released());
         }
         self.check_inputs(latents, timesteps, context)?;
-        let cfg = &self.config;
-
         // Computed on the host (a few hundred values), then moved to the latents' device.
-        let t_freq = ops::to_device(
-            &ops::timestep_embedding(
-                timesteps,
-                cfg.block_out_channels[0],
-                cfg.flip_sin_to_cos,
-                cfg.freq_shift,
-            )?,
-            &latents.device(),
-        )?;
-        let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&t_freq)?)?)?;
+        let t_freq = ops::to_device(&self.timestep_frequencies(timesteps)?, &latents.device())?;
+        self.forward_frequencies(latents, &t_freq, context)
+    }
+
+    /// The sinusoidal timestep features `[B, block_out_channels[0]]` (host tensor) that
+    /// [`Self::forward_frequencies`] takes.
+    pub fn timestep_frequencies(&self, timesteps: &[f32]) -> Result<Tensor> {
+        let cfg = &self.config;
+        ops::timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    }
+
+    /// [`Self::forward_timesteps`] from the timestep features already on the latents' device:
+    /// everything after is device work only (no host copy), which is what a CUDA graph of the
+    /// step captures (the pipeline updates the features' buffer before each replay).
+    pub fn forward_frequencies(&self, latents: &Tensor, t_freq: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if self.mid_block.is_none() {
+            return Err(released());
+        }
+        let rows = t_freq.shape().first().copied().unwrap_or(0);
+        self.check_inputs(latents, &vec![0.0; rows], context)?;
+        let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(t_freq)?)?)?;
         let temb_act = ops::silu(&temb)?;
 
         let mut h = self.conv_in.forward(latents)?;

@@ -102,15 +102,12 @@ impl CudaDevice {
                 "the CUDA driver is missing functions this build needs (driver older than CUDA 13?)".into(),
             )
         })??;
-        if compute_capability.0 < 8 {
-            return Err(Error::Cuda(format!(
-                "{gpu_name} is sm_{}{}; the kernels need sm_80 (Ampere) or newer",
-                compute_capability.0, compute_capability.1
-            )));
-        }
+        check_capability(&gpu_name, compute_capability)?;
         // SAFETY: every buffer of this context is used on `stream` only (module docs).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created (non-blocking) stream, not the legacy default stream: only the former can be
+        // captured into a CUDA graph (graph.rs).
+        let stream = ctx.new_stream().map_err(driver_err("cannot create a CUDA stream"))?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec())).map_err(|e| {
             Error::Cuda(format!(
                 "cannot load the kernels on {gpu_name}: {e} (the driver must support CUDA {})",
@@ -283,6 +280,25 @@ impl CudaDevice {
     }
 }
 
+/// The oldest GPUs the kernels load on: the fatbin holds SASS for sm_80 / 86 / 89 / 90a and PTX
+/// for compute_80 only, so on an older GPU none of our kernels loads, and with them goes every
+/// non-GEMM op of the pipeline (norms, activations, softmax, im2col are ours): not even a
+/// dense cuBLAS path could run. Such a GPU is refused with one line naming the minimum
+/// (`--device auto` then runs on the CPU with that line as its note; docs/CUDA.md).
+pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
+
+/// Refuses a GPU older than [`MIN_COMPUTE_CAPABILITY`] with the one-line error.
+pub(crate) fn check_capability(gpu: &str, cc: (i32, i32)) -> Result<()> {
+    if cc < MIN_COMPUTE_CAPABILITY {
+        return Err(Error::Cuda(format!(
+            "{gpu} has compute capability {}.{}; sdsparse's CUDA kernels are built for 8.0 (Ampere) or newer, \
+             and without them no GPU path can run, not even dense cuBLAS (use --device cpu)",
+            cc.0, cc.1
+        )));
+    }
+    Ok(())
+}
+
 /// The one-line out-of-GPU-memory error: the GPU, the bytes a failed allocation asked for, and
 /// `(free, total)` when the driver could still say.
 pub(crate) fn oom_message(gpu: &str, bytes: usize, free_total: Option<(usize, usize)>) -> String {
@@ -357,6 +373,14 @@ impl CudaStorage {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gpus_older_than_sm80_are_refused_in_one_line() {
+        let e = super::check_capability("Tesla T4", (7, 5)).unwrap_err().to_string();
+        assert!(e.contains("Tesla T4") && e.contains("7.5") && e.contains("8.0") && !e.contains('\n'), "{e}");
+        assert!(super::check_capability("A100", (8, 0)).is_ok());
+        assert!(super::check_capability("H200", (9, 0)).is_ok());
+        assert!(super::check_capability("V100", (7, 0)).is_err());
+    }
     use super::oom_message;
 
     #[test]

@@ -22,6 +22,7 @@ pub mod blas;
 pub mod decompress;
 mod device;
 pub mod dnn;
+pub mod graph;
 pub mod kernels;
 pub mod libs;
 pub mod lt;

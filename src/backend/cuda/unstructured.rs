@@ -356,6 +356,11 @@ impl GemmVariant {
         GemmVariant::WgmmaBm128,
     ];
 
+    /// The variant's short name (the tuning cache's, `sdsparse_uns_gemm_<name>`).
+    pub fn name(self) -> &'static str {
+        self.kernel_name().trim_start_matches("sdsparse_uns_gemm_")
+    }
+
     pub fn kernel_name(self) -> &'static str {
         match self {
             GemmVariant::Naive => "sdsparse_uns_gemm_naive",
@@ -419,7 +424,19 @@ impl GemmPlan {
     /// the f32 partials (written and read once, `splits * M * N * 8` bytes, mostly in L2) stay
     /// below twice the compressed weight bytes the split is meant to stream faster.
     pub fn choose(m: usize, n: usize, k: usize, weight_bytes: usize, sm_count: usize) -> GemmPlan {
-        let variant = GemmVariant::for_rows(m);
+        Self::choose_for(GemmVariant::for_rows(m), m, n, k, weight_bytes, sm_count)
+    }
+
+    /// The split-K part of [`Self::choose`] for a given variant (the self-checking dispatch,
+    /// `crate::tune`, picks the variant by measurement).
+    pub fn choose_for(
+        variant: GemmVariant,
+        m: usize,
+        n: usize,
+        k: usize,
+        weight_bytes: usize,
+        sm_count: usize,
+    ) -> GemmPlan {
         let tiles_k = k.div_ceil(TILE_K);
         let ctas = n.div_ceil(TILE_N) * m.div_ceil(variant.cta().0);
         if ctas * 2 >= sm_count || tiles_k < 4 {
