@@ -47,7 +47,8 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     for &(label, b, h, sq, skv) in SHAPES {
-        let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: 0.125 };
+        let shape =
+            AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: 0.125, causal: false };
         // Q/K/V as the projections produce them: [B, S, H*64].
         let (lq, lk) = (HeadLayout::bshd(h, sq), HeadLayout::bshd(h, skv));
         let q = stream.clone_htod(&values(b * sq * h * HEAD_DIM, 1)).expect("upload");

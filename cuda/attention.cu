@@ -18,6 +18,10 @@
 // tests/attention_gpu.rs. Variants, side by side:
 //   sdsparse_attn_naive    one thread per (query row, head); two passes over the keys (oracle)
 //   sdsparse_attn_fwd_d64  the tensor-core flash kernel
+//
+// Causal mask (p.causal, the CLIP text encoder): query i sees keys j <= i + seq_kv - seq_q, the
+// scores path's rule (attn_key_end, sdsparse_index.h); hidden keys get -inf before the running
+// max, and key tiles past a query block's last real row are not loaded at all (attn_n_tiles).
 #include <cuda_fp16.h>
 #include <math.h>
 #include <stdint.h>
@@ -67,7 +71,17 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
     const __half* qb = static_cast<const __half*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
     const __half* kb = static_cast<const __half*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
     const __half* vb = static_cast<const __half*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
-    const int n_tiles = (p.seq_kv + BKV - 1) / BKV;
+    const bool causal = p.causal != 0;
+    // Tiles past the last row's last visible key are all -inf for every row of this block:
+    // they would add exp2(-inf) = 0 to P V and the row sums and leave the max alone, so they are
+    // skipped (no loads, no mma). Without the mask: ceil(seq_kv / 64).
+    const int n_tiles = attn_n_tiles(q0, p.seq_q, p.seq_kv, causal);
+    // Keys [0, key_end) visible to this thread's rows g and g + 8; the block's first row sees
+    // the fewest (first_end), so tiles wholly below it need no mask test.
+    const int rows = q0 + warp * 16;  // frag_c_row(lane, 0) = g, frag_c_row(lane, 2) = g + 8
+    const int key_end[2] = {attn_key_end(rows + frag_c_row(lane, 0), p.seq_q, p.seq_kv, causal),
+                            attn_key_end(rows + frag_c_row(lane, 2), p.seq_q, p.seq_kv, causal)};
+    const int first_end = attn_key_end(q0, p.seq_q, p.seq_kv, causal);
     const float scale_log2 = p.scale * LOG2E;  // exp(x*scale) == exp2(x*scale*log2 e)
 
     load_rows<BQ>(qs, qb, p.q_stride_s, q0, p.seq_q);
@@ -117,8 +131,9 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
                 mma_16816(sc[j + 1], qa[kk], bf[2], bf[3]);
             }
 
-        // Scale, mask keys past seq_kv (only the last tile has any), new running max.
-        const bool ragged = (t + 1) * BKV > p.seq_kv;
+        // Scale, mask keys past seq_kv (only the last tile has any) and, with the causal mask,
+        // past the row's diagonal (the tiles the block's rows straddle), new running max.
+        const bool masked = (t + 1) * BKV > first_end;
         float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
         for (int j = 0; j < BKV / 8; ++j)
@@ -126,7 +141,7 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
             for (int e = 0; e < 4; ++e) {
                 const int key = attn_key_index(t, j, lane, e);
                 float v = sc[j][e] * scale_log2;
-                if (ragged && key >= p.seq_kv) v = -INFINITY;
+                if (masked && key >= key_end[e / 2]) v = -INFINITY;
                 sc[j][e] = v;
                 mx[e / 2] = fmaxf(mx[e / 2], v);
             }
@@ -136,9 +151,11 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         }
         // A row that has seen only masked keys has mx = -inf; exp2f(-inf - -inf) would be NaN
-        // and poison o and l for good (review A1). Today tile 0 always holds key 0, but a future
-        // key-padding mask would not: such a row subtracts 0 instead, so alpha = exp2(-inf) = 0
-        // and P = exp2(-inf) = 0, while m_run keeps the true max (-inf) for the next tile.
+        // and poison o and l for good (review A1). Tile 0 holds key 0, which every row sees
+        // (also with the causal mask when seq_q <= seq_kv), but with causal and seq_q > seq_kv
+        // the first seq_q - seq_kv rows see no key: such a row subtracts 0 instead, so
+        // alpha = exp2(-inf) = 0 and P = exp2(-inf) = 0, while m_run keeps the true max (-inf)
+        // for the next tile; l stays 0 and the store writes zeros (the scores path's rule).
         float alpha[2], m_use[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -220,8 +237,9 @@ extern "C" __global__ void sdsparse_attn_naive(const __grid_constant__ SdsAttent
     const __half* q = static_cast<const __half*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + row * p.q_stride_s;
     const __half* kb = static_cast<const __half*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
     const __half* vb = static_cast<const __half*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+    const int key_end = sds_idx::attn_key_end(row, p.seq_q, p.seq_kv, p.causal != 0);
     float mx = -INFINITY;
-    for (int j = 0; j < p.seq_kv; ++j) {
+    for (int j = 0; j < key_end; ++j) {
         float dot = 0.0f;
         for (int d = 0; d < sds_attn::D; ++d) dot += __half2float(q[d]) * __half2float(kb[j * p.k_stride_s + d]);
         mx = fmaxf(mx, dot * p.scale);
@@ -229,7 +247,7 @@ extern "C" __global__ void sdsparse_attn_naive(const __grid_constant__ SdsAttent
     float acc[sds_attn::D];
     for (int d = 0; d < sds_attn::D; ++d) acc[d] = 0.0f;
     float sum = 0.0f;
-    for (int j = 0; j < p.seq_kv; ++j) {
+    for (int j = 0; j < key_end; ++j) {
         float dot = 0.0f;
         for (int d = 0; d < sds_attn::D; ++d) dot += __half2float(q[d]) * __half2float(kb[j * p.k_stride_s + d]);
         const float e = expf(dot * p.scale - mx);
@@ -237,5 +255,6 @@ extern "C" __global__ void sdsparse_attn_naive(const __grid_constant__ SdsAttent
         for (int d = 0; d < sds_attn::D; ++d) acc[d] += e * __half2float(vb[j * p.v_stride_s + d]);
     }
     __half* o = static_cast<__half*>(p.o) + b * p.o_stride_b + h * p.o_stride_h + row * p.o_stride_s;
-    for (int d = 0; d < sds_attn::D; ++d) o[d] = __float2half(acc[d] / sum);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // no visible key: zeros, as the flash kernel
+    for (int d = 0; d < sds_attn::D; ++d) o[d] = __float2half(acc[d] * inv);
 }

@@ -5,8 +5,8 @@
 //! GPU tests: fresh random data each run (seed printed), outputs poisoned with f16 NaN before
 //! each launch, error bounded norm-wise (2e-3) and element-wise (`test_util::check_close`),
 //! NaN never passes; sequence lengths 1, 77 and others that are not multiples of the 64-row
-//! tiles, both [B, H, S, 64] and [B, S, H*64] layouts; an adversarial mask test where one
-//! unmasked padding key would dominate. `SDSPARSE_GPU_VARIANTS` picks variants. The kernel's
+//! tiles, both [B, H, S, 64] and [B, S, H*64] layouts, with and without the causal mask; an
+//! adversarial mask test where one unmasked padding key would dominate. `SDSPARSE_GPU_VARIANTS` picks variants. The kernel's
 //! index math is checked without a GPU in tests/ptx_emulation.rs.
 
 use half::f16;
@@ -21,20 +21,34 @@ use sdsparse::backend::test_util::{
 
 const SCALE: f32 = 0.125; // 1 / sqrt(64)
 
+/// Keys `[0, end)` visible to query `row` (the kernel's `attn_key_end`, written out again).
+fn key_end(shape: &AttentionShape, row: usize) -> usize {
+    if shape.causal {
+        (row + 1 + shape.seq_kv).saturating_sub(shape.seq_q).min(shape.seq_kv)
+    } else {
+        shape.seq_kv
+    }
+}
+
 /// CPU emulation of the kernel's algorithm for one (b, h): 64-key tiles, running max and sum
-/// in f32 (log2 domain), masking past seq_kv, P rounded to f16 before P V.
-fn emulate_flash(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-    let (sq, skv) = (shape.seq_q, shape.seq_kv);
+/// in f32 (log2 domain), masking past seq_kv and (causal) past the row's diagonal, a query
+/// block visiting only the tiles up to its last row's last visible key, P rounded to f16
+/// before P V. `skip_one_more` plants a bug: each block skips one tile too many.
+fn emulate_flash(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], skip_one_more: bool) -> Vec<f32> {
+    let sq = shape.seq_q;
     let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
     let mut out = vec![0.0f32; sq * HEAD_DIM];
     for i in 0..sq {
         let (mut m_run, mut l_run) = (f32::NEG_INFINITY, 0.0f32);
         let mut o = [0.0f32; HEAD_DIM];
-        for t in 0..skv.div_ceil(64) {
+        let last_row = ((i / 64) * 64 + 63).min(sq - 1);
+        let n_tiles = key_end(shape, last_row).div_ceil(64).max(1) - usize::from(skip_one_more);
+        let end = key_end(shape, i);
+        for t in 0..n_tiles {
             let s: Vec<f32> = (0..64)
                 .map(|j| {
                     let key = t * 64 + j;
-                    if key >= skv {
+                    if key >= end {
                         return f32::NEG_INFINITY;
                     }
                     let dot: f32 = (0..HEAD_DIM).map(|d| q[i * HEAD_DIM + d] * k[key * HEAD_DIM + d]).sum();
@@ -59,8 +73,9 @@ fn emulate_flash(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec
                 }
             }
         }
+        let inv = if l_run > 0.0 { 1.0 / l_run } else { 0.0 };
         for d in 0..HEAD_DIM {
-            out[i * HEAD_DIM + d] = o[d] / l_run;
+            out[i * HEAD_DIM + d] = o[d] * inv;
         }
     }
     out
@@ -69,8 +84,24 @@ fn emulate_flash(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec
 #[test]
 fn online_softmax_algorithm_matches_reference() {
     let mut rng = Rng::fresh("emulation");
-    for &(sq, skv) in &[(1, 1), (3, 77), (5, 130), (2, 64), (4, 200)] {
-        let shape = AttentionShape { batch: 1, heads: 1, seq_q: sq, seq_kv: skv, scale: SCALE };
+    // Causal: the text encoder's 77, a multiple of the tile (128: the second block skips
+    // nothing, the first skips one tile), ragged 130 / 200 over several blocks, fewer queries
+    // than keys (the mask aligned at the end) and more (the first rows see no key: zeros).
+    let cases = [
+        (1, 1, false),
+        (3, 77, false),
+        (5, 130, false),
+        (2, 64, false),
+        (4, 200, false),
+        (77, 77, true),
+        (128, 128, true),
+        (130, 130, true),
+        (200, 200, true),
+        (70, 77, true),
+        (80, 77, true),
+    ];
+    for &(sq, skv, causal) in &cases {
+        let shape = AttentionShape { batch: 1, heads: 1, seq_q: sq, seq_kv: skv, scale: SCALE, causal };
         // Larger amplitude so the running max really moves between tiles.
         let q = rng.vec_f16(sq * HEAD_DIM, 3.0);
         let k = rng.vec_f16(skv * HEAD_DIM, 3.0);
@@ -79,10 +110,36 @@ fn online_softmax_algorithm_matches_reference() {
         let lk = HeadLayout::bhsd(1, skv);
         let mut reference = vec![0.0f32; sq * HEAD_DIM];
         reference_attention(&shape, &q, &l, &k, &lk, &v, &lk, &mut reference, &l);
-        let err = check(&emulate_flash(&shape, &q, &k, &v), &reference)
-            .unwrap_or_else(|e| panic!("seq_q {sq} seq_kv {skv}: {e}"));
-        println!("seq_q {sq} seq_kv {skv}: rel err {err:.2e}");
+        let err = check(&emulate_flash(&shape, &q, &k, &v, false), &reference)
+            .unwrap_or_else(|e| panic!("seq_q {sq} seq_kv {skv} causal {causal}: {e}"));
+        println!("seq_q {sq} seq_kv {skv} causal {causal}: rel err {err:.2e}");
+        // The reference itself: with the mask, row 0 of a square problem is V's row 0.
+        if causal && sq == skv {
+            assert_eq!(&reference[..HEAD_DIM], &v[..HEAD_DIM]);
+        }
+        // Planted bug: one tile too few per block is caught wherever a block has two tiles.
+        if causal && skv > 64 {
+            assert!(check(&emulate_flash(&shape, &q, &k, &v, true), &reference).is_err());
+        }
     }
+    // And a reference without the mask does not pass for a causal problem (the mask matters).
+    let shape = AttentionShape { batch: 1, heads: 1, seq_q: 77, seq_kv: 77, scale: SCALE, causal: true };
+    let (q, k, v) =
+        (rng.vec_f16(77 * HEAD_DIM, 3.0), rng.vec_f16(77 * HEAD_DIM, 3.0), rng.vec_f16(77 * HEAD_DIM, 1.0));
+    let l = HeadLayout::bhsd(1, 77);
+    let mut unmasked = vec![0.0f32; 77 * HEAD_DIM];
+    reference_attention(
+        &AttentionShape { causal: false, ..shape },
+        &q,
+        &l,
+        &k,
+        &l,
+        &v,
+        &l,
+        &mut unmasked,
+        &l,
+    );
+    assert!(check(&emulate_flash(&shape, &q, &k, &v, false), &unmasked).is_err());
 }
 
 #[test]
@@ -96,7 +153,7 @@ fn layouts_address_the_same_elements() {
     assert_eq!(bshd.offset(1, 2, 3), ((s + 3) * h + 2) * HEAD_DIM);
     // The reference gives the same answer through either layout.
     let mut rng = Rng::fresh("layouts");
-    let shape = AttentionShape { batch: b, heads: h, seq_q: 9, seq_kv: 11, scale: SCALE };
+    let shape = AttentionShape { batch: b, heads: h, seq_q: 9, seq_kv: 11, scale: SCALE, causal: false };
     let (lq1, lk1) = (HeadLayout::bhsd(h, 9), HeadLayout::bhsd(h, 11));
     let (lq2, lk2) = (HeadLayout::bshd(h, 9), HeadLayout::bshd(h, 11));
     let q1 = rng.vec_f16(b * h * 9 * HEAD_DIM, 1.0);
@@ -126,7 +183,7 @@ fn layouts_address_the_same_elements() {
 #[test]
 fn reference_attention_sanity() {
     // One key: the output is that key's value row, whatever the scores.
-    let shape = AttentionShape { batch: 1, heads: 1, seq_q: 2, seq_kv: 1, scale: SCALE };
+    let shape = AttentionShape { batch: 1, heads: 1, seq_q: 2, seq_kv: 1, scale: SCALE, causal: false };
     let q: Vec<f32> = (0..2 * HEAD_DIM).map(|i| i as f32).collect();
     let k = vec![1.0; HEAD_DIM];
     let v: Vec<f32> = (0..HEAD_DIM).map(|i| i as f32 * 0.5).collect();
@@ -201,7 +258,8 @@ fn gpu_attention_matches_cpu_reference() {
         (1, 2, 1024, 1024),
     ];
     for &(b, h, sq, skv) in &shapes {
-        let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE };
+        let shape =
+            AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE, causal: false };
         for bshd in [false, true] {
             let layout = |s| if bshd { HeadLayout::bshd(h, s) } else { HeadLayout::bhsd(h, s) };
             let (lq, lk) = (layout(sq), layout(skv));
@@ -209,6 +267,42 @@ fn gpu_attention_matches_cpu_reference() {
             let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
             let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
             let label = format!("b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}");
+            check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
+        }
+    }
+}
+
+/// The causal mask (the CLIP text encoder: 77 tokens, 16 heads of 64 in SD2) on both variants
+/// against the CPU reference: 77, a multiple of the 64-key tile (128), ragged lengths over
+/// several query blocks (130, 200), fewer queries than keys (70 / 77, the mask aligned at the
+/// end) and more (80 / 77: the first 3 rows see no key and must be exactly zero, not NaN).
+#[test]
+fn gpu_attention_causal_matches_cpu_reference() {
+    let Some(ctx) = gpu_for_test() else {
+        println!("no GPU: skipped");
+        return;
+    };
+    let attn = FusedAttention::load(&ctx).expect("kernel image");
+    let stream = ctx.default_stream();
+    let mut rng = Rng::fresh("gpu attention causal");
+    let shapes = [
+        (1, 1, 1, 1),
+        (2, 16, 77, 77),
+        (1, 2, 128, 128),
+        (1, 3, 130, 130),
+        (2, 2, 200, 200),
+        (1, 2, 70, 77),
+        (1, 2, 80, 77),
+    ];
+    for &(b, h, sq, skv) in &shapes {
+        let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE, causal: true };
+        for bshd in [false, true] {
+            let layout = |s| if bshd { HeadLayout::bshd(h, s) } else { HeadLayout::bhsd(h, s) };
+            let (lq, lk) = (layout(sq), layout(skv));
+            let q = rng.vec_f16(b * h * sq * HEAD_DIM, 2.0);
+            let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
+            let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
+            let label = format!("causal b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}");
             check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
         }
     }
@@ -225,8 +319,11 @@ fn gpu_attention_long_sequences_match_naive_kernel() {
     let attn = FusedAttention::load(&ctx).expect("kernel image");
     let stream = ctx.default_stream();
     let mut rng = Rng::fresh("gpu attention long");
-    for &(b, h, s) in &[(2, 5, 4096), (1, 1, 9216), (1, 2, 4099)] {
-        let shape = AttentionShape { batch: b, heads: h, seq_q: s, seq_kv: s, scale: SCALE };
+    // Causal 4099: blocks visit 1..=65 of the 65 tiles (the skip across a long range).
+    for &(b, h, s, causal) in
+        &[(2, 5, 4096, false), (1, 1, 9216, false), (1, 2, 4099, false), (1, 2, 4099, true)]
+    {
+        let shape = AttentionShape { batch: b, heads: h, seq_q: s, seq_kv: s, scale: SCALE, causal };
         let l = HeadLayout::bshd(h, s);
         let n = b * h * s * HEAD_DIM;
         let (q, k, v) = (rng.vec_f16(n, 2.0), rng.vec_f16(n, 2.0), rng.vec_f16(n, 1.0));
@@ -243,8 +340,9 @@ fn gpu_attention_long_sequences_match_naive_kernel() {
             outs.push(unbits(&stream.clone_dtoh(&dout).unwrap()));
         }
         assert!(relative_error(&outs[0], &outs[0]) == 0.0, "naive output has NaN");
-        let err = check(&outs[1], &outs[0]).unwrap_or_else(|e| panic!("flash vs naive seq {s}: {e}"));
-        println!("flash vs naive b={b} h={h} seq={s}: rel err {err:.2e}");
+        let err = check(&outs[1], &outs[0])
+            .unwrap_or_else(|e| panic!("flash vs naive seq {s} causal {causal}: {e}"));
+        println!("flash vs naive b={b} h={h} seq={s} causal {causal}: rel err {err:.2e}");
     }
 }
 
@@ -259,18 +357,19 @@ fn gpu_attention_rejects_bad_input() {
     let buf = stream.clone_htod(&vec![0u16; 64 * 4]).unwrap();
     let mut out = stream.clone_htod(&vec![0u16; 64 * 4]).unwrap();
     let l = HeadLayout::bhsd(1, 4);
-    let zero_keys = AttentionShape { batch: 1, heads: 1, seq_q: 4, seq_kv: 0, scale: SCALE };
+    let zero_keys = AttentionShape { batch: 1, heads: 1, seq_q: 4, seq_kv: 0, scale: SCALE, causal: false };
     assert!(attn
         .forward(&stream, AttentionVariant::Flash, &zero_keys, (&buf, l), (&buf, l), (&buf, l), (&mut out, l))
         .is_err());
-    let too_long = AttentionShape { batch: 1, heads: 1, seq_q: 5, seq_kv: 4, scale: SCALE };
+    let too_long = AttentionShape { batch: 1, heads: 1, seq_q: 5, seq_kv: 4, scale: SCALE, causal: false };
     assert!(attn
         .forward(&stream, AttentionVariant::Flash, &too_long, (&buf, l), (&buf, l), (&buf, l), (&mut out, l))
         .is_err());
 }
 
 /// Small sizes for `compute-sanitizer` (memcheck, racecheck): both variants, ragged seq_q and
-/// seq_kv spanning two K/V tiles, still checked against the reference.
+/// seq_kv spanning two K/V tiles, with and without the causal mask, still checked against the
+/// reference.
 #[test]
 fn gpu_attention_small_for_sanitizer() {
     let Some(ctx) = gpu_for_test() else {
@@ -280,12 +379,22 @@ fn gpu_attention_small_for_sanitizer() {
     let attn = FusedAttention::load(&ctx).expect("kernel image");
     let stream = ctx.default_stream();
     let mut rng = Rng::fresh("sanitizer attention");
-    let shape = AttentionShape { batch: 2, heads: 2, seq_q: 70, seq_kv: 77, scale: SCALE };
-    let (lq, lk) = (HeadLayout::bshd(2, 70), HeadLayout::bshd(2, 77));
-    let q = rng.vec_f16(2 * 2 * 70 * HEAD_DIM, 2.0);
-    let k = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 2.0);
-    let v = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 1.0);
-    check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, "sanitizer 2x2 70x77");
+    for causal in [false, true] {
+        let shape = AttentionShape { batch: 2, heads: 2, seq_q: 70, seq_kv: 77, scale: SCALE, causal };
+        let (lq, lk) = (HeadLayout::bshd(2, 70), HeadLayout::bshd(2, 77));
+        let q = rng.vec_f16(2 * 2 * 70 * HEAD_DIM, 2.0);
+        let k = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 2.0);
+        let v = rng.vec_f16(2 * 2 * 77 * HEAD_DIM, 1.0);
+        check_variants(
+            &attn,
+            &stream,
+            &shape,
+            (&q, lq),
+            (&k, lk),
+            &v,
+            &format!("sanitizer 2x2 70x77 causal {causal}"),
+        );
+    }
 }
 
 /// Adversarial mask (review item 3): every real key scores strongly negative (K = -c Q), so a
@@ -303,7 +412,8 @@ fn gpu_attention_adversarial_mask() {
     for &skv in &[1usize, 65, 77, 127] {
         for zero_q in [false, true] {
             let sq = 9;
-            let shape = AttentionShape { batch: 1, heads: 1, seq_q: sq, seq_kv: skv, scale: SCALE };
+            let shape =
+                AttentionShape { batch: 1, heads: 1, seq_q: sq, seq_kv: skv, scale: SCALE, causal: false };
             let (lq, lk) = (HeadLayout::bhsd(1, sq), HeadLayout::bhsd(1, skv));
             let dir = rng.vec_f16(HEAD_DIM, 1.0);
             let q: Vec<f32> =

@@ -48,6 +48,11 @@ enum Mutant {
     /// The ragged mask lets one padding key through (key > seq_kv instead of >=): the bug class
     /// a norm-only 1e-2 bound missed (kernel review T1).
     MaskOffByOne,
+    /// The causal mask lets each row see one key past its diagonal.
+    CausalDiagonal,
+    /// Each query block skips one more K/V tile than `attn_n_tiles` says (a skip bound that
+    /// drops a tile some row still sees).
+    CausalSkipTooMany,
 }
 
 fn i(v: usize) -> i32 {
@@ -1021,6 +1026,7 @@ struct Attn {
     sq: usize,
     skv: usize,
     layout: Layout,
+    causal: bool,
     q: Vec<u16>,
     k: Vec<u16>,
     v: Vec<u16>,
@@ -1034,13 +1040,28 @@ impl Attn {
         let q = halves(b * h * sq * D, 2.0);
         let k = halves(b * h * skv * D, 2.0);
         let v = halves(b * h * skv * D, 1.0);
-        Attn { b, h, sq, skv, layout, q, k, v }
+        Attn { b, h, sq, skv, layout, causal: false, q, k, v }
+    }
+    /// With the causal mask (the text encoder's self-attention).
+    fn causal(self) -> Attn {
+        Attn { causal: true, ..self }
+    }
+    /// Keys `[0, end)` visible to query `row`, written out independently of `attn_key_end`.
+    fn key_end(&self, row: usize) -> usize {
+        if self.causal {
+            (row + 1 + self.skv).saturating_sub(self.sq).min(self.skv)
+        } else {
+            self.skv
+        }
     }
     /// The 64 outputs of query `row` of (bb, hh), softmax in f64.
     fn reference_row(&self, bb: usize, hh: usize, row: usize) -> Vec<f64> {
         let (qs, ks) = (strides(self.layout, self.h, self.sq), strides(self.layout, self.h, self.skv));
         let qo = bb * qs.0 + row * qs.1 + hh * qs.2;
-        let scores: Vec<f64> = (0..self.skv)
+        if self.key_end(row) == 0 {
+            return vec![0.0; D]; // no visible key: zeros (the scores path's rule)
+        }
+        let scores: Vec<f64> = (0..self.key_end(row))
             .map(|j| {
                 let ko = bb * ks.0 + j * ks.1 + hh * ks.2;
                 0.125 * (0..D).map(|x| h2f(self.q[qo + x]) as f64 * h2f(self.k[ko + x]) as f64).sum::<f64>()
@@ -1083,7 +1104,10 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
             let mut emu = Emu::new((64 + 4 * 64) * LDS * 2);
             let (qsm, ksm, vsm) = (0, [64 * LDS, 128 * LDS], [192 * LDS, 256 * LDS]);
             let (qb, kb, vb) = (bb * qs.0 + hh * qs.2, bb * ks.0 + hh * ks.2, bb * ks.0 + hh * ks.2);
-            let n_tiles = p.skv.div_ceil(64);
+            let causal = i32::from(p.causal);
+            let n_tiles = u(ix::sds_attn_n_tiles(i(q0), i(p.sq), i(p.skv), causal))
+                - usize::from(mutant == Mutant::CausalSkipTooMany);
+            let first_end = u(ix::sds_attn_key_end(i(q0), i(p.sq), i(p.skv), causal));
             load_rows(&mut emu, qsm, &p.q, qb, qs.1, q0, p.sq);
             load_rows(&mut emu, ksm[0], &p.k, kb, ks.1, 0, p.skv);
             load_rows(&mut emu, vsm[0], &p.v, vb, ks.1, 0, p.skv);
@@ -1123,14 +1147,20 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
                             mma_16816(&qa[warp][kk], &reg(&bf, 2), &reg(&bf, 3), &mut sc[j + 1]);
                         }
                     }
-                    let ragged = (t + 1) * 64 > p.skv;
+                    let masked = (t + 1) * 64 > first_end;
                     let mut mx = m_run[warp];
                     for (j, scj) in sc.iter_mut().enumerate() {
                         for (l, scl) in scj.iter_mut().enumerate() {
                             for (e, v) in scl.iter_mut().enumerate() {
                                 let key = u(ix::sds_attn_key_index(i(t), i(j), i(l), i(e)));
-                                let limit = if mutant == Mutant::MaskOffByOne { p.skv + 1 } else { p.skv };
-                                *v = if ragged && key >= limit { f32::NEG_INFINITY } else { *v * scale_log2 };
+                                let row = q0 + warp * 16 + u(ix::sds_frag_c_row(i(l), i(e)));
+                                let mut limit = u(ix::sds_attn_key_end(i(row), i(p.sq), i(p.skv), causal));
+                                if mutant == Mutant::MaskOffByOne
+                                    || (mutant == Mutant::CausalDiagonal && limit < p.skv)
+                                {
+                                    limit += 1;
+                                }
+                                *v = if masked && key >= limit { f32::NEG_INFINITY } else { *v * scale_log2 };
                                 mx[l][e / 2] = mx[l][e / 2].max(*v);
                             }
                         }
@@ -1209,7 +1239,8 @@ fn attention(p: &Attn, qblocks: &[usize], mutant: Mutant) -> Result<f64, String>
     }
     let flat: Vec<usize> =
         cells.iter().map(|&(bb, hh, row, d)| bb * qs.0 + row * qs.1 + hh * qs.2 + d).collect();
-    let name = format!("attention B={} H={} Sq={} Skv={} {:?}", p.b, p.h, p.sq, p.skv, p.layout);
+    let name =
+        format!("attention B={} H={} Sq={} Skv={} {:?} causal {}", p.b, p.h, p.sq, p.skv, p.layout, p.causal);
     let mut rows = std::collections::HashMap::new();
     for &(bb, hh, row, _) in &cells {
         rows.entry((bb, hh, row)).or_insert_with(|| p.reference_row(bb, hh, row));
@@ -1228,6 +1259,32 @@ fn attention_text_context_both_layouts() {
     attention(&Attn::new(1, 2, 70, 77, Layout::Bshd, 21), &[0, 1], Mutant::None).unwrap();
     attention(&Attn::new(2, 1, 5, 77, Layout::Bhsd, 22), &[0], Mutant::None).unwrap();
     attention(&Attn::new(1, 1, 3, 1, Layout::Bhsd, 23), &[0], Mutant::None).unwrap();
+}
+
+#[test]
+fn attention_causal_text_encoder() {
+    // The text encoder's causal self-attention, 77 tokens: block 0 visits one tile (its rows
+    // straddle keys 0..63), block 1 both; a multiple of the tile (128), a ragged 130 over three
+    // blocks (block 2 skips nothing, block 0 skips two tiles), fewer queries than keys (70 / 77)
+    // and more (80 / 77: rows 0..2 see no key and are written as zeros, no NaN).
+    attention(&Attn::new(1, 2, 77, 77, Layout::Bshd, 41).causal(), &[0, 1], Mutant::None).unwrap();
+    attention(&Attn::new(1, 1, 128, 128, Layout::Bhsd, 42).causal(), &[0, 1], Mutant::None).unwrap();
+    attention(&Attn::new(1, 1, 130, 130, Layout::Bshd, 43).causal(), &[0, 1, 2], Mutant::None).unwrap();
+    attention(&Attn::new(1, 1, 70, 77, Layout::Bhsd, 44).causal(), &[0, 1], Mutant::None).unwrap();
+    attention(&Attn::new(1, 1, 80, 77, Layout::Bhsd, 45).causal(), &[0, 1], Mutant::None).unwrap();
+    // The tiles visited: every tile a block's last row sees, none past it.
+    for (q0, sq, skv, want) in [
+        (0, 77, 77, 1),
+        (64, 77, 77, 2),
+        (0, 130, 130, 1),
+        (64, 130, 130, 2),
+        (128, 130, 130, 3),
+        (0, 80, 77, 1),
+        (0, 9, 1, 1),
+    ] {
+        assert_eq!(ix::sds_attn_n_tiles(q0, sq, skv, 1), want, "q0 {q0} seq {sq}/{skv}");
+    }
+    assert_eq!(ix::sds_attn_n_tiles(0, 77, 200, 0), 4, "no mask: every tile");
 }
 
 #[test]
@@ -1266,6 +1323,13 @@ fn mutants_are_caught() {
     let got = attention(&att, &[0], Mutant::MaskOffByOne);
     println!("MaskOffByOne on attention: {got:?}");
     assert!(got.is_err(), "one unmasked padding key not caught: {got:?}");
+    let causal = Attn::new(1, 1, 77, 77, Layout::Bshd, 34).causal();
+    for mutant in [Mutant::CausalDiagonal, Mutant::CausalSkipTooMany] {
+        let got = attention(&causal, &[0, 1], mutant);
+        println!("{mutant:?} on causal attention: {got:?}");
+        assert!(got.is_err(), "{mutant:?} not caught: {got:?}");
+    }
+    attention(&causal, &[0, 1], Mutant::None).unwrap();
     // And the unmutated runs of the same inputs pass.
     run_sp24(&sp, Sp24Kernel::V3, true, Mutant::None).unwrap();
     run_uns(&uns, UnsKernel::Wgmma, 1, true, Mutant::None).unwrap();

@@ -177,5 +177,24 @@ SDS_IDX int attn_key_index(int t, int j, int lane, int e) { return t * 64 + j * 
 // P V: the S accumulator of n8 tiles j (even) and j+1 is the A fragment of k16 slice j / 2;
 // register (j & 1) * 2 + r of that slice holds row g (r = 0) or g + 8 (r = 1).
 SDS_IDX int attn_p_reg(int j, int r) { return (j & 1) * 2 + r; }
+// Causal mask, aligned at the end like the scores path's (`j > i + seq_kv - seq_q` hidden):
+// query row `row` sees keys [0, attn_key_end). Without the mask, and for the zero-filled rows
+// past seq_q, every key < seq_kv. Nondecreasing in `row`, so a query block's first row has the
+// fewest visible keys and its last real row the most.
+SDS_IDX int attn_key_end(int row, int seq_q, int seq_kv, bool causal) {
+    if (!causal) return seq_kv;
+    const int end = row + 1 + seq_kv - seq_q;
+    return end < 0 ? 0 : (end < seq_kv ? end : seq_kv);
+}
+// K/V tiles (64 keys each) a query block starting at row q0 visits: those holding a key its last
+// real row sees. Tiles past them are masked for every row of the block (exp2(-inf) = 0 adds
+// nothing to P V or the row sums, and the running max ignores -inf), so skipping them changes
+// no result. At least one tile: a block that sees no key at all (causal with seq_q > seq_kv)
+// runs one all-masked tile and the all-masked-row guard writes zeros.
+SDS_IDX int attn_n_tiles(int q0, int seq_q, int seq_kv, bool causal) {
+    const int last = (q0 + 63 < seq_q ? q0 + 63 : seq_q - 1);
+    const int tiles = (attn_key_end(last, seq_q, seq_kv, causal) + 63) / 64;
+    return tiles > 1 ? tiles : 1;
+}
 
 }  // namespace sds_idx

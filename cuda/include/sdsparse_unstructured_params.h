@@ -65,7 +65,7 @@ typedef struct SdsAttentionParams {
     int64_t o_stride_b, o_stride_s, o_stride_h;
     int32_t batch, heads, seq_q, seq_kv;
     float scale;                   // usually 1/sqrt(64)
-    int32_t reserved;
+    int32_t causal;                // nonzero: query i sees keys j <= i + seq_kv - seq_q (CLIP's mask)
 } SdsAttentionParams;
 
 #ifdef __cplusplus
@@ -111,5 +111,5 @@ static_assert(offsetof(SdsAttentionParams, heads) == 132, "Rust mirror offset");
 static_assert(offsetof(SdsAttentionParams, seq_q) == 136, "Rust mirror offset");
 static_assert(offsetof(SdsAttentionParams, seq_kv) == 140, "Rust mirror offset");
 static_assert(offsetof(SdsAttentionParams, scale) == 144, "Rust mirror offset");
-static_assert(offsetof(SdsAttentionParams, reserved) == 148, "Rust mirror offset");
+static_assert(offsetof(SdsAttentionParams, causal) == 148, "Rust mirror offset");
 #endif

@@ -65,4 +65,6 @@ uint64_t sds_uns_below_mask(int lane) { return uns_below_mask(lane); }
 
 int sds_attn_key_index(int t, int j, int lane, int e) { return attn_key_index(t, j, lane, e); }
 int sds_attn_p_reg(int j, int r) { return attn_p_reg(j, r); }
+int sds_attn_key_end(int row, int seq_q, int seq_kv, int causal) { return attn_key_end(row, seq_q, seq_kv, causal != 0); }
+int sds_attn_n_tiles(int q0, int seq_q, int seq_kv, int causal) { return attn_n_tiles(q0, seq_q, seq_kv, causal != 0); }
 }

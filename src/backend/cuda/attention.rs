@@ -52,9 +52,13 @@ pub struct AttentionShape {
     pub seq_kv: usize,
     /// Usually `1 / sqrt(64)`.
     pub scale: f32,
+    /// Causal mask (the CLIP text encoder): query `i` sees keys `j <= i + seq_kv - seq_q`
+    /// (aligned at the end, as `cpu::attention::attention`); a query that sees no key (only when
+    /// `seq_q > seq_kv`) gives zeros.
+    pub causal: bool,
 }
 
-/// CPU reference: `o = softmax(scale q k^T) v` per (b, h) in f64, reading and writing through
+/// CPU reference: `o = softmax(scale q k^T [+ causal mask]) v` per (b, h) in f64, reading and writing through
 /// the given layouts (values as f32; the caller rounds inputs to f16 where the GPU does).
 #[allow(clippy::too_many_arguments)]
 pub fn reference_attention(
@@ -73,6 +77,18 @@ pub fn reference_attention(
         for h in 0..shape.heads {
             for i in 0..shape.seq_q {
                 let qo = ql.offset(b, h, i);
+                // Keys [0, visible) unmasked (cpu::attention's causal rule).
+                let visible = if shape.causal {
+                    (i + 1 + shape.seq_kv).saturating_sub(shape.seq_q)
+                } else {
+                    shape.seq_kv
+                };
+                let scores = &mut scores[..visible.min(shape.seq_kv)];
+                let oo = ol.offset(b, h, i);
+                if scores.is_empty() {
+                    o[oo..oo + HEAD_DIM].fill(0.0);
+                    continue;
+                }
                 let mut mx = f64::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
                     let ko = kl.offset(b, h, j);
@@ -85,7 +101,6 @@ pub fn reference_attention(
                     *s = (*s - mx).exp();
                     sum += *s;
                 }
-                let oo = ol.offset(b, h, i);
                 for d in 0..HEAD_DIM {
                     let acc: f64 =
                         scores.iter().enumerate().map(|(j, p)| p * v[vl.offset(b, h, j) + d] as f64).sum();
@@ -113,7 +128,8 @@ pub struct AttentionParams {
     pub seq_q: i32,
     pub seq_kv: i32,
     pub scale: f32,
-    pub reserved: i32,
+    /// Nonzero: the causal mask.
+    pub causal: i32,
 }
 const _: () = assert!(std::mem::size_of::<AttentionParams>() == 152);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, q) == 0);
@@ -129,7 +145,7 @@ const _: () = assert!(std::mem::offset_of!(AttentionParams, heads) == 132);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_q) == 136);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, seq_kv) == 140);
 const _: () = assert!(std::mem::offset_of!(AttentionParams, scale) == 144);
-const _: () = assert!(std::mem::offset_of!(AttentionParams, reserved) == 148);
+const _: () = assert!(std::mem::offset_of!(AttentionParams, causal) == 148);
 
 // SAFETY: AttentionParams is the #[repr(C)] mirror of SdsAttentionParams (layout asserted
 // above): plain integers and device addresses.
@@ -145,7 +161,8 @@ pub type AttentionLaunch = (AttentionParams, (u32, u32, u32));
 /// for the caller) and grid (`ceil(seq_q / 64)` x `batch · heads`): every operand buffer
 /// (`lens`: Q, K, V, O elements) holds what its [`HeadLayout`] addresses, strides are
 /// multiples of 8 elements (16-byte `cp.async` rows), sizes fit `i32`, batch x heads fits
-/// grid.y, and there is at least one key. `None`: nothing to compute (an empty batch).
+/// grid.y, and there is at least one key. With `causal`, each query block's CTA visits only the
+/// K/V tiles up to its last row's diagonal (the grid is the same). `None`: nothing to compute (an empty batch).
 pub fn plan_attention(
     s: &AttentionShape,
     lens: [usize; 4],
@@ -189,7 +206,7 @@ pub fn plan_attention(
         seq_q: to_i32(s.seq_q)?,
         seq_kv: to_i32(s.seq_kv)?,
         scale: s.scale,
-        reserved: 0,
+        causal: i32::from(s.causal),
     };
     let grid = (s.seq_q.div_ceil(BLOCK_Q) as u32, (s.batch * s.heads) as u32, 1);
     Ok(Some((params, grid)))
@@ -238,7 +255,7 @@ impl FusedAttention {
         self.module.context()
     }
 
-    /// `o = softmax(scale q k^T) v` for every (batch, head) in one launch; all operands f16
+    /// `o = softmax(scale q k^T [+ causal mask]) v` for every (batch, head) in one launch; all operands f16
     /// bit patterns in their layouts.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
@@ -276,7 +293,7 @@ mod tests {
 
     #[test]
     fn attention_plans_check_their_arguments() {
-        let s = AttentionShape { batch: 2, heads: 5, seq_q: 70, seq_kv: 77, scale: 0.125 };
+        let s = AttentionShape { batch: 2, heads: 5, seq_q: 70, seq_kv: 77, scale: 0.125, causal: false };
         let l = |seq| HeadLayout::bshd(5, seq);
         let layouts = [l(70), l(77), l(77), l(70)];
         let lens = [2 * 70 * 320, 2 * 77 * 320, 2 * 77 * 320, 2 * 70 * 320];
@@ -284,7 +301,10 @@ mod tests {
         // ceil(70 / 64) query tiles x (batch x heads).
         assert_eq!(grid, (2, 10, 1));
         assert_eq!((p.q_stride, p.k_stride), ([70 * 320, 320, 64], [77 * 320, 320, 64]));
-        assert_eq!((p.batch, p.heads, p.seq_q, p.seq_kv, p.scale), (2, 5, 70, 77, 0.125));
+        assert_eq!((p.batch, p.heads, p.seq_q, p.seq_kv, p.scale, p.causal), (2, 5, 70, 77, 0.125, 0));
+        // The causal flag reaches the kernel; same grid (the CTAs skip tiles, not the grid).
+        let (pc, gc) = plan_attention(&AttentionShape { causal: true, ..s }, lens, layouts).unwrap().unwrap();
+        assert_eq!((pc.causal, gc), (1, grid));
         // [B, H, S, D] strides.
         let bhsd = [
             HeadLayout::bhsd(5, 70),

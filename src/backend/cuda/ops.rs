@@ -205,11 +205,11 @@ pub fn layer_norm(x: &Tensor, dim: usize, gamma: &Tensor, beta: &Tensor, eps: f3
 
 /// Which attention path runs for activations of `dtype` (the choice [`attention`] makes, a
 /// pure function so the routing is unit-tested on the host):
-/// - f16, head dim 64, no causal mask: our flash kernel (`attention.rs`, `cuda/attention.cu`):
-///   f16 Q/K/V/O, `Q·Kᵀ` on tensor cores into f32 accumulators, f32 online softmax, P rounded
-///   to f16 for `P·V` (the UNet's heads);
-/// - otherwise (f32, bf16, a causal mask — the text encoder —, any other head dim — the VAE's
-///   single 512-wide head —, or `SDSPARSE_GPU_ATTENTION=softmax`): the scores path.
+/// - f16, head dim 64, with or without the causal mask: our flash kernel (`attention.rs`,
+///   `cuda/attention.cu`): f16 Q/K/V/O, `Q·Kᵀ` on tensor cores into f32 accumulators, f32 online
+///   softmax, P rounded to f16 for `P·V` (the UNet's heads and the text encoder's causal ones);
+/// - otherwise (f32, bf16, any other head dim — the VAE's single 512-wide head —, or
+///   `SDSPARSE_GPU_ATTENTION=softmax`): the scores path.
 ///
 /// Neither path stores scores in f16, so `upcast_attention` (SD2.1 768-v, whose f16 scores
 /// overflow in diffusers without it) needs no flag here: both compute `Q·Kᵀ` and the softmax in
@@ -220,9 +220,12 @@ pub enum AttentionPath {
     Scores,
 }
 
+/// `causal` does not change the choice (both paths take the mask); it stays an argument so the
+/// routing test states that for the text encoder's shape.
 pub fn attention_path(dtype: DType, head_dim: usize, causal: bool) -> AttentionPath {
+    let _ = causal;
     let forced = std::env::var("SDSPARSE_GPU_ATTENTION").is_ok_and(|v| v == "softmax");
-    if dtype == DType::F16 && head_dim == attention::HEAD_DIM && !causal && !forced {
+    if dtype == DType::F16 && head_dim == attention::HEAD_DIM && !forced {
         AttentionPath::Flash
     } else {
         AttentionPath::Scores
@@ -256,19 +259,21 @@ fn attention_scores(
     Ok(wrap(&dev, out, &[s.batch, s.heads, s.sq, s.d]))
 }
 
-/// The flash kernel on f16 operands addressed through `layouts` (Q, K, V, O); the output is a
-/// new buffer in O's layout.
+/// The flash kernel on f16 operands addressed through `layouts` (Q, K, V, O), with the causal
+/// mask when `causal`; the output is a new buffer in O's layout.
+#[allow(clippy::too_many_arguments)]
 fn attention_flash(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     s: AttnShape,
     scale: f32,
+    causal: bool,
     layouts: [HeadLayout; 4],
     out_shape: &[usize],
 ) -> Result<Tensor> {
     let dev = device_of(q)?;
-    let shape = AttentionShape { batch: s.batch, heads: s.heads, seq_q: s.sq, seq_kv: s.sk, scale };
+    let shape = AttentionShape { batch: s.batch, heads: s.heads, seq_q: s.sq, seq_kv: s.sk, scale, causal };
     let o = output(&dev, DType::F16, s.batch * s.heads * s.sq * s.d)?;
     let (qv, kv, vv) = (values(q)?, values(k)?, values(v)?);
     if [qv.dtype(), kv.dtype(), vv.dtype()] != [DType::F16; 3] {
@@ -306,7 +311,7 @@ pub fn attention(
     match attention_path(q.dtype(), s.d, causal) {
         AttentionPath::Flash => {
             let l = |seq| HeadLayout::bhsd(s.heads, seq);
-            attention_flash(q, &k, &v, s, scale, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape())
+            attention_flash(q, &k, &v, s, scale, causal, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape())
         }
         AttentionPath::Scores => attention_scores(q, &k, &v, s, scale, causal),
     }
@@ -326,7 +331,7 @@ pub fn attention_interleaved(
     let (k, v) = (to_dtype(k, q.dtype())?, to_dtype(v, q.dtype())?);
     if attention_path(q.dtype(), s.d, causal) == AttentionPath::Flash {
         let l = |seq| HeadLayout::bshd(s.heads, seq);
-        return attention_flash(q, &k, &v, s, scale, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape());
+        return attention_flash(q, &k, &v, s, scale, causal, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape());
     }
     let split = |t: &Tensor, len: usize| permute(&t.reshape(&[s.batch, len, s.heads, s.d])?, &[0, 2, 1, 3]);
     let out = attention_scores(&split(q, s.sq)?, &split(&k, s.sk)?, &split(&v, s.sk)?, s, scale, causal)?;
@@ -577,8 +582,10 @@ mod tests {
         use AttentionPath::*;
         // The UNet's heads (head dim 64) in f16: the flash kernel.
         assert_eq!(attention_path(DType::F16, 64, false), Flash);
-        // The text encoder's causal mask: the flash kernel has none, so the scores path.
-        assert_eq!(attention_path(DType::F16, 64, true), Scores);
+        // The text encoder's causal heads (77 tokens, 16 x 64 in SD2): the flash kernel, which
+        // takes the mask (`SdsAttentionParams::causal`).
+        assert_eq!(attention_path(DType::F16, 64, true), Flash);
+        assert_eq!(attention_path(DType::BF16, 64, true), Scores);
         // The VAE mid-block's single 512-wide head, and any other head dim.
         assert_eq!(attention_path(DType::F16, 512, false), Scores);
         assert_eq!(attention_path(DType::F16, 40, false), Scores);
@@ -692,10 +699,17 @@ mod tests {
                     |v: &[f32]| dispatch::to_device(&Tensor::from_vec(v.to_vec(), &[320])?, &t[0].device());
                 dispatch::layer_norm(&t[0], &p(&g)?, &p(&b)?, 1e-5)
             })?;
-            // Attention: UNet-like heads (flash in f16), the causal text encoder, the VAE head.
-            for (b_, h, sq, sk, d, causal) in
-                [(2, 5, 70, 77, 64, false), (2, 5, 77, 77, 64, true), (1, 1, 256, 256, 512, false)]
-            {
+            // Attention: UNet-like heads (flash in f16), the causal text encoder (flash in f16:
+            // 77 tokens, a multiple of the 64-key tile, a ragged 130 over three query blocks,
+            // and 70 queries over 77 keys, where the mask aligns at the end), the VAE head.
+            for (b_, h, sq, sk, d, causal) in [
+                (2, 5, 70, 77, 64, false),
+                (2, 5, 77, 77, 64, true),
+                (1, 2, 128, 128, 64, true),
+                (1, 2, 130, 130, 64, true),
+                (1, 2, 70, 77, 64, true),
+                (1, 1, 256, 256, 512, false),
+            ] {
                 let (q, k, v) =
                     (rng.vec(b_ * h * sq * d), rng.vec(b_ * h * sk * d), rng.vec(b_ * h * sk * d));
                 compare(
@@ -713,6 +727,15 @@ mod tests {
                 dtype,
                 &[(&q, &[2, 70, 320]), (&k, &[2, 77, 320]), (&v, &[2, 77, 320])],
                 |t| dispatch::attention_heads(&t[0], &t[1], &t[2], 5, 0.125, false),
+            )?;
+            // The text encoder's call: head-interleaved [B, 77, 16 x 64], causal.
+            let (q, k, v) = (rng.vec(2 * 77 * 1024), rng.vec(2 * 77 * 1024), rng.vec(2 * 77 * 1024));
+            compare(
+                "attention_heads [2, 77/77, 16 x 64] causal",
+                device,
+                dtype,
+                &[(&q, &[2, 77, 1024]), (&k, &[2, 77, 1024]), (&v, &[2, 77, 1024])],
+                |t| dispatch::attention_heads(&t[0], &t[1], &t[2], 16, 0.125, true),
             )?;
             let (a, bm) = (rng.vec(3 * 17 * 40), rng.vec(3 * 40 * 23));
             compare("matmul", device, dtype, &[(&a, &[3, 17, 40]), (&bm, &[3, 40, 23])], |t| {

@@ -58,6 +58,8 @@ unsafe extern "C" {
     pub safe fn sds_uns_below_mask(lane: i32) -> u64;
     pub safe fn sds_attn_key_index(t: i32, j: i32, lane: i32, e: i32) -> i32;
     pub safe fn sds_attn_p_reg(j: i32, r: i32) -> i32;
+    pub safe fn sds_attn_key_end(row: i32, seq_q: i32, seq_kv: i32, causal: i32) -> i32;
+    pub safe fn sds_attn_n_tiles(q0: i32, seq_q: i32, seq_kv: i32, causal: i32) -> i32;
 }
 
 unsafe extern "C" {
