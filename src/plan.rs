@@ -345,6 +345,7 @@ pub fn make_plan(model: &Path, opts: &PlanOptions, progress: PlanProgress<'_>) -
     if opts.steps == 0 || opts.captions == 0 {
         return Err(Error::Invalid("plan needs at least one caption and one step".into()));
     }
+    crate::checkpoint::source::require_dense(model, "plan")?;
     let captions = evaluation_captions(model, opts.captions)?;
     let mut sd = StableDiffusion::load(model, &crate::backend::Device::Cpu)?;
 
@@ -444,6 +445,7 @@ pub fn make_plan(model: &Path, opts: &PlanOptions, progress: PlanProgress<'_>) -
 pub fn measure(model: &Path, plan: &MixedPlan) -> Result<f64> {
     let opts =
         PlanOptions { captions: plan.captions, steps: plan.steps, seed: plan.seed, ..PlanOptions::default() };
+    crate::checkpoint::source::require_dense(model, "plan")?;
     let captions = evaluation_captions(model, opts.captions)?;
     let mut sd = StableDiffusion::load(model, &crate::backend::Device::Cpu)?;
     let reference = evaluate(&sd, &captions, &opts)?;

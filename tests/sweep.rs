@@ -250,3 +250,25 @@ fn sweep_wanda_and_owl_equal_convert() {
     assert!(e.contains("Linear layers only"), "{e}");
     assert!(!tmp.path().join("conv").exists());
 }
+
+/// A converted (sparse) checkpoint or a component folder is refused by `sweep` and `plan`
+/// before any work: no output folder, no baseline images.
+#[test]
+fn sweep_and_plan_refuse_a_converted_model_before_any_work() {
+    use sdsparse::plan::{make_plan, PlanOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let sparse = tmp.path().join("sparse");
+    convert(&fixture(), &sparse, &ConvertOptions::default(), &mut |_| {}).unwrap();
+    let out = tmp.path().join("sweep");
+    let mut o = options(&out);
+    o.model = sparse.clone();
+    let e = sweep::run(&o, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("sweep needs a dense checkpoint"), "{e}");
+    assert!(!out.exists(), "the sweep wrote {} before refusing", out.display());
+    o.model = fixture().join("unet");
+    let e = sweep::run(&o, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("one component (unet)"), "{e}");
+    assert!(!out.exists());
+    let e = make_plan(&sparse, &PlanOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("plan needs a dense checkpoint"), "{e}");
+}

@@ -146,3 +146,22 @@ pub fn has_weights(dir: &Path) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Refuses, before any work, a model that `what` (sweep, plan) cannot start from: anything
+/// [`ModelSource::open`] refuses (a missing path, a component folder) and a checkpoint already
+/// converted by sdsparse (its text encoder or UNet has a sparse header): pruning starts from dense.
+pub fn require_dense(path: &Path, what: &str) -> Result<()> {
+    let src = ModelSource::open(path, &SingleFileOptions::default())?;
+    if let ModelSource::Folder(dir) = &src {
+        for c in ["text_encoder", "unet"] {
+            if dir.join(c).is_dir() && src.store(c)?.sparse_header().is_some() {
+                return Err(Error::Invalid(format!(
+                    "{}: {what} needs a dense checkpoint (this one is already converted; give the model it \
+                     was converted from)",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -73,16 +73,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     sdsparse::toy::write_model(&dense, true)?;
     outln!("wrote {}\n", dense.display());
 
-    outln!(
-        "== 2/3 sdsparse convert at the study's targets (text encoder 47.5%, UNet 35%, magnitude, per layer)"
-    );
+    // 2:4 is exactly 50% of every pruned layer; unstructured uses the study's targets.
+    let two_four = args.pattern.parse::<sdsparse::prune::Pattern>()? == sdsparse::prune::Pattern::Sparse24;
+    let targets = if two_four { "2:4, 50% of every pruned Linear" } else { "TE 47.5%, UNet 35%" };
+    if two_four {
+        outln!("== 2/3 sdsparse convert with the 2:4 pattern (text encoder and UNet Linears 50%, magnitude)");
+    } else {
+        outln!(
+            "== 2/3 sdsparse convert at the study's targets (text encoder 47.5%, UNet 35%, magnitude, per layer)"
+        );
+    }
     let s = |x: &std::path::Path| x.display().to_string();
     let flags = ["--model", &s(&dense), "--out", &s(&sparse), "--pattern", &args.pattern, "--force"];
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     super::convert::run(parse_args("convert", &flags)?)?;
     outln!(
         "(the toy's files barely shrink: most of its bytes are the text encoder's token embedding, which is not \
-         pruned; on SD2.1 the same targets store 0.83x of dense)"
+         pruned{})",
+        if two_four { "" } else { "; on SD2.1 the same targets store 0.83x of dense" }
     );
     outln!();
 
@@ -135,7 +143,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let row_labels = ["dense".to_string(), format!("sparse ({}, TE 47.5%, UNet 35%)", args.pattern)];
+    let row_labels = ["dense".to_string(), format!("sparse ({targets})")];
     let picture = sdsparse::sweep::plot::side_by_side(&rows, &row_labels, &prompts, &marks)?;
     let tmp = image.with_extension("png.tmp");
     picture.save_with_format(&tmp, image::ImageFormat::Png)?;

@@ -466,6 +466,7 @@ pub fn run(opts: &SweepOptions, progress: &mut ProgressFn<'_>) -> Result<SweepRe
             )));
         }
     }
+    crate::checkpoint::source::require_dense(&opts.model, "sweep")?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let results_path = opts.out.join("results.json");
     let mut results = if results_path.exists() {
