@@ -327,6 +327,8 @@ def main():
                     help="phase 4 only: fine-tune the VAE decoder of the folder DIR in place (encoder frozen)")
     ap.add_argument("--decoder-steps", type=int, default=2000)
     args = ap.parse_args()
+    if args.init_from and args.resume:
+        ap.error("--init-from (a new UNet) and --resume (the saved UNet) exclude each other")
     if args.finetune_decoder:
         return finetune_decoder(args)
 
@@ -355,29 +357,21 @@ def main():
     info = {"seed": args.seed, "threads": args.threads, "params": n_params, "args": vars(args),
             "torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
 
-    if args.init_from:
-        # A fresh UNet on a trained folder's VAE (so its latent space and scaling factor) and text encoder.
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel
-
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.init_from, "text_encoder")).float()
-        vae = AutoencoderKL.from_pretrained(os.path.join(args.init_from, "vae")).float()
-        with open(os.path.join(args.init_from, "train_info.json")) as f:
-            info["vae_and_text_encoder_from"] = json.load(f)
-        vae_done = 0
-        log(f"VAE and text encoder from {args.init_from}; new UNet {unet_channels}")
-    elif args.resume:
-        # Continue from a saved folder: its text encoder, UNet and VAE (the VAE, and so the latent space, is kept).
+    if args.init_from or args.resume:
+        # --init-from: a fresh UNet on a trained folder's VAE (so its latent space and scaling factor) and text
+        # encoder. --resume: continue from a saved folder's text encoder, UNet and VAE (the VAE is kept).
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.resume, "text_encoder")).float()
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.resume, "unet")).float()
-        vae = AutoencoderKL.from_pretrained(os.path.join(args.resume, "vae")).float()
-        with open(os.path.join(args.resume, "train_info.json")) as f:
-            info["resumed_from"] = json.load(f)
+        src = args.init_from or args.resume
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder")).float()
+        vae = AutoencoderKL.from_pretrained(os.path.join(src, "vae")).float()
+        if args.resume:
+            unet = UNet2DConditionModel.from_pretrained(os.path.join(src, "unet")).float()
+        with open(os.path.join(src, "train_info.json")) as f:
+            info["vae_and_text_encoder_from" if args.init_from else "resumed_from"] = json.load(f)
         vae_done = 0
-        log(f"resumed from {args.resume}")
+        log(f"VAE and text encoder from {src}; new UNet {unet_channels}" if args.init_from else f"resumed from {src}")
     else:
         # ---- 1. VAE --------------------------------------------------------------------------------------------
         opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
@@ -406,6 +400,9 @@ def main():
     for p in vae.parameters():
         p.requires_grad_(False)
     info["vae_steps_done"] = vae_done
+    # The models actually trained (a resumed UNet keeps its own size, whatever --unet-channels says).
+    info["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in
+                      (("text_encoder", text_encoder), ("unet", unet), ("vae", vae))}
 
     # ---- 2. latents of a fixed image set ------------------------------------------------------------------
     xs, caps = make_dataset(rng, args.images)
