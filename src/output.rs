@@ -76,11 +76,23 @@ pub fn check_output_file(dest: &Path, what: &str) -> Result<()> {
     check_writable_parent(dest, what)
 }
 
-/// Checks an output FOLDER before any work: absent (or `force`), not a file when replacing,
-/// its parent exists and is writable.
+/// Checks an output model FOLDER before any work: absent, or (with `force`) an empty folder or
+/// a model folder (one with `model_index.json`, or a component's `config.json`), so `--force`
+/// never deletes a file or a folder of other work; its parent exists and is writable.
 pub fn check_output_dir(dest: &Path, force: bool, what: &str) -> Result<()> {
     if dest.exists() && !force {
         return Err(Error::Invalid(format!("{} already exists (use --force to replace it)", dest.display())));
+    }
+    if dest.exists() {
+        let is_model = dest.join("model_index.json").is_file() || dest.join("config.json").is_file();
+        let is_empty = std::fs::read_dir(dest).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !dest.is_dir() || !(is_model || is_empty) {
+            return Err(Error::Invalid(format!(
+                "{what} {} exists and is not a model folder; --force replaces only a model folder (or an \
+                 empty one): give another path",
+                dest.display()
+            )));
+        }
     }
     check_writable_parent(dest, what)
 }

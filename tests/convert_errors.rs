@@ -176,6 +176,18 @@ fn output_exists_unless_force() {
     assert_eq!(code, 1);
     assert!(err.contains("already exists") && err.contains("--force"), "{err}");
     assert!(out.join("keep.txt").exists(), "existing output untouched");
+    // --force replaces only a model folder (or an empty one): not a folder of other work, not a file.
+    let (code, _, err) = run_bin(&convert_args(&m, &o, &["--force"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a model folder"), "{err}");
+    assert!(out.join("keep.txt").exists(), "--force must not delete other work");
+    let file = tmp.path().join("picture.png");
+    std::fs::write(&file, "png").unwrap();
+    let (code, _, err) = run_bin(&convert_args(&m, &file.display().to_string(), &["--force"]));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"png");
+    // An earlier output (a model folder) is replaced.
+    std::fs::write(out.join("model_index.json"), "{}").unwrap();
     let (code, stdout, err) = run_bin(&convert_args(&m, &o, &["--force"]));
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("text_encoder") && stdout.contains("x of dense"), "{stdout}");
