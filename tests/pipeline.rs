@@ -364,37 +364,28 @@ fn cli_device_cuda_without_gpu_is_one_line_error() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let png = tmp.path().join("out.png");
-    let out = sdsparse()
-        .args(["generate", "--model"])
-        .arg(model_dir())
-        .args(["--prompt", "a red circle", "--steps", "2", "--device", "cuda", "--out"])
-        .arg(&png)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "exit status {:?}", out.status);
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains("--device cuda"), "{stderr}");
-    assert!(
-        stderr.contains("no CUDA driver")
-            || stderr.contains("no GPU")
-            || stderr.contains("without CUDA kernels"),
-        "{stderr}"
-    );
-    assert!(!png.exists(), "nothing written");
-    // The same with each activation dtype asked for explicitly.
-    for dtype in ["f16", "bf16", "f32"] {
+    // The default activation dtype, then each one asked for explicitly.
+    for dtype in [None, Some("f16"), Some("bf16"), Some("f32")] {
+        let mut args = vec!["--prompt", "a red circle", "--steps", "2", "--device", "cuda"];
+        args.extend(dtype.iter().flat_map(|d| ["--dtype", *d]));
         let out = sdsparse()
             .args(["generate", "--model"])
             .arg(model_dir())
-            .args(["--prompt", "a red circle", "--steps", "2", "--device", "cuda", "--dtype", dtype, "--out"])
+            .args(&args)
+            .arg("--out")
             .arg(&png)
-            .output()
-            .unwrap();
+            .output();
+        let out = out.unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "--dtype {dtype}: exit status {:?}", out.status);
-        assert_eq!(stderr.trim().lines().count(), 1, "--dtype {dtype}: one line: {stderr}");
+        assert!(!out.status.success(), "--dtype {dtype:?}: exit status {:?}", out.status);
+        assert_eq!(stderr.trim().lines().count(), 1, "--dtype {dtype:?}: one line: {stderr}");
         assert!(stderr.contains("--device cuda"), "{stderr}");
+        assert!(
+            stderr.contains("no CUDA driver")
+                || stderr.contains("no GPU")
+                || stderr.contains("without CUDA kernels"),
+            "{stderr}"
+        );
         assert!(!png.exists(), "nothing written");
     }
     // auto falls back to the CPU with a note and writes the image.
