@@ -15,7 +15,9 @@
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
 use crate::backend::cuda::decompress::{DeviceValues, F16Bits};
-use crate::backend::cuda::sparse24::{Sp24Epilogue, Sp24Kernels, Sp24Variant, Sparse24Gpu, Sparse24Packed};
+use crate::backend::cuda::sparse24::{
+    geglu_interleave, Sp24Epilogue, Sp24Kernels, Sp24Variant, Sparse24Gpu, Sparse24Packed, GEGLU_GROUP,
+};
 use crate::backend::cuda::unstructured::{
     DeviceTiledWeight, Epilogue, GemmPlan, GemmVariant, TiledBitmapWeight, UnstructuredGemm,
 };
@@ -24,7 +26,7 @@ use crate::backend::profile::{self, OpKind};
 use crate::backend::{ops, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::format::{BitmapWeight, DType, Sparse24Weight, Weight};
-use crate::tune::{self, Choice, Family, GpuKey, KernelProbe, ShapeClass};
+use crate::tune::{self, Choice, EpilogueClass, Family, GpuKey, KernelProbe, ShapeClass};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use std::collections::HashMap;
@@ -53,6 +55,142 @@ pub struct SparseLinear {
     out_features: usize,
     in_features: usize,
     imp: Imp,
+    /// The device rows are in [`geglu_interleave`] order (a 2:4 GEGLU projection on CUDA).
+    interleaved: bool,
+    /// A layer made by [`SparseLinear::new_geglu`] holds its bias (f32; on the GPU and in
+    /// device row order when `interleaved`); the callers' `bias` must then be `None`.
+    own_bias: Option<Option<Tensor>>,
+}
+
+/// The activation of a fused Linear, applied to `x·Wᵀ + b` before the residual:
+/// `y = act(x·Wᵀ + b) + residual`, the order of the kernels' epilogue and of the model code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LinearAct {
+    #[default]
+    None,
+    /// Exact (erf) GELU, torch's default `gelu` (`ops::gelu`).
+    Gelu,
+    /// GEGLU as diffusers' `GEGLU`: the `2H` outputs split into value `[.., :H]` and gate
+    /// `[.., H:]`, result `value * gelu(gate)`, `[.., H]` (`ops::geglu`).
+    Geglu,
+}
+
+/// What one fused forward call runs: the kernel's epilogue (`fused`, `None` on the generic
+/// path: CPU, dense weights, the dense fallback), then the separate ops in this order:
+/// de-interleave the columns, the activation, the residual add. A pure function of the layer
+/// and the call ([`plan_epilogue`]), tested on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpiloguePlan {
+    pub fused: Option<EpilogueClass>,
+    /// The product's columns are GEGLU-interleaved (device row order) and no fused GEGLU
+    /// consumed them: put them back in canonical order (one permute).
+    pub deinterleave: bool,
+    /// The activation as a separate op (`ops::gelu` / `ops::geglu`).
+    pub act: LinearAct,
+    /// The residual as a separate `ops::add(y, residual)`.
+    pub residual: bool,
+}
+
+/// The routing of a fused Linear (see [`EpiloguePlan`]).
+///
+/// - `kernel`: the sparse kernel family that computes the product, `None` for the generic path.
+/// - `interleaved`: the weight's device rows are in [`geglu_interleave`] order (2:4 only).
+/// - `residual`: `None` without one; `Some(fusable)` with one, `fusable` when the residual and
+///   the output are both f16 GPU tensors. The kernels add an f16 residual; with f32 / bf16
+///   activations (`--dtype`) the residual stream is not rounded to f16 — it is added by a
+///   separate op in the activation dtype.
+///
+/// The 2:4 kernels fuse GELU, GEGLU (interleaved weight only) and the residual; the
+/// unstructured kernels GELU and the residual (GEGLU runs as `ops::geglu` after them). The
+/// residual is fused only when nothing runs after the kernel.
+pub fn plan_epilogue(
+    kernel: Option<Family>,
+    interleaved: bool,
+    act: LinearAct,
+    residual: Option<bool>,
+) -> EpiloguePlan {
+    let Some(family) = kernel else {
+        return EpiloguePlan { fused: None, deinterleave: interleaved, act, residual: residual.is_some() };
+    };
+    let geglu = act == LinearAct::Geglu && interleaved && family == Family::Sparse24;
+    let gelu = act == LinearAct::Gelu;
+    let post_act = if geglu || gelu { LinearAct::None } else { act };
+    let deinterleave = interleaved && !geglu;
+    let fuse_residual = residual == Some(true) && post_act == LinearAct::None && !deinterleave;
+    EpiloguePlan {
+        fused: Some(EpilogueClass { gelu, geglu, residual: fuse_residual }),
+        deinterleave,
+        act: post_act,
+        residual: residual.is_some() && !fuse_residual,
+    }
+}
+
+/// Whether a GEGLU projection of `out_features` rows can take the fused GEGLU epilogue (its
+/// rows interleave in whole groups of 64 value and 64 gate rows: `H % 64 == 0`).
+pub fn geglu_interleavable(out_features: usize) -> bool {
+    out_features > 0 && out_features.is_multiple_of(2 * GEGLU_GROUP)
+}
+
+/// `y[.., N]` with GEGLU-interleaved columns ([`geglu_interleave`]: column `128b + 64s + j` is
+/// canonical `s·N/2 + 64b + j`, s = 0 value, 1 gate) back in canonical order: a view
+/// `[M, N/128, 2, 64]` permuted to `[M, 2, N/128, 64]`.
+pub fn deinterleave_columns(y: &Tensor) -> Result<Tensor> {
+    let n = *y.shape().last().ok_or_else(|| Error::Shape("de-interleave: scalar".into()))?;
+    if !geglu_interleavable(n) {
+        return Err(Error::Shape(format!("de-interleave: {n} columns are not whole 128-row groups")));
+    }
+    let m = y.numel() / n;
+    let g = n / (2 * GEGLU_GROUP);
+    let t = ops::permute(&y.reshape(&[m, g, 2, GEGLU_GROUP])?, &[0, 2, 1, 3])?;
+    t.reshape(y.shape())
+}
+
+/// The separate ops of `plan` after the product `y`: de-interleave, activation, residual add
+/// (`ops::add(y, residual)`, the model's order).
+fn finish(y: Tensor, plan: &EpiloguePlan, residual: Option<&Tensor>) -> Result<Tensor> {
+    let y = if plan.deinterleave { deinterleave_columns(&y)? } else { y };
+    let y = match plan.act {
+        LinearAct::None => y,
+        LinearAct::Gelu => ops::gelu(&y)?,
+        LinearAct::Geglu => ops::geglu(&y)?,
+    };
+    match (plan.residual, residual) {
+        (true, Some(r)) => ops::add(&y, r),
+        _ => Ok(y),
+    }
+}
+
+/// The generic fused Linear: `ops::linear`, then the activation and the residual add as
+/// separate ops, exactly the model's unfused sequence (bit-identical on the CPU).
+pub fn linear_then_ops(
+    x: &Tensor,
+    w: &Weight,
+    bias: Option<&Tensor>,
+    act: LinearAct,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let plan = plan_epilogue(None, false, act, residual.map(|_| false));
+    finish(ops::linear(x, w, bias)?, &plan, residual)
+}
+
+/// Checks a fused call's `residual` against the output shape (`x`'s leading dims, then
+/// `n_out`): the kernels read it unbroadcast.
+pub fn check_residual(x: &Tensor, n_out: usize, residual: Option<&Tensor>) -> Result<()> {
+    if let Some(r) = residual {
+        let mut want = x.shape().to_vec();
+        if let Some(last) = want.last_mut() {
+            *last = n_out;
+        }
+        if r.shape() != want.as_slice() {
+            return Err(Error::Shape(format!("fused Linear: residual {:?}, output {want:?}", r.shape())));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `t` is an f16 tensor on `device`.
+fn is_f16_on(t: &Tensor, device: &CudaDevice) -> bool {
+    matches!(t.storage(), Storage::Cuda(s) if s.device() == *device && s.dtype() == DType::F16)
 }
 
 enum Imp {
@@ -155,7 +293,49 @@ impl SparseLinear {
                 }
             }
         };
-        Ok(SparseLinear { out_features, in_features, imp })
+        Ok(SparseLinear { out_features, in_features, imp, interleaved: false, own_bias: None })
+    }
+
+    /// A GEGLU projection `W[2H, K]` (rows `..H` the value, `H..` the gate, as diffusers'
+    /// `GEGLU.proj`) with its bias `[2H]`, placed for the fused GEGLU epilogue of
+    /// [`Self::forward_fused`]: on CUDA a 2:4 weight with `H % 64 == 0` is stored with its rows
+    /// and bias interleaved once ([`geglu_interleave`]); any other weight or device is placed
+    /// as by [`Self::new`]. Every call gives the canonical result (a call without
+    /// [`LinearAct::Geglu`], or the dense fallback, puts the columns back in order).
+    ///
+    /// The layer holds its bias: pass `None` as the `bias` of [`Self::forward`] and
+    /// [`Self::forward_fused`]. Errors as [`Self::new`], and on a bias that is not `[2H]`.
+    pub fn new_geglu(weight: Weight, bias: Option<&Tensor>, device: &Device) -> Result<SparseLinear> {
+        let (n, _) = weight.dims2()?;
+        if let Some(b) = bias.filter(|b| b.shape() != [n]) {
+            return Err(Error::Shape(format!("GEGLU projection: bias {:?} for {n} rows", b.shape())));
+        }
+        match (&weight, device) {
+            (Weight::Sparse24(w), Device::Cuda(_)) if geglu_interleavable(n) => {
+                let host_bias = bias.map(|b| b.to_vec()).transpose()?;
+                let (w, b) = geglu_interleave(w, host_bias.as_deref())?;
+                let mut layer = SparseLinear::new(Weight::Sparse24(w), device)?;
+                let b = b.map(|b| ops::to_device(&Tensor::from_vec(b, &[n])?, device)).transpose()?;
+                layer.interleaved = true;
+                layer.own_bias = Some(b);
+                Ok(layer)
+            }
+            _ => {
+                let mut layer = SparseLinear::new(weight, device)?;
+                layer.own_bias = Some(bias.cloned());
+                Ok(layer)
+            }
+        }
+    }
+
+    /// Whether the layer holds its bias ([`Self::new_geglu`]).
+    pub fn owns_bias(&self) -> bool {
+        self.own_bias.is_some()
+    }
+
+    /// Whether the device rows are GEGLU-interleaved ([`Self::new_geglu`] on CUDA).
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
     }
 
     /// `N`, the rows of the weight.
@@ -172,6 +352,22 @@ impl SparseLinear {
     /// CUDA, GPU tensors `x` and `bias` give a GPU result. Errors on shapes that do not fit the
     /// weight and on CUDA failures.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_fused(x, bias, LinearAct::None, None)
+    }
+
+    /// `y = act(x[.., K] · W^T + bias[N]) + residual`: `[.., N]`, or `[.., N/2]` for
+    /// [`LinearAct::Geglu`]; `residual` has the output's shape. On CUDA the sparse kernels run
+    /// what their epilogue can ([`plan_epilogue`]: GELU, GEGLU on a [`Self::new_geglu`] 2:4
+    /// layer, an f16 residual) and the rest runs as separate ops in the same order; on the CPU
+    /// (and in the dense fallback) everything after the product is a separate op.
+    /// Errors as [`Self::forward`], and on a residual of another shape or an odd `N` for GEGLU.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        act: LinearAct,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (n, k) = (self.out_features, self.in_features);
         if x.rank() == 0 || x.shape().last() != Some(&k) {
             return Err(Error::Shape(format!(
@@ -187,57 +383,113 @@ impl SparseLinear {
                 )));
             }
         }
-        let mut out_shape = x.shape().to_vec();
-        *out_shape.last_mut().expect("rank checked above") = n;
+        let bias = match (&self.own_bias, bias) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Invalid(
+                    "SparseLinear: this GEGLU projection holds its bias; pass None".into(),
+                ))
+            }
+            (Some(own), None) => own.as_ref(),
+            (None, b) => b,
+        };
+        if act == LinearAct::Geglu && !n.is_multiple_of(2) {
+            return Err(Error::Shape(format!("SparseLinear: GEGLU needs an even N, got {n}")));
+        }
+        let n_final = if act == LinearAct::Geglu { n / 2 } else { n };
+        check_residual(x, n_final, residual)?;
         let m = x.numel() / k.max(1);
+        let interleaved = self.interleaved;
         match &self.imp {
-            Imp::Cpu(w) => ops::linear(x, w, bias),
-            _ if m == 0 => Ok(Tensor::zeros(&out_shape)),
+            Imp::Cpu(w) => linear_then_ops(x, w, bias, act, residual),
+            _ if m == 0 => {
+                let mut shape = x.shape().to_vec();
+                *shape.last_mut().expect("rank checked above") = n_final;
+                Ok(Tensor::zeros(&shape))
+            }
             Imp::Cuda24 { device, kernels, weight, dense } => {
-                let class = ShapeClass::new(Family::Sparse24, m, n, k);
+                let fusable = residual.map(|r| is_f16_on(x, device) && is_f16_on(r, device));
+                let plan = plan_epilogue(Some(Family::Sparse24), interleaved, act, fusable);
+                let epi = plan.fused.unwrap_or_default();
+                let class = ShapeClass::new(Family::Sparse24, m, n, k).with_epilogue(epi);
                 let variant =
                     match dispatch(device, class, &mut || sp24_candidates(kernels, m, n, k), &mut || {
-                        Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k)?))
+                        Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k, epi)?))
                     })? {
                         Choice::Dense => {
-                            return dense_fallback(device, dense, x, bias, || sp24_decode(device, weight))
+                            let y = dense_fallback(device, dense, x, bias, || sp24_decode(device, weight))?;
+                            let plan = plan_epilogue(None, interleaved, act, fusable);
+                            return finish(y, &plan, residual);
                         }
                         Choice::Kernel(name) => sp24_variant(kernels, &name)?,
                     };
-                let _p = profile::scope(OpKind::Linear24);
-                let (xd, bd) = operands(device, x, bias)?;
-                let mut yd = f16_output(device, m * n)?;
-                let epi = Sp24Epilogue { bias: bd.as_deref(), ..Default::default() };
-                let x_bits = F16Bits::of(device, f16_values(&xd)?);
-                let mut y_bits = F16Bits::of_mut(device, &mut yd);
-                kernels.gemm(device.stream(), variant, &x_bits, m, weight, &epi, &mut y_bits)?;
-                drop((x_bits, y_bits));
-                result(device, x, yd, &out_shape)
+                let n_out = if epi.geglu { n / 2 } else { n };
+                let y = {
+                    let _p = profile::scope(OpKind::Linear24);
+                    let (xd, bd) = operands(device, x, bias)?;
+                    let mut yd = f16_output(device, m * n_out)?;
+                    let r_bits = match residual.filter(|_| epi.residual) {
+                        Some(r) => Some(F16Bits::of(device, f16_values(r)?)),
+                        None => None,
+                    };
+                    let kepi = Sp24Epilogue {
+                        bias: bd.as_deref(),
+                        residual: r_bits.as_deref(),
+                        gelu: epi.gelu,
+                        geglu: epi.geglu,
+                    };
+                    let x_bits = F16Bits::of(device, f16_values(&xd)?);
+                    let mut y_bits = F16Bits::of_mut(device, &mut yd);
+                    kernels.gemm(device.stream(), variant, &x_bits, m, weight, &kepi, &mut y_bits)?;
+                    drop((x_bits, y_bits, r_bits));
+                    result(device, x, yd, &out_shape(x, n_out))?
+                };
+                finish(y, &plan, residual)
             }
             Imp::CudaBitmap { device, gemm, weight, dense } => {
-                let class = ShapeClass::new(Family::Unstructured, m, n, k);
+                let fusable = residual.map(|r| is_f16_on(x, device) && is_f16_on(r, device));
+                let plan = plan_epilogue(Some(Family::Unstructured), interleaved, act, fusable);
+                let epi = plan.fused.unwrap_or_default();
+                let class = ShapeClass::new(Family::Unstructured, m, n, k).with_epilogue(epi);
                 let variant =
                     match dispatch(device, class, &mut || uns_candidates(gemm, m, n, k), &mut || {
-                        Ok(Box::new(UnsProbe::new(device, gemm, m, n, k)?))
+                        Ok(Box::new(UnsProbe::new(device, gemm, m, n, k, epi)?))
                     })? {
                         Choice::Dense => {
-                            return dense_fallback(device, dense, x, bias, || uns_decode(device, weight))
+                            let y = dense_fallback(device, dense, x, bias, || uns_decode(device, weight))?;
+                            let plan = plan_epilogue(None, interleaved, act, fusable);
+                            return finish(y, &plan, residual);
                         }
                         Choice::Kernel(name) => uns_variant(&name)?,
                     };
-                let _p = profile::scope(OpKind::LinearUnstructured);
-                let (xd, bd) = operands(device, x, bias)?;
-                let mut yd = f16_output(device, m * n)?;
-                let epi = Epilogue { bias: bd.as_deref(), ..Default::default() };
-                let x_bits = F16Bits::of(device, f16_values(&xd)?);
-                let mut y_bits = F16Bits::of_mut(device, &mut yd);
-                let plan = GemmPlan::choose_for(variant, m, n, k, weight.gpu_bytes, gemm.sm_count());
-                gemm.forward_plan(device.stream(), plan, &x_bits, m, weight, &epi, &mut y_bits)?;
-                drop((x_bits, y_bits));
-                result(device, x, yd, &out_shape)
+                let y = {
+                    let _p = profile::scope(OpKind::LinearUnstructured);
+                    let (xd, bd) = operands(device, x, bias)?;
+                    let mut yd = f16_output(device, m * n)?;
+                    let r_bits = match residual.filter(|_| epi.residual) {
+                        Some(r) => Some(F16Bits::of(device, f16_values(r)?)),
+                        None => None,
+                    };
+                    let kepi = Epilogue { bias: bd.as_deref(), gelu: epi.gelu, residual: r_bits.as_deref() };
+                    let x_bits = F16Bits::of(device, f16_values(&xd)?);
+                    let mut y_bits = F16Bits::of_mut(device, &mut yd);
+                    let plan = GemmPlan::choose_for(variant, m, n, k, weight.gpu_bytes, gemm.sm_count());
+                    gemm.forward_plan(device.stream(), plan, &x_bits, m, weight, &kepi, &mut y_bits)?;
+                    drop((x_bits, y_bits, r_bits));
+                    result(device, x, yd, &out_shape(x, n))?
+                };
+                finish(y, &plan, residual)
             }
         }
     }
+}
+
+/// `x`'s shape with the last dim replaced by `n`.
+fn out_shape(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    shape
 }
 
 // ---------------------------------------------------------------------------------------
@@ -400,13 +652,65 @@ fn random_input(device: &CudaDevice, m: usize, k: usize) -> Result<(cudarc::driv
     Ok((device.htod(&bits)?, xt))
 }
 
-/// cuBLAS on the decompressed weight: `x · Wᵀ`, f32 (the reference of the first-use check).
-fn cublas_reference(x: &Tensor, dense_w: &Tensor) -> Result<Vec<f32>> {
-    ops::linear(x, &Weight::Dense(dense_w.clone()), None)?.to_vec()
+/// The epilogue operands of a first-use check: a random f32 bias `[n]` (on the GPU in the
+/// weight's device row order, and canonical for the reference) and, when the class fuses one,
+/// a random f16 residual `[m, n_out]` (bits for the kernel, f32 values for the reference).
+struct ProbeEpilogue {
+    epi: EpilogueClass,
+    bias: Tensor,
+    bias_dev: CudaSlice<f32>,
+    residual: Option<(CudaSlice<u16>, Tensor)>,
 }
 
-/// The first-use check of the 2:4 kernels on one shape: a random 2:4 weight `[n, k]`, random
-/// activations `[m, k]`, cuBLAS on the weight decompressed by the decompression kernel.
+impl ProbeEpilogue {
+    /// `bias` canonical, `bias_dev` as the kernel's rows are ordered.
+    fn new(
+        device: &CudaDevice,
+        rng: &mut crate::backend::test_util::TestRng,
+        m: usize,
+        n: usize,
+        epi: EpilogueClass,
+        bias: Vec<f32>,
+        bias_dev: &[f32],
+    ) -> Result<ProbeEpilogue> {
+        let gpu = Device::Cuda(device.clone());
+        let n_out = if epi.geglu { n / 2 } else { n };
+        let residual = if epi.residual {
+            let r = rng.vec_f16(m * n_out, 1.0);
+            let bits = device.htod(&crate::backend::test_util::to_f16_bits(&r))?;
+            Some((bits, ops::to_device(&Tensor::from_vec(r, &[m, n_out])?, &gpu)?))
+        } else {
+            None
+        };
+        Ok(ProbeEpilogue {
+            epi,
+            bias: ops::to_device(&Tensor::from_vec(bias, &[n])?, &gpu)?,
+            bias_dev: device.htod(bias_dev)?,
+            residual,
+        })
+    }
+
+    fn kernel_operands(&self) -> (Option<&CudaSlice<f32>>, Option<&CudaSlice<u16>>) {
+        (Some(&self.bias_dev), self.residual.as_ref().map(|r| &r.0))
+    }
+
+    /// cuBLAS on the decompressed (canonical) weight with the bias, then the epilogue as the
+    /// separate ops the unfused path runs: f32, `[m, n_out]`.
+    fn reference(&self, x: &Tensor, dense_w: &Tensor) -> Result<Vec<f32>> {
+        let act = match (self.epi.gelu, self.epi.geglu) {
+            (true, _) => LinearAct::Gelu,
+            (_, true) => LinearAct::Geglu,
+            _ => LinearAct::None,
+        };
+        let r = self.residual.as_ref().map(|r| &r.1);
+        linear_then_ops(x, &Weight::Dense(dense_w.clone()), Some(&self.bias), act, r)?.to_vec()
+    }
+}
+
+/// The first-use check of the 2:4 kernels on one shape class: a random 2:4 weight `[n, k]`
+/// (row-interleaved for a GEGLU class), random activations `[m, k]`, the class's epilogue, and
+/// cuBLAS on the canonical weight decompressed by the decompression kernel plus the separate
+/// epilogue ops as the reference.
 struct Sp24Probe {
     device: CudaDevice,
     kernels: Arc<Sp24Kernels>,
@@ -417,6 +721,7 @@ struct Sp24Probe {
     x_f32: Tensor,
     w: Sparse24Gpu,
     dense_w: Tensor,
+    epi: ProbeEpilogue,
 }
 
 impl Sp24Probe {
@@ -426,6 +731,7 @@ impl Sp24Probe {
         m: usize,
         n: usize,
         k: usize,
+        epi: EpilogueClass,
     ) -> Result<Sp24Probe> {
         let mut rng = crate::backend::test_util::TestRng::new(0x24 ^ (n * 131 + k) as u64);
         let w = crate::backend::test_util::random_sparse24(&mut rng, n, k, crate::format::DType::F16);
@@ -434,19 +740,28 @@ impl Sp24Probe {
             &Device::Cuda(device.clone()),
         )?;
         let (x, x_f32) = random_input(device, m, k)?;
+        let bias = rng.vec(n);
+        let (w, bias_dev) = if epi.geglu {
+            let (w, b) = geglu_interleave(&w, Some(&bias))?;
+            (w, b.unwrap_or_default())
+        } else {
+            (w, bias.clone())
+        };
+        let epi = ProbeEpilogue::new(device, &mut rng, m, n, epi, bias, &bias_dev)?;
         let w = Sparse24Gpu::upload(device.stream(), &Sparse24Packed::pack(&w)?)?;
-        Ok(Sp24Probe { device: device.clone(), kernels: kernels.clone(), m, n, k, x, x_f32, w, dense_w })
+        Ok(Sp24Probe { device: device.clone(), kernels: kernels.clone(), m, n, k, x, x_f32, w, dense_w, epi })
+    }
+    fn n_out(&self) -> usize {
+        if self.epi.epi.geglu {
+            self.n / 2
+        } else {
+            self.n
+        }
     }
     fn launch(&self, variant: Sp24Variant, y: &mut cudarc::driver::CudaSlice<u16>) -> Result<()> {
-        self.kernels.gemm(
-            self.device.stream(),
-            variant,
-            &self.x,
-            self.m,
-            &self.w,
-            &Sp24Epilogue::default(),
-            y,
-        )
+        let (bias, residual) = self.epi.kernel_operands();
+        let epi = Sp24Epilogue { bias, residual, gelu: self.epi.epi.gelu, geglu: self.epi.epi.geglu };
+        self.kernels.gemm(self.device.stream(), variant, &self.x, self.m, &self.w, &epi, y)
     }
 }
 
@@ -455,24 +770,24 @@ impl KernelProbe for Sp24Probe {
         sp24_candidates(&self.kernels, self.m, self.n, self.k)
     }
     fn reference(&mut self) -> Result<Vec<f32>> {
-        cublas_reference(&self.x_f32, &self.dense_w)
+        self.epi.reference(&self.x_f32, &self.dense_w)
     }
     fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
         let variant = sp24_variant(&self.kernels, candidate)?;
-        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n)?;
+        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n_out())?;
         self.launch(variant, &mut y)?;
         Ok(self.device.dtoh(&y)?.into_iter().map(|b| f16::from_bits(b).to_f32()).collect())
     }
     fn time_ms(&mut self, candidate: &str) -> Result<f64> {
         let variant = sp24_variant(&self.kernels, candidate)?;
-        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n)?;
+        let mut y = self.device.alloc_zeros::<u16>(self.m * self.n_out())?;
         let device = self.device.clone();
         time_launches(&device, &mut || self.launch(variant, &mut y))
     }
 }
 
-/// The first-use check of the unstructured kernels on one shape (a random bitmap weight at
-/// 50% density; otherwise as [`Sp24Probe`]).
+/// The first-use check of the unstructured kernels on one shape class (a random bitmap weight
+/// at 50% density; otherwise as [`Sp24Probe`]; no GEGLU epilogue in this family).
 struct UnsProbe {
     device: CudaDevice,
     gemm: Arc<UnstructuredGemm>,
@@ -483,6 +798,7 @@ struct UnsProbe {
     x_f32: Tensor,
     w: DeviceTiledWeight,
     dense_w: Tensor,
+    epi: ProbeEpilogue,
 }
 
 impl UnsProbe {
@@ -492,19 +808,27 @@ impl UnsProbe {
         m: usize,
         n: usize,
         k: usize,
+        epi: EpilogueClass,
     ) -> Result<UnsProbe> {
+        if epi.geglu {
+            return Err(Error::Invalid("the unstructured kernels have no GEGLU epilogue".into()));
+        }
         let mut rng = crate::backend::test_util::TestRng::new(0xb17 ^ (n * 131 + k) as u64);
         let w = crate::backend::test_util::random_bitmap(&mut rng, n, k, 0.5, crate::format::DType::F16);
         let dense_w =
             crate::backend::cuda::weight_to_dense(&Weight::Bitmap(w.clone()), &Device::Cuda(device.clone()))?;
         let (x, x_f32) = random_input(device, m, k)?;
+        let bias = rng.vec(n);
+        let epi = ProbeEpilogue::new(device, &mut rng, m, n, epi, bias.clone(), &bias)?;
         let w = DeviceTiledWeight::upload(device.stream(), &TiledBitmapWeight::from_bitmap(&w)?)?;
-        Ok(UnsProbe { device: device.clone(), gemm: gemm.clone(), m, n, k, x, x_f32, w, dense_w })
+        Ok(UnsProbe { device: device.clone(), gemm: gemm.clone(), m, n, k, x, x_f32, w, dense_w, epi })
     }
     fn launch(&self, variant: GemmVariant, y: &mut cudarc::driver::CudaSlice<u16>) -> Result<()> {
         let plan =
             GemmPlan::choose_for(variant, self.m, self.n, self.k, self.w.gpu_bytes, self.gemm.sm_count());
-        self.gemm.forward_plan(self.device.stream(), plan, &self.x, self.m, &self.w, &Epilogue::default(), y)
+        let (bias, residual) = self.epi.kernel_operands();
+        let epi = Epilogue { bias, gelu: self.epi.epi.gelu, residual };
+        self.gemm.forward_plan(self.device.stream(), plan, &self.x, self.m, &self.w, &epi, y)
     }
 }
 
@@ -513,7 +837,7 @@ impl KernelProbe for UnsProbe {
         uns_candidates(&self.gemm, self.m, self.n, self.k)
     }
     fn reference(&mut self) -> Result<Vec<f32>> {
-        cublas_reference(&self.x_f32, &self.dense_w)
+        self.epi.reference(&self.x_f32, &self.dense_w)
     }
     fn run(&mut self, candidate: &str) -> Result<Vec<f32>> {
         let variant = uns_variant(candidate)?;
@@ -648,7 +972,7 @@ mod tests {
         let Device::Cuda(dev) = device else { return Ok(()) };
         let (m, n, k) = (154, 320, 1024);
         let kernels = sparse24_kernels(dev)?;
-        let mut probe = Sp24Probe::new(dev, &kernels, m, n, k)?;
+        let mut probe = Sp24Probe::new(dev, &kernels, m, n, k, EpilogueClass::default())?;
         let ms = measure(&mut probe)?;
         println!("2:4 [{m}, {n}, {k}] on {}:", dev.gpu_name());
         report(&ms);
@@ -662,7 +986,7 @@ mod tests {
         assert_ne!(decide(&ms2), Choice::Kernel(best));
 
         let gemm = unstructured_gemm(dev)?;
-        let mut probe = UnsProbe::new(dev, &gemm, m, n, k)?;
+        let mut probe = UnsProbe::new(dev, &gemm, m, n, k, EpilogueClass::default())?;
         let ms = measure(&mut probe)?;
         println!("unstructured [{m}, {n}, {k}]:");
         report(&ms);

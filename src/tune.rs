@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Version of the cache file's layout; a file with another version is ignored (with a note).
-pub const CACHE_FORMAT: u32 = 1;
+/// (2: classes carry their fused epilogue, [`EpilogueClass`].)
+pub const CACHE_FORMAT: u32 = 2;
 
 /// Norm-wise and element-wise bounds of the first-use check (kernel review T1).
 pub use crate::backend::test_util::{GPU_ELEM_TOL, GPU_NORM_TOL};
@@ -40,9 +41,28 @@ pub enum Family {
     Unstructured,
 }
 
+/// The fused epilogue a kernel launch runs besides the bias (`y = act(x·Wᵀ + b) + residual`).
+///
+/// Part of the [`ShapeClass`] key, and the first-use check runs the candidates with exactly
+/// these flags (plus a bias) against cuBLAS followed by the separate ops: the epilogue is the
+/// kernels' own code, and not one path — the GEGLU epilogue reads value and gate rows in pairs
+/// from the staged tile (a layout that depends on each variant's tile), and the residual is a
+/// second f16 load with its own vector path. A check without them would vouch for code that
+/// the fused layers do not run. The cost is one more check for the few (N, K) shapes that run
+/// two epilogues (a class is measured once per GPU and cached).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EpilogueClass {
+    /// Exact (erf) GELU after the bias.
+    pub gelu: bool,
+    /// GEGLU on a row-interleaved 2:4 weight (`sparse24::geglu_interleave`): output `N / 2`.
+    pub geglu: bool,
+    /// An f16 residual added last.
+    pub residual: bool,
+}
+
 /// A GEMM `y[M, N] = x[M, K] · W[N, K]ᵀ` as far as the dispatch cares: the family, M rounded
 /// up to a power of two (M varies with batch and image size; the tile choice follows its
-/// magnitude), and the weight's exact N and K.
+/// magnitude), the weight's exact N and K, and the fused epilogue ([`EpilogueClass`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ShapeClass {
     pub family: Family,
@@ -50,11 +70,18 @@ pub struct ShapeClass {
     pub m: usize,
     pub n: usize,
     pub k: usize,
+    pub epilogue: EpilogueClass,
 }
 
 impl ShapeClass {
+    /// A class without fused activation or residual (bias only).
     pub fn new(family: Family, m: usize, n: usize, k: usize) -> ShapeClass {
-        ShapeClass { family, m: m.max(1).next_power_of_two(), n, k }
+        ShapeClass { family, m: m.max(1).next_power_of_two(), n, k, epilogue: EpilogueClass::default() }
+    }
+
+    /// The same shape with the fused epilogue `epilogue`.
+    pub fn with_epilogue(self, epilogue: EpilogueClass) -> ShapeClass {
+        ShapeClass { epilogue, ..self }
     }
 }
 
@@ -64,7 +91,14 @@ impl std::fmt::Display for ShapeClass {
             Family::Sparse24 => "2:4",
             Family::Unstructured => "unstructured",
         };
-        write!(f, "{fam} GEMM [M <= {}, N {}, K {}]", self.m, self.n, self.k)
+        write!(f, "{fam} GEMM [M <= {}, N {}, K {}]", self.m, self.n, self.k)?;
+        let e = self.epilogue;
+        for (on, name) in [(e.gelu, "GELU"), (e.geglu, "GEGLU"), (e.residual, "residual")] {
+            if on {
+                write!(f, " + {name}")?;
+            }
+        }
+        Ok(())
     }
 }
 

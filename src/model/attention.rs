@@ -9,7 +9,7 @@ use crate::backend::{ops, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
 
-pub use super::linear::Linear;
+pub use super::linear::{Linear, LinearAct};
 
 /// Layer norm over the last dim with affine parameters.
 #[derive(Debug, Clone)]
@@ -77,6 +77,20 @@ impl Attention {
 
     /// `x[B, S, C]` attends to `context[B, Sk, Cc]` (to itself when `context` is `None`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_residual(x, context, None)
+    }
+
+    /// [`Self::forward`] plus `residual[B, S, C]`, added by the output projection (fused in the
+    /// sparse kernels' epilogue): `to_out(attn) + residual`, diffusers'
+    /// `attn_output + hidden_states` (SD2's blocks set no `residual_connection`, their
+    /// `rescale_output_factor` is 1 and the dropout after `to_out.0` is the identity at
+    /// inference, so nothing runs between the projection and the add).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let kv_source = context.unwrap_or(x);
         let q = self.split_heads(&self.to_q.forward(x)?)?;
@@ -85,7 +99,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let out = ops::attention(&q, &k, &v, scale, false)?;
         let out = ops::permute(&out, &[0, 2, 1, 3])?.reshape(&[b, s, self.heads * self.head_dim])?;
-        self.to_out.forward(&out)
+        self.to_out.forward_fused(&out, LinearAct::None, residual)
     }
 }
 
@@ -101,7 +115,7 @@ impl FeedForward {
     pub fn load(vb: &VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(FeedForward {
-            proj_in: Linear::load(&vb.pp("net").pp(0).pp("proj"), dim, 2 * inner, true)?,
+            proj_in: Linear::load_geglu(&vb.pp("net").pp(0).pp("proj"), dim, 2 * inner)?,
             proj_out: Linear::load(&vb.pp("net").pp(2), inner, dim, true)?,
         })
     }
@@ -111,8 +125,15 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = ops::geglu(&self.proj_in.forward(x)?)?;
-        self.proj_out.forward(&h)
+        self.forward_residual(x, None)
+    }
+
+    /// [`Self::forward`] plus `residual[.., dim]` added by `net.2` (diffusers'
+    /// `ff_output + hidden_states`; the dropouts are the identity at inference). The GEGLU runs
+    /// in `net.0.proj`'s epilogue and the residual in `net.2`'s where the sparse kernels can.
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.proj_in.forward_fused(x, LinearAct::Geglu, None)?;
+        self.proj_out.forward_fused(&h, LinearAct::None, residual)
     }
 }
 
@@ -158,9 +179,11 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = ops::add(&self.attn1.forward(&self.norm1.forward(x)?, None)?, x)?;
-        let x = ops::add(&self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?, &x)?;
-        ops::add(&self.ff.forward(&self.norm3.forward(&x)?)?, &x)
+        // Each sub-layer's output projection adds the residual stream (`out + x`, diffusers'
+        // order; fused into the sparse kernels' epilogue where they run it).
+        let x = self.attn1.forward_residual(&self.norm1.forward(x)?, None, Some(x))?;
+        let x = self.attn2.forward_residual(&self.norm2.forward(&x)?, Some(context), Some(&x))?;
+        self.ff.forward_residual(&self.norm3.forward(&x)?, Some(&x))
     }
 }
 

@@ -11,7 +11,7 @@ use crate::backend::{ops, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
 use crate::format::Weight;
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, LinearAct};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -200,7 +200,9 @@ impl ClipAttention {
         ops::permute(&x.reshape(&[b, s, self.heads, self.head_dim])?, &[0, 2, 1, 3])
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `out_proj(attention(x)) + residual` (transformers' `residual + hidden_states`: one add,
+    /// the same in either order; no dropout at inference between them).
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, s, c) = x.dims3()?;
         let q = self.split_heads(&self.q_proj.forward(x)?)?;
         let k = self.split_heads(&self.k_proj.forward(x)?)?;
@@ -209,7 +211,7 @@ impl ClipAttention {
         // Causal: token i sees tokens 0..=i only, as CLIP was trained.
         let attended = ops::attention(&q, &k, &v, scale, true)?;
         let merged = ops::permute(&attended, &[0, 2, 1, 3])?.reshape(&[b, s, c])?;
-        self.out_proj.forward(&merged)
+        self.out_proj.forward_fused(&merged, LinearAct::None, Some(residual))
     }
 }
 
@@ -228,8 +230,15 @@ impl ClipMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.activation.forward(&self.fc1.forward(x)?)?)
+    /// `fc2(act(fc1(x))) + residual`. The exact GELU of SD2's text tower runs in `fc1`'s
+    /// epilogue and the residual in `fc2`'s where the sparse kernels can; quick_gelu (no
+    /// kernel epilogue) stays a separate op.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = match self.activation {
+            Activation::Gelu => self.fc1.forward_fused(x, LinearAct::Gelu, None)?,
+            Activation::QuickGelu => self.activation.forward(&self.fc1.forward(x)?)?,
+        };
+        self.fc2.forward_fused(&h, LinearAct::None, Some(residual))
     }
 }
 
@@ -252,8 +261,8 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = ops::add(x, &self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        ops::add(&x, &self.mlp.forward(&self.layer_norm2.forward(&x)?)?)
+        let x = self.self_attn.forward(&self.layer_norm1.forward(x)?, x)?;
+        self.mlp.forward(&self.layer_norm2.forward(&x)?, &x)
     }
 }
 

@@ -8,12 +8,20 @@
 //! `SDSPARSE_GPU_SPARSE=dense` or when the kernels cannot take its shape, expanded once to a
 //! dense GPU weight in the activation dtype (decompression kernels) that cuBLAS multiplies. Each layer knows its weight's name in its component (`…to_q.weight`),
 //! so statistics and pruning decisions are keyed by the names checkpoints use.
+//!
+//! [`Linear::forward_fused`] is `act(x·Wᵀ + b) + residual` (GELU, GEGLU, a residual add):
+//! through the sparse kernels it runs in their epilogue ([`crate::sparse_linear::plan_epilogue`]
+//! says what fuses where); on every other path (CPU, dense cuBLAS, the dense fallback) it is
+//! the same separate ops the model ran before, in the same order, so CPU results are
+//! bit-identical. A GEGLU projection ([`Linear::load_geglu`]) with a 2:4 weight on the sparse
+//! kernels is packed with its rows interleaved for the fused GEGLU (once, at load).
 
-use crate::backend::{cuda, ops, Device, Tensor};
+use crate::backend::{cuda, Device, Tensor};
 use crate::checkpoint::VarBuilder;
 use crate::error::{Error, Result};
 use crate::format::{DType, Weight};
-use crate::sparse_linear::SparseLinear;
+pub use crate::sparse_linear::LinearAct;
+use crate::sparse_linear::{self as sl, SparseLinear};
 use std::sync::Arc;
 
 /// Sees the input of every forward call of the layers it is attached to. Implementations
@@ -37,6 +45,9 @@ pub struct Linear {
     dtype: DType,
     /// The compressed weight packed for the GPU sparse kernels (CUDA only).
     sparse_gpu: Option<Arc<SparseLinear>>,
+    /// A GEGLU projection (`[2H, in]`: value rows, then gate rows), packed for the fused GEGLU
+    /// where it runs on the 2:4 kernels ([`Linear::load_geglu`]).
+    geglu: bool,
 }
 
 /// Whether compressed weights on CUDA run through the sparse kernels (default) or are expanded
@@ -79,6 +90,7 @@ impl std::fmt::Debug for Linear {
             .field("observed", &self.observer.is_some())
             .field("device", &self.device.name())
             .field("sparse_kernels", &self.sparse_gpu.is_some())
+            .field("geglu", &self.geglu)
             .finish()
     }
 }
@@ -86,6 +98,24 @@ impl std::fmt::Debug for Linear {
 impl Linear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`.
     pub fn load(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        Self::load_as(vb, in_features, out_features, bias, false)
+    }
+
+    /// A GEGLU projection (diffusers' `GEGLU.proj`, `[2H, in]` with bias: value rows, then gate
+    /// rows) for [`Self::forward_fused`] with [`LinearAct::Geglu`]: a 2:4 weight that runs on
+    /// the sparse kernels with `H % 64 == 0` is packed with its rows interleaved for the fused
+    /// GEGLU epilogue. Every forward stays canonical.
+    pub fn load_geglu(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
+        Self::load_as(vb, in_features, out_features, true, true)
+    }
+
+    fn load_as(
+        vb: &VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        geglu: bool,
+    ) -> Result<Self> {
         let weight = vb.get_weight("weight", out_features, in_features)?;
         let dtype = vb.activation_dtype();
         let (weight, sparse_gpu) = place_weight(weight, vb.device(), dtype)?;
@@ -96,6 +126,7 @@ impl Linear {
             (true, Some(_)) => Some(vb.get("bias", &[out_features])?),
             (true, None) => Some(vb.get_act("bias", &[out_features])?),
         };
+        let sparse_gpu = place_geglu(geglu, &weight, sparse_gpu, bias.as_ref(), vb.device())?;
         Ok(Linear {
             name: vb.path("weight"),
             weight,
@@ -104,6 +135,7 @@ impl Linear {
             device: vb.device().clone(),
             dtype,
             sparse_gpu,
+            geglu,
         })
     }
 
@@ -122,6 +154,7 @@ impl Linear {
             device: vb.device().clone(),
             dtype: vb.activation_dtype(),
             sparse_gpu: None,
+            geglu: false,
         })
     }
 
@@ -151,8 +184,8 @@ impl Linear {
             let want = if sparse_gpu.is_some() { DType::F32 } else { self.dtype };
             self.bias = Some(b.to_dtype(want)?);
         }
+        self.sparse_gpu = place_geglu(self.geglu, &weight, sparse_gpu, self.bias.as_ref(), &self.device)?;
         self.weight = weight;
-        self.sparse_gpu = sparse_gpu;
         Ok(())
     }
 
@@ -161,13 +194,52 @@ impl Linear {
         self.observer = observer;
     }
 
+    /// `y = x·Wᵀ + b`, `x[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, LinearAct::None, None)
+    }
+
+    /// `y = act(x·Wᵀ + b) + residual`: `x[.., in]` → `[.., out]` (`[.., out / 2]` for
+    /// [`LinearAct::Geglu`]); `residual` has the output's shape. The sparse kernels run the
+    /// activation and the residual in their epilogue where they can; every other path runs
+    /// `ops::linear`, then `ops::gelu` / `ops::geglu`, then `ops::add(y, residual)` (module
+    /// docs). Errors on shapes that do not fit.
+    pub fn forward_fused(&self, x: &Tensor, act: LinearAct, residual: Option<&Tensor>) -> Result<Tensor> {
         if let Some(obs) = &self.observer {
             obs.observe(&self.name, x)?;
         }
         match &self.sparse_gpu {
-            Some(layer) => layer.forward(x, self.bias.as_ref()),
-            None => ops::linear(x, &self.weight, self.bias.as_ref()),
+            Some(layer) => {
+                let bias = if layer.owns_bias() { None } else { self.bias.as_ref() };
+                layer.forward_fused(x, bias, act, residual)
+            }
+            None => {
+                let (out, _) = self.weight.dims2()?;
+                let n_final = if act == LinearAct::Geglu { out / 2 } else { out };
+                sl::check_residual(x, n_final, residual)?;
+                sl::linear_then_ops(x, &self.weight, self.bias.as_ref(), act, residual)
+            }
         }
+    }
+}
+
+/// For a GEGLU projection whose 2:4 weight [`place_weight`] put on the sparse kernels, the
+/// layer re-packed with its rows (and bias) interleaved for the fused GEGLU epilogue
+/// ([`SparseLinear::new_geglu`]; `H % 64 == 0`, else unchanged). Kept apart from
+/// `place_weight`'s routing so that the fused path follows whatever it decides; the cost is a
+/// second packing of those layers at load (16 in the SD2 UNet).
+fn place_geglu(
+    geglu: bool,
+    weight: &Weight,
+    placed: Option<Arc<SparseLinear>>,
+    bias: Option<&Tensor>,
+    device: &Device,
+) -> Result<Option<Arc<SparseLinear>>> {
+    match (&placed, weight) {
+        (Some(_), Weight::Sparse24(_)) if geglu && sl::geglu_interleavable(weight.dims2()?.0) => {
+            drop(placed); // the canonical packing is freed before the interleaved one is made
+            Ok(Some(Arc::new(SparseLinear::new_geglu(weight.clone(), bias, device)?)))
+        }
+        _ => Ok(placed),
     }
 }

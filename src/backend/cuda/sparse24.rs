@@ -240,6 +240,21 @@ pub const FLAG_GEGLU: u32 = 2;
 /// Rows per value (or gate) group of the GEGLU row interleave (`SP24_GEGLU_GROUP`).
 pub const GEGLU_GROUP: usize = 64;
 
+/// The row order of [`geglu_interleave`] for a GEGLU projection of `n` rows (`n % 128 == 0`):
+/// device row `r` holds canonical row `order[r]`.
+pub fn geglu_row_order(n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|r| {
+            let (block, j) = (r / (2 * GEGLU_GROUP), r % (2 * GEGLU_GROUP));
+            if j < GEGLU_GROUP {
+                block * GEGLU_GROUP + j // value row
+            } else {
+                n / 2 + block * GEGLU_GROUP + j - GEGLU_GROUP // its gate row
+            }
+        })
+        .collect()
+}
+
 /// Reorders a GEGLU projection (`[2H, K]`: value rows, then gate rows) for the fused GEGLU
 /// epilogue: device row block `b` of 128 holds value rows `64b ..` then gate rows
 /// `H + 64b ..` (the bias, if any, is reordered the same way). Done once at load; needs
@@ -253,17 +268,7 @@ pub fn geglu_interleave(
     if n % (2 * GEGLU_GROUP) != 0 || bias.is_some_and(|b| b.len() != n) {
         return Err(Error::Shape(format!("GEGLU interleave: {n} rows must be a multiple of 128 (bias {n})")));
     }
-    // Device row r comes from canonical row order[r].
-    let order: Vec<usize> = (0..n)
-        .map(|r| {
-            let (block, j) = (r / (2 * GEGLU_GROUP), r % (2 * GEGLU_GROUP));
-            if j < GEGLU_GROUP {
-                block * GEGLU_GROUP + j
-            } else {
-                n / 2 + block * GEGLU_GROUP + j - GEGLU_GROUP
-            }
-        })
-        .collect();
+    let order = geglu_row_order(n);
     fn gather<T: Copy>(v: &[T], order: &[usize], row: usize) -> Vec<T> {
         order.iter().flat_map(|&r| v[r * row..(r + 1) * row].iter().copied()).collect()
     }
