@@ -929,7 +929,9 @@ fn result(device: &CudaDevice, x: &Tensor, yd: CudaSlice<f16>, shape: &[usize]) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::test_util::{check_close, random_sparse24, TestRng, GPU_ELEM_TOL, GPU_NORM_TOL};
+    use crate::backend::test_util::{
+        check_close, random_bitmap, random_sparse24, TestRng, GPU_ELEM_TOL, GPU_NORM_TOL,
+    };
     use crate::format::DType;
     use crate::tune::{decide, measure, Measurement};
 
@@ -991,9 +993,226 @@ mod tests {
         println!("unstructured [{m}, {n}, {k}]:");
         report(&ms);
         assert!(ms.iter().all(|m| m.check.is_ok()), "an unstructured variant disagrees: {ms:?}");
+
+        // The checks with the epilogue on (the classes the fused layers use): every variant
+        // agrees with cuBLAS + the separate ops, so the probes' references compose right.
+        let geglu = EpilogueClass { geglu: true, ..Default::default() };
+        let res = EpilogueClass { residual: true, ..Default::default() };
+        let gelu_res = EpilogueClass { gelu: true, residual: true, ..Default::default() };
+        for (n, k, epi) in [(2560, 320, geglu), (320, 1280, res), (1024, 256, gelu_res)] {
+            let ms = measure(&mut Sp24Probe::new(dev, &kernels, m, n, k, epi)?)?;
+            println!("2:4 [{m}, {n}, {k}] {epi:?}:");
+            report(&ms);
+            assert!(ms.iter().all(|m| m.check.is_ok()), "a 2:4 variant disagrees with {epi:?}: {ms:?}");
+        }
+        for (n, k, epi) in [(320, 1280, res), (1024, 256, gelu_res)] {
+            let ms = measure(&mut UnsProbe::new(dev, &gemm, m, n, k, epi)?)?;
+            println!("unstructured [{m}, {n}, {k}] {epi:?}:");
+            report(&ms);
+            assert!(
+                ms.iter().all(|m| m.check.is_ok()),
+                "an unstructured variant disagrees with {epi:?}: {ms:?}"
+            );
+        }
         Ok(())
     }
     crate::test_device!(first_use_check_on_real_kernels);
+
+    /// The GEGLU epilogue of `cuda/sparse24_gemm.cu` (`epilogue_tile` with SP24_FLAG_GEGLU)
+    /// on the host: output column `o` reads value row `128 (o / 64) + o % 64` of the product
+    /// with the interleaved weight `y_dev[m, n]`, and its gate 64 rows later.
+    fn kernel_geglu_epilogue(y_dev: &[f32], m: usize, n: usize) -> Vec<f32> {
+        let gelu =
+            |v: f64| 0.5 * v * (1.0 + crate::backend::cuda::unstructured::erf(v / std::f64::consts::SQRT_2));
+        let mut out = Vec::with_capacity(m * n / 2);
+        for t in 0..m {
+            for o in 0..n / 2 {
+                let vr = (o / GEGLU_GROUP) * 2 * GEGLU_GROUP + o % GEGLU_GROUP;
+                let (a, g) = (y_dev[t * n + vr] as f64, y_dev[t * n + vr + GEGLU_GROUP] as f64);
+                out.push((a * gelu(g)) as f32);
+            }
+        }
+        out
+    }
+
+    /// On the host: the row order of `geglu_interleave` agrees with both consumers of an
+    /// interleaved layer's product — the fused GEGLU epilogue's indexing (the kernel path) and
+    /// `deinterleave_columns` (the plain forward and the dense fallback, which decodes the
+    /// device packing as `sp24_decode` does). Swapping value and gate in `geglu_row_order`, or
+    /// any other order, fails here.
+    #[test]
+    fn geglu_interleave_matches_the_fused_epilogue_and_the_deinterleave() -> Result<()> {
+        let mut rng = TestRng::fresh("geglu-interleave");
+        let (m, n, k) = (5, 384, 64); // H = 192: three 128-row groups
+        let w = random_sparse24(&mut rng, n, k, DType::F16);
+        let bias = rng.vec(n);
+        let x = Tensor::from_vec(rng.vec_f16(m * k, 1.0), &[m, k])?;
+        let bt = Tensor::from_vec(bias.clone(), &[n])?;
+        let canonical = SparseLinear::new(w.clone().into(), &Device::Cpu)?.forward(&x, Some(&bt))?;
+        let (wi, bi) = geglu_interleave(&w, Some(&bias))?;
+        // The interleaved weight as the GPU holds it, decoded from the device packing.
+        let decoded = Tensor::from_vec(Sparse24Packed::pack(&wi)?.decode_dense(), &[n, k])?;
+        let bi = Tensor::from_vec(bi.expect("bias given"), &[n])?;
+        let y_dev = ops::linear(&x, &Weight::Dense(decoded), Some(&bi))?;
+        let (tight_norm, tight_elem) = (1e-6, 1e-5);
+        let back = deinterleave_columns(&y_dev)?;
+        check_close(&back.to_vec()?, &canonical.to_vec()?, tight_norm, tight_elem)
+            .map_err(|e| Error::Msg(format!("de-interleaved product: {e}")))?;
+        let want = ops::geglu(&canonical)?.to_vec()?;
+        let fused = kernel_geglu_epilogue(&y_dev.to_vec()?, m, n);
+        check_close(&fused, &want, tight_norm, tight_elem)
+            .map_err(|e| Error::Msg(format!("fused GEGLU epilogue model: {e}")))?;
+        // The dense fallback's plan on an interleaved layer: de-interleave, then GEGLU.
+        let plan = plan_epilogue(None, true, LinearAct::Geglu, None);
+        check_close(&finish(y_dev, &plan, None)?.to_vec()?, &want, tight_norm, tight_elem)
+            .map_err(|e| Error::Msg(format!("fallback plan: {e}")))?;
+        Ok(())
+    }
+
+    /// On the CPU a fused call is exactly the separate ops the model ran before (bit for bit),
+    /// and bad fused calls are errors.
+    #[test]
+    fn cpu_fused_forward_is_the_separate_ops() -> Result<()> {
+        let mut rng = TestRng::fresh("cpu-fused");
+        let (m, n, k) = (6, 256, 32);
+        let layer = SparseLinear::new(random_sparse24(&mut rng, n, k, DType::F16).into(), &Device::Cpu)?;
+        let x = Tensor::from_vec(rng.vec(2 * m * k), &[2, m, k])?;
+        let b = Tensor::from_vec(rng.vec(n), &[n])?;
+        let plain = layer.forward(&x, Some(&b))?;
+        for (act, n_out) in [(LinearAct::None, n), (LinearAct::Gelu, n), (LinearAct::Geglu, n / 2)] {
+            let r = Tensor::from_vec(rng.vec(2 * m * n_out), &[2, m, n_out])?;
+            let want = match act {
+                LinearAct::None => plain.clone(),
+                LinearAct::Gelu => ops::gelu(&plain)?,
+                LinearAct::Geglu => ops::geglu(&plain)?,
+            };
+            assert_eq!(layer.forward_fused(&x, Some(&b), act, None)?.to_vec()?, want.to_vec()?, "{act:?}");
+            let want = ops::add(&want, &r)?.to_vec()?;
+            assert_eq!(
+                layer.forward_fused(&x, Some(&b), act, Some(&r))?.to_vec()?,
+                want,
+                "{act:?} + residual"
+            );
+        }
+        let wrong = Tensor::zeros(&[2, m, n / 2]);
+        assert!(layer.forward_fused(&x, Some(&b), LinearAct::None, Some(&wrong)).is_err());
+        let owned = SparseLinear::new_geglu(
+            random_sparse24(&mut rng, n, k, DType::F16).into(),
+            Some(&b),
+            &Device::Cpu,
+        )?;
+        assert!(owned.owns_bias() && !owned.is_interleaved());
+        assert!(owned.forward_fused(&x, Some(&b), LinearAct::Geglu, None).is_err(), "a second bias");
+        assert!(SparseLinear::new_geglu(
+            random_sparse24(&mut rng, n, k, DType::F16).into(),
+            Some(&wrong),
+            &Device::Cpu
+        )
+        .is_err());
+        let odd = SparseLinear::new(random_sparse24(&mut rng, 3, k, DType::F16).into(), &Device::Cpu)?;
+        assert!(odd.forward_fused(&x, None, LinearAct::Geglu, None).is_err(), "GEGLU on odd N");
+        Ok(())
+    }
+
+    /// One fused form on the GPU against the CPU reference (f16 activations and residual, the
+    /// pipeline's default; `f32`: f32 ones, whose residual is added unfused).
+    fn check_fused_form(
+        device: &Device,
+        rng: &mut TestRng,
+        w: Weight,
+        act: LinearAct,
+        residual: bool,
+        f32_acts: bool,
+    ) -> Result<()> {
+        let (n, k) = w.dims2()?;
+        let m = 77;
+        let n_out = if act == LinearAct::Geglu { n / 2 } else { n };
+        let x = Tensor::from_vec(rng.vec_f16(m * k, 1.0), &[m, k])?;
+        let b = Tensor::from_vec(rng.vec(n), &[n])?;
+        let r = Tensor::from_vec(rng.vec_f16(m * n_out, 1.0), &[m, n_out])?;
+        let r = residual.then_some(r);
+        let cpu = SparseLinear::new(w.clone(), &Device::Cpu)?.forward_fused(&x, Some(&b), act, r.as_ref())?;
+        let act_dtype = if f32_acts { DType::F32 } else { DType::F16 };
+        let to_gpu = |t: &Tensor| -> Result<Tensor> { ops::to_device(t, device)?.to_dtype(act_dtype) };
+        let (xg, rg, bg) = (to_gpu(&x)?, r.as_ref().map(to_gpu).transpose()?, ops::to_device(&b, device)?);
+        let geglu_layer = act == LinearAct::Geglu;
+        let layer = if geglu_layer {
+            SparseLinear::new_geglu(w.clone(), Some(&bg), device)?
+        } else {
+            SparseLinear::new(w.clone(), device)?
+        };
+        let interleave_expected = geglu_layer && matches!(w, Weight::Sparse24(_)) && geglu_interleavable(n);
+        assert_eq!(layer.is_interleaved(), interleave_expected && matches!(device, Device::Cuda(_)));
+        let bias = if layer.owns_bias() { None } else { Some(&bg) };
+        let y = layer.forward_fused(&xg, bias, act, rg.as_ref())?;
+        assert_eq!(y.dtype(), act_dtype);
+        let what = format!("{} {act:?} residual {residual} f32 {f32_acts}", w.format_name());
+        check_close(&y.to_vec()?, &cpu.to_vec()?, GPU_NORM_TOL, GPU_ELEM_TOL)
+            .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+        if geglu_layer {
+            // A plain forward on the GEGLU projection is canonical (de-interleaved).
+            let cpu = SparseLinear::new(w, &Device::Cpu)?.forward(&x, Some(&b))?;
+            let y = layer.forward(&xg, None)?;
+            check_close(&y.to_vec()?, &cpu.to_vec()?, GPU_NORM_TOL, GPU_ELEM_TOL)
+                .map_err(|e| Error::Msg(format!("{what}, plain forward: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// On a GPU: every fused form the pipeline uses (2:4 GELU / GEGLU on an interleaved weight /
+    /// residual; unstructured GELU / residual / GEGLU after the kernel), with f16 activations,
+    /// and the residual with f32 activations, against the CPU's separate ops.
+    fn fused_epilogues_match_the_cpu(device: &Device) -> Result<()> {
+        let Device::Cuda(_) = device else { return Ok(()) };
+        let mut rng = TestRng::fresh("fused-epilogues");
+        let (c, h) = (192, 256); // K; GEGLU H (N = 2H = 512, interleaved in 4 groups)
+        use LinearAct::{Geglu, Gelu, None as NoAct};
+        for (act, residual, n) in [
+            (Gelu, false, 4 * c),
+            (NoAct, true, c),
+            (Gelu, true, c),
+            (Geglu, false, 2 * h),
+            (Geglu, true, 2 * h),
+        ] {
+            for f32_acts in [false, true] {
+                let w24 = random_sparse24(&mut rng, n, c, DType::F16).into();
+                check_fused_form(device, &mut rng, w24, act, residual, f32_acts)?;
+                let wbm = random_bitmap(&mut rng, n, c, 0.5, DType::F16).into();
+                check_fused_form(device, &mut rng, wbm, act, residual, f32_acts)?;
+            }
+        }
+        Ok(())
+    }
+    crate::test_device!(fused_epilogues_match_the_cpu);
+
+    /// On a GPU: an interleaved GEGLU projection whose classes fall back to decompress + cuBLAS
+    /// (the fused GEGLU and the plain forward) gives the canonical result (f32: 1e-5).
+    fn interleaved_geglu_dense_fallback_matches_the_cpu(device: &Device) -> Result<()> {
+        let Device::Cuda(dev) = device else { return Ok(()) };
+        let (m, n, k) = (33, 640, 96); // a shape no other test uses (the override is per process)
+        let mut rng = TestRng::fresh("geglu-fallback");
+        let w: Weight = random_sparse24(&mut rng, n, k, DType::F16).into();
+        let x = Tensor::from_vec(rng.vec_f16(m * k, 1.0), &[m, k])?;
+        let b = Tensor::from_vec(rng.vec(n), &[n])?;
+        let cpu_layer = SparseLinear::new(w.clone(), &Device::Cpu)?;
+        let layer = SparseLinear::new_geglu(w, Some(&ops::to_device(&b, device)?), device)?;
+        assert!(layer.is_interleaved());
+        for epi in [EpilogueClass { geglu: true, ..Default::default() }, EpilogueClass::default()] {
+            let class = ShapeClass::new(Family::Sparse24, m, n, k).with_epilogue(epi);
+            tune::tuner().lock().map_err(|_| Error::Msg("tuner".into()))?.override_choice(
+                &gpu_key(dev),
+                class,
+                Choice::Dense,
+            );
+        }
+        for act in [LinearAct::Geglu, LinearAct::None] {
+            let want = cpu_layer.forward_fused(&x, Some(&b), act, None)?.to_vec()?;
+            let got = layer.forward_fused(&x, None, act, None)?.to_vec()?;
+            check_close(&got, &want, 1e-5, 1e-4).map_err(|e| Error::Msg(format!("fallback {act:?}: {e}")))?;
+        }
+        Ok(())
+    }
+    crate::test_device!(interleaved_geglu_dense_fallback_matches_the_cpu);
 
     /// On a GPU: a shape class forced to the dense fallback runs decompress + cuBLAS and matches
     /// the CPU reference (f32, so 1e-5), and the kernel path matches it within the f16 bound.

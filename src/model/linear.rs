@@ -194,6 +194,17 @@ impl Linear {
         self.observer = observer;
     }
 
+    /// What [`Self::forward_fused`] runs for `act` with activations in `x_dtype` and a residual
+    /// in `residual` ([`epilogue_route`] on this layer's placement).
+    pub fn epilogue_plan(
+        &self,
+        act: LinearAct,
+        x_dtype: DType,
+        residual: Option<DType>,
+    ) -> Result<crate::sparse_linear::EpiloguePlan> {
+        epilogue_route(&self.weight, self.sparse_gpu.is_some(), self.geglu, act, x_dtype, residual)
+    }
+
     /// `y = x·Wᵀ + b`, `x[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_fused(x, LinearAct::None, None)
@@ -235,11 +246,120 @@ fn place_geglu(
     bias: Option<&Tensor>,
     device: &Device,
 ) -> Result<Option<Arc<SparseLinear>>> {
-    match (&placed, weight) {
-        (Some(_), Weight::Sparse24(_)) if geglu && sl::geglu_interleavable(weight.dims2()?.0) => {
-            drop(placed); // the canonical packing is freed before the interleaved one is made
-            Ok(Some(Arc::new(SparseLinear::new_geglu(weight.clone(), bias, device)?)))
+    if !interleaves_geglu(weight, placed.is_some(), geglu)? {
+        return Ok(placed);
+    }
+    drop(placed); // the canonical packing is freed before the interleaved one is made
+    Ok(Some(Arc::new(SparseLinear::new_geglu(weight.clone(), bias, device)?)))
+}
+
+/// Whether a layer's weight is packed row-interleaved for the fused GEGLU: a GEGLU projection
+/// (`geglu_layer`) whose 2:4 weight runs on the sparse kernels, `H % 64 == 0`.
+pub fn interleaves_geglu(weight: &Weight, sparse_kernels: bool, geglu_layer: bool) -> Result<bool> {
+    Ok(geglu_layer
+        && sparse_kernels
+        && matches!(weight, Weight::Sparse24(_))
+        && sl::geglu_interleavable(weight.dims2()?.0))
+}
+
+/// What a fused call on a layer runs (the same decision `SparseLinear::forward_fused` makes at
+/// run time, as a pure function the host tests check per model layer): `weight` as stored,
+/// `sparse_kernels` when [`place_weight`] put it on the sparse kernels (CUDA), `geglu_layer`
+/// for a [`Linear::load_geglu`] projection, the activation, the activations' dtype and the
+/// residual's, if any (GPU tensors on the sparse kernels).
+pub fn epilogue_route(
+    weight: &Weight,
+    sparse_kernels: bool,
+    geglu_layer: bool,
+    act: LinearAct,
+    x_dtype: DType,
+    residual: Option<DType>,
+) -> Result<sl::EpiloguePlan> {
+    let kernel = match (sparse_kernels, weight) {
+        (true, Weight::Sparse24(_)) => Some(crate::tune::Family::Sparse24),
+        (true, Weight::Bitmap(_)) => Some(crate::tune::Family::Unstructured),
+        _ => None,
+    };
+    let interleaved = interleaves_geglu(weight, kernel.is_some(), geglu_layer)?;
+    let fusable = residual.map(|r| r == DType::F16 && x_dtype == DType::F16);
+    Ok(sl::plan_epilogue(kernel, interleaved, act, fusable))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::test_util::{random_bitmap, random_sparse24, TestRng};
+    use crate::sparse_linear::EpiloguePlan;
+    use crate::tune::EpilogueClass;
+
+    /// The model's fused calls: (layer, is a GEGLU projection, activation, has a residual).
+    const LAYERS: [(&str, bool, LinearAct, bool); 4] = [
+        ("text encoder fc1 (gelu)", false, LinearAct::Gelu, false),
+        ("fc2 / out_proj / to_out.0 / ff.net.2 (+ residual)", false, LinearAct::None, true),
+        ("ff.net.0.proj (GEGLU)", true, LinearAct::Geglu, false),
+        ("ff.net.0.proj, plain forward", true, LinearAct::None, false),
+    ];
+
+    fn plan(
+        fused: Option<(bool, bool, bool)>,
+        deinterleave: bool,
+        act: LinearAct,
+        residual: bool,
+    ) -> EpiloguePlan {
+        let fused = fused.map(|(gelu, geglu, residual)| EpilogueClass { gelu, geglu, residual });
+        EpiloguePlan { fused, deinterleave, act, residual }
+    }
+
+    /// Every model layer kind x weight format x placement x dtype gets the epilogue the issue
+    /// asks for: the sparse kernels fuse GELU, GEGLU (2:4, interleaved) and an f16 residual;
+    /// everything else (CPU, dense, dense-mode CUDA, f32 / bf16 residuals, unstructured GEGLU)
+    /// runs the separate ops.
+    #[test]
+    fn epilogue_routing_per_layer_format_device_and_dtype() -> Result<()> {
+        use LinearAct::{Geglu, Gelu, None as NoAct};
+        let mut rng = TestRng::new(8);
+        let (h, c) = (256, 64); // H % 64 == 0: GEGLU interleaves
+        let geglu_w24 = Weight::Sparse24(random_sparse24(&mut rng, 2 * h, c, DType::F16));
+        let odd_w24 = Weight::Sparse24(random_sparse24(&mut rng, 2 * 96, c, DType::F16)); // H = 96
+        let w24 = Weight::Sparse24(random_sparse24(&mut rng, c, c, DType::F16));
+        let wbm = Weight::Bitmap(random_bitmap(&mut rng, 2 * h, c, 0.5, DType::F16));
+        let dense = Weight::Dense(Tensor::zeros(&[2 * h, c]));
+        for dtype in [DType::F16, DType::F32, DType::BF16] {
+            let f16 = dtype == DType::F16;
+            for (layer, geglu_layer, act, has_res) in LAYERS {
+                let res = has_res.then_some(dtype);
+                let w = if geglu_layer { &geglu_w24 } else { &w24 };
+                // CPU, dense weights and SDSPARSE_GPU_SPARSE=dense: the separate ops only.
+                for (wt, kernels) in [(w, false), (&dense, false), (&dense, true), (&wbm, false)] {
+                    let got = epilogue_route(wt, kernels, geglu_layer, act, dtype, res)?;
+                    assert_eq!(got, plan(None, false, act, has_res), "{layer}, generic, {}", dtype.name());
+                }
+                let want24 = match (act, has_res, geglu_layer) {
+                    (Gelu, _, _) => plan(Some((true, false, false)), false, NoAct, false),
+                    (Geglu, _, _) => plan(Some((false, true, false)), false, NoAct, false),
+                    (NoAct, true, _) => plan(Some((false, false, f16)), false, NoAct, !f16),
+                    (NoAct, false, true) => plan(Some((false, false, false)), true, NoAct, false),
+                    (NoAct, false, false) => unreachable!(),
+                };
+                let got = epilogue_route(w, true, geglu_layer, act, dtype, res)?;
+                assert_eq!(got, want24, "{layer}, 2:4 kernels, {}", dtype.name());
+                // Unstructured: no GEGLU epilogue, no interleave.
+                let want_bm = match act {
+                    Geglu => plan(Some((false, false, false)), false, Geglu, false),
+                    _ => EpiloguePlan { deinterleave: false, ..want24 },
+                };
+                let got = epilogue_route(&wbm, true, geglu_layer, act, dtype, res)?;
+                assert_eq!(got, want_bm, "{layer}, unstructured kernels, {}", dtype.name());
+                if geglu_layer {
+                    // H % 64 != 0: not interleaved, GEGLU after the kernel.
+                    let got = epilogue_route(&odd_w24, true, true, act, dtype, res)?;
+                    assert_eq!(got, plan(Some((false, false, false)), false, act, false), "{layer}, H = 96");
+                }
+            }
         }
-        _ => Ok(placed),
+        // A residual with f16 activations but an f32 residual (or the reverse) is not fused.
+        let got = epilogue_route(&w24, true, false, NoAct, DType::F16, Some(DType::F32))?;
+        assert_eq!(got, plan(Some((false, false, false)), false, NoAct, true));
+        Ok(())
     }
 }
