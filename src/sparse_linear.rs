@@ -4,7 +4,11 @@
 //!
 //! On the CPU the product runs the reference path of [`crate::backend::ops::linear`] (the one
 //! layer expanded into a scratch buffer, then the dense f32 GEMM): exactly the dense-with-zeros
-//! result. On CUDA the weight is packed into the kernel layouts at [`SparseLinear::new`] (2:4
+//! result. [`SparseLinear::forward_fused`] adds the kernels' fused epilogue,
+//! `y = act(x·Wᵀ + b) + residual` with GELU, GEGLU (a 2:4 projection made by
+//! [`SparseLinear::new_geglu`], its rows interleaved at load) or an f16 residual, routed by
+//! [`plan_epilogue`]; what a kernel cannot fuse runs as the separate ops, in the same order.
+//! On CUDA the weight is packed into the kernel layouts at [`SparseLinear::new`] (2:4
 //! `mma.sp` metadata order, tiled bitmaps) and uploaded; each [`SparseLinear::forward`] runs
 //! the kernel the dispatcher picks on f16 activations (f32 accumulation). GPU tensors (the
 //! pipeline's) stay on the device and the result comes in the input's dtype: f16 activations
