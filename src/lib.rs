@@ -102,4 +102,4 @@ pub use format::{BitmapWeight, DType, HostData, Sparse24Weight, Weight};
 pub use pipeline::{GenerateRequest, Generated, RgbImage, StableDiffusion, Timings, WeightMemory};
 pub use prune::{Glob, Method, Pattern, Scope, Selection};
 pub use scheduler::SchedulerKind;
-pub use sparse_linear::{LinearAct, SparseLinear};
+pub use sparse_linear::{plan_epilogue, EpiloguePlan, LinearAct, SparseLinear};

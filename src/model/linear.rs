@@ -10,7 +10,7 @@
 //! so statistics and pruning decisions are keyed by the names checkpoints use.
 //!
 //! [`Linear::forward_fused`] is `act(x·Wᵀ + b) + residual` (GELU, GEGLU, a residual add):
-//! through the sparse kernels it runs in their epilogue ([`crate::sparse_linear::plan_epilogue`]
+//! through the sparse kernels it runs in their epilogue (`sparse_linear::plan_epilogue`
 //! says what fuses where); on every other path (CPU, dense cuBLAS, the dense fallback) it is
 //! the same separate ops the model ran before, in the same order, so CPU results are
 //! bit-identical. A GEGLU projection ([`Linear::load_geglu`]) with a 2:4 weight on the sparse
