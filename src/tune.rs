@@ -528,6 +528,14 @@ mod tests {
     }
 
     #[test]
+    fn shape_classes_name_their_epilogue() {
+        let c = ShapeClass::new(Family::Sparse24, 3000, 2560, 320);
+        assert_eq!(c.to_string(), "2:4 GEMM [M <= 4096, N 2560, K 320]");
+        let e = EpilogueClass { geglu: true, residual: true, ..Default::default() };
+        assert_eq!(c.with_epilogue(e).to_string(), "2:4 GEMM [M <= 4096, N 2560, K 320] + GEGLU + residual");
+    }
+
+    #[test]
     fn cache_round_trips_and_misses_on_other_gpus() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Msg(e.to_string()))?;
         let path = dir.path().join("sub").join("dispatch.json");
@@ -550,6 +558,14 @@ mod tests {
         assert_eq!(back.lookup(&key("NVIDIA H200", 13010), &c1), None);
         assert_eq!(back.lookup(&GpuKey { kernels: "12345678".into(), ..h200.clone() }, &c1), None);
         assert_eq!(back.lookup(&h200, &ShapeClass::new(Family::Sparse24, 8192, 320, 320)), None);
+        // The same shape with a fused epilogue is another class (its check runs the epilogue).
+        for e in [
+            EpilogueClass { gelu: true, ..Default::default() },
+            EpilogueClass { geglu: true, ..Default::default() },
+            EpilogueClass { residual: true, ..Default::default() },
+        ] {
+            assert_eq!(back.lookup(&h200, &c1.with_epilogue(e)), None, "{e:?}");
+        }
         // M is bucketed: 3000 and 4096 share a class.
         assert_eq!(
             back.lookup(&h200, &ShapeClass::new(Family::Sparse24, 3000, 320, 320)),
