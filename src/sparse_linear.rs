@@ -10,7 +10,9 @@
 //! pipeline's) stay on the device and the result comes in the input's dtype: f16 activations
 //! (the CUDA default) go to the kernels as they are, no copy or cast; f32 and bf16 ones are
 //! rounded to f16 by the cast kernel (bf16 through f32: the kernels are f16-only) and the f16
-//! result converted back. Host tensors (f32) go to the GPU and come back widened to f32. The
+//! result converted back. Host tensors (f32) go to the GPU and come back widened to f32. On a
+//! dense-only GPU (below 8.0, where the sparse kernels do not run) the weight is expanded to
+//! dense f32 on the GPU at `new` and every product is cuBLAS SGEMM. The
 //! CUDA path has not yet run on a GPU (see
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
@@ -69,6 +71,10 @@ enum Imp {
         weight: DeviceTiledWeight,
         dense: OnceLock<Tensor>,
     },
+    /// A dense-only GPU (below 8.0, `cuda::ArchMode::DenseOnly`): the sparse kernels do not run
+    /// there, so the weight is expanded to dense f32 on the GPU at `new` and multiplied by
+    /// cuBLAS (the decompress + cuBLAS fallback from the start; no kernel is ever probed).
+    CudaDense { device: CudaDevice, dense: OnceLock<Tensor> },
 }
 
 /// The kernel modules, loaded once per GPU and shared by every layer (a model has hundreds).
@@ -83,7 +89,21 @@ fn loaded() -> &'static Mutex<LoadedKernels> {
         .get_or_init(|| Mutex::new(LoadedKernels { sparse24: HashMap::new(), unstructured: HashMap::new() }))
 }
 
+/// Refuses the sparse kernels on a GPU that must not run them (below 8.0 they are traps);
+/// `SparseLinear::new` routes such GPUs to the dense path before getting here.
+fn require_sparse_kernels(dev: &CudaDevice) -> Result<()> {
+    if dev.arch_mode().sparse_kernels() {
+        return Ok(());
+    }
+    let (major, minor) = dev.compute_capability();
+    Err(Error::Cuda(format!(
+        "the sparse GEMM kernels do not run on {} (sm_{major}{minor}, dense-only mode)",
+        dev.gpu_name()
+    )))
+}
+
 fn sparse24_kernels(dev: &CudaDevice) -> Result<Arc<Sp24Kernels>> {
+    require_sparse_kernels(dev)?;
     let mut l = loaded().lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
     if let Some(k) = l.sparse24.get(&dev.ordinal()) {
         return Ok(k.clone());
@@ -95,6 +115,7 @@ fn sparse24_kernels(dev: &CudaDevice) -> Result<Arc<Sp24Kernels>> {
 }
 
 fn unstructured_gemm(dev: &CudaDevice) -> Result<Arc<UnstructuredGemm>> {
+    require_sparse_kernels(dev)?;
     let mut l = loaded().lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
     if let Some(g) = l.unstructured.get(&dev.ordinal()) {
         return Ok(g.clone());
@@ -129,6 +150,16 @@ impl SparseLinear {
             Device::Cpu => {
                 validate_host(&weight)?;
                 Imp::Cpu(weight)
+            }
+            Device::Cuda(dev) if !dev.arch_mode().sparse_kernels() => {
+                if matches!(weight, Weight::Dense(_)) {
+                    return Err(Error::Invalid(
+                        "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU".into(),
+                    ));
+                }
+                validate_host(&weight)?;
+                let dense = OnceLock::from(cuda::weight_to_dense(&weight, device)?);
+                Imp::CudaDense { device: dev.clone(), dense }
             }
             Device::Cuda(dev) => {
                 if !in_features.is_multiple_of(8) {
@@ -193,6 +224,9 @@ impl SparseLinear {
         match &self.imp {
             Imp::Cpu(w) => ops::linear(x, w, bias),
             _ if m == 0 => Ok(Tensor::zeros(&out_shape)),
+            Imp::CudaDense { device, dense } => {
+                dense_fallback(device, dense, x, bias, || Err(Error::Cuda("expanded at placement".into())))
+            }
             Imp::Cuda24 { device, kernels, weight, dense } => {
                 let class = ShapeClass::new(Family::Sparse24, m, n, k);
                 let variant =
@@ -646,6 +680,11 @@ mod tests {
     /// have been the choice: it is planted on the fastest).
     fn first_use_check_on_real_kernels(device: &Device) -> Result<()> {
         let Device::Cuda(dev) = device else { return Ok(()) };
+        if !dev.arch_mode().sparse_kernels() {
+            // Dense-only GPU: the kernels are refused before anything is loaded or launched.
+            assert!(sparse24_kernels(dev).is_err() && unstructured_gemm(dev).is_err());
+            return Ok(());
+        }
         let (m, n, k) = (154, 320, 1024);
         let kernels = sparse24_kernels(dev)?;
         let mut probe = Sp24Probe::new(dev, &kernels, m, n, k)?;
