@@ -219,7 +219,9 @@ fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
             "--dtype {}: the CPU backend computes in f32 only (f16 / bf16 activations are for --device cuda)",
             dtype.name()
         ))),
-        Device::Cuda(d) => crate::backend::cuda::check_activation_dtype(d.gpu_name(), d.compute_capability(), dtype),
+        Device::Cuda(d) => {
+            crate::backend::cuda::check_activation_dtype(d.gpu_name(), d.compute_capability(), dtype)
+        }
         Device::Cpu => Ok(()),
     }
 }

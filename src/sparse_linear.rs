@@ -74,7 +74,10 @@ enum Imp {
     /// A dense-only GPU (below 8.0, `cuda::ArchMode::DenseOnly`): the sparse kernels do not run
     /// there, so the weight is expanded to dense f32 on the GPU at `new` and multiplied by
     /// cuBLAS (the decompress + cuBLAS fallback from the start; no kernel is ever probed).
-    CudaDense { device: CudaDevice, dense: OnceLock<Tensor> },
+    CudaDense {
+        device: CudaDevice,
+        dense: OnceLock<Tensor>,
+    },
 }
 
 /// The kernel modules, loaded once per GPU and shared by every layer (a model has hundreds).
@@ -154,7 +157,8 @@ impl SparseLinear {
             Device::Cuda(dev) if !dev.arch_mode().sparse_kernels() => {
                 if matches!(weight, Weight::Dense(_)) {
                     return Err(Error::Invalid(
-                        "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU".into(),
+                        "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU"
+                            .into(),
                     ));
                 }
                 validate_host(&weight)?;

@@ -358,7 +358,8 @@ fn gpu_dense_only_mode_expands_sparse_weights_and_matches_diffusers() {
     }
     let device = Device::Cuda(dev.clone());
     if dev.compute_capability() < (8, 0) {
-        let e = StableDiffusion::load_as(&model_dir(), &Default::default(), &device, DType::BF16).err().unwrap();
+        let e =
+            StableDiffusion::load_as(&model_dir(), &Default::default(), &device, DType::BF16).err().unwrap();
         assert!(e.to_string().contains("bf16") && !e.to_string().contains('\n'), "{e}");
     }
     let sd = StableDiffusion::load_as(&model_dir(), &Default::default(), &device, DType::F16).unwrap();

@@ -343,9 +343,10 @@ impl ArchMode {
             ArchMode::DenseOnly { forced: false } => {
                 Some(format!("GPU: {gpu} (sm_{}{}) is below 8.0: {what}", cc.0, cc.1))
             }
-            ArchMode::DenseOnly { forced: true } => {
-                Some(format!("GPU: {gpu} (sm_{}{}) in dense-only mode ({ARCH_MODE_ENV}=dense-only): {what}", cc.0, cc.1))
-            }
+            ArchMode::DenseOnly { forced: true } => Some(format!(
+                "GPU: {gpu} (sm_{}{}) in dense-only mode ({ARCH_MODE_ENV}=dense-only): {what}",
+                cc.0, cc.1
+            )),
         }
     }
 }
@@ -361,11 +362,8 @@ pub fn arch_mode(gpu: &str, cc: (i32, i32), forced: Option<&str>) -> Result<Arch
             cc.0, cc.1
         )));
     }
-    let by_capability = if cc < FULL_COMPUTE_CAPABILITY {
-        ArchMode::DenseOnly { forced: false }
-    } else {
-        ArchMode::Full
-    };
+    let by_capability =
+        if cc < FULL_COMPUTE_CAPABILITY { ArchMode::DenseOnly { forced: false } } else { ArchMode::Full };
     match forced.map(str::trim) {
         None | Some("") | Some("auto") => Ok(by_capability),
         Some("dense-only") => Ok(ArchMode::DenseOnly { forced: by_capability == ArchMode::Full }),
@@ -522,7 +520,10 @@ mod tests {
     #[test]
     fn bf16_below_8_0_is_refused_in_one_line() {
         let e = check_activation_dtype("Tesla T4", (7, 5), DType::BF16).unwrap_err().to_string();
-        assert!(e.contains("bf16") && e.contains("Tesla T4") && e.contains("7.5") && e.contains("8.0"), "{e}");
+        assert!(
+            e.contains("bf16") && e.contains("Tesla T4") && e.contains("7.5") && e.contains("8.0"),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
         for dtype in [DType::F16, DType::F32] {
             assert!(check_activation_dtype("Tesla T4", (7, 5), dtype).is_ok());

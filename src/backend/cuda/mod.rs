@@ -40,8 +40,8 @@ pub mod unstructured;
 
 pub use decompress::weight_to_dense;
 pub use device::{
-    arch_mode, check_activation_dtype, ArchMode, CudaDevice, CudaStorage, ARCH_MODE_ENV, FULL_COMPUTE_CAPABILITY,
-    MIN_COMPUTE_CAPABILITY,
+    arch_mode, check_activation_dtype, ArchMode, CudaDevice, CudaStorage, ARCH_MODE_ENV,
+    FULL_COMPUTE_CAPABILITY, MIN_COMPUTE_CAPABILITY,
 };
 
 use crate::backend::{Storage, Tensor};
