@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 // These wrappers are sm_80+ only; the kernels that call them compile to a trap below sm_80
-// (SDS_SM80_ONLY in sdsparse_arch.h), so for sm_75 they are never instantiated.
+// (SDS_SM80_ONLY in sdsparse_arch.h), so for sm_75 nothing calls them and no PTX is emitted.
 #include "sdsparse_arch.h"
 
 namespace sds_uns {
