@@ -127,6 +127,21 @@ step() {
         return 0
     fi
     ((limit > left + 30)) && limit=$((left + 30)) # the last step may overrun the budget by 30 s
+    # A filter that matches no test would pass silently ("running 0 tests"): list what the
+    # filter selects first (also in a dry run) and fail the step when it selects nothing.
+    local i
+    for ((i = 1; i <= $#; i++)); do
+        if [[ "${!i}" == "$bin"/test-* ]]; then
+            local n
+            n=$("${@:i}" --list 2>/dev/null | grep -c ': test$')
+            if ((n == 0)); then
+                rows+=("| $group | $name | FAIL (the filter selects no test) | 0 | |")
+                status=1
+                return 0
+            fi
+            break
+        fi
+    done
     if ((dry)); then
         echo "dry run: ${envs[*]} $*" >"$out/$log"
         rows+=("| $group | $name | dry run | 0 | $log |")
