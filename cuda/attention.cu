@@ -225,7 +225,7 @@ __device__ __forceinline__ void attn_fwd(const SdsAttentionParams& p) {
 
 // grid = (ceil(seq_q / 64), batch * heads), block = 128 threads, static smem 46 KB.
 extern "C" __global__ void __launch_bounds__(sds_attn::THREADS) sdsparse_attn_fwd_d64(const __grid_constant__ SdsAttentionParams p) {
-    sds_attn::attn_fwd(p);
+    SDS_SM80_ONLY(sds_attn::attn_fwd(p));
 }
 
 // Oracle: one thread per (query row, b*h), f32 throughout, two passes (max, then sum and P V).

@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "sdsparse_arch.h"
 #include "sdsparse_index.h"
 #include "sparse24.cuh"
 
@@ -155,6 +156,7 @@ constexpr int V1_WARPS = 4;
 } // namespace sp24
 
 extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sdsparse_sp24_v1_direct(const Sp24GemmParams p) {
+#if SDS_TENSOR_CORE_ARCH // mma.sp is sm_80+ (sdsparse_arch.h)
     using namespace sp24;
     static_assert(V1_WARPS * 16 == SP24_ROW_PAD, "a block covers one row pad unit");
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -199,6 +201,9 @@ extern "C" __global__ void __launch_bounds__(sp24::V1_WARPS * 32) sdsparse_sp24_
         const int t = t0 + frag_c_col(lane, i);
         if (n < p.n && t < p.m) epilogue_one(p, t, n, acc[i]);
     }
+#else
+    __trap();
+#endif
 }
 
 namespace sp24 {
@@ -365,9 +370,9 @@ __device__ __forceinline__ void sp24_v2_body(const Sp24GemmParams& p) {
 } // namespace sp24
 
 // The token tiles the host dispatcher can pick, under unmangled names.
-extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt128(const Sp24GemmParams p) { sp24::sp24_v2_body<128>(p); }
-extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt64(const Sp24GemmParams p) { sp24::sp24_v2_body<64>(p); }
-extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt32(const Sp24GemmParams p) { sp24::sp24_v2_body<32>(p); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt128(const Sp24GemmParams p) { SDS_SM80_ONLY(sp24::sp24_v2_body<128>(p)); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt64(const Sp24GemmParams p) { SDS_SM80_ONLY(sp24::sp24_v2_body<64>(p)); }
+extern "C" __global__ void __launch_bounds__(sp24::V2_THREADS) sdsparse_sp24_v2_pipe_bt32(const Sp24GemmParams p) { SDS_SM80_ONLY(sp24::sp24_v2_body<32>(p)); }
 
 namespace sp24 {
 

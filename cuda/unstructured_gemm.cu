@@ -402,15 +402,15 @@ extern "C" __global__ void sdsparse_uns_gemm_naive(const __grid_constant__ SdsUn
 // SMEM_BYTES; splits = ceil(tiles_k / k_tiles_per_split) (1: no split-K).
 extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm32::THREADS)
     sdsparse_uns_gemm_bm32(const __grid_constant__ SdsUnstructuredGemmParams p) {
-    sds_uns::gemm_tc<sds_uns::CfgBm32>(p);
+    SDS_SM80_ONLY(sds_uns::gemm_tc<sds_uns::CfgBm32>(p));
 }
 extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm64::THREADS)
     sdsparse_uns_gemm_bm64(const __grid_constant__ SdsUnstructuredGemmParams p) {
-    sds_uns::gemm_tc<sds_uns::CfgBm64>(p);
+    SDS_SM80_ONLY(sds_uns::gemm_tc<sds_uns::CfgBm64>(p));
 }
 extern "C" __global__ void __launch_bounds__(sds_uns::CfgBm128::THREADS)
     sdsparse_uns_gemm_bm128(const __grid_constant__ SdsUnstructuredGemmParams p) {
-    sds_uns::gemm_tc<sds_uns::CfgBm128>(p);
+    SDS_SM80_ONLY(sds_uns::gemm_tc<sds_uns::CfgBm128>(p));
 }
 
 // sm_90a wgmma variant: grid = (tiles_n, ceil(M / 128), splits), block = 256, dynamic smem

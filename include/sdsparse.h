@@ -34,8 +34,9 @@ extern "C" {
 #define SDSPARSE_ERR_OTHER 8
 
 #define SDSPARSE_DEVICE_CPU 0
-/* The pipeline on the first CUDA GPU (sm_80+; f16 activations unless sdsparse_open_dtype asks
-   otherwise); no GPU, no kernels in the build or no cuBLAS is SDSPARSE_ERR_CUDA with the reason. */
+/* The pipeline on the first CUDA GPU (sm_80+; sm_75 runs the dense cuBLAS path only, without bf16;
+   f16 activations unless sdsparse_open_dtype asks otherwise); no GPU, a GPU older than sm_75, no
+   kernels in the build or no cuBLAS is SDSPARSE_ERR_CUDA with the reason. */
 #define SDSPARSE_DEVICE_CUDA 1
 
 /* Activation dtypes (sdsparse_open_dtype): DEFAULT is f16 on CUDA and f32 on the CPU. On CUDA,

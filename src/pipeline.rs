@@ -211,15 +211,19 @@ fn check_device(device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// The CPU computes in f32 only (it is the reference); f16 / bf16 activations are for CUDA.
+/// The CPU computes in f32 only (it is the reference); f16 / bf16 activations are for CUDA,
+/// bf16 for GPUs of compute capability 8.0 or newer.
 fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
-    if device.is_cpu() && dtype != DType::F32 {
-        return Err(Error::Invalid(format!(
+    match device {
+        Device::Cpu if dtype != DType::F32 => Err(Error::Invalid(format!(
             "--dtype {}: the CPU backend computes in f32 only (f16 / bf16 activations are for --device cuda)",
             dtype.name()
-        )));
+        ))),
+        Device::Cuda(d) => {
+            crate::backend::cuda::check_activation_dtype(d.gpu_name(), d.compute_capability(), dtype)
+        }
+        Device::Cpu => Ok(()),
     }
-    Ok(())
 }
 
 /// A loaded SD2-family pipeline.
@@ -381,7 +385,7 @@ impl StableDiffusion {
                 let (scheduler_config, scheduler_note) = load_scheduler_config(dir)?;
                 let (sample_size, unet_note) =
                     corrected_sample_size(&dir.join("unet"), unet.config().sample_size)?;
-                let notes = scheduler_note.into_iter().chain(unet_note).collect();
+                let notes: Vec<String> = scheduler_note.into_iter().chain(unet_note).collect();
                 (tokenizer, text_encoder, unet, vae, scheduler_config, sample_size, notes)
             }
             ModelSource::SingleFile(s) => {
@@ -425,6 +429,11 @@ impl StableDiffusion {
                     notes,
                 )
             }
+        };
+        // A dense-only GPU (below 8.0) says so once, with the load's other notes.
+        let notes = match device {
+            Device::Cuda(d) => d.arch_note().into_iter().chain(notes).collect(),
+            Device::Cpu => notes,
         };
         let mut memory = WeightMemory::default();
         memory.add_component("text_encoder", &src.store("text_encoder")?, None)?;
@@ -485,7 +494,8 @@ impl StableDiffusion {
         self.load_time
     }
     /// What loading corrected, one line each, as diffusers corrects it (outdated scheduler
-    /// config, old UNet `sample_size`); empty for an up-to-date checkpoint.
+    /// config, old UNet `sample_size`), and on a GPU below 8.0 that it runs the dense path only
+    /// (`cuda::ArchMode::DenseOnly`); empty for an up-to-date checkpoint on the CPU or a newer GPU.
     pub fn notes(&self) -> &[String] {
         &self.notes
     }
@@ -1164,9 +1174,14 @@ pub fn report(sd: &StableDiffusion, g: &Generated) -> String {
         sd.memory().by_format().iter().map(|(f, b)| format!("{f} {:.2} MiB", mib(*b))).collect();
     s += &format!("  total {:.2} MiB ({})\n", mib(sd.memory().total_bytes()), by_format.join(", "));
     if let Some(b) = sd.gpu_bytes {
+        let sparse = match sd.device() {
+            Device::Cuda(d) if !d.arch_mode().sparse_kernels() => "sparse expanded to dense: dense-only GPU",
+            _ => "sparse packed for the kernels or expanded",
+        };
         s += &format!(
-            "  on the GPU: {:.2} MiB taken at load (dense f32, sparse packed for the kernels or expanded)\n",
-            mib(b)
+            "  on the GPU: {:.2} MiB taken at load (dense in {}, {sparse})\n",
+            mib(b),
+            sd.activation_dtype().name()
         );
     }
     // Which libraries the convolutions and dense Linears actually ran on (cuDNN / cuBLASLt, or

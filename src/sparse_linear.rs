@@ -14,7 +14,9 @@
 //! pipeline's) stay on the device and the result comes in the input's dtype: f16 activations
 //! (the CUDA default) go to the kernels as they are, no copy or cast; f32 and bf16 ones are
 //! rounded to f16 by the cast kernel (bf16 through f32: the kernels are f16-only) and the f16
-//! result converted back. Host tensors (f32) go to the GPU and come back widened to f32. The
+//! result converted back. Host tensors (f32) go to the GPU and come back widened to f32. On a
+//! dense-only GPU (below 8.0, where the sparse kernels do not run) the weight is expanded to
+//! dense f32 on the GPU at `new` and every product is cuBLAS SGEMM. The
 //! CUDA path has not yet run on a GPU (see
 //! `docs/CUDA.md`); its test compares it with the CPU path and skips without a GPU.
 
@@ -211,6 +213,13 @@ enum Imp {
         weight: DeviceTiledWeight,
         dense: OnceLock<Tensor>,
     },
+    /// A dense-only GPU (below 8.0, `cuda::ArchMode::DenseOnly`): the sparse kernels do not run
+    /// there, so the weight is expanded to dense f32 on the GPU at `new` and multiplied by
+    /// cuBLAS (the decompress + cuBLAS fallback from the start; no kernel is ever probed).
+    CudaDense {
+        device: CudaDevice,
+        dense: OnceLock<Tensor>,
+    },
 }
 
 /// The kernel modules, loaded once per GPU and shared by every layer (a model has hundreds).
@@ -225,7 +234,21 @@ fn loaded() -> &'static Mutex<LoadedKernels> {
         .get_or_init(|| Mutex::new(LoadedKernels { sparse24: HashMap::new(), unstructured: HashMap::new() }))
 }
 
+/// Refuses the sparse kernels on a GPU that must not run them (below 8.0 they are traps);
+/// `SparseLinear::new` routes such GPUs to the dense path before getting here.
+fn require_sparse_kernels(dev: &CudaDevice) -> Result<()> {
+    if dev.arch_mode().sparse_kernels() {
+        return Ok(());
+    }
+    let (major, minor) = dev.compute_capability();
+    Err(Error::Cuda(format!(
+        "the sparse GEMM kernels do not run on {} (sm_{major}{minor}, dense-only mode)",
+        dev.gpu_name()
+    )))
+}
+
 fn sparse24_kernels(dev: &CudaDevice) -> Result<Arc<Sp24Kernels>> {
+    require_sparse_kernels(dev)?;
     let mut l = loaded().lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
     if let Some(k) = l.sparse24.get(&dev.ordinal()) {
         return Ok(k.clone());
@@ -237,6 +260,7 @@ fn sparse24_kernels(dev: &CudaDevice) -> Result<Arc<Sp24Kernels>> {
 }
 
 fn unstructured_gemm(dev: &CudaDevice) -> Result<Arc<UnstructuredGemm>> {
+    require_sparse_kernels(dev)?;
     let mut l = loaded().lock().map_err(|_| Error::Cuda("kernel cache poisoned".into()))?;
     if let Some(g) = l.unstructured.get(&dev.ordinal()) {
         return Ok(g.clone());
@@ -271,6 +295,17 @@ impl SparseLinear {
             Device::Cpu => {
                 validate_host(&weight)?;
                 Imp::Cpu(weight)
+            }
+            Device::Cuda(dev) if !dev.arch_mode().sparse_kernels() => {
+                if matches!(weight, Weight::Dense(_)) {
+                    return Err(Error::Invalid(
+                        "SparseLinear on CUDA takes 2:4 or bitmap weights; a dense weight runs on the CPU"
+                            .into(),
+                    ));
+                }
+                validate_host(&weight)?;
+                let dense = OnceLock::from(cuda::weight_to_dense(&weight, device)?);
+                Imp::CudaDense { device: dev.clone(), dense }
             }
             Device::Cuda(dev) => {
                 if !in_features.is_multiple_of(8) {
@@ -315,7 +350,10 @@ impl SparseLinear {
             return Err(Error::Shape(format!("GEGLU projection: bias {:?} for {n} rows", b.shape())));
         }
         match (&weight, device) {
-            (Weight::Sparse24(w), Device::Cuda(_)) if geglu_interleavable(n) => {
+            // Only where the 2:4 kernels run (a dense-only GPU keeps the canonical expansion).
+            (Weight::Sparse24(w), Device::Cuda(dev))
+                if geglu_interleavable(n) && dev.arch_mode().sparse_kernels() =>
+            {
                 let host_bias = bias.map(|b| b.to_vec()).transpose()?;
                 let (w, b) = geglu_interleave(w, host_bias.as_deref())?;
                 let mut layer = SparseLinear::new(Weight::Sparse24(w), device)?;
@@ -405,10 +443,13 @@ impl SparseLinear {
         let interleaved = self.interleaved;
         match &self.imp {
             Imp::Cpu(w) => linear_then_ops(x, w, bias, act, residual),
-            _ if m == 0 => {
-                let mut shape = x.shape().to_vec();
-                *shape.last_mut().expect("rank checked above") = n_final;
-                Ok(Tensor::zeros(&shape))
+            _ if m == 0 => Ok(Tensor::zeros(&out_shape(x, n_final))),
+            Imp::CudaDense { device, dense } => {
+                let y = dense_fallback(device, dense, x, bias, || {
+                    Err(Error::Cuda("expanded at placement".into()))
+                })?;
+                let plan = plan_epilogue(None, interleaved, act, residual.map(|_| false));
+                finish(y, &plan, residual)
             }
             Imp::Cuda24 { device, kernels, weight, dense } => {
                 let fusable = residual.map(|r| is_f16_on(x, device) && is_f16_on(r, device));
@@ -976,6 +1017,11 @@ mod tests {
     /// have been the choice: it is planted on the fastest).
     fn first_use_check_on_real_kernels(device: &Device) -> Result<()> {
         let Device::Cuda(dev) = device else { return Ok(()) };
+        if !dev.arch_mode().sparse_kernels() {
+            // Dense-only GPU: the kernels are refused before anything is loaded or launched.
+            assert!(sparse24_kernels(dev).is_err() && unstructured_gemm(dev).is_err());
+            return Ok(());
+        }
         let (m, n, k) = (154, 320, 1024);
         let kernels = sparse24_kernels(dev)?;
         let mut probe = Sp24Probe::new(dev, &kernels, m, n, k, EpilogueClass::default())?;
@@ -1146,7 +1192,8 @@ mod tests {
             SparseLinear::new(w.clone(), device)?
         };
         let interleave_expected = geglu_layer && matches!(w, Weight::Sparse24(_)) && geglu_interleavable(n);
-        assert_eq!(layer.is_interleaved(), interleave_expected && matches!(device, Device::Cuda(_)));
+        let kernels = matches!(device, Device::Cuda(d) if d.arch_mode().sparse_kernels());
+        assert_eq!(layer.is_interleaved(), interleave_expected && kernels);
         let bias = if layer.owns_bias() { None } else { Some(&bg) };
         let y = layer.forward_fused(&xg, bias, act, rg.as_ref())?;
         assert_eq!(y.dtype(), act_dtype);
@@ -1200,6 +1247,13 @@ mod tests {
         let b = Tensor::from_vec(rng.vec(n), &[n])?;
         let cpu_layer = SparseLinear::new(w.clone(), &Device::Cpu)?;
         let layer = SparseLinear::new_geglu(w, Some(&ops::to_device(&b, device)?), device)?;
+        if !dev.arch_mode().sparse_kernels() {
+            // Dense-only GPU: not interleaved, the expanded weight as it is.
+            assert!(!layer.is_interleaved());
+            let want = cpu_layer.forward_fused(&x, Some(&b), LinearAct::Geglu, None)?.to_vec()?;
+            let got = layer.forward_fused(&x, None, LinearAct::Geglu, None)?.to_vec()?;
+            return check_close(&got, &want, 1e-5, 1e-4).map(drop).map_err(Error::Msg);
+        }
         assert!(layer.is_interleaved());
         for epi in [EpilogueClass { geglu: true, ..Default::default() }, EpilogueClass::default()] {
             let class = ShapeClass::new(Family::Sparse24, m, n, k).with_epilogue(epi);

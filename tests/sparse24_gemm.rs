@@ -21,6 +21,17 @@ fn random_24(n: usize, k: usize, seed: u64) -> Sparse24Weight {
     prune_dense_24(&rng.vec(n * k), n, k).unwrap()
 }
 
+/// Below sm_80 no 2:4 variant runs (mma.sp is sm_80+; the kernels are traps on sm_75), so the
+/// dispatcher and the tuner have nothing to pick there; sm_90 adds the wgmma variant.
+#[test]
+fn no_variant_below_sm80() {
+    use sdsparse::backend::cuda::sparse24::Sp24Variant;
+    assert!(Sp24Variant::all_for((7, 5)).is_empty());
+    assert_eq!(Sp24Variant::all_for((8, 0)).len(), 4);
+    assert_eq!(Sp24Variant::all_for((8, 9)).len(), 4);
+    assert!(Sp24Variant::all_for((9, 0)).contains(&Sp24Variant::Wgmma));
+}
+
 #[test]
 fn pack_decode_round_trip_matches_canonical() {
     // SD2-like, awkward (N, K not multiples of the pads) and minimum shapes.
@@ -153,6 +164,10 @@ mod gpu {
     /// `SDSPARSE_REQUIRE_GPU=1`, as on the device machine).
     pub fn setup(test: &str) -> Option<(Arc<CudaContext>, Arc<CudaStream>, Sp24Kernels)> {
         let dev = sdsparse::backend::test_util::cuda_device_or_skip(test)?;
+        if dev.compute_capability() < (8, 0) {
+            eprintln!("{test}: skipped: the 2:4 kernels need sm_80 ({} is dense-only)", dev.gpu_name());
+            return None;
+        }
         let fatbin = sdsparse::backend::cuda::kernels::fatbin().expect("an open CudaDevice implies kernels");
         let kernels = Sp24Kernels::load(dev.context(), fatbin).expect("load 2:4 kernels");
         Some((dev.context().clone(), dev.stream().clone(), kernels))

@@ -182,6 +182,18 @@ fn reference_gemm_epilogue_order() {
     assert!(relative_error(&[f32::NAN], &[1.0]).is_infinite(), "NaN never passes");
 }
 
+/// The mma.sync variants are traps below sm_80; only the naive oracle runs on sm_75 (and wgmma
+/// only on sm_90).
+#[test]
+fn tensor_core_variants_need_sm80() {
+    for v in GemmVariant::ALL {
+        assert_eq!(v.runs_on((7, 5)), v == GemmVariant::Naive, "{v:?} on sm_75");
+        assert_eq!(v.runs_on((8, 6)), v != GemmVariant::WgmmaBm128, "{v:?} on sm_86");
+    }
+    assert!(GemmVariant::ALL.into_iter().all(|v| v.runs_on((9, 0))));
+    assert!(GemmVariant::ALL.into_iter().all(|v| !v.runs_on((7, 0))));
+}
+
 // ---------------------------------------------------------------------------------------
 // GPU
 

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Checks the built kernel fatbin: it holds SASS for sm_80, sm_86, sm_89, sm_90a and compute_80 PTX,
-# and each kernel's SASS contains the instructions tools/sass_expect.txt requires (for example the
-# sparse tensor-core MMAs of the 2:4 GEMM), so a change that silently loses them fails CI.
+# Checks the built kernel fatbin: it holds SASS for sm_75, sm_80, sm_86, sm_89, sm_90a and
+# compute_75 + compute_80 PTX, and each kernel's SASS (or the compute_75 PTX) contains the
+# instructions tools/sass_expect.txt requires (for example the sparse tensor-core MMAs of the 2:4
+# GEMM on sm_80+, and on sm_75 a trap instead of any tensor-core instruction), so a change that
+# silently loses them fails CI.
 #
 #   tools/check_sass.sh [FATBIN]     default: the newest target/**/build/sdsparse-*/out/sdsparse.fatbin
-#   SASS_DUMP_DIR=dir tools/check_sass.sh   also keeps the per-arch SASS listings in dir
+#   SASS_DUMP_DIR=dir tools/check_sass.sh   also keeps the per-arch SASS / PTX listings in dir
 #
 # cuobjdump is taken from CUOBJDUMP, next to NVCC, PATH, or .cache/cuda (tools/install_cuda.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXPECT="$ROOT/tools/sass_expect.txt"
-ARCHS=(sm_80 sm_86 sm_89 sm_90a)
-PTX_ARCH=sm_80 # cuobjdump names the compute_80 PTX after its target
+ARCHS=(sm_75 sm_80 sm_86 sm_89 sm_90a)
+TC_ARCHS=(sm_80 sm_86 sm_89 sm_90a) # "tc" in the expectations: the tensor-core (sm_80+) images
+PTX_ARCHS=(sm_75 sm_80)             # cuobjdump names the compute_XY PTX after its target
 
 fail() { echo "check_sass: FAIL: $*" >&2; exit 1; }
 
@@ -44,8 +47,21 @@ for arch in "${ARCHS[@]}"; do
     "$cuobjdump" -sass -arch "$arch" "$fatbin" >"$work/$arch.sass"
     echo "check_sass: $arch: $(grep -c 'Function :' "$work/$arch.sass") kernels"
 done
-grep -q "\.$PTX_ARCH\.ptx" <<<"$ptxs" || fail "no compute_80 PTX in the fatbin"
+for arch in "${PTX_ARCHS[@]}"; do
+    grep -q "\.$arch\.ptx" <<<"$ptxs" || fail "no compute_${arch#sm_} PTX in the fatbin"
+done
+# The compute_75 PTX, in the same "Function : name" form as the SASS listings (one header line
+# per .entry), so the expectations read both the same way.
+"$cuobjdump" -ptx -arch sm_75 "$fatbin" |
+    sed -E 's/^[.a-z ]*\.entry[[:space:]]+([A-Za-z0-9_]+).*/\t\tFunction : \1/' >"$work/compute_75.sass"
+echo "check_sass: compute_75 PTX: $(grep -c 'Function :' "$work/compute_75.sass") kernels"
 if [[ -n "${SASS_DUMP_DIR:-}" ]]; then mkdir -p "$SASS_DUMP_DIR" && cp "$work"/*.sass "$SASS_DUMP_DIR"/; fi
+# Every kernel exists in every image (the host looks kernels up by name, whatever the GPU).
+names() { grep 'Function :' "$1" | awk '{ print $3 }' | sort; }
+for listing in "$work"/*.sass; do
+    [[ "$(names "$listing")" == "$(names "$work/sm_80.sass")" ]] ||
+        fail "$(basename "$listing" .sass) holds other kernels than sm_80: $(diff <(names "$listing") <(names "$work/sm_80.sass") | tr '\n' ' ')"
+done
 
 # Prints one line per kernel whose name contains $2: "<kernel> yes|no" (does it match regex $3).
 check_kernels() {
@@ -65,7 +81,11 @@ while read -r arch kernel regex rest; do
     [[ -n "${regex:-}" && -z "${rest:-}" ]] || fail "bad line in $EXPECT: $arch $kernel $regex $rest"
     negate=0
     if [[ "$regex" == !* ]]; then negate=1; regex="${regex:1}"; fi
-    if [[ "$arch" == "*" ]]; then arches=("${ARCHS[@]}"); else arches=("$arch"); fi
+    case "$arch" in
+        "*") arches=("${ARCHS[@]}") ;;
+        tc) arches=("${TC_ARCHS[@]}") ;;
+        *) arches=("$arch") ;;
+    esac
     for a in "${arches[@]}"; do
         [[ -f "$work/$a.sass" ]] || fail "$EXPECT names unknown arch $a"
         result="$(check_kernels "$work/$a.sass" "$kernel" "$regex")"
@@ -88,4 +108,4 @@ while read -r arch kernel regex rest; do
 done <"$EXPECT"
 
 [[ $failures == 0 ]] || fail "$failures expectation(s) not met"
-echo "check_sass: OK ($checked kernel checks over ${ARCHS[*]}, compute_80 PTX present)"
+echo "check_sass: OK ($checked kernel checks over ${ARCHS[*]} and the compute_75 PTX, compute_80 PTX present)"

@@ -18,7 +18,8 @@
 #               diffusers' references (DDIM, Euler, DPM++ 2M; latents < 1e-4), in f16 (latents
 #               < 2e-2, image within 2/255 on 99% of pixels) and bf16 (provisional 8e-2), and converted
 #               unstructured / 2:4 checkpoints on CUDA against the CPU, expanded (f32, < 1e-4)
-#               and through the sparse kernels (f16 activations, < 2e-2)
+#               and through the sparse kernels (f16 activations, < 2e-2); and the dense-only
+#               mode of GPUs below 8.0, forced here (SDSPARSE_GPU_ARCH_MODE=dense-only)
 #   5 bench     short benches: 2:4 and unstructured GEMM vs cuBLAS (same process), attention;
 #               PyTorch peers (cuBLAS, cuSPARSELt via to_sparse_semi_structured, SDPA) if torch
 #               with CUDA is installed there
@@ -126,6 +127,21 @@ step() {
         return 0
     fi
     ((limit > left + 30)) && limit=$((left + 30)) # the last step may overrun the budget by 30 s
+    # A filter that matches no test would pass silently ("running 0 tests"): list what the
+    # filter selects first (also in a dry run) and fail the step when it selects nothing.
+    local i
+    for ((i = 1; i <= $#; i++)); do
+        if [[ "${!i}" == "$bin"/test-* ]]; then
+            local n
+            n=$("${@:i}" --list 2>/dev/null | grep -c ': test$')
+            if ((n == 0)); then
+                rows+=("| $group | $name | FAIL (the filter selects no test) | 0 | |")
+                status=1
+                return 0
+            fi
+            break
+        fi
+    done
     if ((dry)); then
         echo "dry run: ${envs[*]} $*" >"$out/$log"
         rows+=("| $group | $name | dry run | 0 | $log |")
@@ -256,6 +272,14 @@ step pipeline pipeline-sparse-expanded 120 SDSPARSE_GPU_SPARSE=dense -- "$(exe t
 step pipeline pipeline-sparse-kernels 120 -- "$(exe test-pipeline)" gpu_sparse_checkpoints_match_cpu --exact --nocapture
 # CUDA graphs of the UNet step: replayed steps give the eager steps' latents.
 step pipeline pipeline-cuda-graphs 90 -- "$(exe test-pipeline)" gpu_cuda_graphs_match_eager_steps --exact --nocapture
+# The dense-only mode of GPUs below 8.0 (Turing), forced on this GPU: the tiny model in f16 with
+# attention on the scores path against diffusers, converted 2:4 / unstructured checkpoints
+# expanded at load (no sparse Linear runs) against the CPU; SparseLinear through the API
+# (expanded at placement, the sparse kernels refused) against the CPU reference.
+step pipeline pipeline-dense-only 150 SDSPARSE_GPU_ARCH_MODE=dense-only -- "$(exe test-pipeline)" \
+    gpu_dense_only_mode_expands_sparse_weights_and_matches_diffusers --exact --nocapture
+step pipeline sparse-linear-dense-only 60 SDSPARSE_GPU_ARCH_MODE=dense-only -- "$(exe test-sdsparse)" \
+    sparse_linear::tests:: --test-threads=1 --nocapture
 
 # 5. Short benches (cuBLAS dense f16 in the same process) and the PyTorch peers.
 crit=(--bench --warm-up-time 0.2 --measurement-time 0.4 --sample-size 10)

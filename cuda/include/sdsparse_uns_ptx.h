@@ -4,9 +4,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "sdsparse unstructured kernels need sm_80 or newer (cp.async, ldmatrix, mma.sync m16n8k16)"
-#endif
+// These wrappers are sm_80+ only; the kernels that call them compile to a trap below sm_80
+// (SDS_SM80_ONLY in sdsparse_arch.h), so for sm_75 nothing calls them and no PTX is emitted.
+#include "sdsparse_arch.h"
 
 namespace sds_uns {
 

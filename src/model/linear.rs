@@ -5,9 +5,10 @@
 //! the kernel call. On CUDA ([`place_weight`]) a dense weight is uploaded at load in the
 //! activation dtype, and a compressed one is packed once for the sparse GEMM kernels
 //! ([`SparseLinear`]; its bias stays f32, what their epilogue reads), or, with
-//! `SDSPARSE_GPU_SPARSE=dense` or when the kernels cannot take its shape, expanded once to a
-//! dense GPU weight in the activation dtype (decompression kernels) that cuBLAS multiplies. Each layer knows its weight's name in its component (`…to_q.weight`),
-//! so statistics and pruning decisions are keyed by the names checkpoints use.
+//! `SDSPARSE_GPU_SPARSE=dense`, on a dense-only GPU (below 8.0) or when the kernels cannot take
+//! its shape, expanded once to a dense GPU weight in the activation dtype (decompression
+//! kernels) that cuBLAS multiplies. Each layer knows its weight's name in its component
+//! (`…to_q.weight`), so statistics and pruning decisions are keyed by the names checkpoints use.
 //!
 //! [`Linear::forward_fused`] is `act(x·Wᵀ + b) + residual` (GELU, GEGLU, a residual add):
 //! through the sparse kernels it runs in their epilogue (`sparse_linear::plan_epilogue`
@@ -57,6 +58,13 @@ pub fn gpu_sparse_kernels() -> bool {
     std::env::var("SDSPARSE_GPU_SPARSE").map(|v| v != "dense").unwrap_or(true)
 }
 
+/// Whether a compressed weight of `in_features` columns runs on the sparse GEMM kernels of a GPU
+/// in `mode` (`kernels_enabled`: [`gpu_sparse_kernels`]); otherwise it is expanded to dense at
+/// load. A dense-only GPU (below 8.0, where the sparse kernels are traps) never takes them.
+pub fn uses_sparse_kernels(kernels_enabled: bool, mode: cuda::ArchMode, in_features: usize) -> bool {
+    kernels_enabled && mode.sparse_kernels() && in_features.is_multiple_of(8)
+}
+
 /// `weight` placed on `device` with activations in `dtype` (see the module docs): the weight to
 /// keep and, for the sparse kernels, the packed GPU layer.
 pub fn place_weight(
@@ -71,7 +79,7 @@ pub fn place_weight(
         Weight::Dense(t) => Ok((Weight::Dense(cuda::to_cuda_as(&t, dev, dtype)?), None)),
         sparse => {
             let (_, in_features) = sparse.dims2()?;
-            if gpu_sparse_kernels() && in_features.is_multiple_of(8) {
+            if uses_sparse_kernels(gpu_sparse_kernels(), dev.arch_mode(), in_features) {
                 let layer = SparseLinear::new(sparse.clone(), device)?;
                 Ok((sparse, Some(Arc::new(layer))))
             } else {
@@ -288,6 +296,7 @@ pub fn epilogue_route(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::ArchMode;
     use crate::backend::test_util::{random_bitmap, random_sparse24, TestRng};
     use crate::sparse_linear::EpiloguePlan;
     use crate::tune::EpilogueClass;
@@ -361,5 +370,19 @@ mod tests {
         let got = epilogue_route(&w24, true, false, NoAct, DType::F16, Some(DType::F32))?;
         assert_eq!(got, plan(Some((false, false, false)), false, NoAct, true));
         Ok(())
+    }
+
+    #[test]
+    fn sparse_weights_take_the_kernels_only_on_full_gpus() {
+        let full = ArchMode::Full;
+        assert!(uses_sparse_kernels(true, full, 320));
+        // SDSPARSE_GPU_SPARSE=dense, or a shape the kernels cannot take: expanded.
+        assert!(!uses_sparse_kernels(false, full, 320));
+        assert!(!uses_sparse_kernels(true, full, 77));
+        // Below 8.0 (or forced dense-only) always expanded, whatever else holds.
+        for mode in [ArchMode::DenseOnly { forced: false }, ArchMode::DenseOnly { forced: true }] {
+            assert!(!uses_sparse_kernels(true, mode, 320));
+            assert!(!uses_sparse_kernels(false, mode, 320));
+        }
     }
 }

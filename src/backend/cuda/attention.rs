@@ -226,6 +226,8 @@ pub struct FusedAttention {
     module: FatbinModule,
     flash: sys::CUfunction,
     naive: sys::CUfunction,
+    /// The flash kernel needs sm_80 (mma.sync m16n8k16, cp.async); below, it is a trap.
+    flash_runs: bool,
 }
 
 // SAFETY: function handles are immutable after loading.
@@ -248,7 +250,8 @@ impl FusedAttention {
         let module = FatbinModule::load(ctx, image)?;
         let flash = module.function("sdsparse_attn_fwd_d64")?;
         let naive = module.function("sdsparse_attn_naive")?;
-        Ok(FusedAttention { module, flash, naive })
+        let cc = ctx.compute_capability().map_err(|e| Error::Cuda(format!("compute capability: {e}")))?;
+        Ok(FusedAttention { module, flash, naive, flash_runs: cc >= (8, 0) })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -268,6 +271,9 @@ impl FusedAttention {
         v: (&CudaSlice<u16>, HeadLayout),
         o: (&mut CudaSlice<u16>, HeadLayout),
     ) -> Result<()> {
+        if variant == AttentionVariant::Flash && !self.flash_runs {
+            return Err(Error::Cuda("the flash attention kernel needs sm_80 or newer".into()));
+        }
         let lens = [q.0.len(), k.0.len(), v.0.len(), o.0.len()];
         let Some((mut params, grid)) = plan_attention(shape, lens, [q.1, k.1, v.1, o.1])? else {
             return Ok(());

@@ -33,6 +33,8 @@ struct Inner {
     ordinal: usize,
     gpu_name: String,
     compute_capability: (i32, i32),
+    /// What this GPU runs (all kernels, or the dense cuBLAS path only).
+    arch_mode: ArchMode,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
@@ -62,7 +64,7 @@ fn registry() -> &'static Mutex<HashMap<usize, CudaDevice>> {
 impl CudaDevice {
     /// The GPU with this ordinal, with the kernels loaded. Errors (never panics) when the crate
     /// was built without CUDA kernels, when no driver or GPU is present, or when the GPU is older
-    /// than sm_80.
+    /// than sm_75 ([`arch_mode`]; 7.5 runs the dense path only).
     pub fn new(ordinal: usize) -> Result<CudaDevice> {
         let mut devices = registry().lock().map_err(|_| Error::Cuda("device registry poisoned".into()))?;
         if let Some(dev) = devices.get(&ordinal) {
@@ -102,7 +104,8 @@ impl CudaDevice {
                 "the CUDA driver is missing functions this build needs (driver older than CUDA 13?)".into(),
             )
         })??;
-        check_capability(&gpu_name, compute_capability)?;
+        let arch_mode =
+            arch_mode(&gpu_name, compute_capability, std::env::var(ARCH_MODE_ENV).ok().as_deref())?;
         // SAFETY: every buffer of this context is used on `stream` only (module docs).
         unsafe { ctx.disable_event_tracking() };
         // A created (non-blocking) stream, not the legacy default stream: only the former can be
@@ -119,6 +122,7 @@ impl CudaDevice {
                 ordinal,
                 gpu_name,
                 compute_capability,
+                arch_mode,
                 ctx,
                 stream,
                 module,
@@ -142,6 +146,15 @@ impl CudaDevice {
     /// `(major, minor)`, e.g. `(9, 0)` for Hopper.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.inner.compute_capability
+    }
+    /// What this GPU runs: every kernel, or (below 8.0, or forced by [`ARCH_MODE_ENV`]) the
+    /// dense cuBLAS path only.
+    pub fn arch_mode(&self) -> ArchMode {
+        self.inner.arch_mode
+    }
+    /// The one line saying this GPU is in the dense-only mode (`None` when it runs everything).
+    pub fn arch_note(&self) -> Option<String> {
+        self.inner.arch_mode.note(&self.inner.gpu_name, self.inner.compute_capability)
     }
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx
@@ -280,19 +293,91 @@ impl CudaDevice {
     }
 }
 
-/// The oldest GPUs the kernels load on: the fatbin holds SASS for sm_80 / 86 / 89 / 90a and PTX
-/// for compute_80 only, so on an older GPU none of our kernels loads, and with them goes every
-/// non-GEMM op of the pipeline (norms, activations, softmax, im2col are ours): not even a
-/// dense cuBLAS path could run. Such a GPU is refused with one line naming the minimum
-/// (`--device auto` then runs on the CPU with that line as its note; docs/CUDA.md).
-pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
+/// The oldest GPU admitted: CUDA 13, which builds the kernels, has no target older than sm_75
+/// (Turing: T4, RTX 20xx), so on a 7.0 / 7.2 (Volta) GPU not one of our kernels loads, and with
+/// them goes every non-GEMM op of the pipeline (norms, activations, softmax, im2col are ours).
+/// Such a GPU is refused with one line naming the minimum (`--device auto` then runs on the CPU
+/// with that line as its note; docs/CUDA.md).
+pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (7, 5);
 
-/// Refuses a GPU older than [`MIN_COMPUTE_CAPABILITY`] with the one-line error.
-pub(crate) fn check_capability(gpu: &str, cc: (i32, i32)) -> Result<()> {
+/// The first compute capability that runs every kernel: the sparse GEMMs and the flash
+/// attention use sm_80 instructions (mma.sync m16n8k16, mma.sp, cp.async); for sm_75 they are
+/// built as traps (`cuda/include/sdsparse_arch.h`) and never launched.
+pub const FULL_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
+
+/// The environment variable that forces [`ArchMode::DenseOnly`] on any GPU (`dense-only`), so
+/// the dense-only routing can be tested on an sm_80+ GPU; `auto` or unset: by the compute
+/// capability.
+pub const ARCH_MODE_ENV: &str = "SDSPARSE_GPU_ARCH_MODE";
+
+/// What a GPU runs, by its compute capability ([`arch_mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchMode {
+    /// sm_80 and newer (8.0 / 8.6 / 8.9 / 9.0 by SASS, 10.x / 12.x by the compute_80 PTX): every
+    /// kernel: the 2:4 and unstructured sparse GEMMs, the flash attention.
+    Full,
+    /// sm_75 (or [`ARCH_MODE_ENV`]`=dense-only`): no tensor-core kernel of ours runs. Sparse
+    /// Linear weights are expanded to dense at load (`model::linear::place_weight`), every
+    /// Linear and matmul runs on cuBLAS(Lt), attention on the scores path (cuBLAS batched GEMM
+    /// + our f32 softmax); norms, activations and tensor kernels are ours as on any GPU.
+    DenseOnly {
+        /// Chosen by [`ARCH_MODE_ENV`] on a GPU that could run everything.
+        forced: bool,
+    },
+}
+
+impl ArchMode {
+    /// Whether the sparse GEMM kernels (2:4, unstructured) may run.
+    pub fn sparse_kernels(self) -> bool {
+        self == ArchMode::Full
+    }
+    /// Whether the flash attention kernel may run.
+    pub fn flash_attention(self) -> bool {
+        self == ArchMode::Full
+    }
+    /// The one line `generate` prints for a dense-only GPU (`None` for [`ArchMode::Full`]).
+    pub fn note(self, gpu: &str, cc: (i32, i32)) -> Option<String> {
+        let what = "sparse weights are expanded to dense and run on cuBLAS; attention uses cuBLAS + softmax";
+        match self {
+            ArchMode::Full => None,
+            ArchMode::DenseOnly { forced: false } => {
+                Some(format!("GPU: {gpu} (sm_{}{}) is below 8.0: {what}", cc.0, cc.1))
+            }
+            ArchMode::DenseOnly { forced: true } => Some(format!(
+                "GPU: {gpu} (sm_{}{}) in dense-only mode ({ARCH_MODE_ENV}=dense-only): {what}",
+                cc.0, cc.1
+            )),
+        }
+    }
+}
+
+/// The mode of a GPU of compute capability `cc` (`forced`: the value of [`ARCH_MODE_ENV`]), or
+/// the one-line refusal of a GPU older than [`MIN_COMPUTE_CAPABILITY`] or of a bad override.
+/// A pure function of its arguments, so the decision is unit-tested without a GPU.
+pub fn arch_mode(gpu: &str, cc: (i32, i32), forced: Option<&str>) -> Result<ArchMode> {
     if cc < MIN_COMPUTE_CAPABILITY {
         return Err(Error::Cuda(format!(
-            "{gpu} has compute capability {}.{}; sdsparse's CUDA kernels are built for 8.0 (Ampere) or newer, \
-             and without them no GPU path can run, not even dense cuBLAS (use --device cpu)",
+            "{gpu} has compute capability {}.{}; CUDA 13, which builds sdsparse's kernels, supports 7.5 (Turing) \
+             or newer, and without the kernels no GPU path can run (use --device cpu)",
+            cc.0, cc.1
+        )));
+    }
+    let by_capability =
+        if cc < FULL_COMPUTE_CAPABILITY { ArchMode::DenseOnly { forced: false } } else { ArchMode::Full };
+    match forced.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(by_capability),
+        Some("dense-only") => Ok(ArchMode::DenseOnly { forced: by_capability == ArchMode::Full }),
+        Some(other) => Err(Error::Cuda(format!("{ARCH_MODE_ENV} must be auto or dense-only, got {other:?}"))),
+    }
+}
+
+/// Refuses activations a GPU cannot compute in: bf16 needs 8.0 (Turing has no bf16 tensor
+/// cores; cuBLAS / cuDNN bf16 there is unverified and would be emulated), so below it `--dtype
+/// bf16` is one line naming the alternatives. f16 and f32 run everywhere.
+pub fn check_activation_dtype(gpu: &str, cc: (i32, i32), dtype: DType) -> Result<()> {
+    if dtype == DType::BF16 && cc < FULL_COMPUTE_CAPABILITY {
+        return Err(Error::Invalid(format!(
+            "--dtype bf16 needs compute capability 8.0 (Ampere) or newer; {gpu} has {}.{} (use --dtype f16 or f32)",
             cc.0, cc.1
         )));
     }
@@ -373,14 +458,81 @@ impl CudaStorage {
 
 #[cfg(test)]
 mod tests {
+    use super::{arch_mode, check_activation_dtype, ArchMode, ARCH_MODE_ENV};
+    use crate::format::DType;
+
+    const FULL: ArchMode = ArchMode::Full;
+    const DENSE: ArchMode = ArchMode::DenseOnly { forced: false };
+    const FORCED: ArchMode = ArchMode::DenseOnly { forced: true };
+
     #[test]
-    fn gpus_older_than_sm80_are_refused_in_one_line() {
-        let e = super::check_capability("Tesla T4", (7, 5)).unwrap_err().to_string();
-        assert!(e.contains("Tesla T4") && e.contains("7.5") && e.contains("8.0") && !e.contains('\n'), "{e}");
-        assert!(super::check_capability("A100", (8, 0)).is_ok());
-        assert!(super::check_capability("H200", (9, 0)).is_ok());
-        assert!(super::check_capability("V100", (7, 0)).is_err());
+    fn volta_is_refused_in_one_line_naming_cuda_13s_minimum() {
+        for (gpu, cc) in [("Tesla V100", (7, 0)), ("Jetson AGX Xavier", (7, 2)), ("Tesla P100", (6, 0))] {
+            let e = arch_mode(gpu, cc, None).unwrap_err().to_string();
+            let shown = format!("{}.{}", cc.0, cc.1);
+            assert!(e.contains(gpu) && e.contains(&shown) && e.contains("7.5"), "{e}");
+            assert!(e.contains("CUDA 13") && e.contains("--device cpu") && !e.contains('\n'), "{e}");
+            // Forcing a mode does not admit it either.
+            assert!(arch_mode(gpu, cc, Some("dense-only")).is_err());
+        }
     }
+
+    #[test]
+    fn turing_runs_dense_only_and_ampere_or_newer_everything() {
+        assert_eq!(arch_mode("Tesla T4", (7, 5), None).unwrap(), DENSE);
+        // SASS for 8.0 / 8.6 / 8.9 / 9.0; 10.x and 12.x JIT the compute_80 PTX.
+        for cc in [(8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert_eq!(arch_mode("GPU", cc, None).unwrap(), FULL, "{cc:?}");
+            assert_eq!(arch_mode("GPU", cc, Some("auto")).unwrap(), FULL, "{cc:?}");
+        }
+        let t4 = arch_mode("Tesla T4", (7, 5), None).unwrap();
+        assert!(!t4.sparse_kernels() && !t4.flash_attention());
+        assert!(FULL.sparse_kernels() && FULL.flash_attention());
+    }
+
+    #[test]
+    fn the_override_forces_dense_only_and_nothing_else() {
+        assert_eq!(arch_mode("NVIDIA H200", (9, 0), Some("dense-only")).unwrap(), FORCED);
+        assert_eq!(arch_mode("NVIDIA H200", (9, 0), Some(" dense-only ")).unwrap(), FORCED);
+        // On a GPU that is dense-only anyway, the override changes nothing (not "forced").
+        assert_eq!(arch_mode("Tesla T4", (7, 5), Some("dense-only")).unwrap(), DENSE);
+        assert_eq!(arch_mode("NVIDIA H200", (9, 0), Some("")).unwrap(), FULL);
+        // Full cannot be forced on a Turing GPU, and a typo is an error, not silently ignored.
+        for bad in ["full", "dense", "sparse"] {
+            let e = arch_mode("NVIDIA H200", (9, 0), Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(ARCH_MODE_ENV) && e.contains(bad) && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn dense_only_says_so_in_one_line() {
+        let n = DENSE.note("Tesla T4", (7, 5)).unwrap();
+        assert_eq!(
+            n,
+            "GPU: Tesla T4 (sm_75) is below 8.0: sparse weights are expanded to dense and run on cuBLAS; \
+             attention uses cuBLAS + softmax"
+        );
+        let f = FORCED.note("NVIDIA H200", (9, 0)).unwrap();
+        assert!(f.contains("sm_90") && f.contains(ARCH_MODE_ENV) && !f.contains('\n'), "{f}");
+        assert_eq!(FULL.note("NVIDIA H200", (9, 0)), None);
+    }
+
+    #[test]
+    fn bf16_below_8_0_is_refused_in_one_line() {
+        let e = check_activation_dtype("Tesla T4", (7, 5), DType::BF16).unwrap_err().to_string();
+        assert!(
+            e.contains("bf16") && e.contains("Tesla T4") && e.contains("7.5") && e.contains("8.0"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+        for dtype in [DType::F16, DType::F32] {
+            assert!(check_activation_dtype("Tesla T4", (7, 5), dtype).is_ok());
+        }
+        for cc in [(8, 0), (8, 9), (9, 0), (12, 0)] {
+            assert!(check_activation_dtype("GPU", cc, DType::BF16).is_ok());
+        }
+    }
+
     use super::oom_message;
 
     #[test]

@@ -1,7 +1,9 @@
 //! The CUDA backend: the GPU handle, the embedded kernel fatbin, device storage and launchers.
 //!
 //! - [`CudaDevice`] opens a GPU (clear errors for "no driver", "no GPU", "built without CUDA
-//!   kernels"), loads the fatbin once, looks kernels up by name and launches them.
+//!   kernels", "older than 7.5"), loads the fatbin once, looks kernels up by name and launches
+//!   them; its [`ArchMode`] says whether the tensor-core kernels (sparse GEMMs, flash attention)
+//!   may run (8.0+) or only the dense cuBLAS path (7.5, or `SDSPARSE_GPU_ARCH_MODE=dense-only`).
 //! - [`CudaStorage`] is the data of a GPU tensor in f32, f16 or bf16 (the activation dtype,
 //!   `--dtype`; weights are uploaded in it, see [`to_cuda_as`]).
 //! - [`params`] mirrors the kernel parameter structs of `cuda/include/sdsparse_params.h`.
@@ -37,7 +39,10 @@ pub mod attention;
 pub mod unstructured;
 
 pub use decompress::weight_to_dense;
-pub use device::{CudaDevice, CudaStorage};
+pub use device::{
+    arch_mode, check_activation_dtype, ArchMode, CudaDevice, CudaStorage, ARCH_MODE_ENV,
+    FULL_COMPUTE_CAPABILITY, MIN_COMPUTE_CAPABILITY,
+};
 
 use crate::backend::{Storage, Tensor};
 use crate::error::Result;

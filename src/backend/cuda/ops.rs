@@ -18,7 +18,7 @@
 use super::attention::{self, AttentionShape, HeadLayout};
 use super::blas::{self, Gemm};
 use super::decompress::DeviceValues;
-use super::device::{CudaDevice, CudaStorage};
+use super::device::{ArchMode, CudaDevice, CudaStorage};
 use super::libs::{self, Choice};
 use super::lt::{Epilogue, LtLinear, LtRun};
 use super::pointwise::{self, Unary};
@@ -203,12 +203,13 @@ pub fn layer_norm(x: &Tensor, dim: usize, gamma: &Tensor, beta: &Tensor, eps: f3
     Ok(wrap(&dev, y, x.shape()))
 }
 
-/// Which attention path runs for activations of `dtype` (the choice [`attention`] makes, a
-/// pure function so the routing is unit-tested on the host):
+/// Which attention path runs for activations of `dtype` on a GPU in `mode` (the choice
+/// [`attention`] makes, a pure function so the routing is unit-tested on the host):
 /// - f16, head dim 64, with or without the causal mask: our flash kernel (`attention.rs`,
 ///   `cuda/attention.cu`): f16 Q/K/V/O, `Q·Kᵀ` on tensor cores into f32 accumulators, f32 online
 ///   softmax, P rounded to f16 for `P·V` (the UNet's heads and the text encoder's causal ones);
-/// - otherwise (f32, bf16, any other head dim — the VAE's single 512-wide head —, or
+/// - otherwise (f32, bf16, any other head dim — the VAE's single 512-wide head —, a dense-only
+///   GPU (below 8.0, [`ArchMode::DenseOnly`]: the flash kernel is a trap there), or
 ///   `SDSPARSE_GPU_ATTENTION=softmax`): the scores path.
 ///
 /// Neither path stores scores in f16, so `upcast_attention` (SD2.1 768-v, whose f16 scores
@@ -222,10 +223,10 @@ pub enum AttentionPath {
 
 /// `causal` does not change the choice (both paths take the mask); it stays an argument so the
 /// routing test states that for the text encoder's shape.
-pub fn attention_path(dtype: DType, head_dim: usize, causal: bool) -> AttentionPath {
+pub fn attention_path(mode: ArchMode, dtype: DType, head_dim: usize, causal: bool) -> AttentionPath {
     let _ = causal;
     let forced = std::env::var("SDSPARSE_GPU_ATTENTION").is_ok_and(|v| v == "softmax");
-    if dtype == DType::F16 && head_dim == attention::HEAD_DIM && !forced {
+    if mode.flash_attention() && dtype == DType::F16 && head_dim == attention::HEAD_DIM && !forced {
         AttentionPath::Flash
     } else {
         AttentionPath::Scores
@@ -273,6 +274,9 @@ fn attention_flash(
     out_shape: &[usize],
 ) -> Result<Tensor> {
     let dev = device_of(q)?;
+    if !dev.arch_mode().flash_attention() {
+        return Err(Error::Cuda(format!("the flash attention kernel does not run on {}", dev.gpu_name())));
+    }
     let shape = AttentionShape { batch: s.batch, heads: s.heads, seq_q: s.sq, seq_kv: s.sk, scale, causal };
     let o = output(&dev, DType::F16, s.batch * s.heads * s.sq * s.d)?;
     let (qv, kv, vv) = (values(q)?, values(k)?, values(v)?);
@@ -308,7 +312,7 @@ pub fn attention(
     causal: bool,
 ) -> Result<Tensor> {
     let (k, v) = (to_dtype(k, q.dtype())?, to_dtype(v, q.dtype())?);
-    match attention_path(q.dtype(), s.d, causal) {
+    match attention_path(device_of(q)?.arch_mode(), q.dtype(), s.d, causal) {
         AttentionPath::Flash => {
             let l = |seq| HeadLayout::bhsd(s.heads, seq);
             attention_flash(q, &k, &v, s, scale, causal, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape())
@@ -329,7 +333,7 @@ pub fn attention_interleaved(
     causal: bool,
 ) -> Result<Tensor> {
     let (k, v) = (to_dtype(k, q.dtype())?, to_dtype(v, q.dtype())?);
-    if attention_path(q.dtype(), s.d, causal) == AttentionPath::Flash {
+    if attention_path(device_of(q)?.arch_mode(), q.dtype(), s.d, causal) == AttentionPath::Flash {
         let l = |seq| HeadLayout::bshd(s.heads, seq);
         return attention_flash(q, &k, &v, s, scale, causal, [l(s.sq), l(s.sk), l(s.sk), l(s.sq)], q.shape());
     }
@@ -580,18 +584,34 @@ mod tests {
     #[test]
     fn attention_routing() {
         use AttentionPath::*;
+        let full = ArchMode::Full;
         // The UNet's heads (head dim 64) in f16: the flash kernel.
-        assert_eq!(attention_path(DType::F16, 64, false), Flash);
+        assert_eq!(attention_path(full, DType::F16, 64, false), Flash);
         // The text encoder's causal heads (77 tokens, 16 x 64 in SD2): the flash kernel, which
         // takes the mask (`SdsAttentionParams::causal`).
-        assert_eq!(attention_path(DType::F16, 64, true), Flash);
-        assert_eq!(attention_path(DType::BF16, 64, true), Scores);
+        assert_eq!(attention_path(full, DType::F16, 64, true), Flash);
+        assert_eq!(attention_path(full, DType::BF16, 64, true), Scores);
         // The VAE mid-block's single 512-wide head, and any other head dim.
-        assert_eq!(attention_path(DType::F16, 512, false), Scores);
-        assert_eq!(attention_path(DType::F16, 40, false), Scores);
+        assert_eq!(attention_path(full, DType::F16, 512, false), Scores);
+        assert_eq!(attention_path(full, DType::F16, 40, false), Scores);
         // The flash kernel is f16-only.
-        assert_eq!(attention_path(DType::BF16, 64, false), Scores);
-        assert_eq!(attention_path(DType::F32, 64, false), Scores);
+        assert_eq!(attention_path(full, DType::BF16, 64, false), Scores);
+        assert_eq!(attention_path(full, DType::F32, 64, false), Scores);
+    }
+
+    #[test]
+    fn dense_only_gpus_never_take_the_flash_kernel() {
+        // A Turing GPU (by capability) and a forced dense-only one: every shape, every dtype,
+        // causal or not, goes to the scores path (cuBLAS + the f32 softmax).
+        for mode in [ArchMode::DenseOnly { forced: false }, ArchMode::DenseOnly { forced: true }] {
+            for dtype in [DType::F16, DType::F32, DType::BF16] {
+                for head_dim in [40, 64, 512] {
+                    for causal in [false, true] {
+                        assert_eq!(attention_path(mode, dtype, head_dim, causal), AttentionPath::Scores);
+                    }
+                }
+            }
+        }
     }
 
     /// `values` as a tensor of `shape` on `device` in `dtype` (on the CPU: f32, rounded to

@@ -295,8 +295,12 @@ pub enum Sp24Variant {
 }
 
 impl Sp24Variant {
-    /// Every variant a device of compute capability `cc` can run (tests cover them all).
+    /// Every variant a device of compute capability `cc` can run (tests cover them all): none
+    /// below sm_80, where mma.sp does not exist (the kernels are traps there).
     pub fn all_for(cc: (i32, i32)) -> Vec<Sp24Variant> {
+        if cc < (8, 0) {
+            return Vec::new();
+        }
         let mut v = vec![
             Sp24Variant::Direct,
             Sp24Variant::Pipe { tokens: 32 },
@@ -501,6 +505,12 @@ impl Sp24Kernels {
             return Err(Error::Shape(format!(
                 "2:4 GEMM epilogue: bias needs {n}, residual {} elements",
                 m * n_out
+            )));
+        }
+        if self.cc < (8, 0) {
+            return Err(Error::Invalid(format!(
+                "the 2:4 kernels need sm_80 (mma.sp), device is sm_{}{}",
+                self.cc.0, self.cc.1
             )));
         }
         if variant == Sp24Variant::Wgmma && self.cc != (9, 0) {

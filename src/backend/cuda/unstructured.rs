@@ -382,11 +382,13 @@ impl GemmVariant {
         }
     }
     /// Whether a GPU of compute capability `(major, minor)` runs this variant (the fatbin has
-    /// sm_90a SASS, which only Hopper sm_90 runs; wgmma is not in later architectures' SASS).
+    /// sm_90a SASS, which only Hopper sm_90 runs; wgmma is not in later architectures' SASS;
+    /// the mma.sync variants are traps below sm_80, the naive oracle runs on sm_75 too).
     pub fn runs_on(self, cc: (i32, i32)) -> bool {
         match self {
             GemmVariant::WgmmaBm128 => cc == (9, 0),
-            _ => cc.0 >= 8,
+            GemmVariant::Naive => cc >= (7, 5),
+            _ => cc >= (8, 0),
         }
     }
     /// The variant the dispatcher uses for `m` rows: small CTAs where M is small (more CTAs
@@ -505,6 +507,13 @@ mod gpu {
         let ctx = try_gpu_context();
         let required = matches!(std::env::var("SDSPARSE_REQUIRE_GPU").as_deref(), Ok("1") | Ok("true"));
         assert!(ctx.is_some() || !required, "SDSPARSE_REQUIRE_GPU is set but no GPU could be opened");
+        // The tensor-core kernels these tests launch are traps below sm_80 (dense-only GPUs).
+        if let Some(cc) = ctx.as_ref().and_then(|c| c.compute_capability().ok()) {
+            if cc < (8, 0) {
+                eprintln!("skipped: the tensor-core kernels need sm_80, this GPU is sm_{}{}", cc.0, cc.1);
+                return None;
+            }
+        }
         ctx
     }
 
