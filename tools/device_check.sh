@@ -34,7 +34,8 @@
 # and steps 1-5 stop --reserve seconds (default 240) earlier so that the full-size stage still
 # runs (a step started late gets at most 30 s more): the whole run ends within about 9 minutes.
 # --dry-run runs everything that needs no GPU (unpacking, every executable's test list, tool
-# discovery) and reports the GPU steps as "dry run". The sparse kernels' tuning cache is
+# discovery) and reports the GPU steps as "dry run". Every test step first lists what its filter
+# selects and fails when that is nothing (a misspelt filter planted on 2026-11-29 failed the dry run). The sparse kernels' tuning cache is
 # $OUT/dispatch.json (SDSPARSE_TUNE_CACHE). Exit status: 0 when every step that ran passed.
 set -uo pipefail
 
