@@ -44,7 +44,7 @@ root="$(cd "$here/.." && pwd)"
 cd "$root" || exit 1
 
 out="${1:-}"
-[[ -n "$out" && "$out" != --* ]] || { sed -n '2,37p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+[[ -n "$out" && "$out" != --* ]] || { sed -n '2,39p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 shift
 dry=0
 only=""
