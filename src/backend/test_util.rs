@@ -2,6 +2,11 @@
 //! (write a test once, run it on the CPU and on the GPU), the GPU-or-skip probe, a seeded RNG and
 //! random sparse weights in the canonical layouts.
 //!
+//! The library uses it too, on purpose: the self-checking dispatch (`crate::tune`,
+//! `crate::sparse_linear`) checks each sparse kernel on a user's GPU with the same random inputs
+//! and the same bound ([`check_close`], kernel review T1) that the tests use, so a kernel the tests
+//! would fail is never picked at run time.
+//!
 //! On the device machine set `SDSPARSE_REQUIRE_GPU=1` (`.device/check.sh` does): a GPU test then
 //! fails instead of skipping when no GPU can be opened, so a broken setup cannot pass silently.
 //! `SDSPARSE_CUDA_DEVICE` picks the ordinal (default 0).
