@@ -472,10 +472,7 @@ impl SparseLinear {
                     let _p = profile::scope(OpKind::Linear24);
                     let (xd, bd) = operands(device, x, bias)?;
                     let mut yd = f16_output(device, m * n_out)?;
-                    let r_bits = match residual.filter(|_| epi.residual) {
-                        Some(r) => Some(F16Bits::of(device, f16_values(r)?)),
-                        None => None,
-                    };
+                    let r_bits = residual_bits(device, residual, epi.residual)?;
                     let kepi = Sp24Epilogue {
                         bias: bd.as_deref(),
                         residual: r_bits.as_deref(),
@@ -510,10 +507,7 @@ impl SparseLinear {
                     let _p = profile::scope(OpKind::LinearUnstructured);
                     let (xd, bd) = operands(device, x, bias)?;
                     let mut yd = f16_output(device, m * n)?;
-                    let r_bits = match residual.filter(|_| epi.residual) {
-                        Some(r) => Some(F16Bits::of(device, f16_values(r)?)),
-                        None => None,
-                    };
+                    let r_bits = residual_bits(device, residual, epi.residual)?;
                     let kepi = Epilogue { bias: bd.as_deref(), gelu: epi.gelu, residual: r_bits.as_deref() };
                     let x_bits = F16Bits::of(device, f16_values(&xd)?);
                     let mut y_bits = F16Bits::of_mut(device, &mut yd);
@@ -525,6 +519,19 @@ impl SparseLinear {
                 finish(y, &plan, residual)
             }
         }
+    }
+}
+
+/// The f16 residual as the kernels' `u16` operand when the epilogue adds it (`fused`: the plan
+/// put it in the kernel; [`plan_epilogue`] only does so for an f16 GPU tensor), else `None`.
+fn residual_bits<'a>(
+    device: &CudaDevice,
+    residual: Option<&'a Tensor>,
+    fused: bool,
+) -> Result<Option<F16Bits<'a>>> {
+    match residual.filter(|_| fused) {
+        Some(r) => Ok(Some(F16Bits::of(device, f16_values(r)?))),
+        None => Ok(None),
     }
 }
 

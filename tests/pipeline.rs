@@ -287,6 +287,22 @@ fn sparse_checkpoint_matches_its_dense_export() {
     }
 }
 
+/// The tiny fixture converted with `pattern` (the study's default sparsities) into a temporary
+/// folder (kept alive by the returned guard), the 4-step DDIM request and the CPU's run of it:
+/// the reference every GPU run of a sparse checkpoint is held to.
+fn converted_with_cpu_run(
+    pattern: sdsparse::prune::Pattern,
+) -> (tempfile::TempDir, PathBuf, GenerateRequest, pipeline::Generated) {
+    use sdsparse::convert::{convert, ConvertOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let sparse = tmp.path().join("sparse");
+    let opts = ConvertOptions { pattern, ..ConvertOptions::default() };
+    convert(&model_dir(), &sparse, &opts, &mut |_| {}).unwrap();
+    let req = reference_request(4, SchedulerKind::Ddim);
+    let cpu = StableDiffusion::load(&sparse, &Device::Cpu).unwrap().generate(&req, &mut |_, _| {}).unwrap();
+    (tmp, sparse, req, cpu)
+}
+
 /// The GPU pipeline on converted checkpoints (unstructured at the study's sparsities, and 2:4)
 /// against the CPU run of the same checkpoint. With `SDSPARSE_GPU_SPARSE=dense` the compressed
 /// weights are expanded once on the GPU and multiplied in f32 (bound 1e-4, like the dense
@@ -295,7 +311,6 @@ fn sparse_checkpoint_matches_its_dense_export() {
 /// check runs it both ways, each in its own process; without a GPU it skips.
 #[test]
 fn gpu_sparse_checkpoints_match_cpu() {
-    use sdsparse::convert::{convert, ConvertOptions};
     use sdsparse::prune::Pattern;
     let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip("gpu_sparse_checkpoints_match_cpu")
     else {
@@ -304,13 +319,7 @@ fn gpu_sparse_checkpoints_match_cpu() {
     let expanded = std::env::var("SDSPARSE_GPU_SPARSE").is_ok_and(|v| v == "dense");
     let (latent_bound, pixel_bound, pixel_frac) = if expanded { (1e-4, 1, 0.999) } else { (2e-2, 2, 0.99) };
     for (pattern, format) in [(Pattern::Unstructured, "unstructured"), (Pattern::Sparse24, "2:4")] {
-        let tmp = tempfile::tempdir().unwrap();
-        let sparse = tmp.path().join("sparse");
-        let opts = ConvertOptions { pattern, ..ConvertOptions::default() };
-        convert(&model_dir(), &sparse, &opts, &mut |_| {}).unwrap();
-        let req = reference_request(4, SchedulerKind::Ddim);
-        let cpu =
-            StableDiffusion::load(&sparse, &Device::Cpu).unwrap().generate(&req, &mut |_, _| {}).unwrap();
+        let (_tmp, sparse, req, cpu) = converted_with_cpu_run(pattern);
         // Expanded: f32 activations (exact cuBLAS SGEMM); sparse kernels: the CUDA default, f16.
         let dtype = if expanded { DType::F32 } else { DType::F16 };
         let sd_gpu =
@@ -343,7 +352,6 @@ fn gpu_sparse_checkpoints_match_cpu() {
 #[test]
 fn gpu_dense_only_mode_expands_sparse_weights_and_matches_diffusers() {
     use sdsparse::backend::profile::{self, OpKind};
-    use sdsparse::convert::{convert, ConvertOptions};
     use sdsparse::prune::Pattern;
     let test = "gpu_dense_only_mode_expands_sparse_weights_and_matches_diffusers";
     let Some(dev) = sdsparse::backend::test_util::cuda_device_or_skip(test) else {
@@ -371,13 +379,7 @@ fn gpu_dense_only_mode_expands_sparse_weights_and_matches_diffusers() {
     check_run_within(&sd, SchedulerKind::Ddim, 4, &refs["ddim_final_latents"], None, &png, F16_BOUNDS);
     drop(sd);
     for (pattern, format) in [(Pattern::Unstructured, "unstructured"), (Pattern::Sparse24, "2:4")] {
-        let tmp = tempfile::tempdir().unwrap();
-        let sparse = tmp.path().join("sparse");
-        let opts = ConvertOptions { pattern, ..ConvertOptions::default() };
-        convert(&model_dir(), &sparse, &opts, &mut |_| {}).unwrap();
-        let req = reference_request(4, SchedulerKind::Ddim);
-        let cpu =
-            StableDiffusion::load(&sparse, &Device::Cpu).unwrap().generate(&req, &mut |_, _| {}).unwrap();
+        let (_tmp, sparse, req, cpu) = converted_with_cpu_run(pattern);
         let sd_gpu = StableDiffusion::load_as(&sparse, &Default::default(), &device, DType::F16).unwrap();
         profile::start(Some(dev.clone()));
         let gpu = sd_gpu.generate(&req, &mut |_, _| {});
