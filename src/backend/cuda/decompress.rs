@@ -73,6 +73,10 @@ impl DeviceValues {
             DeviceValues::F32(s) => device.device_ptr(s),
         }
     }
+    /// The device address of element `offset` (in elements of this dtype).
+    pub fn device_ptr_at(&self, device: &CudaDevice, offset: usize) -> u64 {
+        self.device_ptr(device) + (offset * self.dtype().size_in_bytes()) as u64
+    }
     /// Copies the values back to the host.
     pub fn to_host(&self, device: &CudaDevice) -> Result<HostData> {
         Ok(match self {

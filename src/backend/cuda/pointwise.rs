@@ -342,11 +342,6 @@ pub fn plan_timestep_embedding(
     })
 }
 
-/// The device address of element `offset` of `v`.
-fn ptr_at(device: &CudaDevice, v: &DeviceValues, offset: usize) -> u64 {
-    v.device_ptr(device) + (offset * v.dtype().size_in_bytes()) as u64
-}
-
 /// `y[..n] = gelu(x[..n])` or `silu(x[..n])`.
 pub fn unary(device: &CudaDevice, op: Unary, n: usize, x: &DeviceValues, y: &mut DeviceValues) -> Result<()> {
     let mut l = plan_unary(op, n, Operand::of(x), Operand::of(y))?;
@@ -380,8 +375,8 @@ pub fn cfg_combine(
     y: &mut DeviceValues,
 ) -> Result<()> {
     let mut l = plan_cfg(n, guidance, Operand::of(pred), Operand::of(y))?;
-    l.params.a = ptr_at(device, pred, 0);
-    l.params.b = ptr_at(device, pred, n);
+    l.params.a = pred.device_ptr_at(device, 0);
+    l.params.b = pred.device_ptr_at(device, n);
     l.params.y = y.device_ptr(device);
     run(device, &l)
 }

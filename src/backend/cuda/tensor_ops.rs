@@ -345,11 +345,6 @@ pub fn plan_im2col(s: Im2colShape, x: Operand, col: Operand) -> Result<Launch<Im
     })
 }
 
-/// The device address of element `offset` of `v`.
-pub(super) fn ptr_at(device: &CudaDevice, v: &DeviceValues, offset: usize) -> u64 {
-    v.device_ptr(device) + (offset * v.dtype().size_in_bytes()) as u64
-}
-
 /// `y = a (op) b`, `b` broadcast to `a_shape`.
 pub fn binary(
     device: &CudaDevice,
@@ -473,8 +468,8 @@ pub fn im2col(
     if col_view.len < col_len {
         return Err(Error::Shape("im2col: column buffer too small".into()));
     }
-    l.params.x = ptr_at(device, x, image * per_image);
-    l.params.col = ptr_at(device, col, col_offset);
+    l.params.x = x.device_ptr_at(device, image * per_image);
+    l.params.col = col.device_ptr_at(device, col_offset);
     run(device, &l)
 }
 
