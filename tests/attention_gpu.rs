@@ -238,16 +238,34 @@ fn check_variants(
     }
 }
 
-#[test]
-fn gpu_attention_matches_cpu_reference() {
+/// Every `(batch, heads, seq_q, seq_kv)` of `shapes`, in both head layouts, on every variant
+/// against the CPU reference, with the causal mask or without; fresh random Q, K, V per case.
+fn check_shapes_against_cpu(what: &str, shapes: &[(usize, usize, usize, usize)], causal: bool) {
     let Some(ctx) = gpu_for_test() else {
         println!("no GPU: skipped");
         return;
     };
     let attn = FusedAttention::load(&ctx).expect("kernel image");
     let stream = ctx.default_stream();
-    let mut rng = Rng::fresh("gpu attention");
-    // (batch, heads, seq_q, seq_kv): 1, 77 (cross-attention), ragged self-attention, SD2 CFG shapes.
+    let mut rng = Rng::fresh(what);
+    for &(b, h, sq, skv) in shapes {
+        let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE, causal };
+        for bshd in [false, true] {
+            let layout = |s| if bshd { HeadLayout::bshd(h, s) } else { HeadLayout::bhsd(h, s) };
+            let (lq, lk) = (layout(sq), layout(skv));
+            let q = rng.vec_f16(b * h * sq * HEAD_DIM, 2.0);
+            let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
+            let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
+            let mask = if causal { "causal " } else { "" };
+            let label = format!("{mask}b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}");
+            check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
+        }
+    }
+}
+
+/// Without a mask: 1, 77 (cross-attention), ragged self-attention, SD2's CFG shapes.
+#[test]
+fn gpu_attention_matches_cpu_reference() {
     let shapes = [
         (1, 1, 1, 1),
         (1, 2, 1, 77),
@@ -257,19 +275,7 @@ fn gpu_attention_matches_cpu_reference() {
         (2, 5, 256, 256),
         (1, 2, 1024, 1024),
     ];
-    for &(b, h, sq, skv) in &shapes {
-        let shape =
-            AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE, causal: false };
-        for bshd in [false, true] {
-            let layout = |s| if bshd { HeadLayout::bshd(h, s) } else { HeadLayout::bhsd(h, s) };
-            let (lq, lk) = (layout(sq), layout(skv));
-            let q = rng.vec_f16(b * h * sq * HEAD_DIM, 2.0);
-            let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
-            let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
-            let label = format!("b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}");
-            check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
-        }
-    }
+    check_shapes_against_cpu("gpu attention", &shapes, false);
 }
 
 /// The causal mask (the CLIP text encoder: 77 tokens, 16 heads of 64 in SD2) on both variants
@@ -278,13 +284,6 @@ fn gpu_attention_matches_cpu_reference() {
 /// end) and more (80 / 77: the first 3 rows see no key and must be exactly zero, not NaN).
 #[test]
 fn gpu_attention_causal_matches_cpu_reference() {
-    let Some(ctx) = gpu_for_test() else {
-        println!("no GPU: skipped");
-        return;
-    };
-    let attn = FusedAttention::load(&ctx).expect("kernel image");
-    let stream = ctx.default_stream();
-    let mut rng = Rng::fresh("gpu attention causal");
     let shapes = [
         (1, 1, 1, 1),
         (2, 16, 77, 77),
@@ -294,18 +293,7 @@ fn gpu_attention_causal_matches_cpu_reference() {
         (1, 2, 70, 77),
         (1, 2, 80, 77),
     ];
-    for &(b, h, sq, skv) in &shapes {
-        let shape = AttentionShape { batch: b, heads: h, seq_q: sq, seq_kv: skv, scale: SCALE, causal: true };
-        for bshd in [false, true] {
-            let layout = |s| if bshd { HeadLayout::bshd(h, s) } else { HeadLayout::bhsd(h, s) };
-            let (lq, lk) = (layout(sq), layout(skv));
-            let q = rng.vec_f16(b * h * sq * HEAD_DIM, 2.0);
-            let k = rng.vec_f16(b * h * skv * HEAD_DIM, 2.0);
-            let v = rng.vec_f16(b * h * skv * HEAD_DIM, 1.0);
-            let label = format!("causal b={b} h={h} seq_q={sq} seq_kv={skv} bshd={bshd}");
-            check_variants(&attn, &stream, &shape, (&q, lq), (&k, lk), &v, &label);
-        }
-    }
+    check_shapes_against_cpu("gpu attention causal", &shapes, true);
 }
 
 /// Long self-attention (up to 9216 tokens, 768x768 images): flash vs the f32 naive kernel on
