@@ -41,6 +41,10 @@ fn main() {
         return;
     };
     let attn = FusedAttention::load(&ctx).expect("kernel image (tools/build_unstructured_kernels.sh)");
+    if !attn.flash_runs() {
+        println!("attention: the flash kernel needs sm_80, not benched on this GPU");
+        return;
+    }
     let stream = ctx.default_stream();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))

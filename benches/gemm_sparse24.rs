@@ -98,6 +98,10 @@ impl Gpu {
                 return None;
             }
         };
+        if dev.compute_capability() < (8, 0) {
+            eprintln!("gemm_sparse24: the 2:4 kernels need sm_80; {} is not benched", dev.gpu_name());
+            return None;
+        }
         let fatbin = sdsparse::backend::cuda::kernels::fatbin()?;
         let kernels = Sp24Kernels::load(dev.context(), fatbin).expect("load 2:4 kernels");
         let stream = dev.stream().clone();

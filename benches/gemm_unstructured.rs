@@ -125,6 +125,10 @@ fn main() {
         println!("gemm_unstructured: no GPU, skipped");
         return;
     };
+    if ctx.compute_capability().is_ok_and(|cc| cc < (8, 0)) {
+        println!("gemm_unstructured: the tiled-bitmap kernels need sm_80, not benched on this GPU");
+        return;
+    }
     let gemm = UnstructuredGemm::load(&ctx).expect("kernel image (tools/build_unstructured_kernels.sh)");
     let stream = ctx.default_stream();
     let blas = CudaBlas::new(stream.clone()).expect("cuBLAS");

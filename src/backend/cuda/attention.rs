@@ -258,6 +258,13 @@ impl FusedAttention {
         self.module.context()
     }
 
+    /// Whether this GPU runs the flash kernel (sm_80 or newer; below, it is a trap and
+    /// [`FusedAttention::forward`] refuses [`AttentionVariant::Flash`]). The hardware's answer,
+    /// not the pipeline's routing (`ArchMode`, which a forced dense-only mode also turns off).
+    pub fn flash_runs(&self) -> bool {
+        self.flash_runs
+    }
+
     /// `o = softmax(scale q k^T [+ causal mask]) v` for every (batch, head) in one launch; all operands f16
     /// bit patterns in their layouts.
     #[allow(clippy::too_many_arguments)]
