@@ -22,7 +22,8 @@ pub const DEMO_PROMPTS: [&str; 5] = [
 /// Flags of `sdsparse demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Working folder (replaced if it exists): holds the dense toy model, its sparse conversion and the image.
+    /// Working folder: its dense/ (the toy model), sparse/ (its conversion) and demo.png are replaced on
+    /// every run; other files in it are left alone.
     #[arg(long, default_value = "sdsparse-demo")]
     pub out: PathBuf,
     /// A prompt (repeat the flag for several); the toy knows `a {colour} {shape} on a {colour} background`

@@ -60,11 +60,14 @@ pub struct GenerateArgs {
     /// Output PNG.
     #[arg(long, value_name = "FILE.png", default_value = "image.png")]
     pub out: PathBuf,
-    /// auto (CUDA when a GPU and kernels are present, else CPU), cpu, or cuda.
+    /// auto (CUDA when a GPU and kernels are present, else the CPU with a note), cpu, or cuda.
+    /// CUDA: compute capability 8.0 or newer runs everything (the sparse kernels, flash
+    /// attention); 7.5 (Turing: T4, RTX 20xx) runs the dense path only (sparse weights expanded
+    /// to dense at load, attention on cuBLAS + softmax; said in a note); older GPUs are refused.
     #[arg(long, value_name = "auto|cpu|cuda", default_value = "auto")]
     pub device: String,
     /// Activation dtype on CUDA: f16 (default), bf16 or f32; accumulation, norms and softmax
-    /// are f32 in every case. The CPU computes in f32 only.
+    /// are f32 in every case; bf16 needs compute capability 8.0. The CPU computes in f32 only.
     #[arg(long, value_name = "f16|bf16|f32")]
     pub dtype: Option<String>,
     /// Replace an existing --out / --save-latents file (without it, an existing file is an error).
@@ -161,8 +164,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     let init_latents = args.init_latents.as_deref().map(pipeline::load_latents).transpose()?;
+    // A missing model is said before the device is picked (whose CPU fallback prints a note).
+    if !args.model.exists() {
+        anyhow::bail!("{}: not found", args.model.display());
+    }
     let device = select_device(&args.device)?;
     let dtype = select_dtype(args.dtype.as_deref(), &device, &args.device)?;
+    if device.is_cpu() {
+        for (given, flag) in [(args.retune, "--retune"), (args.no_cuda_graphs, "--no-cuda-graphs")] {
+            if given {
+                eprintln!("note: {flag} is for CUDA; it changes nothing on the CPU");
+            }
+        }
+    }
     sdsparse::tune::set_retune(args.retune);
 
     args.single_file.print_notes(&args.model)?;

@@ -152,6 +152,16 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     }
     if single {
         outln!("wrote single-file checkpoint {}", r.out.display());
+        // A single file carries no configs: readers infer the architecture from the tensor
+        // shapes, which works for the standard SD2.x layouts only. Say so when this one is not.
+        let plain = sdsparse::checkpoint::SingleFileOptions::default();
+        if sdsparse::checkpoint::SingleFileModel::open(&r.out, &plain).is_err() {
+            eprintln!(
+                "note: {} is not a standard SD2.x architecture; reading it back needs its configs: --config {}",
+                r.out.display(),
+                args.model.display()
+            );
+        }
     } else {
         outln!("wrote dense diffusers folder {}", r.out.display());
     }

@@ -51,7 +51,8 @@ pub struct SweepArgs {
     /// Seed of the random pruning method.
     #[arg(long, default_value_t = 0)]
     pub prune_seed: u64,
-    /// auto, cpu or cuda (the pipeline runs on the CPU in this build).
+    /// auto or cpu: the sweep runs the pipeline on the CPU in this build (auto is the CPU even
+    /// with a GPU present; cuda is refused).
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
@@ -89,8 +90,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     if !args.model.is_dir() {
         anyhow::bail!("{}: model folder not found", args.model.display());
     }
-    let device = super::generate::select_device(&args.device)?;
-    if !device.is_cpu() {
+    // The sweep's in-memory pruning and its pipeline runs are CPU code in this build: `auto` is
+    // the CPU even on a machine with a GPU (picking CUDA there would refuse the default).
+    if args.device != "auto" && !super::generate::select_device(&args.device)?.is_cpu() {
         anyhow::bail!(
             "--device {}: the sweep runs the pipeline on the CPU in this build (use --device cpu)",
             args.device
