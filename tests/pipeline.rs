@@ -637,6 +637,50 @@ fn cli_bad_input_is_one_line_error() {
     }
 }
 
+/// Notes say what a flag did where it did nothing, and none comes before an unrelated error
+/// (found by the new-user review): a missing model is said before the device is picked (whose
+/// CPU fallback prints a note); `--retune` / `--no-cuda-graphs` on the CPU say they change
+/// nothing; a single-file export of a non-standard architecture says it needs `--config`.
+#[test]
+fn cli_notes_say_what_a_flag_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("x.png");
+    let out = sdsparse()
+        .args(["generate", "--model", "/nonexistent/model", "--prompt", "x", "--out"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.trim() == "error: /nonexistent/model: not found", "{stderr}");
+    let out = sdsparse()
+        .args(["generate", "--model"])
+        .arg(model_dir())
+        .args(["--prompt", "x", "--steps", "1", "--device", "cpu", "--retune", "--no-cuda-graphs", "--out"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for flag in ["--retune", "--no-cuda-graphs"] {
+        assert!(
+            stderr.contains(&format!("note: {flag} is for CUDA; it changes nothing on the CPU")),
+            "{stderr}"
+        );
+    }
+    let single = tmp.path().join("tiny.safetensors");
+    let out = sdsparse()
+        .args(["export", "--quiet", "--format", "single-file", "--model"])
+        .arg(model_dir())
+        .arg("--out")
+        .arg(&single)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && single.is_file(), "{stderr}");
+    let note = format!("reading it back needs its configs: --config {}", model_dir().display());
+    assert!(stderr.contains(&note), "{stderr}");
+}
+
 /// With guidance 1 or less diffusers skips the unconditional batch; the update must then
 /// equal the guided one at scale 1 (`u + 1 * (c - u) = c`) up to rounding.
 #[test]
