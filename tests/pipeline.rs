@@ -681,6 +681,33 @@ fn cli_notes_say_what_a_flag_did() {
     assert!(stderr.contains(&note), "{stderr}");
 }
 
+/// A negative number reaches our range check (one line naming the flag and the range), not
+/// clap's "unexpected argument '-0.1'" (found by the new-user reviews).
+#[test]
+fn cli_negative_numbers_reach_validation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_dir();
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        ("convert", vec!["--unet-sparsity", "-0.1"], "--unet-sparsity -0.1 is outside [0, 1)"),
+        ("sweep", vec!["--sparsities", "-0.1"], "-0.1 is outside [0, 1)"),
+        ("plan", vec!["--sparsities", "-0.1"], "-0.1 is outside (0, 1)"),
+    ];
+    for (cmd, args, needle) in cases {
+        let out = sdsparse()
+            .args([cmd, "--model"])
+            .arg(&m)
+            .arg("--out")
+            .arg(tmp.path().join(cmd))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd} {args:?}: {stderr}");
+        assert!(stderr.trim().starts_with("error: ") && stderr.contains(needle), "{cmd} {args:?}: {stderr}");
+        assert!(!tmp.path().join(cmd).exists(), "{cmd} wrote its output before refusing");
+    }
+}
+
 /// With guidance 1 or less diffusers skips the unconditional batch; the update must then
 /// equal the guided one at scale 1 (`u + 1 * (c - u) = c`) up to rounding.
 #[test]

@@ -20,10 +20,10 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Text-encoder target sparsity in [0, 1) (default 0.475; 0.5 under 2:4; 0 = dense).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub text_encoder_sparsity: Option<f64>,
     /// UNet target sparsity in [0, 1) (default 0.35; 0.5 under 2:4; 0 = dense).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub unet_sparsity: Option<f64>,
     /// Pattern of both components: unstructured or 2:4.
     #[arg(long, default_value = "unstructured")]

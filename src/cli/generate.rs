@@ -29,7 +29,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub steps: usize,
     /// Classifier-free guidance scale (1 or less turns guidance off).
-    #[arg(long, value_name = "G", default_value_t = 7.5)]
+    #[arg(long, value_name = "G", default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f32,
     /// Scheduler: ddim, euler, dpm++2m or pndm (default: the checkpoint's scheduler_config.json).
     #[arg(long, value_name = "NAME")]

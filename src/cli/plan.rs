@@ -19,7 +19,7 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     pub budget: f64,
     /// Unstructured sparsities offered to each layer, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7", allow_negative_numbers = true)]
     pub sparsities: Vec<f64>,
     /// Captions of the evaluation run (the task's prompts for a model with task.json, e.g. the toy;
     /// else the default calibration captions).

@@ -19,7 +19,7 @@ pub struct SweepArgs {
     #[arg(long, value_name = "LIST", default_value = "text-encoder,unet,both")]
     pub components: String,
     /// Target sparsities: START:STOP:STEP (inclusive) or a comma list, each in [0, 1).
-    #[arg(long, value_name = "RANGE", default_value = "0:0.9:0.05")]
+    #[arg(long, value_name = "RANGE", default_value = "0:0.9:0.05", allow_hyphen_values = true)]
     pub sparsities: String,
     /// Pruning methods, comma-separated: magnitude, random, wanda, owl (the last two calibrate
     /// the dense model once, see --calibration-*; Linear layers only).
@@ -46,7 +46,7 @@ pub struct SweepArgs {
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub steps: usize,
     /// Classifier-free guidance scale.
-    #[arg(long, value_name = "G", default_value_t = 7.5)]
+    #[arg(long, value_name = "G", default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f32,
     /// Seed of the random pruning method.
     #[arg(long, default_value_t = 0)]
