@@ -63,7 +63,8 @@ pub struct ConvertArgs {
     /// sparsity / pattern flags then do not apply).
     #[arg(long, value_name = "PLAN.json")]
     pub plan: Option<PathBuf>,
-    /// Replace the output folder if it exists.
+    /// Replace an existing output folder: only a model folder (model_index.json or a component's
+    /// config.json) or an empty one; anything else is refused.
     #[arg(long)]
     pub force: bool,
     /// No progress bar.

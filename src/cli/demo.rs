@@ -180,7 +180,8 @@ pub struct SynthArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Replace the output folder if it exists.
+    /// Replace an existing output folder: only a model folder (model_index.json or a component's
+    /// config.json) or an empty one; anything else is refused.
     #[arg(long)]
     pub force: bool,
 }

@@ -126,7 +126,8 @@ pub struct ExportArgs {
     pub format: String,
     #[command(flatten)]
     pub single_file: super::SingleFileArgs,
-    /// Replace the output folder if it exists.
+    /// Replace an existing output: a model folder (model_index.json or a component's config.json)
+    /// or an empty one, or with --format single-file a file; anything else is refused.
     #[arg(long)]
     pub force: bool,
     /// No progress bar.
