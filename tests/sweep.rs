@@ -56,6 +56,8 @@ fn sparsity_ranges_parse_and_bad_ones_are_clear_errors() {
     assert_eq!(parse_sparsities("0:0.9:0.3").unwrap(), vec![0.0, 0.3, 0.6, 0.9]);
     assert_eq!(parse_sparsities("0:0.9:0.05").unwrap().len(), 19);
     assert_eq!(parse_sparsities("0.35, 0.475").unwrap(), vec![0.35, 0.475]);
+    // A value given twice is one point, in the order first given.
+    assert_eq!(parse_sparsities("0.5,0.35,0.5").unwrap(), vec![0.5, 0.35]);
     for (bad, says) in [
         ("0.5:0.1:0.1", "above stop"),
         ("0:1:0.1", "outside [0, 1)"),

@@ -96,8 +96,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     outln!();
 
     outln!(
-        "== 3/3 generate {} prompts with the dense and the sparse model (CPU, {} steps)",
+        "== 3/3 generate {} prompt{} with the dense and the sparse model (CPU, {} steps)",
         prompts.len(),
+        if prompts.len() == 1 { "" } else { "s" },
         args.steps
     );
     let spec = TaskSpec::from_model_dir(&dense)?;

@@ -112,7 +112,14 @@ pub fn parse_sparsities(spec: &str) -> Result<Vec<f64>> {
             return Err(bad(format!("{v} is outside [0, 1)")));
         }
     }
-    Ok(values)
+    // A value given twice is one point (measured once), in the order first given.
+    let mut unique: Vec<f64> = Vec::with_capacity(values.len());
+    for v in values {
+        if !unique.contains(&v) {
+            unique.push(v);
+        }
+    }
+    Ok(unique)
 }
 
 /// Everything a sweep is told.
