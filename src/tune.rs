@@ -382,6 +382,21 @@ pub fn enabled() -> bool {
     !matches!(std::env::var("SDSPARSE_TUNE").as_deref(), Ok("off") | Ok("0"))
 }
 
+/// Keeps test runs out of the user's cache: unless `SDSPARSE_TUNE_CACHE` names a file (the
+/// device check sets one to keep the choices), this process's tuner keeps its choices in memory
+/// only. Called by `test_util::cuda_device_or_skip` when a GPU test opens its device, before any
+/// choice is made (a tuner already in use is left as it is).
+pub fn keep_cache_in_memory_for_tests() {
+    if std::env::var_os("SDSPARSE_TUNE_CACHE").is_some_and(|v| !v.is_empty()) {
+        return;
+    }
+    if let Ok(mut t) = tuner().lock() {
+        if !t.loaded && t.decided.is_empty() {
+            t.path = None;
+        }
+    }
+}
+
 /// The process-wide tuner over [`TuneCache::default_path`].
 pub fn tuner() -> &'static Mutex<Tuner> {
     static TUNER: OnceLock<Mutex<Tuner>> = OnceLock::new();
@@ -391,6 +406,17 @@ pub fn tuner() -> &'static Mutex<Tuner> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GPU tests open their device through `cuda_device_or_skip`, which calls this: the global
+    /// tuner then writes no file (unless SDSPARSE_TUNE_CACHE asks for one).
+    #[test]
+    fn test_runs_keep_the_cache_in_memory() {
+        if std::env::var_os("SDSPARSE_TUNE_CACHE").is_some() {
+            return;
+        }
+        keep_cache_in_memory_for_tests();
+        assert_eq!(tuner().lock().unwrap().path, None);
+    }
     use crate::backend::test_util::TestRng;
 
     /// A fake GPU: "kernels" are CPU GEMMs, one of which may carry a planted bug.

@@ -70,7 +70,11 @@ pub fn cuda_device_or_skip(test: &str) -> Option<CudaDevice> {
         CudaDevice::new(ordinal).map_err(|e| e.to_string())
     });
     match device {
-        Ok(dev) => Some(dev.clone()),
+        Ok(dev) => {
+            // GPU tests measure the sparse kernels afresh and never write the user's cache.
+            crate::tune::keep_cache_in_memory_for_tests();
+            Some(dev.clone())
+        }
         Err(why) => {
             if matches!(std::env::var("SDSPARSE_REQUIRE_GPU").as_deref(), Ok("1") | Ok("true")) {
                 panic!("{test}: SDSPARSE_REQUIRE_GPU is set but no GPU: {why}");
