@@ -443,7 +443,7 @@ impl SparseLinear {
         let interleaved = self.interleaved;
         match &self.imp {
             Imp::Cpu(w) => linear_then_ops(x, w, bias, act, residual),
-            _ if m == 0 => Ok(Tensor::zeros(&out_shape(x, n_final))),
+            _ if m == 0 => empty_like(x, &out_shape(x, n_final)),
             Imp::CudaDense { device, dense } => {
                 let y = dense_fallback(device, dense, x, bias, || {
                     Err(Error::Cuda("expanded at placement".into()))
@@ -532,6 +532,19 @@ fn residual_bits<'a>(
     match residual.filter(|_| fused) {
         Some(r) => Ok(Some(F16Bits::of(device, f16_values(r)?))),
         None => Ok(None),
+    }
+}
+
+/// The result of a product with no rows: an empty tensor of `shape` where `x` lives (on a GPU
+/// in `x`'s dtype, the one-element allocation every empty GPU tensor of the backend has).
+fn empty_like(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    match x.storage() {
+        Storage::Cpu(_) => Ok(Tensor::zeros(shape)),
+        Storage::Cuda(s) => {
+            let dev = s.device();
+            let v = DeviceValues::poisoned(&dev, x.dtype(), 1)?;
+            Ok(Tensor::from_storage(Storage::Cuda(CudaStorage::from_values(&dev, v)), shape))
+        }
     }
 }
 
@@ -1305,4 +1318,29 @@ mod tests {
         Ok(())
     }
     crate::test_device!(dense_fallback_matches_the_reference);
+
+    /// No rows in, no rows out, on the input's device and in its dtype (a GPU input used to get
+    /// a host tensor back), for both sparse formats and every activation.
+    fn empty_input_stays_where_it_is(device: &Device) -> Result<()> {
+        let mut rng = TestRng::fresh("empty input");
+        let (n, k) = (64, 128);
+        let weights: [Weight; 2] = [
+            random_sparse24(&mut rng, n, k, DType::F16).into(),
+            crate::backend::test_util::random_bitmap(&mut rng, n, k, 0.5, DType::F16).into(),
+        ];
+        for w in weights {
+            let layer = SparseLinear::new(w, device)?;
+            let x = ops::to_device(&Tensor::from_vec(Vec::new(), &[2, 0, k])?, device)?;
+            for act in [LinearAct::None, LinearAct::Gelu] {
+                let y = layer.forward_fused(&x, None, act, None)?;
+                assert_eq!(y.shape(), [2, 0, n]);
+                assert_eq!(y.numel(), 0);
+                let on_host = matches!(y.storage(), Storage::Cpu(_));
+                assert_eq!(on_host, device.is_cpu(), "{act:?} on {}", device.name());
+                assert_eq!(y.dtype(), x.dtype());
+            }
+        }
+        Ok(())
+    }
+    crate::test_device!(empty_input_stays_where_it_is);
 }
