@@ -203,15 +203,11 @@ fn cpu_refuses_half_activations() {
         ("cpu", "bf16", "computes in f32 only"),
         ("cpu", "f64", "--dtype must be f16, bf16 or f32"),
     ] {
-        let out = sdsparse()
-            .args(["generate", "--model"])
-            .arg(model_dir())
-            .args(["--prompt", "a red circle", "--steps", "1", "--device", device, "--dtype", dtype, "--out"])
-            .arg(&png)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "--device {device} --dtype {dtype}: exit status {:?}", out.status);
+        let (ok, stderr) = generate_tiny(
+            &["--prompt", "a red circle", "--steps", "1", "--device", device, "--dtype", dtype],
+            &png,
+        );
+        assert!(!ok, "--device {device} --dtype {dtype}: succeeded: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(want), "{stderr}");
         assert!(!png.exists(), "nothing written");
@@ -434,16 +430,8 @@ fn cli_device_cuda_without_gpu_is_one_line_error() {
     for dtype in [None, Some("f16"), Some("bf16"), Some("f32")] {
         let mut args = vec!["--prompt", "a red circle", "--steps", "2", "--device", "cuda"];
         args.extend(dtype.iter().flat_map(|d| ["--dtype", *d]));
-        let out = sdsparse()
-            .args(["generate", "--model"])
-            .arg(model_dir())
-            .args(&args)
-            .arg("--out")
-            .arg(&png)
-            .output();
-        let out = out.unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "--dtype {dtype:?}: exit status {:?}", out.status);
+        let (ok, stderr) = generate_tiny(&args, &png);
+        assert!(!ok, "--dtype {dtype:?}: succeeded: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "--dtype {dtype:?}: one line: {stderr}");
         assert!(stderr.contains("--device cuda"), "{stderr}");
         assert!(
@@ -455,27 +443,16 @@ fn cli_device_cuda_without_gpu_is_one_line_error() {
         assert!(!png.exists(), "nothing written");
     }
     // auto falls back to the CPU with a note and writes the image.
-    let out = sdsparse()
-        .args(["generate", "--model"])
-        .arg(model_dir())
-        .args(["--prompt", "a red circle", "--steps", "1", "--device", "auto", "--out"])
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("note: running on the CPU"));
+    let (ok, stderr) = generate_tiny(&["--prompt", "a red circle", "--steps", "1", "--device", "auto"], &png);
+    assert!(ok && stderr.contains("note: running on the CPU"), "{stderr}");
     assert!(png.exists());
     // auto with --dtype f16 on the CPU: a note, then the f32 run.
     std::fs::remove_file(&png).unwrap();
-    let out = sdsparse()
-        .args(["generate", "--model"])
-        .arg(model_dir())
-        .args(["--prompt", "a red circle", "--steps", "1", "--device", "auto", "--dtype", "f16", "--out"])
-        .arg(&png)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (ok, stderr) = generate_tiny(
+        &["--prompt", "a red circle", "--steps", "1", "--device", "auto", "--dtype", "f16"],
+        &png,
+    );
+    assert!(ok, "{stderr}");
     assert!(stderr.contains("note: --dtype f16 is for CUDA; the CPU computes in f32"), "{stderr}");
     assert!(png.exists());
 }
@@ -545,6 +522,20 @@ fn missing_model_folder_is_an_error() {
 
 fn sdsparse() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_sdsparse"))
+}
+
+/// `sdsparse generate --model <the tiny fixture> ARGS --out PNG`: whether it exited 0, and its
+/// stderr.
+fn generate_tiny(args: &[&str], png: &Path) -> (bool, String) {
+    let out = sdsparse()
+        .args(["generate", "--model"])
+        .arg(model_dir())
+        .args(args)
+        .arg("--out")
+        .arg(png)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `sdsparse generate` end to end: reference init latents in, PNG and latents out.
@@ -652,15 +643,11 @@ fn cli_notes_say_what_a_flag_did() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.trim() == "error: /nonexistent/model: not found", "{stderr}");
-    let out = sdsparse()
-        .args(["generate", "--model"])
-        .arg(model_dir())
-        .args(["--prompt", "x", "--steps", "1", "--device", "cpu", "--retune", "--no-cuda-graphs", "--out"])
-        .arg(&png)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (ok, stderr) = generate_tiny(
+        &["--prompt", "x", "--steps", "1", "--device", "cpu", "--retune", "--no-cuda-graphs"],
+        &png,
+    );
+    assert!(ok, "{stderr}");
     for flag in ["--retune", "--no-cuda-graphs"] {
         assert!(
             stderr.contains(&format!("note: {flag} is for CUDA; it changes nothing on the CPU")),
