@@ -88,19 +88,18 @@ pub struct GenerateArgs {
     pub no_cuda_graphs: bool,
 }
 
-/// The device `--device` asks for. CUDA needs a GPU and a build with kernels; `auto` falls
-/// back to the CPU with a note, `cuda` without them is an error.
-pub fn select_device(choice: &str) -> Result<Device, Error> {
+/// The device `--device` asks for, and the note to print once the run's inputs are checked
+/// (`auto` falling back to the CPU says why). CUDA needs a GPU and a build with kernels; `cuda`
+/// without them is an error.
+pub fn select_device(choice: &str) -> Result<(Device, Option<String>), Error> {
     match choice {
-        "cpu" => Ok(Device::Cpu),
+        "cpu" => Ok((Device::Cpu, None)),
         "auto" => match cuda_device() {
-            Ok(d) => Ok(d),
-            Err(why) => {
-                eprintln!("note: running on the CPU ({why})");
-                Ok(Device::Cpu)
-            }
+            Ok(d) => Ok((d, None)),
+            Err(why) => Ok((Device::Cpu, Some(format!("running on the CPU ({why})")))),
         },
         "cuda" => cuda_device()
+            .map(|d| (d, None))
             .map_err(|why| Error::Msg(format!("--device cuda: {}", why.trim_start_matches("CUDA: ")))),
         other => Err(Error::Invalid(format!("--device must be auto, cpu or cuda, got {other:?}"))),
     }
@@ -168,7 +167,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !args.model.exists() {
         anyhow::bail!("{}: not found", args.model.display());
     }
-    let device = select_device(&args.device)?;
+    let (device, device_note) = select_device(&args.device)?;
     let dtype = select_dtype(args.dtype.as_deref(), &device, &args.device)?;
     if device.is_cpu() {
         for (given, flag) in [(args.retune, "--retune"), (args.no_cuda_graphs, "--no-cuda-graphs")] {
@@ -191,9 +190,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             Device::Cpu => None,
         });
     }
-    for note in sd.notes() {
-        eprintln!("note: {note}");
-    }
     let req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -207,10 +203,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         vae_tiling: args.vae_tiling,
         vae_tile_size: args.vae_tile_size,
     };
-    // Check sizes and the scheduler before the text encoder runs.
+    // Check sizes and the scheduler before the text encoder runs, and before any note (an
+    // error is one line).
     let shape = sd.latent_shape(&req)?;
     let kind = sd.scheduler_kind(&req)?;
     let calls = sd.scheduler_for(&req)?.timesteps().len();
+    for note in device_note.iter().chain(sd.notes()) {
+        eprintln!("note: {note}");
+    }
     let f = sd.vae_scale_factor();
     if req.vae_tiling {
         let tile = sd.vae_tile_size(&req)?;

@@ -92,7 +92,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     }
     // The sweep's in-memory pruning and its pipeline runs are CPU code in this build: `auto` is
     // the CPU even on a machine with a GPU (picking CUDA there would refuse the default).
-    if args.device != "auto" && !super::generate::select_device(&args.device)?.is_cpu() {
+    if args.device != "auto" && !super::generate::select_device(&args.device)?.0.is_cpu() {
         anyhow::bail!(
             "--device {}: the sweep runs the pipeline on the CPU in this build (use --device cpu)",
             args.device
