@@ -82,9 +82,10 @@ thread_local! {
     static PROFILER: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
-/// Whether `SDSPARSE_PROFILE` asks for the table (`1` / `true`).
+/// Whether `SDSPARSE_PROFILE` asks for the table (`1`, `true`, `yes` or `on`, any case).
 pub fn requested_by_env() -> bool {
-    matches!(std::env::var("SDSPARSE_PROFILE").as_deref(), Ok("1") | Ok("true"))
+    std::env::var("SDSPARSE_PROFILE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// Starts collecting on this thread (replacing an earlier collection). `gpu`: the device whose

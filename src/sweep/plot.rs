@@ -183,7 +183,8 @@ fn save_png(buf: &image::RgbImage, path: &Path) -> Result<()> {
 }
 
 /// Draws `grid.png`: one row per point (dense first, then each series by sparsity), one
-/// column per prompt (seed 0, at most `MAX_COLUMNS`), cells at most 128 pixels, labelled.
+/// column per prompt (seed 0, at most `MAX_COLUMNS`), cells of 128 pixels, each row
+/// labelled with its point (and task score) and each column with its prompt (two lines at most).
 pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
     const MAX_COLUMNS: usize = 10;
     const MAX_ROWS: usize = 200;
@@ -202,11 +203,14 @@ pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
     if rows.is_empty() || cols == 0 {
         return Ok(());
     }
-    let first = image::open(out.join(&rows[0].1.image_dir).join(image_name(0, 0)))
+    // The first row's images must be readable (a grid without them is an error, not blank).
+    image::open(out.join(&rows[0].1.image_dir).join(image_name(0, 0)))
         .map_err(|e| Error::Msg(format!("grid: cannot read the dense images ({e})")))?;
-    let cell = (first.width().max(first.height())).min(128);
-    let label_w = if text { 230 } else { 0 };
-    let (w, h) = (label_w + cols as u32 * (cell + 2), rows.len() as u32 * (cell + 2));
+    // 128 pixels whatever the image size (the toy's 64 px images are scaled up), room for the
+    // prompt above each column.
+    let cell = 128u32;
+    let (label_w, head_h) = if text { (230, 36) } else { (0, 0) };
+    let (w, h) = (label_w + cols as u32 * (cell + 2), head_h + rows.len() as u32 * (cell + 2));
     let mut buf = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
     for (r, (_, p)) in rows.iter().enumerate() {
         for c in 0..cols {
@@ -218,7 +222,7 @@ pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
                 &mut buf,
                 &img,
                 (label_w + c as u32 * (cell + 2)) as i64,
-                (r as u32 * (cell + 2)) as i64,
+                (head_h + r as u32 * (cell + 2)) as i64,
             );
         }
     }
@@ -226,8 +230,17 @@ pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
         let (bw, bh) = (buf.width(), buf.height());
         let raw: &mut [u8] = &mut buf;
         let root = BitMapBackend::with_buffer(raw, (bw, bh)).into_drawing_area();
+        // About 6 pixels per character at 11 px.
+        let per_line = (cell as usize / 6).max(4);
+        for (c, prompt) in results.prompts.iter().take(cols).enumerate() {
+            let x = (label_w + c as u32 * (cell + 2)) as i32 + 2;
+            for (i, line) in wrap_two_lines(prompt, per_line).iter().enumerate() {
+                root.draw(&Text::new(line.clone(), (x, 3 + 15 * i as i32), ("sans-serif", 11)))
+                    .map_err(perr(path))?;
+            }
+        }
         for (r, (label, p)) in rows.iter().enumerate() {
-            let y = (r as u32 * (cell + 2) + cell / 2) as i32 - 8;
+            let y = (head_h + r as u32 * (cell + 2) + cell / 2) as i32 - 8;
             let score = p.task_score.map(|s| format!("  task {s:.2}")).unwrap_or_default();
             root.draw(&Text::new(format!("{label}{score}"), (4, y), ("sans-serif", 13)))
                 .map_err(perr(path))?;
@@ -235,6 +248,33 @@ pub fn grid(results: &SweepResults, out: &Path, path: &Path) -> Result<()> {
         root.present().map_err(perr(path))?;
     }
     save_png(&buf, path)
+}
+
+/// `text` in at most two lines of at most `width` characters, broken at spaces; what does not
+/// fit ends in "...".
+fn wrap_two_lines(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = vec![String::new()];
+    for word in text.split_whitespace() {
+        let count = lines.len();
+        let line = lines.last_mut().expect("one line at least");
+        if line.is_empty() || line.len() + 1 + word.len() <= width {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        } else if count < 2 {
+            lines.push(word.to_string());
+        } else {
+            line.push_str(" ...");
+            break;
+        }
+    }
+    for line in &mut lines {
+        if line.chars().count() > width {
+            *line = line.chars().take(width.saturating_sub(3)).collect::<String>() + "...";
+        }
+    }
+    lines
 }
 
 /// The demo's picture: `rows` of images (each row the same prompts), each image scaled up to
@@ -315,4 +355,24 @@ pub fn side_by_side(
         root.present().map_err(err)?;
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrap_two_lines;
+
+    #[test]
+    fn prompts_wrap_into_two_lines() {
+        assert_eq!(wrap_two_lines("a red circle", 20), ["a red circle"]);
+        assert_eq!(
+            wrap_two_lines("a red circle on a blue background", 20),
+            ["a red circle on a", "blue background"]
+        );
+        let long = wrap_two_lines("a photograph of an astronaut riding a horse on the moon", 20);
+        assert_eq!(long.len(), 2);
+        assert!(long.iter().all(|l| l.chars().count() <= 20), "{long:?}");
+        assert!(long[1].ends_with("..."), "{long:?}");
+        // One word longer than a line is cut.
+        assert_eq!(wrap_two_lines("supercalifragilistic", 10), ["superca..."]);
+    }
 }
