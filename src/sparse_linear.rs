@@ -452,21 +452,19 @@ impl SparseLinear {
                 finish(y, &plan, residual)
             }
             Imp::Cuda24 { device, kernels, weight, dense } => {
-                let fusable = residual.map(|r| is_f16_on(x, device) && is_f16_on(r, device));
-                let plan = plan_epilogue(Some(Family::Sparse24), interleaved, act, fusable);
-                let epi = plan.fused.unwrap_or_default();
-                let class = ShapeClass::new(Family::Sparse24, m, n, k).with_epilogue(epi);
-                let variant =
-                    match dispatch(device, class, &mut || sp24_candidates(kernels, m, n, k), &mut || {
-                        Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k, epi)?))
-                    })? {
-                        Choice::Dense => {
-                            let y = dense_fallback(device, dense, x, bias, || sp24_decode(device, weight))?;
-                            let plan = plan_epilogue(None, interleaved, act, fusable);
-                            return finish(y, &plan, residual);
-                        }
-                        Choice::Kernel(name) => sp24_variant(kernels, &name)?,
-                    };
+                let call = Call { x, bias, act, residual, interleaved, mnk: (m, n, k) };
+                let (name, plan, epi) = match call.route(
+                    device,
+                    Family::Sparse24,
+                    dense,
+                    &mut || sp24_candidates(kernels, m, n, k),
+                    &mut |epi| Ok(Box::new(Sp24Probe::new(device, kernels, m, n, k, epi)?)),
+                    || sp24_decode(device, weight),
+                )? {
+                    Route::Kernel { name, plan, epi } => (name, plan, epi),
+                    Route::Done(y) => return Ok(y),
+                };
+                let variant = sp24_variant(kernels, &name)?;
                 let n_out = if epi.geglu { n / 2 } else { n };
                 let y = {
                     let _p = profile::scope(OpKind::Linear24);
@@ -488,21 +486,19 @@ impl SparseLinear {
                 finish(y, &plan, residual)
             }
             Imp::CudaBitmap { device, gemm, weight, dense } => {
-                let fusable = residual.map(|r| is_f16_on(x, device) && is_f16_on(r, device));
-                let plan = plan_epilogue(Some(Family::Unstructured), interleaved, act, fusable);
-                let epi = plan.fused.unwrap_or_default();
-                let class = ShapeClass::new(Family::Unstructured, m, n, k).with_epilogue(epi);
-                let variant =
-                    match dispatch(device, class, &mut || uns_candidates(gemm, m, n, k), &mut || {
-                        Ok(Box::new(UnsProbe::new(device, gemm, m, n, k, epi)?))
-                    })? {
-                        Choice::Dense => {
-                            let y = dense_fallback(device, dense, x, bias, || uns_decode(device, weight))?;
-                            let plan = plan_epilogue(None, interleaved, act, fusable);
-                            return finish(y, &plan, residual);
-                        }
-                        Choice::Kernel(name) => uns_variant(&name)?,
-                    };
+                let call = Call { x, bias, act, residual, interleaved, mnk: (m, n, k) };
+                let (name, plan, epi) = match call.route(
+                    device,
+                    Family::Unstructured,
+                    dense,
+                    &mut || uns_candidates(gemm, m, n, k),
+                    &mut |epi| Ok(Box::new(UnsProbe::new(device, gemm, m, n, k, epi)?)),
+                    || uns_decode(device, weight),
+                )? {
+                    Route::Kernel { name, plan, epi } => (name, plan, epi),
+                    Route::Done(y) => return Ok(y),
+                };
+                let variant = uns_variant(&name)?;
                 let y = {
                     let _p = profile::scope(OpKind::LinearUnstructured);
                     let (xd, bd) = operands(device, x, bias)?;
@@ -517,6 +513,54 @@ impl SparseLinear {
                     result(device, x, yd, &out_shape(x, n))?
                 };
                 finish(y, &plan, residual)
+            }
+        }
+    }
+}
+
+/// One fused forward call on a sparse-kernel layer (`mnk`: rows, output and input features).
+struct Call<'a> {
+    x: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    act: LinearAct,
+    residual: Option<&'a Tensor>,
+    interleaved: bool,
+    mnk: (usize, usize, usize),
+}
+
+/// What the self-checking dispatch made of a [`Call`].
+enum Route {
+    /// Run kernel variant `name` with the fused epilogue `epi`, then what `plan` leaves.
+    Kernel { name: String, plan: EpiloguePlan, epi: EpilogueClass },
+    /// No variant agreed for the class: the result of decompress + cuBLAS and the separate ops.
+    Done(Tensor),
+}
+
+impl Call<'_> {
+    /// The epilogue to fuse (the residual only when it and the activations are f16 on this GPU),
+    /// the shape class with that epilogue, and the dispatch's choice for it (`probe` builds the
+    /// first-use check of a variant with that epilogue on; `decode` expands the weight for the
+    /// fallback). Shared by the 2:4 and the tiled-bitmap layers.
+    fn route(
+        &self,
+        device: &CudaDevice,
+        family: Family,
+        dense: &OnceLock<Tensor>,
+        candidates: &mut dyn FnMut() -> Vec<String>,
+        probe: &mut dyn FnMut(EpilogueClass) -> Result<Box<dyn KernelProbe>>,
+        decode: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Route> {
+        let (m, n, k) = self.mnk;
+        let fusable = self.residual.map(|r| is_f16_on(self.x, device) && is_f16_on(r, device));
+        let plan = plan_epilogue(Some(family), self.interleaved, self.act, fusable);
+        let epi = plan.fused.unwrap_or_default();
+        let class = ShapeClass::new(family, m, n, k).with_epilogue(epi);
+        match dispatch(device, class, candidates, &mut || probe(epi))? {
+            Choice::Kernel(name) => Ok(Route::Kernel { name, plan, epi }),
+            Choice::Dense => {
+                let y = dense_fallback(device, dense, self.x, self.bias, decode)?;
+                let plan = plan_epilogue(None, self.interleaved, self.act, fusable);
+                Ok(Route::Done(finish(y, &plan, self.residual)?))
             }
         }
     }
